@@ -1,0 +1,287 @@
+"""The batch job on Ray Data: read -> validate -> generate (actor pool) -> encode -> write.
+
+This is the only place stages are chained and resources attached. The logic of each
+stage lives in pure modules (:mod:`pipeline.validate`, :mod:`pipeline.stages`,
+:mod:`pipeline.sink`); here they are wrapped as Ray Data operators:
+
+- the read is a file datasource that numbers rows within each file (row identity);
+- validation runs in the read tasks (fused), so bad rows never reach a GPU;
+- rows are re-blocked to ``runtime.batch_size`` so every actor gets work;
+- a fixed-size pool of actors each builds its :class:`~pipeline.engine.Engine` in its
+  constructor (weights are loaded on the worker, never pickled from the driver);
+- encoding runs as CPU tasks, off the actors, so GPUs do not wait on PNG compression;
+- the datasink writes each block as atomic parts and the manifest once, at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import pyarrow as pa
+import ray
+from ray.data import ActorPoolStrategy
+from ray.data.block import BlockAccessor
+from ray.data.datasource import Datasink, FileBasedDatasource
+from ray.data.datasource.datasink import WriteResult
+
+from pipeline import model_ref, sink, storage, tables
+from pipeline.config import JobSpec, ModelConfig, RuntimeConfig
+from pipeline.errors import ImagegenError, InputError
+from pipeline.stages import encode_table, generate_table
+from pipeline.validate import Validator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSummary:
+    """What a finished run did; also what its manifest records."""
+
+    run_id: str
+    output: str
+    input_rows: int
+    images: int
+    errors: int
+    errors_by_stage: dict[str, int]
+    wall_seconds: float
+    parts: list[dict[str, Any]] = field(repr=False, default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+
+# -- read ----------------------------------------------------------------------------------
+
+
+class PromptTableDatasource(FileBasedDatasource):
+    """Prompt-table files -> raw rows numbered within their file (see :mod:`pipeline.tables`)."""
+
+    def __init__(self, paths: list[str], fmt: str, root: str, **kwargs: Any):
+        super().__init__(paths, **kwargs)
+        self._format = fmt
+        self._root = root.rstrip("/")
+
+    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        source = path[len(self._root) + 1 :] if path.startswith(self._root + "/") else path.rsplit("/", 1)[-1]
+        yield from tables.read_file(f, self._format, source)
+
+
+def preflight(spec: JobSpec) -> list[str]:
+    """Check the input as a whole before any work: files exist and the first readable
+    rows have the columns the spec names. Returns the files to read."""
+    inp = spec.input
+    fs, root = storage.open_url(inp.url, inp.storage_options)
+    files = storage.list_files(fs, root)
+    if not files:
+        raise InputError(f"no prompt-table files at {inp.url!r}")
+    first: pa.Table | None = None
+    for path in files:
+        with storage.storage_errors(path, "read"), fs.open(path, "rb") as f:
+            try:
+                first = next(tables.read_file(f, inp.format, path, chunk_rows=64), None)
+            except InputError as exc:
+                raise InputError(f"{inp.url}: {path}: {exc}") from None
+        if first is not None:
+            break
+    if first is None:
+        raise InputError(f"the prompt table at {inp.url!r} has no rows")
+    columns = [c for c in first.column_names if not c.startswith("__")]
+    needed = {"input.prompt_column": inp.prompt_column}
+    if inp.id_column:
+        needed["input.id_column"] = inp.id_column
+    needed.update({f"input.columns.{k}": v for k, v in inp.columns.items()})
+    for setting, column in needed.items():
+        if column not in columns:
+            raise InputError(
+                f"{setting} is {column!r}, but {inp.url} has no such column; its columns are {columns}. "
+                f"Set {setting} to one of them."
+            )
+    return files
+
+
+def read_requests(spec: JobSpec, files: list[str], validator: Validator) -> ray.data.Dataset:
+    fs, root = storage.open_url(spec.input.url, spec.input.storage_options)
+    root = root if fs.isdir(root) else root.rsplit("/", 1)[0]
+    datasource = PromptTableDatasource(files, spec.input.format, root, filesystem=storage.arrow_filesystem(fs))
+    task_cpus = {"num_cpus": spec.runtime.task_cpus}
+    ds = ray.data.read_datasource(datasource, ray_remote_args=task_cpus)
+    return ds.map_batches(validator.validate_table, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, **task_cpus)
+
+
+# -- generate ------------------------------------------------------------------------------
+
+
+class GenerateStage:
+    """An engine actor: builds the engine once, then generates batch after batch."""
+
+    def __init__(self, model: ModelConfig, threads: int):
+        import torch
+
+        # Ray gives the actor a CPU share; torch would otherwise spin one thread per core.
+        torch.set_num_threads(threads)
+        from pipeline.engine import Engine
+
+        self.engine = Engine(model)
+        context = ray.get_runtime_context()
+        self.actor_id = context.get_actor_id() or ""
+        self.node_id = context.get_node_id() or ""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return generate_table(self.engine, batch, self.actor_id, self.node_id)
+
+
+def actor_gpus(spec: JobSpec) -> float:
+    """GPUs per engine actor: as set, else 1 when the model is to run on CUDA."""
+    if spec.runtime.gpus_per_actor is not None:
+        return spec.runtime.gpus_per_actor
+    if spec.model.device == "cpu":
+        return 0
+    if spec.model.device == "cuda":
+        return 1
+    return 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+
+
+# -- write ---------------------------------------------------------------------------------
+
+
+class DatasetSink(Datasink[sink.WriteReport]):
+    """Writes each block as atomic parts; on completion writes the run manifest."""
+
+    def __init__(self, spec: JobSpec, run_id: str, model_fingerprint: str, started: float):
+        self._output = spec.output
+        self._spec = spec
+        self._run_id = run_id
+        self._model_fingerprint = model_fingerprint
+        self._started = started
+        self.report: sink.WriteReport | None = None
+
+    def write(self, blocks: Iterable[pa.Table], ctx: Any) -> sink.WriteReport:
+        fs, root = storage.open_url(self._output.url, self._output.storage_options)
+        report = sink.WriteReport()
+        for block in blocks:
+            table = BlockAccessor.for_block(block).to_arrow()
+            if table.num_rows:
+                report.add(sink.write_block(fs, root, self._run_id, table))
+        return report
+
+    def on_write_complete(self, write_result: WriteResult[sink.WriteReport]) -> None:
+        report = sink.WriteReport()
+        for part in write_result.write_returns:
+            report.add(part)
+        finished = time.time()
+        fs, root = storage.open_url(self._output.url, self._output.storage_options)
+        sink.write_manifest(
+            fs,
+            root,
+            self._run_id,
+            {
+                "run_id": self._run_id,
+                "status": "complete",
+                "started_at": self._started,
+                "finished_at": finished,
+                "wall_seconds": finished - self._started,
+                "spec": self._spec.redacted(),
+                "spec_fingerprint": self._spec.fingerprint(),
+                "model_fingerprint": self._model_fingerprint,
+                "versions": sink.library_versions(),
+                "counts": {
+                    "input_rows": report.input_rows,
+                    "images": report.images,
+                    "errors": report.errors,
+                    "errors_by_stage": report.errors_by_stage,
+                },
+                "parts": sorted(report.parts, key=lambda p: p["path"]),
+            },
+        )
+        self.report = report
+
+
+def prepare_output(spec: JobSpec) -> sink.Committed:
+    """Apply ``output.mode`` and return what earlier runs committed there."""
+    fs, root = storage.open_url(spec.output.url, spec.output.storage_options)
+    with storage.storage_errors(spec.output.url, "prepare"):
+        if spec.output.mode == "overwrite":
+            sink.clear_output(fs, root)
+        committed = sink.read_committed(fs, root)
+        if committed.runs and spec.output.mode == "error_if_exists":
+            raise ImagegenError(
+                f"{spec.output.url} already holds {len(committed.runs)} run(s) and output.mode is error_if_exists; "
+                "choose another output.url, or set output.mode to incremental or overwrite"
+            )
+        removed = sink.remove_uncommitted(fs, root, committed)
+    if removed:
+        log.warning("removed %d part(s) left uncommitted by an interrupted run", len(removed))
+    return committed
+
+
+# -- the job -------------------------------------------------------------------------------
+
+
+def connect(runtime: RuntimeConfig) -> None:
+    """Join (or start) the Ray cluster the spec names; reuse one already initialised."""
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=runtime.address, logging_level=logging.WARNING, log_to_driver=True)
+    except (ConnectionError, TimeoutError) as exc:
+        where = runtime.address or "a new local cluster"
+        raise ImagegenError(
+            f"cannot reach Ray at {where}: {exc}. Start a cluster with `ray start --head`, "
+            "or unset runtime.address to run on a local one."
+        ) from None
+
+
+def run(spec: JobSpec) -> RunSummary:
+    """Run a job spec to completion and return its summary.
+
+    Fails before any generation for problems with the spec or the table as a whole
+    (:class:`~pipeline.errors.ImagegenError`); row problems become error rows.
+    """
+    started = time.time()
+    run_id = sink.new_run_id()
+    fingerprint = model_ref.fingerprint(spec.model)
+    files = preflight(spec)
+    validator = Validator(spec, fingerprint, skip=frozenset(prepare_output(spec).request_ids))
+    connect(spec.runtime)
+
+    rt = spec.runtime
+    gpus = actor_gpus(spec)
+    model = spec.model.model_copy(update={"device": "cuda" if gpus > 0 else "cpu"})
+    ds = read_requests(spec, files, validator)
+    ds = ds.repartition(target_num_rows_per_block=rt.batch_size, strict=True)
+    ds = ds.map_batches(
+        GenerateStage,
+        fn_constructor_kwargs={"model": model, "threads": max(1, int(rt.cpus_per_actor))},
+        compute=ActorPoolStrategy(size=rt.num_actors),
+        num_cpus=rt.cpus_per_actor,
+        num_gpus=gpus,
+        batch_size=rt.batch_size,
+        batch_format="pyarrow",
+        zero_copy_batch=True,
+    )
+    ds = ds.map_batches(
+        encode_table,
+        fn_kwargs={"fmt": spec.output.format, "quality": spec.output.quality},
+        num_cpus=rt.task_cpus,
+        batch_format="pyarrow",
+        batch_size=None,
+        zero_copy_batch=True,
+    )
+    ds = ds.repartition(target_num_rows_per_block=spec.output.rows_per_part, strict=True)
+    datasink = DatasetSink(spec, run_id, fingerprint, started)
+    ds.write_datasink(datasink, ray_remote_args={"num_cpus": rt.task_cpus})
+    report = datasink.report or sink.WriteReport()
+    return RunSummary(
+        run_id=run_id,
+        output=spec.output.url,
+        input_rows=report.input_rows,
+        images=report.images,
+        errors=report.errors,
+        errors_by_stage=report.errors_by_stage,
+        wall_seconds=time.time() - started,
+        parts=report.parts,
+    )

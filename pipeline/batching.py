@@ -1,0 +1,31 @@
+"""Bucketing: which requests can share one diffusers call.
+
+A diffusers call takes one size, step count and guidance scale for the whole batch, so
+a batch of mixed rows is split into uniform groups. Groups keep first-seen order, so the
+same batch always splits the same way (and, on CPU, produces the same pixels).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Sequence
+
+# The parameters one diffusers call shares. The model and scheduler are fixed per engine.
+BUCKET_FIELDS = ("width", "height", "steps", "guidance_scale")
+
+bucket_key = operator.attrgetter(*BUCKET_FIELDS)
+
+
+def group_by_bucket(requests: Sequence[Any]) -> list[list[int]]:
+    """Indices of ``requests`` grouped by :data:`BUCKET_FIELDS`, groups and members in
+    first-seen order."""
+    groups: dict[tuple, list[int]] = {}
+    for index, request in enumerate(requests):
+        groups.setdefault(bucket_key(request), []).append(index)
+    return list(groups.values())
+
+
+def halves(group: list[int]) -> tuple[list[int], list[int]]:
+    """Split a group in two, for retrying a failed call on less (OOM, or one bad row)."""
+    middle = (len(group) + 1) // 2
+    return group[:middle], group[middle:]

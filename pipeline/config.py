@@ -1,0 +1,307 @@
+"""The job spec: pydantic models, YAML loading with ``--set`` overrides, cross-field checks.
+
+A spec is built once (:func:`load_spec`) and passed around whole; nothing reads options
+from the environment. Every section forbids unknown fields, so a typo is an error that
+names the field and lists the allowed ones instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import SpecError
+
+InputFormat = Literal["parquet", "csv", "tsv", "jsonl", "json"]
+ImageFormat = Literal["png", "webp", "jpeg"]
+SchedulerName = Literal["ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "lms", "unipc"]
+
+# File name endings that decide the input format when `input.format` is not given.
+_FORMAT_BY_SUFFIX: dict[str, InputFormat] = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+}
+
+# The per-row parameters: a prompt-table column of the same name (or mapped through
+# `input.columns`) overrides the default for that row.
+ROW_PARAMETERS = ("width", "height", "steps", "guidance_scale", "negative_prompt", "num_images", "seed")
+
+
+def _absolute_if_local(url: str) -> str:
+    """Local paths become absolute: Ray workers do not share the driver's working directory."""
+    if "://" in url:
+        return url
+    return os.path.abspath(os.path.expanduser(url))
+
+
+StorageURL = Annotated[str, AfterValidator(_absolute_if_local)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputConfig(_Section):
+    """Where the prompt table is and how its columns map to requests.
+
+    ``url`` is a file or a folder of files (local path, ``s3://``, or any fsspec URL).
+    ``format`` is taken from the file name ending when not given. Columns named like a
+    ``defaults`` field (``width``, ``seed``...) override that default per row; ``columns``
+    maps a parameter to a differently named column. Every other column is passed through
+    to the output unchanged.
+    """
+
+    url: StorageURL
+    format: Optional[InputFormat] = None
+    prompt_column: str = "prompt"
+    id_column: Optional[str] = None
+    columns: dict[str, str] = Field(default_factory=dict)
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("columns")
+    @classmethod
+    def _known_parameters(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(ROW_PARAMETERS))
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {unknown}; allowed: {', '.join(ROW_PARAMETERS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _infer_format(self) -> "InputConfig":
+        if self.format is None:
+            suffix = Path(self.url.rstrip("/")).suffix.lower()
+            inferred = _FORMAT_BY_SUFFIX.get(suffix)
+            if inferred is None:
+                raise ValueError(
+                    f"cannot tell the format of {self.url!r} from its name; "
+                    f"set input.format to one of: {', '.join(sorted(set(_FORMAT_BY_SUFFIX.values())))}"
+                )
+            object.__setattr__(self, "format", inferred)
+        return self
+
+    def column_for(self, parameter: str) -> str:
+        """The input column that carries ``parameter`` (mapped, or the parameter's own name)."""
+        return self.columns.get(parameter, parameter)
+
+
+class ModelConfig(_Section):
+    """The diffusers pipeline each engine actor keeps resident.
+
+    ``ref`` is ``tiny`` (a random-weight Stable Diffusion built offline, for tests and the
+    demo), a local diffusers folder, an ``s3://`` (or other fsspec) prefix holding one, or a
+    Hugging Face hub id (``org/name`` at ``revision``). All go through the same
+    ``from_pretrained`` path. ``dtype: auto`` is float16 on CUDA and float32 on CPU.
+    ``scheduler`` swaps the pipeline's scheduler for a named one; unset keeps the model's.
+    Weights load from safetensors only unless ``allow_pickle`` is set.
+    """
+
+    ref: str = "tiny"
+    revision: str = "main"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    scheduler: Optional[SchedulerName] = None
+    allow_pickle: bool = False
+    cache_dir: str = Field(default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "imagegen"))
+
+
+class Defaults(_Section):
+    """Generation parameters for rows that do not carry their own.
+
+    ``seed`` is the job seed: a row without a ``seed`` column value gets a seed derived
+    from this and the row's identity (its id, else its file and position), never from
+    where it lands in a batch. Image ``k`` of a row made with ``num_images > 1`` uses
+    seed ``base + k``.
+    """
+
+    width: int = Field(512, ge=1)
+    height: int = Field(512, ge=1)
+    steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(7.5, ge=0)
+    negative_prompt: str = ""
+    num_images: int = Field(1, ge=1)
+    seed: int = Field(0, ge=0, lt=2**63)
+
+
+class Limits(_Section):
+    """Bounds every row is checked against; a row outside them becomes an error row."""
+
+    max_width: int = Field(2048, ge=8)
+    max_height: int = Field(2048, ge=8)
+    max_steps: int = Field(200, ge=1)
+    max_num_images: int = Field(16, ge=1)
+    max_guidance_scale: float = Field(50.0, ge=0)
+    max_prompt_chars: int = Field(4000, ge=1)
+    size_multiple: int = Field(8, ge=1)
+
+
+class OutputConfig(_Section):
+    """Where and how the image dataset is written.
+
+    ``mode``: ``incremental`` (default) adds to what earlier runs committed and skips
+    request ids already there, so rerunning after a crash, or over a grown table, makes only
+    what is missing; ``overwrite`` clears the output first; ``error_if_exists`` refuses an
+    output that already holds a run.
+
+    ``rows_per_part`` bounds a Parquet part: larger parts mean fewer files, smaller ones
+    lose less work to a crash. Keep parts under ~100 MB so object stores take each one in
+    a single (atomic) PUT.
+    """
+
+    url: StorageURL = Field("./output", validate_default=True)
+    mode: Literal["incremental", "overwrite", "error_if_exists"] = "incremental"
+    format: ImageFormat = "png"
+    quality: int = Field(95, ge=1, le=100)
+    rows_per_part: int = Field(256, ge=1)
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class RuntimeConfig(_Section):
+    """How the job is laid out on Ray.
+
+    ``address``: unset starts a local Ray; ``auto`` joins the running cluster; or a
+    ``ray://`` URL. ``gpus_per_actor`` unset means 1 when the model runs on CUDA (explicitly,
+    or ``auto`` with GPUs in the cluster) and 0 otherwise. ``task_cpus`` is the CPU request
+    of each read/validate, encode and write task. Every stage's CPU request is explicit: with Ray's default of 1 CPU per actor, a small machine can give every CPU to
+    the actors and starve the read task forever.
+    """
+
+    address: Optional[str] = None
+    num_actors: int = Field(1, ge=1)
+    gpus_per_actor: Optional[float] = Field(None, ge=0)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, ge=1)
+    task_cpus: float = Field(0.5, gt=0)
+
+
+class JobSpec(_Section):
+    """A whole job: input, model, defaults, limits, output, runtime."""
+
+    input: InputConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    defaults: Defaults = Field(default_factory=Defaults)
+    limits: Limits = Field(default_factory=Limits)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "JobSpec":
+        d, lim = self.defaults, self.limits
+        problems = []
+        for name, value, limit in (
+            ("width", d.width, lim.max_width),
+            ("height", d.height, lim.max_height),
+            ("steps", d.steps, lim.max_steps),
+            ("num_images", d.num_images, lim.max_num_images),
+            ("guidance_scale", d.guidance_scale, lim.max_guidance_scale),
+        ):
+            if value > limit:
+                problems.append(f"defaults.{name}={value} is above limits.max_{name}={limit}")
+        for name in ("width", "height"):
+            value = getattr(d, name)
+            if value % lim.size_multiple:
+                problems.append(f"defaults.{name}={value} is not a multiple of limits.size_multiple={lim.size_multiple}")
+        if self.model.device == "cuda" and self.runtime.gpus_per_actor == 0:
+            problems.append("model.device is cuda but runtime.gpus_per_actor is 0; give each actor a GPU or use device cpu")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def redacted(self) -> dict[str, Any]:
+        """The spec as plain data with storage credentials removed, for manifests and logs."""
+        data = self.model_dump(mode="json")
+        for section in ("input", "output"):
+            data[section]["storage_options"] = {k: "<redacted>" for k in data[section]["storage_options"]}
+        return data
+
+    def fingerprint(self) -> str:
+        """A digest of everything in the spec but credentials: two runs of one spec share it."""
+        canonical = json.dumps(self.redacted(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def parse_spec(data: Any, source: str = "spec") -> JobSpec:
+    """Validate plain data as a :class:`JobSpec`, turning pydantic's errors into one
+    :class:`SpecError` that names each bad field, what was given, and what is allowed."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a job spec is a YAML mapping with sections input, model, defaults, limits, output, runtime")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(err) for err in exc.errors()]
+        raise SpecError(f"{source} is not a valid job spec:\n" + "\n".join(f"  - {line}" for line in lines)) from None
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = ".".join(str(part) for part in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        parent, _, name = loc.rpartition(".")
+        allowed = _fields_at(parent)
+        return f"{loc}: unknown field {name!r}; allowed here: {', '.join(allowed)}"
+    if err["type"] == "missing":
+        return f"{loc}: required field is missing"
+    message = err["msg"].removeprefix("Value error, ")
+    given = err.get("input")
+    if isinstance(given, (str, int, float, bool)) and not (err["type"] == "value_error" and loc.count(".") == 0):
+        return f"{loc}: {message} (got {given!r})"
+    return f"{loc}: {message}"
+
+
+def _fields_at(path: str) -> list[str]:
+    model: type[BaseModel] = JobSpec
+    for part in filter(None, path.split(".")):
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides; values are parsed as YAML (``8`` is an int)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--set {item!r}: expected key.path=value, for example --set runtime.num_actors=2")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise SpecError(f"--set {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+    return data
+
+
+def load_spec(path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+    """Read a YAML job spec, apply ``--set`` overrides, and validate it.
+
+    Raises :class:`SpecError` for a missing file, bad YAML, or any invalid field.
+    """
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise SpecError(f"job spec {str(path)!r} does not exist; pass the path of a YAML file such as jobs/demo.yaml") from None
+    except OSError as exc:
+        raise SpecError(f"job spec {str(path)!r} cannot be read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise SpecError(f"job spec {str(path)!r} is not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    if isinstance(data, dict):
+        data = apply_overrides(data, list(overrides))
+    return parse_spec(data, source=str(path))

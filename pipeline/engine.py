@@ -1,0 +1,185 @@
+"""The engine: one diffusers pipeline, loaded once and kept resident, turning requests
+into uint8 images. Knows nothing of Ray, HTTP or Parquet; the batch job and the Serve
+deployment both hold one.
+
+Trade-offs worth knowing:
+
+- **One generator per image, on the CPU.** Each image's initial noise comes from its own
+  ``torch.Generator`` seeded with the row's seed, so an image does not depend on which
+  rows shared its batch. CPU generators make the noise identical on any device; on CPU
+  the batch still changes pixels by at most 1/255 through kernel blocking.
+- **Failures are per row.** A failed call is retried on each half of its group, down to
+  single rows (this also answers CUDA out-of-memory by shrinking the batch). A row that
+  fails alone, or whose image comes out NaN, gets an error result; its neighbours are
+  still generated.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from pipeline import model_ref
+from pipeline.batching import group_by_bucket, halves
+from pipeline.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# The spec's scheduler names -> diffusers classes.
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything that decides one image's pixels, given the engine's model and scheduler."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+
+
+@dataclass
+class GenerationResult:
+    """One image (``HxWx3`` uint8) or the error that stopped it."""
+
+    pixels: Optional[np.ndarray] = None
+    seconds: float = 0.0
+    prompt_tokens: Optional[int] = None
+    prompt_truncated: Optional[bool] = None
+    error_type: Optional[str] = None
+    error_message: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.pixels is not None
+
+
+class ImageIsNaN(RuntimeError):
+    """The pipeline produced NaN pixels (often float16 overflow in the VAE)."""
+
+
+def resolve_device(config: ModelConfig) -> str:
+    import torch
+
+    if config.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if config.device == "cuda" and not torch.cuda.is_available():
+        from pipeline.errors import ModelError
+
+        raise ModelError("model.device is cuda but this worker sees no GPU; use device auto or cpu, or give actors GPUs")
+    return config.device
+
+
+class Engine:
+    """A resident diffusers pipeline.
+
+    Construction loads the weights (the slow part: build it once per process). Then
+    :meth:`generate` takes any list of requests and returns one result per request,
+    in order, never raising for a single row's failure.
+    """
+
+    def __init__(self, config: ModelConfig):
+        import torch
+        import diffusers
+        import transformers
+
+        # Load-time bars and notices are noise in a job log of many actors.
+        for library in (diffusers, transformers):
+            library.logging.set_verbosity_error()
+            library.logging.disable_progress_bar()
+        self.config = config
+        self.device = resolve_device(config)
+        dtype_name = config.dtype if config.dtype != "auto" else ("float16" if self.device == "cuda" else "float32")
+        self.dtype = getattr(torch, dtype_name)
+        location = model_ref.materialize(config)
+        kwargs = {"dtype": self.dtype, "use_safetensors": not config.allow_pickle}
+        if model_ref.parse_ref(config.ref).kind == "hub":
+            kwargs["revision"] = config.revision
+        self.pipe = diffusers.DiffusionPipeline.from_pretrained(location, **kwargs)
+        if config.scheduler:
+            scheduler_class = getattr(diffusers, SCHEDULERS[config.scheduler])
+            self.pipe.scheduler = scheduler_class.from_config(self.pipe.scheduler.config)
+        self.pipe.to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.scheduler_name = type(self.pipe.scheduler).__name__
+        self.max_tokens = int(getattr(self.pipe.tokenizer, "model_max_length", 77))
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Generate every request; group uniform ones into single diffusers calls."""
+        results: list[Optional[GenerationResult]] = [None] * len(requests)
+        for group in group_by_bucket(requests):
+            self._run(requests, group, results)
+        return results  # type: ignore[return-value]
+
+    def count_tokens(self, prompts: list[str]) -> list[int]:
+        """Tokens each prompt takes, special tokens included, before truncation."""
+        ids = self.pipe.tokenizer(prompts, truncation=False, add_special_tokens=True)["input_ids"]
+        return [len(x) for x in ids]
+
+    def _run(self, requests, group: list[int], results) -> None:
+        batch = [requests[i] for i in group]
+        start = time.perf_counter()
+        try:
+            images = self._call(batch)
+        except Exception as exc:  # noqa: BLE001 - one bad row must not take its batch down
+            self._after_failure(exc)
+            if len(group) > 1:
+                log.warning("a call of %d images failed (%s: %s); retrying in halves", len(group), type(exc).__name__, exc)
+                for half in halves(group):
+                    self._run(requests, half, results)
+                return
+            results[group[0]] = GenerationResult(error_type=type(exc).__name__, error_message=str(exc) or repr(exc))
+            return
+        seconds = (time.perf_counter() - start) / len(group)
+        tokens = self.count_tokens([r.prompt for r in batch])
+        for index, image, n_tokens in zip(group, images, tokens):
+            if np.isnan(image).any():
+                error = ImageIsNaN("the image came out NaN; try model.dtype float32 or bfloat16")
+                results[index] = GenerationResult(seconds=seconds, error_type=type(error).__name__, error_message=str(error))
+                continue
+            results[index] = GenerationResult(
+                pixels=(image * 255).round().clip(0, 255).astype(np.uint8),
+                seconds=seconds,
+                prompt_tokens=n_tokens,
+                prompt_truncated=n_tokens > self.max_tokens,
+            )
+
+    def _call(self, batch: list[GenerationRequest]) -> np.ndarray:
+        import torch
+
+        first = batch[0]
+        generators = [torch.Generator("cpu").manual_seed(r.seed) for r in batch]
+        with torch.inference_mode():
+            output = self.pipe(
+                prompt=[r.prompt for r in batch],
+                negative_prompt=[r.negative_prompt for r in batch],
+                width=first.width,
+                height=first.height,
+                num_inference_steps=first.steps,
+                guidance_scale=first.guidance_scale,
+                generator=generators,
+                output_type="np",
+            )
+        return np.asarray(output.images)
+
+    def _after_failure(self, exc: Exception) -> None:
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()

@@ -1,0 +1,117 @@
+"""Model references: what ``model.ref`` names, its fingerprint, and a loadable location.
+
+Four kinds, all ending in the same ``from_pretrained`` call:
+
+- ``tiny``: the random-weight pipeline of :mod:`pipeline.models`, built into the cache;
+- a local diffusers folder;
+- a remote prefix (``s3://bucket/prefix/`` or any fsspec URL), copied once into the cache;
+- a Hugging Face hub id (``org/name``), at ``model.revision``.
+
+The fingerprint goes into every request id, so it must change whenever the weights do:
+file digests for a local folder, the store's listing (names, sizes, ETags) for a remote
+prefix, id and revision for the hub, the builder version for ``tiny``. It is computed
+on the driver without torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+from pipeline import storage
+from pipeline.config import ModelConfig
+from pipeline.errors import ModelError
+from pipeline.models import TINY_VERSION
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    kind: Literal["tiny", "local", "remote", "hub"]
+    location: str
+
+
+def parse_ref(ref: str) -> ModelRef:
+    """Classify ``model.ref``; raise :class:`ModelError` saying which forms are accepted."""
+    if ref == "tiny":
+        return ModelRef("tiny", ref)
+    if "://" in ref and not ref.startswith("file://"):
+        return ModelRef("remote", ref.rstrip("/"))
+    path = os.path.abspath(os.path.expanduser(ref.removeprefix("file://")))
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise ModelError(f"model.ref {ref!r} is a folder without model_index.json; point it at a diffusers pipeline saved with save_pretrained")
+        return ModelRef("local", path)
+    if _HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
+        return ModelRef("hub", ref)
+    raise ModelError(
+        f"model.ref {ref!r} is not 'tiny', an existing local folder, an s3:// prefix, or a hub id like 'org/name'"
+    )
+
+
+def fingerprint(config: ModelConfig) -> str:
+    """A short digest that changes whenever the weights do (see module docstring)."""
+    ref = parse_ref(config.ref)
+    h = hashlib.sha256()
+    if ref.kind == "tiny":
+        h.update(TINY_VERSION.encode())
+    elif ref.kind == "hub":
+        h.update(f"hub:{ref.location}@{config.revision}".encode())
+    elif ref.kind == "local":
+        for rel in _files_below(ref.location):
+            h.update(rel.encode() + b"\0")
+            with open(os.path.join(ref.location, rel), "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    else:
+        fs, root = storage.open_url(ref.location)
+        with storage.storage_errors(ref.location, "list"):
+            listing = fs.find(root, detail=True)
+        if not listing:
+            raise ModelError(f"model.ref {ref.location!r} holds no files; upload a diffusers folder there first")
+        for name in sorted(listing):
+            info = listing[name]
+            etag = str(info.get("ETag") or info.get("etag") or info.get("mtime") or "")
+            h.update(f"{name[len(root):]}\0{info.get('size')}\0{etag}\n".encode())
+    return f"{ref.kind}-{h.hexdigest()[:16]}"
+
+
+def materialize(config: ModelConfig) -> str:
+    """A location ``from_pretrained`` can load: a local folder, or the hub id itself."""
+    ref = parse_ref(config.ref)
+    if ref.kind == "tiny":
+        from pipeline.models import ensure_tiny
+
+        return ensure_tiny(config.cache_dir)
+    if ref.kind in ("local", "hub"):
+        return ref.location
+    target = os.path.join(config.cache_dir, "remote", fingerprint(config))
+    if os.path.isfile(os.path.join(target, "model_index.json")):
+        return target
+    fs, root = storage.open_url(ref.location)
+    staging = f"{target}.{uuid.uuid4().hex}.tmp"
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with storage.storage_errors(ref.location, "download"):
+        fs.get(root + "/", staging + "/", recursive=True)
+    try:
+        os.rename(staging, target)
+    except OSError:
+        if not os.path.isfile(os.path.join(target, "model_index.json")):
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _files_below(root: str) -> list[str]:
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(os.path.relpath(os.path.join(folder, f), root) for f in files if not f.startswith("."))
+    return sorted(found)

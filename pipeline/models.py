@@ -1,0 +1,116 @@
+"""The tiny random-weight Stable Diffusion used by tests and the demo.
+
+Built offline from configs (UNet, VAE, CLIP text encoder, and a byte-level BPE tokenizer
+written here), with fixed seeds, so every machine builds the same weights. It is saved
+with ``save_pretrained`` into a cache folder and loaded back through the same
+``from_pretrained`` path as real weights: what the tests exercise is the real loading code.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+
+# Bump when anything below changes the weights: it is part of the model fingerprint, so
+# images made by an older tiny model are never mistaken for the new one's.
+TINY_VERSION = "tiny-sd-1"
+TINY_MAX_TOKENS = 77
+
+
+def _byte_vocab() -> dict[str, int]:
+    """CLIP-style byte-level vocabulary without merges: every byte, alone or word-final."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in bytes_to_unicode().values():
+        vocab[char] = len(vocab)
+        vocab[char + "</w>"] = len(vocab)
+    return vocab
+
+
+def build_tiny_sd():
+    """A StableDiffusionPipeline with ~2M random parameters; 64x64 images in tens of ms on CPU."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = _byte_vocab()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TINY_MAX_TOKENS)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=32,
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=32,
+    )
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=len(vocab),
+            max_position_embeddings=TINY_MAX_TOKENS,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def ensure_tiny(cache_dir: str) -> str:
+    """The folder holding the saved tiny pipeline, building it on first use.
+
+    Safe when several processes race: each builds into its own temporary folder and
+    renames it into place; the loser's rename fails and its copy is discarded.
+    """
+    target = os.path.join(cache_dir, "models", TINY_VERSION)
+    if os.path.isfile(os.path.join(target, "model_index.json")):
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    staging = f"{target}.{uuid.uuid4().hex}.tmp"
+    build_tiny_sd().save_pretrained(staging, safe_serialization=True)
+    try:
+        os.rename(staging, target)
+    except OSError:
+        if not os.path.isfile(os.path.join(target, "model_index.json")):
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,141 @@
+"""Column names and explicit Arrow schemas: the one place they are spelled.
+
+Rows travel through the job as one table shape (the request columns below, plus the
+input's pass-through columns). A row is an error row exactly when ``error_stage`` is set;
+the sink splits the stream into the images table and the errors table at write time.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+
+# Identity and parameters: decided by validation.
+REQUEST_ID = "request_id"
+ID = "id"
+SOURCE = "source"
+ROW_INDEX = "row_index"
+IMAGE_INDEX = "image_index"
+PROMPT = "prompt"
+NEGATIVE_PROMPT = "negative_prompt"
+SEED = "seed"
+WIDTH = "width"
+HEIGHT = "height"
+STEPS = "steps"
+GUIDANCE_SCALE = "guidance_scale"
+SCHEDULER = "scheduler"
+MODEL = "model"
+MODEL_FINGERPRINT = "model_fingerprint"
+
+# Failure, set by whichever stage rejected the row.
+ERROR_STAGE = "error_stage"
+ERROR_TYPE = "error_type"
+ERROR_MESSAGE = "error_message"
+RAW = "raw"
+
+# Generation.
+PIXELS = "pixels"  # raw uint8 HxWx3 bytes between the engine and the encoder; never written
+GENERATION_SECONDS = "generation_seconds"
+PROMPT_TOKENS = "prompt_tokens"
+PROMPT_TRUNCATED = "prompt_truncated"
+ACTOR_ID = "actor_id"
+NODE_ID = "node_id"
+
+# Encoding and writing.
+IMAGE = "image"
+IMAGE_FORMAT = "image_format"
+SHA256 = "sha256"
+RUN_ID = "run_id"
+
+# Where rows are rejected.
+STAGE_READ = "read"
+STAGE_VALIDATE = "validate"
+STAGE_GENERATE = "generate"
+STAGE_ENCODE = "encode"
+
+# Columns the reader adds to every input row: the row's identity when no id column is given.
+INPUT_SOURCE = "__source"
+INPUT_ROW = "__row"
+
+IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
+
+REQUEST_FIELDS = [
+    pa.field(REQUEST_ID, pa.string()),
+    pa.field(ID, pa.string()),
+    pa.field(SOURCE, pa.string()),
+    pa.field(ROW_INDEX, pa.int64()),
+    pa.field(IMAGE_INDEX, pa.int32()),
+    pa.field(PROMPT, pa.string()),
+    pa.field(NEGATIVE_PROMPT, pa.string()),
+    pa.field(SEED, pa.int64()),
+    pa.field(WIDTH, pa.int32()),
+    pa.field(HEIGHT, pa.int32()),
+    pa.field(STEPS, pa.int32()),
+    pa.field(GUIDANCE_SCALE, pa.float64()),
+    pa.field(SCHEDULER, pa.string()),
+    pa.field(MODEL, pa.string()),
+    pa.field(MODEL_FINGERPRINT, pa.string()),
+]
+
+ERROR_FIELDS = [
+    pa.field(ERROR_STAGE, pa.string()),
+    pa.field(ERROR_TYPE, pa.string()),
+    pa.field(ERROR_MESSAGE, pa.string()),
+    pa.field(RAW, pa.string()),
+]
+
+GENERATION_FIELDS = [
+    pa.field(PIXELS, pa.binary()),
+    pa.field(GENERATION_SECONDS, pa.float64()),
+    pa.field(PROMPT_TOKENS, pa.int32()),
+    pa.field(PROMPT_TRUNCATED, pa.bool_()),
+    pa.field(ACTOR_ID, pa.string()),
+    pa.field(NODE_ID, pa.string()),
+]
+
+ENCODE_FIELDS = [
+    pa.field(IMAGE, IMAGE_TYPE),
+    pa.field(IMAGE_FORMAT, pa.string()),
+    pa.field(SHA256, pa.string()),
+]
+
+# What a reader finds in images/: the request, how it was made, and the image itself.
+IMAGES_FIELDS = [
+    *REQUEST_FIELDS,
+    *ENCODE_FIELDS,
+    *(f for f in GENERATION_FIELDS if f.name != PIXELS),
+    pa.field(RUN_ID, pa.string()),
+]
+
+ERRORS_FIELDS = [
+    pa.field(REQUEST_ID, pa.string()),
+    pa.field(ID, pa.string()),
+    pa.field(SOURCE, pa.string()),
+    pa.field(ROW_INDEX, pa.int64()),
+    pa.field(IMAGE_INDEX, pa.int32()),
+    *ERROR_FIELDS,
+    pa.field(RUN_ID, pa.string()),
+]
+
+RESERVED_NAMES = frozenset(
+    f.name for f in [*REQUEST_FIELDS, *ERROR_FIELDS, *GENERATION_FIELDS, *ENCODE_FIELDS, pa.field(RUN_ID, pa.string())]
+) | {INPUT_SOURCE, INPUT_ROW}
+
+# Hugging Face `datasets` reads features from this schema metadata key; columns it does not
+# name are typed from Arrow, so naming the image column is enough for PIL images on load.
+HF_METADATA = {b"huggingface": json.dumps({"info": {"features": {IMAGE: {"_type": "Image"}}}}).encode()}
+
+
+def passthrough_name(column: str) -> str:
+    """The output name of an input column that is passed through: its own, unless it
+    collides with a column this package writes, then prefixed with ``input_``."""
+    return f"input_{column}" if column in RESERVED_NAMES else column
+
+
+def images_schema(passthrough: list[pa.Field]) -> pa.Schema:
+    """The images table: fixed columns, then the input's pass-through columns."""
+    return pa.schema([*IMAGES_FIELDS, *passthrough], metadata=HF_METADATA)
+
+
+ERRORS_SCHEMA = pa.schema(ERRORS_FIELDS)

@@ -1,0 +1,110 @@
+"""The one door to storage: URL + options -> filesystem, listing, reading, atomic writes.
+
+Local paths, ``s3://`` (through s3fs) and any other fsspec URL are handled alike. Errors
+from the filesystem become :class:`StorageError` messages that name the URL and say what
+to check, never a botocore traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.errors import StorageError
+
+
+def open_url(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Resolve ``url`` to ``(filesystem, path)``. ``storage_options`` go to the filesystem
+    (for s3fs: ``key``, ``secret``, ``endpoint_url``, ``client_kwargs``...)."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except (ImportError, ValueError) as exc:
+        raise StorageError(f"cannot open {url!r}: {exc}") from None
+    return fs, path
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def join(path: str, *parts: str) -> str:
+    return posixpath.join(path, *parts)
+
+
+@contextmanager
+def storage_errors(url: str, action: str) -> Iterator[None]:
+    """Turn a filesystem exception into a StorageError naming ``url`` and what to check."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except FileNotFoundError:
+        raise StorageError(f"cannot {action} {url!r}: it does not exist; check the path or bucket name") from None
+    except PermissionError as exc:
+        raise StorageError(
+            f"cannot {action} {url!r}: permission denied ({exc}); check the credentials in storage_options"
+        ) from None
+    except OSError as exc:
+        raise StorageError(f"cannot {action} {url!r}: {exc}") from None
+
+
+def list_files(fs: fsspec.AbstractFileSystem, path: str, suffixes: tuple[str, ...] = ()) -> list[str]:
+    """The files at ``path``: the path itself if it is a file, else the files below it
+    (hidden and ``_``-prefixed names skipped), sorted so runs see them in one order."""
+    with storage_errors(path, "read"):
+        if fs.isfile(path):
+            return [path]
+        if not fs.isdir(path):
+            raise FileNotFoundError(path)
+        found = []
+        for name in sorted(fs.find(path)):
+            base = posixpath.basename(name)
+            if base.startswith((".", "_")):
+                continue
+            if suffixes and not base.lower().endswith(suffixes):
+                continue
+            found.append(name)
+        return found
+
+
+def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    with storage_errors(path, "read"):
+        return fs.cat_file(path)
+
+
+def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Make ``data`` visible at ``path`` all at once; a reader never sees part of it.
+
+    Local: written to a hidden temporary name in the same folder, then renamed over
+    ``path`` (atomic within a filesystem). Object stores: one PUT (or one completed
+    multipart upload), which S3 makes visible atomically.
+    """
+    with storage_errors(path, "write"):
+        parent = posixpath.dirname(path)
+        if is_local(fs):
+            os.makedirs(parent, exist_ok=True)
+            tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        else:
+            fs.pipe_file(path, data)
+
+
+def arrow_filesystem(fs: fsspec.AbstractFileSystem):
+    """A pyarrow filesystem over ``fs``, for Ray Data readers (which take pyarrow's)."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return PyFileSystem(FSSpecHandler(fs))

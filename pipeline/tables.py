@@ -1,0 +1,165 @@
+"""Prompt-table file formats: one file's bytes -> Arrow tables of raw rows.
+
+Each row gets its identity from where it sits: ``__source`` (the file) and ``__row`` (its
+position in that file), so a row without an id column keeps the same identity however
+the job is split. Problems confined to one row (a JSONL line that is not JSON, a CSV cell
+that is not UTF-8) do not fail the table: the row carries ``__read_error`` and becomes an
+error row with its reason. Problems with the whole file raise :class:`InputError`.
+
+Text formats are read with every column as a string (CSV carries no types; a prompt
+``42`` stays the text ``"42"``); validation parses numbers per row.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any, BinaryIO, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from pipeline.errors import InputError
+from pipeline.schema import INPUT_ROW, INPUT_SOURCE
+
+READ_ERROR = "__read_error"
+CHUNK_ROWS = 4096
+
+
+def read_file(stream: BinaryIO, fmt: str, source: str, chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
+    """Yield the rows of one prompt-table file as Arrow tables of at most ``chunk_rows``.
+
+    ``source`` names the file in row identities; it should not depend on where the table
+    is stored (a path relative to the input URL), so moving the table keeps identities.
+    """
+    offset = 0
+    for table in _READERS[fmt](stream):
+        for batch in table.to_batches(max_chunksize=chunk_rows):
+            chunk = pa.Table.from_batches([batch], schema=table.schema)
+            n = chunk.num_rows
+            chunk = chunk.append_column(INPUT_SOURCE, pa.array([source] * n, pa.string()))
+            chunk = chunk.append_column(INPUT_ROW, pa.array(range(offset, offset + n), pa.int64()))
+            offset += n
+            yield chunk
+
+
+def _parquet(stream: BinaryIO) -> Iterator[pa.Table]:
+    try:
+        parquet = pq.ParquetFile(stream)
+        for batch in parquet.iter_batches(batch_size=CHUNK_ROWS):
+            yield pa.Table.from_batches([batch])
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"not a readable Parquet file: {exc}") from None
+
+
+def _delimited(delimiter: str, quoted: bool):
+    def read(stream: BinaryIO) -> Iterator[pa.Table]:
+        data = stream.read()
+        if not data.strip():
+            return
+        header_line = data.split(b"\n", 1)[0].decode("utf-8", errors="replace").rstrip("\r")
+        quoting = csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE
+        names = next(csv.reader([header_line], delimiter=delimiter, quoting=quoting))
+        if len(set(names)) != len(names):
+            raise InputError(f"the header has repeated column names: {names}")
+        try:
+            table = pacsv.read_csv(
+                pa.BufferReader(data),
+                parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoted else False),
+                # Binary first: one undecodable cell must not fail the whole file.
+                convert_options=pacsv.ConvertOptions(
+                    column_types={name: pa.binary() for name in names}, strings_can_be_null=False
+                ),
+            )
+        except pa.ArrowInvalid as exc:
+            raise InputError(f"not a readable {'CSV' if quoted else 'TSV'} file: {exc}") from None
+        yield _decode_binary_columns(table)
+
+    return read
+
+
+def _decode_binary_columns(table: pa.Table) -> pa.Table:
+    """Binary columns -> UTF-8 strings; cells that are not UTF-8 become replacement
+    characters and their row gets a ``__read_error`` naming the column."""
+    errors: list[str | None] = [None] * table.num_rows
+    columns = []
+    for name in table.column_names:
+        column = table.column(name)
+        try:
+            columns.append(pc.cast(column, pa.string()))
+            continue
+        except pa.ArrowInvalid:
+            pass
+        values = []
+        for i, raw in enumerate(column.to_pylist()):
+            try:
+                values.append(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                values.append(raw.decode("utf-8", errors="replace"))
+                errors[i] = errors[i] or f"column {name!r} is not valid UTF-8 text"
+        columns.append(pa.array(values, pa.string()))
+    result = pa.table(dict(zip(table.column_names, columns)))
+    if any(errors):
+        result = result.append_column(READ_ERROR, pa.array(errors, pa.string()))
+    return result
+
+
+def _jsonl(stream: BinaryIO) -> Iterator[pa.Table]:
+    rows: list[dict[str, Any]] = []
+    for number, line in enumerate(io.BytesIO(stream.read()), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            reason = "not valid UTF-8" if isinstance(exc, UnicodeDecodeError) else f"not valid JSON ({exc.msg})"
+            row = {READ_ERROR: f"line {number} is {reason}", "line": line.decode("utf-8", errors="replace")}
+        if not isinstance(row, dict):
+            row = {READ_ERROR: f"line {number} is a JSON {type(row).__name__}, not an object", "line": line.decode()}
+        rows.append(row)
+    if rows:
+        yield rows_to_table(rows)
+
+
+def _json(stream: BinaryIO) -> Iterator[pa.Table]:
+    try:
+        data = json.loads(stream.read())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"not a readable JSON file: {exc}") from None
+    if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
+        raise InputError("a .json prompt table must be an array of objects; use .jsonl for one object per line")
+    if data:
+        yield rows_to_table(data)
+
+
+def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows of JSON values -> a table. A column whose values do not share one type
+    (``seed: 7`` in one row, ``seed: "abc"`` in another) becomes text, so the row, not
+    the file, is what validation rejects."""
+    names: dict[str, None] = {}
+    for row in rows:
+        names.update(dict.fromkeys(row))
+    columns = {}
+    for name in names:
+        values = [row.get(name) for row in rows]
+        try:
+            columns[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            columns[name] = pa.array(
+                [v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False) for v in values],
+                pa.string(),
+            )
+    return pa.table(columns)
+
+
+_READERS = {
+    "parquet": _parquet,
+    "csv": _delimited(",", quoted=True),
+    # TSV prompt tables hold quotes as text (PartiPrompts has a prompt starting with `"`).
+    "tsv": _delimited("\t", quoted=False),
+    "jsonl": _jsonl,
+    "json": _json,
+}

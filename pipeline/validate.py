@@ -1,0 +1,282 @@
+"""Raw prompt-table row -> generation requests, or one rejected row with its reasons.
+
+Pure: no Ray, no torch. The batch job and the online front call the same
+:class:`Validator`, so a row and the equivalent HTTP request get the same checks, the
+same seed and the same request id.
+
+Contracts (see ARCHITECTURE.md):
+
+- **Identity**: the row's ``id`` column value when ``input.id_column`` is set, else its
+  file and position (``source#row``).
+- **Seed**: the row's own ``seed`` when given; otherwise derived from the job seed and
+  the identity, never from batch position. Image ``k`` of a row uses ``base + k``.
+- **Request id**: a digest of the identity, the image index and everything that decides
+  the pixels (prompt, negative prompt, seed, size, steps, guidance, scheduler, model
+  fingerprint). Change any of them and the id changes; rerun the same spec and it does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline import schema as S
+from pipeline.config import ROW_PARAMETERS, JobSpec
+from pipeline.tables import READ_ERROR
+
+SEED_SPACE = 2**63
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+REQUEST_SCHEMA = pa.schema([*S.REQUEST_FIELDS, *S.ERROR_FIELDS])
+
+
+class RowError(ValueError):
+    """One reason a row cannot be generated."""
+
+
+def derive_seed(job_seed: int, identity: str) -> int:
+    """The seed of a row that has none: a function of the job seed and the row identity only."""
+    digest = hashlib.sha256(f"{job_seed}\x00{identity}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % SEED_SPACE
+
+
+def request_id(identity: str, image_index: int, params: dict[str, Any], model_fingerprint: str) -> str:
+    """Stable id of one image: identity + image index + every pixel-deciding parameter."""
+    payload = {"identity": identity, "image_index": image_index, "model": model_fingerprint, **params}
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Validator:
+    """Checks rows against one job spec. Build once per job (or per actor) and reuse.
+
+    ``model_fingerprint`` identifies the weights (see :mod:`pipeline.model_ref`); it goes
+    into every request id so a different model never reuses an image. Requests whose id
+    is in ``skip`` (committed by an earlier run) are dropped from the stream.
+    """
+
+    spec: JobSpec
+    model_fingerprint: str
+    skip: frozenset[str] = frozenset()
+
+    # -- one row -----------------------------------------------------------------------
+
+    def validate_row(self, raw: dict[str, Any]) -> list[dict[str, Any]]:
+        """One raw row (with ``__source``/``__row``) -> its image requests, or a single
+        row whose ``error_stage`` is set and whose ``error_message`` lists every problem."""
+        spec, inp = self.spec, self.spec.input
+        source, row = str(raw.get(S.INPUT_SOURCE, "")), int(raw.get(S.INPUT_ROW) or 0)
+        base = {
+            S.SOURCE: source,
+            S.ROW_INDEX: row,
+            S.IMAGE_INDEX: 0,
+            S.MODEL: spec.model.ref,
+            S.MODEL_FINGERPRINT: self.model_fingerprint,
+            S.SCHEDULER: spec.model.scheduler or "default",
+        }
+        problems: list[str] = []
+        if raw.get(READ_ERROR):
+            return [self._reject(base, raw, f"{source}#{row}", S.STAGE_READ, "ReadError", [raw[READ_ERROR]])]
+
+        if inp.id_column:
+            raw_id = raw.get(inp.id_column)
+            if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
+                problems.append(f"id column {inp.id_column!r} is empty")
+                display_id = f"{source}#{row}"
+            else:
+                display_id = str(raw_id)
+            identity = f"id:{display_id}"
+        else:
+            display_id = f"{source}#{row}"
+            identity = f"row:{display_id}"
+        base[S.ID] = display_id
+
+        params = self._params(raw, problems)
+        if problems:
+            return [self._reject(base, raw, identity, S.STAGE_VALIDATE, "InvalidRow", problems)]
+
+        num_images = params.pop("num_images")
+        seed = params.pop("seed")
+        if seed is None:
+            seed = derive_seed(spec.defaults.seed, identity)
+        requests = []
+        for k in range(num_images):
+            image = {**params, "seed": (seed + k) % SEED_SPACE, "scheduler": base[S.SCHEDULER]}
+            rid = request_id(identity, k, image, self.model_fingerprint)
+            requests.append({**base, **image, S.REQUEST_ID: rid, S.IMAGE_INDEX: k})
+        return requests
+
+    def _params(self, raw: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+        inp, d, lim = self.spec.input, self.spec.defaults, self.spec.limits
+
+        def cell(parameter: str) -> Any:
+            return raw.get(inp.column_for(parameter))
+
+        def check(parse, parameter: str, *args):
+            try:
+                return parse(cell(parameter), parameter, *args)
+            except RowError as exc:
+                problems.append(str(exc))
+                return None
+
+        prompt = None
+        if inp.prompt_column not in raw:
+            problems.append(f"no prompt column {inp.prompt_column!r} in this row's file")
+        else:
+            try:
+                prompt = _prompt(raw.get(inp.prompt_column), "prompt", lim.max_prompt_chars)
+            except RowError as exc:
+                problems.append(str(exc))
+        return {
+            "prompt": prompt,
+            "negative_prompt": check(_optional_text, "negative_prompt", d.negative_prompt, lim.max_prompt_chars),
+            "width": check(_size, "width", d.width, lim.max_width, lim.size_multiple),
+            "height": check(_size, "height", d.height, lim.max_height, lim.size_multiple),
+            "steps": check(_bounded_int, "steps", d.steps, 1, lim.max_steps),
+            "guidance_scale": check(_guidance, "guidance_scale", d.guidance_scale, lim.max_guidance_scale),
+            "num_images": check(_bounded_int, "num_images", d.num_images, 1, lim.max_num_images),
+            "seed": check(_seed, "seed"),
+        }
+
+    def _reject(self, base, raw, identity, stage, error_type, problems) -> dict[str, Any]:
+        return {
+            **base,
+            S.REQUEST_ID: request_id(identity, 0, {"rejected": _raw_json(raw)}, self.model_fingerprint),
+            S.ERROR_STAGE: stage,
+            S.ERROR_TYPE: error_type,
+            S.ERROR_MESSAGE: "; ".join(problems),
+            S.RAW: _raw_json(raw),
+        }
+
+    # -- a table -----------------------------------------------------------------------
+
+    def passthrough_columns(self, column_names: list[str]) -> list[str]:
+        """Input columns that are carried to the output as they are: all but the prompt,
+        the id, the parameter columns and the reader's own."""
+        inp = self.spec.input
+        consumed = {inp.prompt_column, S.INPUT_SOURCE, S.INPUT_ROW, READ_ERROR}
+        consumed |= {inp.column_for(p) for p in ROW_PARAMETERS}
+        if inp.id_column:
+            consumed.add(inp.id_column)
+        return [c for c in column_names if c not in consumed]
+
+    def validate_table(self, table: pa.Table) -> pa.Table:
+        """A table of raw rows -> one row per image request (or per rejected row), with
+        the request columns first and the pass-through columns after, types kept."""
+        origin: list[int] = []
+        requests: list[dict[str, Any]] = []
+        for i, raw in enumerate(table.to_pylist()):
+            for request in self.validate_row(raw):
+                if request[S.REQUEST_ID] in self.skip:
+                    continue
+                requests.append(request)
+                origin.append(i)
+        result = pa.Table.from_pylist(requests, schema=REQUEST_SCHEMA)
+        carried = table.select(self.passthrough_columns(table.column_names)).take(pa.array(origin, pa.int64()))
+        for name, column in zip(carried.column_names, carried.columns):
+            result = result.append_column(S.passthrough_name(name), column)
+        return result
+
+
+# -- cell parsers: value -> clean value, or RowError with a reason a user understands ---------
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip())
+
+
+def _whole(value: Any, name: str) -> int:
+    if isinstance(value, bool):
+        raise RowError(f"{name} must be a whole number, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                number = float(text)
+            except ValueError:
+                number = math.nan
+            if number.is_integer():
+                return int(number)
+    raise RowError(f"{name} must be a whole number, got {value!r}")
+
+
+def _bounded_int(value: Any, name: str, default: int, low: int, high: int) -> int:
+    if _missing(value):
+        return default
+    number = _whole(value, name)
+    if not low <= number <= high:
+        raise RowError(f"{name} must be between {low} and {high}, got {number}")
+    return number
+
+
+def _size(value: Any, name: str, default: int, high: int, multiple: int) -> int:
+    number = _bounded_int(value, name, default, 1, high)
+    if number % multiple:
+        raise RowError(f"{name} must be a multiple of {multiple}, got {number}")
+    return number
+
+
+def _seed(value: Any, name: str) -> int | None:
+    if _missing(value):
+        return None
+    number = _whole(value, name)
+    if not 0 <= number < SEED_SPACE:
+        raise RowError(f"{name} must be between 0 and 2**63-1, got {number}")
+    return number
+
+
+def _guidance(value: Any, name: str, default: float, high: float) -> float:
+    if _missing(value):
+        return default
+    if isinstance(value, bool):
+        raise RowError(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise RowError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number) or not 0 <= number <= high:
+        raise RowError(f"{name} must be between 0 and {high}, got {value!r}")
+    return number
+
+
+def _text(value: Any, name: str, max_chars: int) -> str:
+    if not isinstance(value, str):
+        raise RowError(f"{name} must be text, got {type(value).__name__} {value!r}")
+    if len(value) > max_chars:
+        raise RowError(f"{name} has {len(value)} characters, above limits.max_prompt_chars={max_chars}")
+    bad = _CONTROL.search(value)
+    if bad:
+        raise RowError(f"{name} contains control character U+{ord(bad.group()):04X} at position {bad.start()}")
+    return value
+
+
+def _prompt(value: Any, name: str, max_chars: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise RowError(f"{name} is missing (null)")
+    text = _text(value, name, max_chars)
+    if not text.strip():
+        raise RowError(f"{name} is empty")
+    return text
+
+
+def _optional_text(value: Any, name: str, default: str, max_chars: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return default
+    return _text(value, name, max_chars)
+
+
+def _raw_json(raw: dict[str, Any]) -> str:
+    visible = {k: v for k, v in raw.items() if k not in (S.INPUT_SOURCE, S.INPUT_ROW, READ_ERROR)}
+    return json.dumps(visible, ensure_ascii=False, default=str, sort_keys=True)
