@@ -48,7 +48,9 @@ def read_file(stream: BinaryIO, fmt: str, source: str, chunk_rows: int = CHUNK_R
 
 def _parquet(stream: BinaryIO) -> Iterator[pa.Table]:
     try:
-        parquet = pq.ParquetFile(stream)
+        # Parquet needs random access (footer first); Ray's file streams are sequential.
+        source = stream if getattr(stream, "seekable", lambda: False)() else pa.BufferReader(stream.read())
+        parquet = pq.ParquetFile(source)
         for batch in parquet.iter_batches(batch_size=CHUNK_ROWS):
             yield pa.Table.from_batches([batch])
     except (pa.ArrowInvalid, OSError) as exc:

@@ -1,0 +1,29 @@
+# Set-up and the two things a user runs. Each target installs what it needs first.
+#   make demo   - the demo job on a local Ray cluster, writing ./output
+#   make test   - the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch is installed first and pinned through the rest of the install: with no torch
+# present, pip resolves an unpinned torch to the newest CUDA build (gigabytes).
+TORCH  ?= torch==2.13.0
+
+.PHONY: install demo test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH)"
+	echo "$(TORCH)" > $(VENV)/constraints.txt
+	$(BIN)/pip install --quiet --constraint $(VENV)/constraints.txt -e ".[dev]"
+	touch $@
+
+demo: install
+	$(BIN)/imagegen run jobs/demo.yaml
+
+test: install
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) output .pytest_cache

@@ -1,0 +1,102 @@
+"""Shared fixtures: one local Ray per test session, the tiny model cached once, an S3
+server on 127.0.0.1, and a helper to build job specs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS = REPO.parent / "shared" / "data" / "prompts"
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> str:
+    """A model cache folder with the tiny model already built in it."""
+    from pipeline.models import ensure_tiny
+
+    cache = str(tmp_path_factory.mktemp("model-cache"))
+    ensure_tiny(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session: its cold start is the slowest thing here."""
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    # Short and private: Ray's socket paths must stay under 107 characters.
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    ray.init(num_cpus=2, _temp_dir=temp_dir, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def make_spec(model_cache, tmp_path):
+    """Build a valid JobSpec from a few fields; the rest are fast test defaults."""
+    from pipeline.config import parse_spec
+
+    def build(input: dict[str, Any], **sections: dict[str, Any]):
+        data: dict[str, Any] = {
+            "input": input,
+            "model": {"ref": "tiny", "cache_dir": model_cache},
+            "defaults": {"width": 32, "height": 32, "steps": 2, "seed": 7},
+            "output": {"url": str(tmp_path / "out")},
+            "runtime": {"num_actors": 1, "cpus_per_actor": 0.5, "task_cpus": 0.5, "batch_size": 4},
+        }
+        for name, values in sections.items():
+            data[name] = {**data.get(name, {}), **values}
+        return parse_spec(data)
+
+    return build
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1, spoken to over real HTTP by s3fs."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server):
+    """A fresh bucket and the storage options that reach it."""
+    import uuid
+
+    import s3fs
+
+    options = {"key": "testing", "secret": "testing", "endpoint_url": s3_server}
+    fs = s3fs.S3FileSystem(**options)
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(bucket)  # no region: moto refuses us-east-1 as a location constraint
+    return fs, bucket, options
+
+
+@pytest.fixture(scope="session")
+def prompts() -> Path:
+    """The real public prompt tables shared beside the repository."""
+    if not PROMPTS.is_dir():
+        pytest.fail(f"the shared prompt tables are missing at {PROMPTS}")
+    return PROMPTS

@@ -1,0 +1,76 @@
+"""Reading prompt tables: formats, row identity, and damage confined to its row."""
+
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.errors import InputError
+from pipeline.schema import INPUT_ROW, INPUT_SOURCE
+from pipeline.tables import READ_ERROR, read_file
+
+
+def read(data: bytes, fmt: str, chunk_rows=4096) -> pa.Table:
+    return pa.concat_tables(list(read_file(io.BytesIO(data), fmt, "src", chunk_rows=chunk_rows)))
+
+
+def test_partiprompts_tsv_all_rows_as_text_with_the_quote_kept(prompts):
+    table = read((prompts / "partiprompts" / "PartiPrompts.tsv").read_bytes(), "tsv")
+    assert table.num_rows == 1632
+    prompts = table.column("Prompt").to_pylist()
+    assert any(p.startswith('"G I G G L E"') for p in prompts)
+    assert all(isinstance(p, str) for p in prompts)  # "42"-like prompts stay text
+    assert table.column(INPUT_ROW).to_pylist() == list(range(1632))
+
+
+def test_row_positions_continue_across_chunks():
+    data = b"prompt\n" + b"".join(f"p{i}\n".encode() for i in range(10))
+    chunks = list(read_file(io.BytesIO(data), "csv", "f.csv", chunk_rows=3))
+    assert [c.num_rows for c in chunks] == [3, 3, 3, 1]
+    assert pa.concat_tables(chunks).column(INPUT_ROW).to_pylist() == list(range(10))
+    assert set(pa.concat_tables(chunks).column(INPUT_SOURCE).to_pylist()) == {"f.csv"}
+
+
+def test_csv_quotes_and_invalid_utf8_confined_to_row():
+    data = b'prompt,seed\n"a, quoted, prompt",1\nbad \xff\xfe bytes,2\nfine,3\n'
+    table = read(data, "csv")
+    assert table.column("prompt").to_pylist()[0] == "a, quoted, prompt"
+    assert table.column(READ_ERROR).to_pylist() == [None, "column 'prompt' is not valid UTF-8 text", None]
+
+
+def test_jsonl_mixed_types_and_broken_lines():
+    lines = [{"prompt": "a", "seed": 1}, {"prompt": "b", "seed": "abc"}, "not json {", {"prompt": "c", "meta": {"k": [1]}}]
+    data = "\n".join(json.dumps(x) if isinstance(x, dict) else x for x in lines).encode()
+    table = read(data, "jsonl")
+    assert table.num_rows == 4
+    assert table.column("seed").to_pylist()[:2] == ["1", "abc"]  # mixed -> text; validation decides per row
+    assert "line 3 is not valid JSON" in table.column(READ_ERROR).to_pylist()[2]
+
+
+def test_geneval_jsonl_keeps_nested_metadata(prompts):
+    table = read((prompts / "geneval" / "evaluation_metadata.jsonl").read_bytes(), "jsonl")
+    assert table.num_rows == 553
+    assert pa.types.is_list(table.schema.field("exclude").type)  # one shape: stays nested
+    # `include` mixes shapes (`position: ["left of", 0]`): kept as JSON text, nothing lost.
+    originals = [json.loads(line)["include"] for line in (prompts / "geneval" / "evaluation_metadata.jsonl").read_text().splitlines()]
+    assert [json.loads(x) for x in table.column("include").to_pylist()] == originals
+
+
+def test_json_array_and_wrong_shapes(prompts):
+    table = read((prompts / "imagereward-diffusiondb" / "refl_data.json").read_bytes(), "json")
+    assert table.num_rows == 10000 and "text" in table.column_names
+    with pytest.raises(InputError, match="array of objects"):
+        read(b'{"prompt": "a"}', "json")
+    with pytest.raises(InputError, match="not a readable JSON file"):
+        read(b"[{", "json")
+
+
+def test_parquet_and_corrupt_parquet():
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"prompt": ["a", "b"], "seed": [1, 2]}), buffer)
+    table = read(buffer.getvalue(), "parquet")
+    assert table.column("seed").to_pylist() == [1, 2]
+    with pytest.raises(InputError, match="not a readable Parquet file"):
+        read(b"PAR1 this is not parquet", "parquet")

@@ -1,0 +1,61 @@
+"""Bucketing, encoding and model references."""
+
+import io
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.batching import group_by_bucket, halves
+from pipeline.config import ModelConfig
+from pipeline.encode import encode_image, sha256_hex
+from pipeline.errors import ModelError
+from pipeline.model_ref import fingerprint, parse_ref
+
+
+def req(w, h, steps=4, g=7.5):
+    return SimpleNamespace(width=w, height=h, steps=steps, guidance_scale=g)
+
+
+def test_groups_are_uniform_and_in_first_seen_order():
+    requests = [req(64, 64), req(32, 64), req(64, 64), req(64, 64, steps=2), req(32, 64)]
+    assert group_by_bucket(requests) == [[0, 2], [1, 4], [3]]
+    assert halves([1, 2, 3]) == ([1, 2], [3])
+
+
+def test_png_is_lossless_and_lossy_formats_decode():
+    pixels = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    png = encode_image(pixels, "png")
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), pixels)
+    for fmt in ("jpeg", "webp"):
+        decoded = Image.open(io.BytesIO(encode_image(pixels, fmt, quality=80)))
+        assert decoded.size == (40, 24) and decoded.format == fmt.upper()
+    assert sha256_hex(png) == sha256_hex(bytes(png)) and len(sha256_hex(png)) == 64
+    with pytest.raises(ValueError, match="HxWx3 uint8"):
+        encode_image(pixels.astype(np.float32), "png")
+
+
+def test_model_refs(tmp_path):
+    assert parse_ref("tiny").kind == "tiny"
+    assert parse_ref("s3://bucket/models/sd/").kind == "remote"
+    assert parse_ref("stabilityai/stable-diffusion-2-1").kind == "hub"
+    with pytest.raises(ModelError, match="not 'tiny', an existing local folder"):
+        parse_ref("./no/such/folder")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="without model_index.json"):
+        parse_ref(str(tmp_path / "empty"))
+
+
+def test_local_fingerprint_follows_file_contents(tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "unet").mkdir()
+    weights = tmp_path / "unet" / "w.safetensors"
+    weights.write_bytes(b"1")
+    config = ModelConfig(ref=str(tmp_path))
+    first = fingerprint(config)
+    assert first.startswith("local-") and fingerprint(config) == first
+    weights.write_bytes(b"2")
+    assert fingerprint(config) != first
+    hub = fingerprint(ModelConfig(ref="org/model"))
+    assert hub != fingerprint(ModelConfig(ref="org/model", revision="v2"))

@@ -1,0 +1,128 @@
+"""Rows -> requests: per-row parameters, seeds, request ids, and the reasons bad rows get."""
+
+import pyarrow as pa
+import pytest
+
+from pipeline import schema as S
+from pipeline.config import parse_spec
+from pipeline.validate import Validator, derive_seed
+
+
+def validator(**sections):
+    data = {"input": {"url": "t.csv", **sections.pop("input", {})}, "defaults": {"width": 64, "height": 64, "steps": 4, "seed": 11}}
+    for name, values in sections.items():
+        data[name] = {**data.get(name, {}), **values}
+    return Validator(parse_spec(data), "fp-1")
+
+
+def row(position=0, **cells):
+    return {S.INPUT_SOURCE: "t.csv", S.INPUT_ROW: position, **cells}
+
+
+def one(v, raw):
+    (request,) = v.validate_row(raw)
+    return request
+
+
+def test_defaults_fill_and_columns_override_per_row():
+    v = validator()
+    plain = one(v, row(prompt="a cat"))
+    assert (plain["width"], plain["height"], plain["steps"], plain["guidance_scale"]) == (64, 64, 4, 7.5)
+    custom = one(v, row(prompt="a cat", width="128", steps=8, guidance_scale="3.5", negative_prompt="blurry"))
+    assert (custom["width"], custom["steps"], custom["guidance_scale"], custom["negative_prompt"]) == (128, 8, 3.5, "blurry")
+
+
+def test_mapped_columns():
+    v = validator(input={"prompt_column": "Prompt", "columns": {"seed": "my_seed"}})
+    assert one(v, row(Prompt="a cat", my_seed="42"))["seed"] == 42
+
+
+def test_seed_derived_from_job_seed_and_identity_not_position_in_batch():
+    v = validator()
+    alone = one(v, row(5, prompt="a cat"))
+    batch = v.validate_table(pa.Table.from_pylist([row(4, prompt="x"), row(5, prompt="a cat")]))
+    assert batch.column("seed").to_pylist()[1] == alone["seed"] == derive_seed(11, "row:t.csv#5")
+    assert one(v, row(6, prompt="a cat"))["seed"] != alone["seed"]
+    assert one(validator(defaults={"seed": 12}), row(5, prompt="a cat"))["seed"] != alone["seed"]
+
+
+def test_explicit_seed_is_the_one_applied_and_num_images_expands():
+    requests = validator().validate_row(row(prompt="a cat", seed=100, num_images=3))
+    assert [r["seed"] for r in requests] == [100, 101, 102]
+    assert [r["image_index"] for r in requests] == [0, 1, 2]
+    assert len({r["request_id"] for r in requests}) == 3
+
+
+def test_request_id_is_stable_and_covers_what_decides_pixels():
+    v = validator()
+    base = one(v, row(prompt="a cat", seed=1))["request_id"]
+    assert one(v, row(prompt="a cat", seed=1))["request_id"] == base
+    for change in ({"prompt": "a dog"}, {"seed": 2}, {"width": 128}, {"steps": 5}, {"guidance_scale": 1}, {"negative_prompt": "x"}):
+        assert one(v, row(**{"prompt": "a cat", "seed": 1, **change}))["request_id"] != base, change
+    assert one(Validator(v.spec, "fp-2"), row(prompt="a cat", seed=1))["request_id"] != base
+    scheduled = validator(model={"scheduler": "euler"})
+    assert one(scheduled, row(prompt="a cat", seed=1))["request_id"] != base
+
+
+def test_id_column_is_the_identity():
+    v = validator(input={"id_column": "key"})
+    first = one(v, row(0, prompt="a cat", key="k1"))
+    moved = one(v, row(99, prompt="a cat", key="k1"))
+    assert first["id"] == "k1" and first["request_id"] == moved["request_id"] and first["seed"] == moved["seed"]
+
+
+@pytest.mark.parametrize(
+    "cells, reason",
+    [
+        ({"prompt": None}, "prompt is missing (null)"),
+        ({"prompt": "   "}, "prompt is empty"),
+        ({"prompt": 42}, "prompt must be text, got int 42"),
+        ({"prompt": "a\x00b"}, "prompt contains control character U+0000 at position 1"),
+        ({"prompt": "x" * 5000}, "prompt has 5000 characters, above limits.max_prompt_chars=4000"),
+        ({"prompt": "ok", "seed": "abc"}, "seed must be a whole number, got 'abc'"),
+        ({"prompt": "ok", "steps": 2.5}, "steps must be a whole number, got 2.5"),
+        ({"prompt": "ok", "steps": 10**6}, "steps must be between 1 and 200, got 1000000"),
+        ({"prompt": "ok", "width": 100000}, "width must be between 1 and 2048, got 100000"),
+        ({"prompt": "ok", "width": 100}, "width must be a multiple of 8, got 100"),
+        ({"prompt": "ok", "height": -64}, "height must be between 1 and 2048, got -64"),
+        ({"prompt": "ok", "num_images": 10**6}, "num_images must be between 1 and 16, got 1000000"),
+        ({"prompt": "ok", "seed": -1}, "seed must be between 0 and 2**63-1, got -1"),
+        ({"prompt": "ok", "guidance_scale": "nan"}, "guidance_scale must be between 0 and 50.0"),
+        ({"prompt": "ok", "guidance_scale": True}, "guidance_scale must be a number, got True"),
+    ],
+)
+def test_bad_rows_become_error_rows_with_a_reason(cells, reason):
+    rejected = one(validator(), row(**cells))
+    assert rejected["error_stage"] == "validate"
+    assert reason in rejected["error_message"]
+    assert rejected["raw"] and rejected["request_id"]
+
+
+def test_every_problem_of_a_row_is_reported():
+    rejected = one(validator(), row(prompt="", seed="x", steps=0))
+    assert rejected["error_message"].count(";") == 2
+
+
+def test_table_keeps_passthrough_columns_with_types_and_renames_collisions():
+    table = pa.table({
+        "prompt": ["a", "b", None],
+        "category": ["x", "y", "z"],
+        "score": [1.5, 2.5, 3.5],
+        "image": ["i1", "i2", "i3"],  # collides with the output's image column
+        S.INPUT_SOURCE: ["t.csv"] * 3,
+        S.INPUT_ROW: [0, 1, 2],
+    })
+    out = validator().validate_table(table)
+    assert out.num_rows == 3
+    assert out.column("category").to_pylist() == ["x", "y", "z"]
+    assert out.schema.field("score").type == pa.float64()
+    assert out.column("input_image").to_pylist() == ["i1", "i2", "i3"]
+    assert out.column("error_stage").to_pylist() == [None, None, "validate"]
+
+
+def test_committed_requests_are_skipped():
+    v = validator()
+    done = one(v, row(0, prompt="a"))["request_id"]
+    skipping = Validator(v.spec, v.model_fingerprint, skip=frozenset({done}))
+    out = skipping.validate_table(pa.Table.from_pylist([row(0, prompt="a"), row(1, prompt="b")]))
+    assert out.column("row_index").to_pylist() == [1]
