@@ -104,7 +104,9 @@ class ModelConfig(_Section):
     Hugging Face hub id (``org/name`` at ``revision``). All go through the same
     ``from_pretrained`` path. ``dtype: auto`` is float16 on CUDA and float32 on CPU.
     ``scheduler`` swaps the pipeline's scheduler for a named one; unset keeps the model's.
-    Weights load from safetensors only unless ``allow_pickle`` is set.
+    Weights load from safetensors only unless ``allow_pickle`` is set. ``storage_options``
+    reach the remote prefix (credentials, ``endpoint_url``); remote weights are copied once
+    into ``cache_dir`` per node.
     """
 
     ref: str = "tiny"
@@ -113,6 +115,7 @@ class ModelConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     scheduler: Optional[SchedulerName] = None
     allow_pickle: bool = False
+    storage_options: dict[str, Any] = Field(default_factory=dict)
     cache_dir: str = Field(default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "imagegen"))
 
 
@@ -221,7 +224,7 @@ class JobSpec(_Section):
     def redacted(self) -> dict[str, Any]:
         """The spec as plain data with storage credentials removed, for manifests and logs."""
         data = self.model_dump(mode="json")
-        for section in ("input", "output"):
+        for section in ("input", "output", "model"):
             data[section]["storage_options"] = {k: "<redacted>" for k in data[section]["storage_options"]}
         return data
 

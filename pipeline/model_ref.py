@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
-import uuid
 from dataclasses import dataclass
 from typing import Literal
 
@@ -70,7 +68,7 @@ def fingerprint(config: ModelConfig) -> str:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     h.update(block)
     else:
-        fs, root = storage.open_url(ref.location)
+        fs, root = storage.open_url(ref.location, config.storage_options)
         with storage.storage_errors(ref.location, "list"):
             listing = fs.find(root, detail=True)
         if not listing:
@@ -91,22 +89,14 @@ def materialize(config: ModelConfig) -> str:
         return ensure_tiny(config.cache_dir)
     if ref.kind in ("local", "hub"):
         return ref.location
+    fs, root = storage.open_url(ref.location, config.storage_options)
+
+    def download(staging: str) -> None:
+        with storage.storage_errors(ref.location, "download"):
+            fs.get(root + "/", staging + "/", recursive=True)
+
     target = os.path.join(config.cache_dir, "remote", fingerprint(config))
-    if os.path.isfile(os.path.join(target, "model_index.json")):
-        return target
-    fs, root = storage.open_url(ref.location)
-    staging = f"{target}.{uuid.uuid4().hex}.tmp"
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    with storage.storage_errors(ref.location, "download"):
-        fs.get(root + "/", staging + "/", recursive=True)
-    try:
-        os.rename(staging, target)
-    except OSError:
-        if not os.path.isfile(os.path.join(target, "model_index.json")):
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return storage.fill_folder_once(target, download, "model_index.json")
 
 
 def _files_below(root: str) -> list[str]:

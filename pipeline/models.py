@@ -9,8 +9,6 @@ with ``save_pretrained`` into a cache folder and loaded back through the same
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 
 # Bump when anything below changes the weights: it is part of the model fingerprint, so
 # images made by an older tiny model are never mistaken for the new one's.
@@ -95,22 +93,9 @@ def build_tiny_sd():
 
 
 def ensure_tiny(cache_dir: str) -> str:
-    """The folder holding the saved tiny pipeline, building it on first use.
+    """The folder holding the saved tiny pipeline, building it on first use (safe when
+    several processes race for it)."""
+    from pipeline.storage import fill_folder_once
 
-    Safe when several processes race: each builds into its own temporary folder and
-    renames it into place; the loser's rename fails and its copy is discarded.
-    """
     target = os.path.join(cache_dir, "models", TINY_VERSION)
-    if os.path.isfile(os.path.join(target, "model_index.json")):
-        return target
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    staging = f"{target}.{uuid.uuid4().hex}.tmp"
-    build_tiny_sd().save_pretrained(staging, safe_serialization=True)
-    try:
-        os.rename(staging, target)
-    except OSError:
-        if not os.path.isfile(os.path.join(target, "model_index.json")):
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return fill_folder_once(target, lambda staging: build_tiny_sd().save_pretrained(staging, safe_serialization=True), "model_index.json")

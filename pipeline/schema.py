@@ -60,12 +60,17 @@ INPUT_ROW = "__row"
 
 IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
 
-REQUEST_FIELDS = [
+# Which image of which input row: shared by the images and errors tables.
+IDENTITY_FIELDS = [
     pa.field(REQUEST_ID, pa.string()),
     pa.field(ID, pa.string()),
     pa.field(SOURCE, pa.string()),
     pa.field(ROW_INDEX, pa.int64()),
     pa.field(IMAGE_INDEX, pa.int32()),
+]
+
+REQUEST_FIELDS = [
+    *IDENTITY_FIELDS,
     pa.field(PROMPT, pa.string()),
     pa.field(NEGATIVE_PROMPT, pa.string()),
     pa.field(SEED, pa.int64()),
@@ -109,11 +114,7 @@ IMAGES_FIELDS = [
 ]
 
 ERRORS_FIELDS = [
-    pa.field(REQUEST_ID, pa.string()),
-    pa.field(ID, pa.string()),
-    pa.field(SOURCE, pa.string()),
-    pa.field(ROW_INDEX, pa.int64()),
-    pa.field(IMAGE_INDEX, pa.int32()),
+    *IDENTITY_FIELDS,
     *ERROR_FIELDS,
     pa.field(RUN_ID, pa.string()),
 ]

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import posixpath
+import shutil
 import uuid
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -101,6 +102,27 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
                     os.remove(tmp)
         else:
             fs.pipe_file(path, data)
+
+
+def fill_folder_once(target: str, fill: Callable[[str], None], marker: str) -> str:
+    """Make the local folder ``target`` exist with its contents complete, filling it at most
+    once: ``fill(staging)`` writes into a private staging folder that is renamed into place.
+    ``marker`` is a file whose presence means the folder is complete. When processes race,
+    each fills its own staging folder, one rename wins, and the others discard theirs.
+    """
+    if os.path.isfile(os.path.join(target, marker)):
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    staging = f"{target}.{uuid.uuid4().hex}.tmp"
+    try:
+        fill(staging)
+        os.rename(staging, target)
+    except OSError:
+        if not os.path.isfile(os.path.join(target, marker)):
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def arrow_filesystem(fs: fsspec.AbstractFileSystem):

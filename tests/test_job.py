@@ -234,3 +234,24 @@ def test_cli_runs_the_demo(model_cache, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "images out   64" in result.stdout and f"{tmp_path}/out" in result.stdout
     assert len(images_of(tmp_path / "out")) == 64
+
+
+def test_model_from_an_s3_prefix(make_spec, model_cache, s3, tmp_path):
+    import numpy as np
+
+    from pipeline.config import ModelConfig
+    from pipeline.engine import Engine, GenerationRequest
+    from pipeline.model_ref import fingerprint
+    from pipeline.models import ensure_tiny
+
+    fs, bucket, options = s3
+    fs.put(ensure_tiny(model_cache), f"{bucket}/models/tiny", recursive=True)
+    remote = ModelConfig(ref=f"s3://{bucket}/models/tiny", storage_options=options, cache_dir=str(tmp_path / "cache"))
+    assert fingerprint(remote).startswith("remote-")
+    request = GenerationRequest("a harbour at dusk", "", 5, 32, 32, 2, 7.5)
+    from_s3 = Engine(remote).generate([request])[0].pixels
+    local = Engine(ModelConfig(ref="tiny", cache_dir=model_cache)).generate([request])[0].pixels
+    assert np.array_equal(from_s3, local)
+    assert (tmp_path / "cache" / "remote" / fingerprint(remote) / "model_index.json").is_file()
+    spec = make_spec({"url": "x.csv"}, model={"ref": remote.ref, "storage_options": {"secret": "s3cr3t"}})
+    assert "s3cr3t" not in str(spec.redacted())
