@@ -60,22 +60,20 @@ class RunSummary:
 class PromptTableDatasource(FileBasedDatasource):
     """Prompt-table files -> raw rows numbered within their file (see :mod:`pipeline.tables`)."""
 
-    def __init__(self, paths: list[str], fmt: str, root: str, **kwargs: Any):
+    def __init__(self, paths: list[str], fmt: str, base: str, **kwargs: Any):
         super().__init__(paths, **kwargs)
         self._format = fmt
-        self._root = root.rstrip("/")
+        self._base = base
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        source = path[len(self._root) + 1 :] if path.startswith(self._root + "/") else path.rsplit("/", 1)[-1]
-        yield from tables.read_file(f, self._format, source)
+        yield from tables.read_file(f, self._format, storage.relative_name(path, self._base))
 
 
-def preflight(spec: JobSpec) -> list[str]:
+def preflight(spec: JobSpec) -> None:
     """Check the input as a whole before any work: files exist and the first readable
-    rows have the columns the spec names. Returns the files to read."""
+    rows have the columns the spec names."""
     inp = spec.input
-    fs, root = storage.open_url(inp.url, inp.storage_options)
-    files = storage.list_files(fs, root)
+    fs, _, files = storage.list_table(inp.url, inp.storage_options)
     if not files:
         raise InputError(f"no prompt-table files at {inp.url!r}")
     first: pa.Table | None = None
@@ -100,13 +98,11 @@ def preflight(spec: JobSpec) -> list[str]:
                 f"{setting} is {column!r}, but {inp.url} has no such column; its columns are {columns}. "
                 f"Set {setting} to one of them."
             )
-    return files
 
 
-def read_requests(spec: JobSpec, files: list[str], validator: Validator) -> ray.data.Dataset:
-    fs, root = storage.open_url(spec.input.url, spec.input.storage_options)
-    root = root if fs.isdir(root) else root.rsplit("/", 1)[0]
-    datasource = PromptTableDatasource(files, spec.input.format, root, filesystem=storage.arrow_filesystem(fs))
+def read_requests(spec: JobSpec, validator: Validator) -> ray.data.Dataset:
+    fs, base, files = storage.list_table(spec.input.url, spec.input.storage_options)
+    datasource = PromptTableDatasource(files, spec.input.format, base, filesystem=storage.arrow_filesystem(fs))
     task_cpus = {"num_cpus": spec.runtime.task_cpus}
     ds = ray.data.read_datasource(datasource, ray_remote_args=task_cpus)
     return ds.map_batches(validator.validate_table, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, **task_cpus)
@@ -244,14 +240,14 @@ def run(spec: JobSpec) -> RunSummary:
     started = time.time()
     run_id = sink.new_run_id()
     fingerprint = model_ref.fingerprint(spec.model)
-    files = preflight(spec)
+    preflight(spec)
     validator = Validator(spec, fingerprint, skip=frozenset(prepare_output(spec).request_ids))
     connect(spec.runtime)
 
     rt = spec.runtime
     gpus = actor_gpus(spec)
     model = spec.model.model_copy(update={"device": "cuda" if gpus > 0 else "cpu"})
-    ds = read_requests(spec, files, validator)
+    ds = read_requests(spec, validator)
     ds = ds.repartition(target_num_rows_per_block=rt.batch_size, strict=True)
     ds = ds.map_batches(
         GenerateStage,

@@ -20,6 +20,13 @@ from fsspec.implementations.local import LocalFileSystem
 from pipeline.errors import StorageError
 
 
+def absolute_if_local(url: str) -> str:
+    """A local path made absolute (``~`` expanded); URLs with a scheme unchanged."""
+    if "://" in url:
+        return url
+    return os.path.abspath(os.path.expanduser(url))
+
+
 def open_url(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """Resolve ``url`` to ``(filesystem, path)``. ``storage_options`` go to the filesystem
     (for s3fs: ``key``, ``secret``, ``endpoint_url``, ``client_kwargs``...)."""
@@ -72,6 +79,20 @@ def list_files(fs: fsspec.AbstractFileSystem, path: str, suffixes: tuple[str, ..
                 continue
             found.append(name)
         return found
+
+
+def list_table(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
+    """A prompt table's files: ``(filesystem, base folder, files)``. ``url`` may be one file
+    or a folder of files; names relative to the base identify rows (see :func:`relative_name`)."""
+    fs, path = open_url(url, storage_options)
+    files = list_files(fs, path)
+    base = path.rstrip("/") if files != [path] else posixpath.dirname(path)
+    return fs, base, files
+
+
+def relative_name(path: str, base: str) -> str:
+    """``path`` relative to ``base``: independent of where the table is stored."""
+    return path[len(base) + 1 :] if path.startswith(base + "/") else posixpath.basename(path)
 
 
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
