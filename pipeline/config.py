@@ -17,6 +17,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import SpecError
+from pipeline.storage import absolute_if_local
 
 InputFormat = Literal["parquet", "csv", "tsv", "jsonl", "json"]
 ImageFormat = Literal["png", "webp", "jpeg"]
@@ -39,14 +40,8 @@ _FORMAT_BY_SUFFIX: dict[str, InputFormat] = {
 ROW_PARAMETERS = ("width", "height", "steps", "guidance_scale", "negative_prompt", "num_images", "seed")
 
 
-def _absolute_if_local(url: str) -> str:
-    """Local paths become absolute: Ray workers do not share the driver's working directory."""
-    if "://" in url:
-        return url
-    return os.path.abspath(os.path.expanduser(url))
-
-
-StorageURL = Annotated[str, AfterValidator(_absolute_if_local)]
+# Local paths become absolute: Ray workers do not share the driver's working directory.
+StorageURL = Annotated[str, AfterValidator(absolute_if_local)]
 
 
 class _Section(BaseModel):
@@ -188,8 +183,44 @@ class RuntimeConfig(_Section):
     task_cpus: float = Field(0.5, gt=0)
 
 
+class ServeConfig(_Section):
+    """The online front (``imagegen serve``): where it listens, how it batches, how it sheds load.
+
+    ``host`` is loopback unless set: listening on any other address must be a choice
+    (``0.0.0.0`` in a container). ``max_batch_size`` counts images, not HTTP requests (a
+    request with ``n: 4`` is four batch items); ``batch_wait_timeout_s`` is how long a
+    replica waits to fill a batch. ``max_ongoing_requests`` bounds the HTTP requests one
+    replica holds at once; beyond that, requests wait at the proxy, and once more than
+    ``max_queued_requests`` wait, the proxy answers 503 with ``Retry-After:
+    retry_after_s`` instead of queueing without bound. Replicas scale between
+    ``min_replicas`` and ``max_replicas`` towards ``target_ongoing_requests`` each.
+    Replica resources are the engine actors' (``runtime.cpus_per_actor``,
+    ``runtime.gpus_per_actor``).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = Field("/", pattern=r"^/")
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.05, ge=0)
+    max_ongoing_requests: int = Field(16, ge=1)
+    max_queued_requests: int = Field(64, ge=-1)
+    retry_after_s: float = Field(1.0, ge=0)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ServeConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} is above max_replicas={self.max_replicas}")
+        if self.max_queued_requests == 0:
+            raise ValueError("max_queued_requests must be -1 (no limit) or at least 1")
+        return self
+
+
 class JobSpec(_Section):
-    """A whole job: input, model, defaults, limits, output, runtime."""
+    """A whole job: input, model, defaults, limits, output, runtime, and the online front (serve)."""
 
     input: InputConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -197,6 +228,7 @@ class JobSpec(_Section):
     limits: Limits = Field(default_factory=Limits)
     output: OutputConfig = Field(default_factory=OutputConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "JobSpec":

@@ -33,6 +33,8 @@ from pipeline.tables import READ_ERROR
 SEED_SPACE = 2**63
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 REQUEST_SCHEMA = pa.schema([*S.REQUEST_FIELDS, *S.ERROR_FIELDS])
+# Key of a rejected row's (parameter, message) pairs; parameter is None for a read error.
+PROBLEMS = "problems"
 
 
 class RowError(ValueError):
@@ -69,7 +71,9 @@ class Validator:
 
     def validate_row(self, raw: dict[str, Any]) -> list[dict[str, Any]]:
         """One raw row (with ``__source``/``__row``) -> its image requests, or a single
-        row whose ``error_stage`` is set and whose ``error_message`` lists every problem."""
+        row whose ``error_stage`` is set and whose ``error_message`` lists every problem.
+        A rejected row also carries :data:`PROBLEMS`: ``(parameter, message)`` pairs, for
+        fronts that report each field on its own (not written to the dataset)."""
         spec, inp = self.spec, self.spec.input
         source, row = str(raw.get(S.INPUT_SOURCE, "")), int(raw.get(S.INPUT_ROW) or 0)
         base = {
@@ -80,14 +84,14 @@ class Validator:
             S.MODEL_FINGERPRINT: self.model_fingerprint,
             S.SCHEDULER: spec.model.scheduler or "default",
         }
-        problems: list[str] = []
+        problems: list[tuple[str | None, str]] = []
         if raw.get(READ_ERROR):
-            return [self._reject(base, raw, f"{source}#{row}", S.STAGE_READ, "ReadError", [raw[READ_ERROR]])]
+            return [self._reject(base, raw, f"{source}#{row}", S.STAGE_READ, "ReadError", [(None, raw[READ_ERROR])])]
 
         if inp.id_column:
             raw_id = raw.get(inp.id_column)
             if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
-                problems.append(f"id column {inp.id_column!r} is empty")
+                problems.append(("id", f"id column {inp.id_column!r} is empty"))
                 display_id = f"{source}#{row}"
             else:
                 display_id = str(raw_id)
@@ -112,7 +116,7 @@ class Validator:
             requests.append({**base, **image, S.REQUEST_ID: rid, S.IMAGE_INDEX: k})
         return requests
 
-    def _params(self, raw: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    def _params(self, raw: dict[str, Any], problems: list[tuple[str | None, str]]) -> dict[str, Any]:
         inp, d, lim = self.spec.input, self.spec.defaults, self.spec.limits
 
         def cell(parameter: str) -> Any:
@@ -122,17 +126,17 @@ class Validator:
             try:
                 return parse(cell(parameter), parameter, *args)
             except RowError as exc:
-                problems.append(str(exc))
+                problems.append((parameter, str(exc)))
                 return None
 
         prompt = None
         if inp.prompt_column not in raw:
-            problems.append(f"no prompt column {inp.prompt_column!r} in this row's file")
+            problems.append(("prompt", f"no prompt column {inp.prompt_column!r} in this row's file"))
         else:
             try:
                 prompt = _prompt(raw.get(inp.prompt_column), "prompt", lim.max_prompt_chars)
             except RowError as exc:
-                problems.append(str(exc))
+                problems.append(("prompt", str(exc)))
         return {
             "prompt": prompt,
             "negative_prompt": check(_optional_text, "negative_prompt", d.negative_prompt, lim.max_prompt_chars),
@@ -150,8 +154,9 @@ class Validator:
             S.REQUEST_ID: request_id(identity, 0, {"rejected": _raw_json(raw)}, self.model_fingerprint),
             S.ERROR_STAGE: stage,
             S.ERROR_TYPE: error_type,
-            S.ERROR_MESSAGE: "; ".join(problems),
+            S.ERROR_MESSAGE: "; ".join(message for _, message in problems),
             S.RAW: _raw_json(raw),
+            PROBLEMS: problems,
         }
 
     # -- a table -----------------------------------------------------------------------

@@ -1,0 +1,305 @@
+"""The online front: a real Serve app on 127.0.0.1 with the tiny model, driven over HTTP.
+
+One local Ray (2 CPUs) and one app for the module; the overload test deploys a second,
+small app beside it. Waits are polls with a deadline, never bare sleeps.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+import requests
+from PIL import Image
+from ray import serve
+
+from pipeline.batch import run as run_batch
+from pipeline.config import parse_spec
+from pipeline.serve import default_id, start
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
+
+SERVE_PROCESS_MARKERS = ("ServeController", "ProxyActor", "ServeReplica")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(condition: Callable[[], Any], what: str, timeout: float = 60.0, every: float = 0.2) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = condition()
+        except (requests.RequestException, OSError) as exc:
+            last_error, result = exc, None
+        if result:
+            return result
+        time.sleep(every)  # poll interval, not synchronisation: the condition decides
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last error: {last_error})")
+
+
+def _spec_data(root: Path, port: int, **serve: Any) -> dict[str, Any]:
+    return {
+        # Only the batch-equivalence test reads the input; the front ignores it.
+        "input": {"url": str(root / "prompts.jsonl"), "id_column": "id"},
+        "model": {"ref": "tiny", "cache_dir": str(root / "models"), "device": "cpu"},
+        "defaults": {"width": 64, "height": 64, "steps": 2, "guidance_scale": 7.5, "seed": 1234},
+        "limits": {"max_width": 128, "max_height": 128, "max_num_images": 8, "max_prompt_chars": 200},
+        "output": {"url": str(root / "out"), "mode": "overwrite", "format": "png"},
+        # batch_size 1: the batch job then makes each image alone, as a lone HTTP request is,
+        # so CPU pixels (which may move by 1/255 with batch composition) match exactly.
+        "runtime": {"num_actors": 1, "cpus_per_actor": 0.5, "task_cpus": 0.25, "batch_size": 1},
+        "serve": {
+            "host": "127.0.0.1",
+            "port": port,
+            "max_batch_size": 8,
+            "batch_wait_timeout_s": 0.05,
+            "max_ongoing_requests": 32,
+            "max_queued_requests": 64,
+            "min_replicas": 1,
+            "max_replicas": 1,
+            "target_ongoing_requests": 16,
+            **serve,
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def workdir():
+    path = Path(tempfile.mkdtemp(prefix="igserve-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray for this module; reused (and left running) if something else started one."""
+    owned = not ray.is_initialized()
+    temp_dir = tempfile.mkdtemp(prefix="igs", dir="/tmp")  # short: Ray's socket paths have a length limit
+    if owned:
+        ray.init(num_cpus=2, _temp_dir=temp_dir, include_dashboard=False, logging_level="WARNING")
+    yield owned
+    serve.shutdown()
+    if owned:
+        ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def app(ray_session, workdir):
+    """The main app: returns (base URL, spec)."""
+    spec = parse_spec(_spec_data(workdir, _free_port()), source="test spec")
+    url = start(spec)
+    _wait_for(lambda: requests.get(f"{url}/healthz", timeout=5).status_code == 200, "the app to answer /healthz")
+    return url, spec
+
+
+def _generate(url: str, body: dict[str, Any], timeout: float = 120) -> requests.Response:
+    return requests.post(f"{url}/v1/images/generations", json=body, timeout=timeout)
+
+
+def _png(item: dict[str, Any]) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
+
+
+def test_single_request(app):
+    url, spec = app
+    response = _generate(url, {"prompt": "a red fox in the snow", "size": "64x64", "seed": 7, "n": 2})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert isinstance(body["created"], int)
+    assert [item["seed"] for item in body["data"]] == [7, 8]
+    assert [item["image_index"] for item in body["data"]] == [0, 1]
+    for item in body["data"]:
+        assert _png(item).size == (64, 64)
+        assert len(item["request_id"]) == 32
+        assert item["batch_size"] >= 1 and 1 <= item["bucket_size"] <= item["batch_size"]
+        assert item["steps"] == spec.defaults.steps and item["format"] == "png"
+    assert body["data"][0]["request_id"] != body["data"][1]["request_id"]
+
+    models = requests.get(f"{url}/v1/models", timeout=10).json()
+    assert models["data"][0]["id"] == "tiny"
+    assert requests.get(f"{url}/healthz", timeout=10).json()["status"] == "ok"
+
+
+def test_concurrent_requests_are_batched(app):
+    url, _ = app
+    bodies = [{"prompt": f"prompt number {i}", "seed": i} for i in range(32)]
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        responses = list(pool.map(lambda b: _generate(url, b), bodies))
+    assert [r.status_code for r in responses] == [200] * 32, [r.text for r in responses if r.status_code != 200]
+    items = [r.json()["data"][0] for r in responses]
+    assert [item["seed"] for item in items] == list(range(32))
+    assert len({item["request_id"] for item in items}) == 32
+    assert max(item["batch_size"] for item in items) > 1
+
+
+def test_mixed_sizes_in_one_burst(app):
+    url, _ = app
+    sizes = ["64x64", "32x32", "64x32", "32x64", "48x48"] * 3
+    bodies = [{"prompt": f"a lighthouse {i}", "size": size, "seed": i} for i, size in enumerate(sizes)]
+    with ThreadPoolExecutor(max_workers=len(bodies)) as pool:
+        responses = list(pool.map(lambda b: _generate(url, b), bodies))
+    assert [r.status_code for r in responses] == [200] * len(bodies), [r.text for r in responses if r.status_code != 200]
+    for size, response in zip(sizes, responses):
+        item = response.json()["data"][0]
+        width, height = (int(v) for v in size.split("x"))
+        assert _png(item).size == (width, height)
+        assert (item["width"], item["height"]) == (width, height)
+        assert item["bucket_size"] <= item["batch_size"]
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"size": "64x64"}, "prompt"),
+        ({"prompt": "x", "size": "abc"}, "size"),
+        ({"prompt": "x", "n": 1000}, "n"),
+        ({"prompt": "x", "steps": 0}, "steps"),
+        ({"prompt": "x" * 201}, "prompt"),
+        ({"prompt": "x", "size": "4096x64"}, "size"),
+        ({"prompt": "x", "response_format": "url"}, "response_format"),
+        ({"prompt": "x", "stepz": 3}, "stepz"),
+        ({"prompt": "x", "guidance_scale": "lots"}, "guidance_scale"),
+    ],
+)
+def test_bad_request_is_a_4xx_naming_the_field(app, body, param):
+    url, _ = app
+    response = _generate(url, body, timeout=30)
+    assert 400 <= response.status_code < 500, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert param in error["message"]
+
+
+def test_body_that_is_not_json_is_a_400(app):
+    url, _ = app
+    response = requests.post(f"{url}/v1/images/generations", data=b"{not json", timeout=30)
+    assert response.status_code == 400
+    assert "JSON" in response.json()["error"]["message"]
+
+
+def test_same_request_ids_and_bytes_as_the_batch_job(app, workdir):
+    url, spec = app
+    rows = [
+        {"id": "row-a", "prompt": "a red fox", "seed": 7},
+        {"id": "row-b", "prompt": "a blue bird", "negative_prompt": "blurry", "steps": 3},
+        # What a request without `id` is: the batch row with the documented default id.
+        {"id": default_id("a green tree"), "prompt": "a green tree", "width": 32, "height": 48},
+    ]
+    (workdir / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    summary = run_batch(spec)
+    assert summary.images == 3 and summary.errors == 0
+    table = pq.read_table(workdir / "out" / "images", columns=["id", "request_id", "seed", "image"]).to_pylist()
+    written = {row["id"]: row for row in table}
+
+    bodies = [
+        {"id": "row-a", "prompt": "a red fox", "seed": 7},
+        {"id": "row-b", "prompt": "a blue bird", "negative_prompt": "blurry", "steps": 3},
+        {"prompt": "a green tree", "size": "32x48"},
+    ]
+    for row, body in zip(rows, bodies):
+        response = _generate(url, body)  # one at a time: each image alone, as in the batch job
+        assert response.status_code == 200, response.text
+        item = response.json()["data"][0]
+        expected = written[row["id"]]
+        assert item["id"] == row["id"]
+        assert item["request_id"] == expected["request_id"]
+        assert item["seed"] == expected["seed"]
+        assert base64.b64decode(item["b64_json"]) == expected["image"]["bytes"]
+
+
+def test_overload_is_a_503_with_retry_after(app, workdir):
+    url, main_spec = app
+    data = _spec_data(
+        workdir,
+        main_spec.serve.port,  # a second app shares the running proxy
+        route_prefix="/overload",
+        max_ongoing_requests=1,
+        max_queued_requests=1,
+        max_batch_size=1,
+        retry_after_s=2,
+    )
+    data["defaults"]["steps"] = 10  # each request holds the only slot a while
+    spec = parse_spec(data, source="overload spec")
+    start(spec, name="overload")
+    base = url.rstrip("/") + "/overload"
+    try:
+        _wait_for(lambda: requests.get(f"{base}/healthz", timeout=5).status_code == 200, "the overload app")
+        bodies = [{"prompt": f"crowd {i}", "seed": i} for i in range(12)]
+        with ThreadPoolExecutor(max_workers=len(bodies)) as pool:
+            responses = list(pool.map(lambda b: _generate(base, b), bodies))
+        codes = [r.status_code for r in responses]
+        assert 200 in codes, codes
+        rejected = [r for r in responses if r.status_code == 503]
+        assert rejected, codes
+        assert all(r.headers.get("Retry-After") == "2" for r in rejected)
+        assert set(codes) <= {200, 503}, codes
+    finally:
+        serve.delete("overload")
+
+
+def _descendants(root: int) -> list[int]:
+    """Process ids below ``root``, from /proc (no psutil in this environment)."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            # The command name may hold spaces and parentheses; fields resume after the last ')'.
+            parent[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [root]
+    while frontier:
+        pid = frontier.pop()
+        children = [child for child, ppid in parent.items() if ppid == pid]
+        found += children
+        frontier += children
+    return found
+
+
+def _serve_processes() -> list[str]:
+    titles = []
+    for pid in _descendants(os.getpid()):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(marker in title for marker in SERVE_PROCESS_MARKERS):
+            titles.append(title)
+    return titles
+
+
+def _port_closed(url: str) -> bool:
+    try:
+        requests.get(f"{url}/healthz", timeout=2)
+    except requests.ConnectionError:
+        return True
+    return False
+
+
+def test_clean_shutdown(app, ray_session):
+    url, _ = app
+    serve.shutdown()
+    _wait_for(lambda: not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "serve"], "Serve actors to exit")
+    _wait_for(lambda: _port_closed(url), "the HTTP port to close")
+    if ray_session and os.path.isdir("/proc"):  # the Ray processes are this test process's children only when it started Ray
+        _wait_for(lambda: not _serve_processes(), "Serve processes to exit", timeout=30)
