@@ -1,0 +1,131 @@
+"""``imagegen verify``: check an output against the dataset contract.
+
+Checks, each a list of violations in the report:
+
+- every manifest parses, and every part it lists exists and is readable Parquet;
+- every part in ``images/`` and ``errors/`` is listed by some manifest (no uncommitted parts);
+- no request id appears twice among the images;
+- every image's ``sha256`` matches its bytes;
+- with the job spec: every input row is accounted for, in the images (each of its images)
+  or in the errors, as the spec's validator decides the row's request ids today.
+
+Pure: reads through :mod:`pipeline.storage`, never starts Ray. It reads every part, so it
+costs about one pass over the dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pyarrow.parquet as pq
+
+from pipeline import schema as S
+from pipeline import sink, storage, tables
+from pipeline.config import JobSpec
+from pipeline.model_ref import fingerprint
+from pipeline.validate import Validator
+
+_MAX_LISTED = 10
+
+
+@dataclass
+class VerifyReport:
+    runs: int = 0
+    parts: int = 0
+    images: int = 0
+    errors: int = 0
+    input_rows: Optional[int] = None
+    violations: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def add(self, problem: str, examples: list[str]) -> None:
+        if examples:
+            shown = ", ".join(examples[:_MAX_LISTED]) + (f" (+{len(examples) - _MAX_LISTED} more)" if len(examples) > _MAX_LISTED else "")
+            self.violations.append(f"{problem}: {shown}")
+
+    def format(self) -> str:
+        lines = [
+            f"runs {self.runs}, parts {self.parts}, images {self.images}, errors {self.errors}"
+            + (f", input rows {self.input_rows}" if self.input_rows is not None else ""),
+            "OK: the output keeps the contract" if self.ok else f"FAILED: {len(self.violations)} violation(s)",
+        ]
+        lines += [f"  - {v}" for v in self.violations]
+        return "\n".join(lines)
+
+
+def verify(url: str, storage_options: dict | None = None, spec: JobSpec | None = None) -> VerifyReport:
+    """Check the output at ``url`` (see module docstring); never raises for a violation."""
+    fs, root = storage.open_url(url, storage_options)
+    report = VerifyReport()
+    listed: set[str] = set()
+    broken_manifests = []
+    runs_dir = storage.join(root, sink.RUNS_DIR)
+    for path in sorted(fs.find(runs_dir)) if fs.isdir(runs_dir) else []:
+        try:
+            manifest = json.loads(storage.read_bytes(fs, path))
+            listed.update(part["path"] for part in manifest["parts"])
+            report.runs += 1
+        except (ValueError, KeyError, TypeError):
+            broken_manifests.append(path.rsplit("/", 1)[-1])
+    report.add("manifests that cannot be read", broken_manifests)
+
+    present = set()
+    for kind in (sink.IMAGES_DIR, sink.ERRORS_DIR):
+        folder = storage.join(root, kind)
+        if fs.isdir(folder):
+            present.update(f"{kind}/{p.rsplit('/', 1)[-1]}" for p in fs.find(folder))
+    report.parts = len(present)
+    report.add("parts no manifest lists", sorted(present - listed))
+    report.add("parts listed by a manifest but missing", sorted(listed - present))
+
+    image_ids: Counter[str] = Counter()
+    error_ids: set[str] = set()
+    unreadable, bad_digests = [], []
+    # Every part present, listed or not: readers (pandas, datasets, DuckDB) see them all.
+    for relative in sorted(present):
+        try:
+            with fs.open(storage.join(root, relative), "rb") as f:
+                table = pq.read_table(f)
+        except Exception as exc:  # noqa: BLE001 - any unreadable part is a finding, not a crash
+            unreadable.append(f"{relative} ({type(exc).__name__})")
+            continue
+        if relative.startswith(sink.IMAGES_DIR):
+            report.images += table.num_rows
+            for rid, image, digest in zip(*(table.column(c).to_pylist() for c in (S.REQUEST_ID, S.IMAGE, S.SHA256))):
+                image_ids[rid] += 1
+                if image is None or hashlib.sha256(image["bytes"]).hexdigest() != digest:
+                    bad_digests.append(rid)
+        else:
+            report.errors += table.num_rows
+            error_ids.update(table.column(S.REQUEST_ID).to_pylist())
+    report.add("unreadable parts", unreadable)
+    report.add("request ids with more than one image", sorted(r for r, n in image_ids.items() if n > 1))
+    report.add("images whose sha256 does not match their bytes", bad_digests)
+
+    if spec is not None:
+        missing = _unaccounted(spec, set(image_ids) | error_ids, report)
+        report.add("input rows with no image and no error row", missing)
+    return report
+
+
+def _unaccounted(spec: JobSpec, committed: set[str], report: VerifyReport) -> list[str]:
+    validator = Validator(spec, fingerprint(spec.model))
+    fs, base, files = storage.list_table(spec.input.url, spec.input.storage_options)
+    missing, rows = [], 0
+    for path in files:
+        with fs.open(path, "rb") as f:
+            for chunk in tables.read_file(f, spec.input.format, storage.relative_name(path, base)):
+                for raw in chunk.to_pylist():
+                    rows += 1
+                    requests = validator.validate_row(raw)
+                    if any(r[S.REQUEST_ID] not in committed for r in requests):
+                        missing.append(requests[0][S.ID])
+    report.input_rows = rows
+    return missing

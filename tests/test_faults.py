@@ -1,0 +1,158 @@
+"""Faults injected into real components, each followed by the exact accounting check:
+every input row in exactly one place, no request id twice, `verify` clean."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline.batch import run
+from pipeline.verify import verify
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def wait_for(condition, timeout: float, what: str):
+    """Poll an observable condition until it holds (bounded); never a blind sleep."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def prompt_table(path: Path, prompts: Path, n: int) -> str:
+    lines = (prompts / "partiprompts" / "PartiPrompts.tsv").read_text().splitlines()[1 : n + 1]
+    pd.DataFrame({"prompt": [line.split("\t")[0] for line in lines]}).to_csv(path, index=False)
+    return str(path)
+
+
+def committed_parts(out: Path) -> list[Path]:
+    folder = out / "images"
+    return [p for p in folder.iterdir() if p.name.startswith("part-")] if folder.is_dir() else []
+
+
+def assert_exactly_once(spec, n_rows: int):
+    report = verify(spec.output.url, spec=spec)
+    assert report.ok, report.format()
+    images = pd.read_parquet(Path(spec.output.url) / "images")
+    assert len(images) == n_rows and images["request_id"].is_unique
+
+
+def test_engine_actor_killed_mid_job(ray_cluster, make_spec, prompts, tmp_path):
+    n = 96  # about 10 s of generation: the kill lands mid-job
+    spec = make_spec(
+        {"url": prompt_table(tmp_path / "p.csv", prompts, n)},
+        defaults={"width": 64, "height": 64, "steps": 4},
+        output={"rows_per_part": 4},
+    )
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(summary=run(spec)))
+    job.start()
+    out = Path(spec.output.url)
+    wait_for(lambda: committed_parts(out), 120, "the first committed part")
+
+    def engine_actor_pid():
+        # The job's only actor pool is the engine's (encoding runs as tasks); Ray titles
+        # an actor's process after its class.
+        for proc in Path("/proc").iterdir():
+            try:
+                title = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if title.startswith("ray::") and "MapWorker" in title:
+                return int(proc.name)
+        return None
+
+    pid = wait_for(engine_actor_pid, 30, "the engine actor's process")
+    assert len(committed_parts(out)) < n // 4, "the job should still be running"
+    os.kill(pid, signal.SIGKILL)
+    job.join(timeout=240)
+    assert not job.is_alive()
+    summary = result["summary"]
+    assert (summary.images, summary.errors) == (n, 0)
+    assert_exactly_once(spec, n)
+
+
+def test_driver_killed_mid_job_then_same_command_again(model_cache, prompts, tmp_path):
+    n = 120  # about 12 s of generation: the kill lands mid-job
+    spec_path = tmp_path / "job.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "input": {"url": prompt_table(tmp_path / "p.csv", prompts, n)},
+        "model": {"ref": "tiny", "cache_dir": model_cache},
+        "defaults": {"width": 64, "height": 64, "steps": 4},
+        "output": {"url": str(tmp_path / "out"), "rows_per_part": 4},
+        "runtime": {"num_actors": 1, "cpus_per_actor": 0.5, "task_cpus": 0.5, "batch_size": 4},
+    }))
+    command = [sys.executable, "-m", "pipeline.cli", "run", str(spec_path)]
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray-", dir="/tmp")}
+    # Its own session, so the kill takes the driver and the local Ray it started.
+    driver = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: committed_parts(tmp_path / "out"), 150, "the first committed part")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    runs = tmp_path / "out" / "_runs"
+    assert not runs.exists() or not any(runs.glob("*.json")), "the killed run must not have committed"
+
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr[-2000:]
+    from pipeline.config import load_spec
+
+    assert_exactly_once(load_spec(spec_path), n)
+
+
+def test_a_nan_row_fails_alone_and_the_job_goes_on(ray_cluster, make_spec, tmp_path):
+    rows = pd.DataFrame({"prompt": ["a kite", "a boat", "a fox"], "guidance_scale": ["", "1e30", ""]})
+    rows.to_csv(tmp_path / "t.csv", index=False)
+    # Raising the limit lets an absurd guidance scale through; CFG then overflows to NaN.
+    spec = make_spec({"url": str(tmp_path / "t.csv")}, limits={"max_guidance_scale": 1e38}, runtime={"batch_size": 3})
+    summary = run(spec)
+    assert (summary.images, summary.errors, summary.errors_by_stage) == (2, 1, {"generate": 1})
+    errors = pd.read_parquet(Path(spec.output.url) / "errors")
+    assert errors.iloc[0]["error_type"] == "ImageIsNaN" and errors.iloc[0]["row_index"] == 1
+    assert verify(spec.output.url, spec=spec).ok
+
+    # Generation failures are retried by the next run; validation rejects are not.
+    summary = run(spec)
+    assert (summary.images, summary.errors) == (0, 1)
+
+
+def test_out_of_memory_halves_the_group_down_to_one(model_cache):
+    import torch
+
+    from pipeline.config import ModelConfig
+    from pipeline.engine import Engine, GenerationRequest
+
+    class SmallGPU(Engine):
+        """An engine whose device 'holds' at most 2 images per call."""
+
+        calls: list[int] = []
+
+        def _call(self, batch):
+            self.calls.append(len(batch))
+            if len(batch) > 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated above 2 images)")
+            return super()._call(batch)
+
+    engine = SmallGPU(ModelConfig(ref="tiny", cache_dir=model_cache))
+    requests = [GenerationRequest(f"p{i}", "", i, 32, 32, 2, 7.5) for i in range(7)]
+    results = engine.generate(requests)
+    assert all(r.ok for r in results)
+    assert engine.calls == [7, 4, 2, 2, 3, 2, 1]
+    plain = Engine(ModelConfig(ref="tiny", cache_dir=model_cache)).generate(requests)
+    assert all((a.pixels.astype(int) - b.pixels.astype(int)).__abs__().max() <= 1 for a, b in zip(results, plain))
