@@ -31,7 +31,7 @@ from pipeline import model_ref, sink, storage, tables
 from pipeline.config import JobSpec, ModelConfig, RuntimeConfig
 from pipeline.errors import ImagegenError, InputError
 from pipeline.stages import encode_table, generate_table
-from pipeline.validate import Validator
+from pipeline.validate import Validator, find_duplicate_ids
 
 log = logging.getLogger(__name__)
 
@@ -73,18 +73,7 @@ def preflight(spec: JobSpec) -> None:
     """Check the input as a whole before any work: files exist and the first readable
     rows have the columns the spec names."""
     inp = spec.input
-    fs, _, files = storage.list_table(inp.url, inp.storage_options)
-    if not files:
-        raise InputError(f"no prompt-table files at {inp.url!r}")
-    first: pa.Table | None = None
-    for path in files:
-        with storage.storage_errors(path, "read"), fs.open(path, "rb") as f:
-            try:
-                first = next(tables.read_file(f, inp.format, path, chunk_rows=64), None)
-            except InputError as exc:
-                raise InputError(f"{inp.url}: {path}: {exc}") from None
-        if first is not None:
-            break
+    first = next(tables.read_input(inp, chunk_rows=64), None)
     if first is None:
         raise InputError(f"the prompt table at {inp.url!r} has no rows")
     columns = [c for c in first.column_names if not c.startswith("__")]
@@ -241,7 +230,9 @@ def run(spec: JobSpec) -> RunSummary:
     run_id = sink.new_run_id()
     fingerprint = model_ref.fingerprint(spec.model)
     preflight(spec)
-    validator = Validator(spec, fingerprint, skip=frozenset(prepare_output(spec).request_ids))
+    duplicates = find_duplicate_ids(tables.read_input(spec.input), spec.input.id_column) if spec.input.id_column else {}
+    committed = prepare_output(spec)
+    validator = Validator(spec, fingerprint, skip=frozenset(committed.request_ids), duplicates=duplicates)
     connect(spec.runtime)
 
     rt = spec.runtime

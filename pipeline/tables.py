@@ -22,11 +22,30 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from pipeline import storage
+from pipeline.config import InputConfig
 from pipeline.errors import InputError
 from pipeline.schema import INPUT_ROW, INPUT_SOURCE
 
 READ_ERROR = "__read_error"
 CHUNK_ROWS = 4096
+
+
+def read_input(inp: InputConfig, chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
+    """Every row of the prompt table ``inp`` names, file by file, in this process.
+
+    For checks that need the whole table before work starts (and for ``verify``); the
+    job itself reads through Ray, file by file in parallel.
+    """
+    fs, base, files = storage.list_table(inp.url, inp.storage_options)
+    if not files:
+        raise InputError(f"no prompt-table files at {inp.url!r}")
+    for path in files:
+        with storage.storage_errors(path, "read"), fs.open(path, "rb") as f:
+            try:
+                yield from read_file(f, inp.format, storage.relative_name(path, base), chunk_rows)
+            except InputError as exc:
+                raise InputError(f"{inp.url}: {path}: {exc}") from None
 
 
 def read_file(stream: BinaryIO, fmt: str, source: str, chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:

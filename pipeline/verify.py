@@ -27,7 +27,7 @@ from pipeline import schema as S
 from pipeline import sink, storage, tables
 from pipeline.config import JobSpec
 from pipeline.model_ref import fingerprint
-from pipeline.validate import Validator
+from pipeline.validate import Validator, find_duplicate_ids
 
 _MAX_LISTED = 10
 
@@ -116,16 +116,14 @@ def verify(url: str, storage_options: dict | None = None, spec: JobSpec | None =
 
 
 def _unaccounted(spec: JobSpec, committed: set[str], report: VerifyReport) -> list[str]:
-    validator = Validator(spec, fingerprint(spec.model))
-    fs, base, files = storage.list_table(spec.input.url, spec.input.storage_options)
+    duplicates = find_duplicate_ids(tables.read_input(spec.input), spec.input.id_column) if spec.input.id_column else {}
+    validator = Validator(spec, fingerprint(spec.model), duplicates=duplicates)
     missing, rows = [], 0
-    for path in files:
-        with fs.open(path, "rb") as f:
-            for chunk in tables.read_file(f, spec.input.format, storage.relative_name(path, base)):
-                for raw in chunk.to_pylist():
-                    rows += 1
-                    requests = validator.validate_row(raw)
-                    if any(r[S.REQUEST_ID] not in committed for r in requests):
-                        missing.append(requests[0][S.ID])
+    for chunk in tables.read_input(spec.input):
+        for raw in chunk.to_pylist():
+            rows += 1
+            requests = validator.validate_row(raw)
+            if any(r[S.REQUEST_ID] not in committed for r in requests):
+                missing.append(requests[0][S.ID])
     report.input_rows = rows
     return missing

@@ -126,3 +126,23 @@ def test_committed_requests_are_skipped():
     skipping = Validator(v.spec, v.model_fingerprint, skip=frozenset({done}))
     out = skipping.validate_table(pa.Table.from_pylist([row(0, prompt="a"), row(1, prompt="b")]))
     assert out.column("row_index").to_pylist() == [1]
+
+
+def test_repeated_ids_are_rejected_after_their_first_row():
+    from pipeline.validate import find_duplicate_ids
+
+    table = pa.table({
+        "key": ["a", "b", "a", None, "a"],
+        "prompt": ["p1", "p2", "p1", "p4", "other"],
+        S.INPUT_SOURCE: ["t.csv"] * 5,
+        S.INPUT_ROW: list(range(5)),
+    })
+    duplicates = find_duplicate_ids([table], "key")
+    assert duplicates == {"t.csv#2": "t.csv#0", "t.csv#4": "t.csv#0"}
+    v = validator(input={"id_column": "key"})
+    out = Validator(v.spec, v.model_fingerprint, duplicates=duplicates).validate_table(table)
+    messages = out.column("error_message").to_pylist()
+    assert messages[0] is None and messages[1] is None
+    assert messages[2] == messages[4] == "id 'a' repeats the id of row t.csv#0; ids must be unique"
+    assert messages[3] == "id column 'key' is empty"
+    assert len(set(out.column("request_id").to_pylist())) == 5
