@@ -130,6 +130,14 @@ def actor_gpus(spec: JobSpec) -> float:
     return 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
 
 
+def engine_model(spec: JobSpec, gpus: float) -> ModelConfig:
+    """The model config an engine actor gets: ``device: auto`` follows its GPU reservation;
+    an explicit device is kept (a CPU engine on logical GPUs is how several-GPU layouts are
+    tested on machines without one)."""
+    device = spec.model.device if spec.model.device != "auto" else ("cuda" if gpus > 0 else "cpu")
+    return spec.model.model_copy(update={"device": device})
+
+
 # -- write ---------------------------------------------------------------------------------
 
 
@@ -237,7 +245,7 @@ def run(spec: JobSpec) -> RunSummary:
 
     rt = spec.runtime
     gpus = actor_gpus(spec)
-    model = spec.model.model_copy(update={"device": "cuda" if gpus > 0 else "cpu"})
+    model = engine_model(spec, gpus)
     ds = read_requests(spec, validator)
     ds = ds.repartition(target_num_rows_per_block=rt.batch_size, strict=True)
     ds = ds.map_batches(

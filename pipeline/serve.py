@@ -57,7 +57,7 @@ from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
 from pipeline import model_ref
 from pipeline import schema as S
-from pipeline.batch import GenerateStage, actor_gpus, connect
+from pipeline.batch import GenerateStage, actor_gpus, connect, engine_model
 from pipeline.batching import group_by_bucket
 from pipeline.config import InputConfig, JobSpec, ModelConfig, load_spec
 from pipeline.errors import ImagegenError
@@ -296,7 +296,7 @@ def build_app(spec: JobSpec) -> Application:
     job's engine actors). Needs a connected Ray when ``model.device`` is ``auto``."""
     sv, rt = spec.serve, spec.runtime
     gpus = actor_gpus(spec)
-    engine_model = spec.model.model_copy(update={"device": "cuda" if gpus > 0 else "cpu"})
+    model = engine_model(spec, gpus)
     deployment = ImageServer.options(
         max_ongoing_requests=sv.max_ongoing_requests,
         max_queued_requests=sv.max_queued_requests,
@@ -310,7 +310,7 @@ def build_app(spec: JobSpec) -> Application:
         ray_actor_options={"num_cpus": rt.cpus_per_actor, "num_gpus": gpus},
     )
     # Same thread count as the batch job's engine actors: CPU pixels then match exactly.
-    return deployment.bind(spec, engine_model, model_ref.fingerprint(spec.model), max(1, int(rt.cpus_per_actor)))
+    return deployment.bind(spec, model, model_ref.fingerprint(spec.model), max(1, int(rt.cpus_per_actor)))
 
 
 class AppArgs(BaseModel):

@@ -3,6 +3,7 @@ every input row in exactly one place, no request id twice, `verify` clean."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -156,3 +157,24 @@ def test_out_of_memory_halves_the_group_down_to_one(model_cache):
     assert engine.calls == [7, 4, 2, 2, 3, 2, 1]
     plain = Engine(ModelConfig(ref="tiny", cache_dir=model_cache)).generate(requests)
     assert all((a.pixels.astype(int) - b.pixels.astype(int)).__abs__().max() <= 1 for a, b in zip(results, plain))
+
+
+def test_worker_node_removed_mid_job(model_cache, prompts, tmp_path):
+    n = 96
+    table = prompt_table(tmp_path / "p.csv", prompts, n)
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray-", dir="/tmp")}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "node_loss_scenario.py"), str(tmp_path), model_cache, table, str(n)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=560,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Ray forwards worker logs to the driver's stdout too; the scenario's line is JSON.
+    observed = json.loads(next(line for line in reversed(done.stdout.splitlines()) if line.startswith('{"summary"')))
+    assert observed["finished"] and observed["nodes_alive"] == 2  # head + the surviving worker
+    assert observed["parts_when_removed"] < n // 4, "the node must go while the job is running"
+    assert (observed["summary"]["images"], observed["summary"]["errors"]) == (n, 0)
+    from pipeline.config import parse_spec
+
+    spec = parse_spec({"input": {"url": table}, "model": {"ref": "tiny", "cache_dir": model_cache, "device": "cpu"},
+                       "defaults": {"width": 64, "height": 64, "steps": 4}, "output": {"url": str(tmp_path / "out")}})
+    assert_exactly_once(spec, n)
