@@ -236,6 +236,7 @@ def run(spec: JobSpec) -> RunSummary:
     """
     started = time.time()
     run_id = sink.new_run_id()
+    model_ref.check_weights_format(spec.model)
     fingerprint = model_ref.fingerprint(spec.model)
     preflight(spec)
     duplicates = find_duplicate_ids(tables.read_input(spec.input), spec.input.id_column) if spec.input.id_column else {}

@@ -53,6 +53,25 @@ def parse_ref(ref: str) -> ModelRef:
     )
 
 
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_weights_format(config: ModelConfig) -> None:
+    """Refuse a local folder whose weights are pickles unless ``model.allow_pickle`` is set:
+    unpickling runs code from the file. Checked on the driver, before any actor loads it."""
+    ref = parse_ref(config.ref)
+    if ref.kind != "local" or config.allow_pickle:
+        return
+    files = _files_below(ref.location)
+    safe_folders = {os.path.dirname(f) for f in files if f.endswith(".safetensors")}
+    pickled = [f for f in files if f.endswith(_PICKLE_SUFFIXES) and os.path.dirname(f) not in safe_folders]
+    if pickled:
+        raise ModelError(
+            f"model.ref {config.ref!r} holds pickle weights ({', '.join(pickled[:3])}), which can run code when loaded; "
+            "convert them to safetensors, or set model.allow_pickle: true if you trust their source"
+        )
+
+
 def fingerprint(config: ModelConfig) -> str:
     """A short digest that changes whenever the weights do (see module docstring)."""
     ref = parse_ref(config.ref)

@@ -59,3 +59,16 @@ def test_local_fingerprint_follows_file_contents(tmp_path):
     assert fingerprint(config) != first
     hub = fingerprint(ModelConfig(ref="org/model"))
     assert hub != fingerprint(ModelConfig(ref="org/model", revision="v2"))
+
+
+def test_pickle_weights_need_an_explicit_opt_in(tmp_path):
+    from pipeline.model_ref import check_weights_format
+
+    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ModelError, match="holds pickle weights .*unet/diffusion_pytorch_model.bin.*allow_pickle"):
+        check_weights_format(ModelConfig(ref=str(tmp_path)))
+    check_weights_format(ModelConfig(ref=str(tmp_path), allow_pickle=True))
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"safe")
+    check_weights_format(ModelConfig(ref=str(tmp_path)))  # safetensors beside it: loaded instead
