@@ -30,6 +30,7 @@ from ray.data.datasource.datasink import WriteResult
 from pipeline import model_ref, sink, storage, tables
 from pipeline.config import JobSpec, ModelConfig, RuntimeConfig
 from pipeline.errors import ImagegenError, InputError
+from pipeline.lock import OutputLock
 from pipeline.stages import encode_table, generate_table
 from pipeline.validate import Validator, find_duplicate_ids
 
@@ -240,10 +241,21 @@ def run(spec: JobSpec) -> RunSummary:
     fingerprint = model_ref.fingerprint(spec.model)
     preflight(spec)
     duplicates = find_duplicate_ids(tables.read_input(spec.input), spec.input.id_column) if spec.input.id_column else {}
-    committed = prepare_output(spec)
-    validator = Validator(spec, fingerprint, skip=frozenset(committed.request_ids), duplicates=duplicates)
-    connect(spec.runtime)
+    # The lock comes before anything touches the output: cleaning up uncommitted parts
+    # must never delete the parts of a run still in flight.
+    fs, root = storage.open_url(spec.output.url, spec.output.storage_options)
+    lock = OutputLock.acquire(fs, root, run_id, spec.output.url)
+    try:
+        committed = prepare_output(spec)
+        validator = Validator(spec, fingerprint, skip=frozenset(committed.request_ids), duplicates=duplicates)
+        connect(spec.runtime)
+        return _execute(spec, run_id, fingerprint, validator, started)
+    finally:
+        lock.release()
 
+
+def _execute(spec: JobSpec, run_id: str, fingerprint: str, validator: Validator, started: float) -> RunSummary:
+    """The Ray Data pipeline itself; the caller holds the output's lock."""
     rt = spec.runtime
     gpus = actor_gpus(spec)
     model = engine_model(spec, gpus)

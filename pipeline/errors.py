@@ -23,3 +23,7 @@ class StorageError(ImagegenError):
 
 class ModelError(ImagegenError):
     """The model reference cannot be resolved or loaded."""
+
+
+class RunConflict(ImagegenError):
+    """Another run holds the output: two runs must not commit into one output at once."""

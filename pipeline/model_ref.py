@@ -112,7 +112,14 @@ def materialize(config: ModelConfig) -> str:
 
     def download(staging: str) -> None:
         with storage.storage_errors(ref.location, "download"):
+            listing = fs.find(root, detail=True)
             fs.get(root + "/", staging + "/", recursive=True)
+        # A truncated copy would load as corrupt weights, or not at all, on one node only.
+        for name, info in listing.items():
+            local = os.path.join(staging, name[len(root) :].lstrip("/"))
+            size = os.path.getsize(local) if os.path.isfile(local) else None
+            if size != info.get("size"):
+                raise ModelError(f"downloading {ref.location}: {name} came out {size} bytes, the store says {info.get('size')}; retry the job")
 
     target = os.path.join(config.cache_dir, "remote", fingerprint(config))
     return storage.fill_folder_once(target, download, "model_index.json")

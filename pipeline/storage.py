@@ -7,6 +7,7 @@ to check, never a botocore traceback.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import posixpath
 import shutil
@@ -127,23 +128,46 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
 
 def fill_folder_once(target: str, fill: Callable[[str], None], marker: str) -> str:
     """Make the local folder ``target`` exist with its contents complete, filling it at most
-    once: ``fill(staging)`` writes into a private staging folder that is renamed into place.
-    ``marker`` is a file whose presence means the folder is complete. When processes race,
-    each fills its own staging folder, one rename wins, and the others discard theirs.
+    once per machine: ``fill(staging)`` writes into a private staging folder that is renamed
+    into place. ``marker`` is a file whose presence means the folder is complete.
+
+    Processes on one machine (two engine actors on a node, say) take an exclusive file lock
+    beside the folder, so one fills it while the others wait and then use it. The lock is
+    ``flock``: reliable on local disks, not on every network filesystem, where the rename
+    still keeps a reader from ever seeing a half-filled folder.
     """
-    if os.path.isfile(os.path.join(target, marker)):
+    ready = os.path.join(target, marker)
+    if os.path.isfile(ready):
         return target
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    staging = f"{target}.{uuid.uuid4().hex}.tmp"
-    try:
-        fill(staging)
-        os.rename(staging, target)
-    except OSError:
-        if not os.path.isfile(os.path.join(target, marker)):
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with open(f"{target}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isfile(ready):
+            return target
+        staging = f"{target}.{uuid.uuid4().hex}.tmp"
+        try:
+            fill(staging)
+            os.rename(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Write ``path`` only if it does not exist yet; False if it does. Atomic on local
+    disks (``O_EXCL``) and on S3 (a conditional PUT, ``If-None-Match: *``)."""
+    with storage_errors(path, "create"):
+        try:
+            if is_local(fs):
+                os.makedirs(posixpath.dirname(path), exist_ok=True)
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            else:
+                fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+    return True
 
 
 def arrow_filesystem(fs: fsspec.AbstractFileSystem):
