@@ -91,6 +91,28 @@ class InputConfig(_Section):
         return self.columns.get(parameter, parameter)
 
 
+class EngineOptions(_Section):
+    """How the engine runs its model: speed, never what an image is. Each option is tested
+    to leave images within 2/255 of the plain path (tests/test_engine_options.py), so none
+    enters the request id.
+
+    ``encode_prompts_once``: each distinct prompt and negative prompt of a call goes
+    through the text encoder once (Stable Diffusion 1.x/2.x pipelines; others encode as
+    diffusers does). ``channels_last``: UNet and VAE in channels-last memory format (pays on
+    CUDA tensor cores). ``fuse_qkv``: fused query/key/value projections (diffusers'
+    ``fuse_qkv_projections``). ``vae_slicing``: decode one image at a time, bounding VAE
+    memory at large batch sizes. ``compile``: ``torch.compile`` of the denoiser; the first
+    call of each shape pays the compile time, cached across processes under
+    ``model.cache_dir``. Off by default until measured on a GPU (see BENCHMARKS.md).
+    """
+
+    encode_prompts_once: bool = True
+    channels_last: bool = False
+    fuse_qkv: bool = False
+    vae_slicing: bool = False
+    compile: bool = False
+
+
 class ModelConfig(_Section):
     """The diffusers pipeline each engine actor keeps resident.
 
@@ -111,6 +133,7 @@ class ModelConfig(_Section):
     scheduler: Optional[SchedulerName] = None
     allow_pickle: bool = False
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    engine: EngineOptions = Field(default_factory=EngineOptions)
     cache_dir: str = Field(default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "imagegen"))
 
 

@@ -116,9 +116,31 @@ class Engine:
             scheduler_class = getattr(diffusers, SCHEDULERS[config.scheduler])
             self.pipe.scheduler = scheduler_class.from_config(self.pipe.scheduler.config)
         self.pipe.to(self.device)
+        self._apply_options(config)
         self.pipe.set_progress_bar_config(disable=True)
         self.scheduler_name = type(self.pipe.scheduler).__name__
         self.max_tokens = int(getattr(self.pipe.tokenizer, "model_max_length", 77))
+
+    def _apply_options(self, config: ModelConfig) -> None:
+        import os
+
+        import diffusers
+        import torch
+
+        options = config.engine
+        denoiser_name = "unet" if hasattr(self.pipe, "unet") else "transformer"
+        if options.fuse_qkv and hasattr(self.pipe, "fuse_qkv_projections"):
+            self.pipe.fuse_qkv_projections()
+        if options.channels_last:
+            for name in (denoiser_name, "vae"):
+                getattr(self.pipe, name).to(memory_format=torch.channels_last)
+        if options.vae_slicing:
+            self.pipe.vae.enable_slicing()
+        if options.compile:
+            # Inductor keeps compiled graphs here, so a restarted actor does not recompile.
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(config.cache_dir, "inductor"))
+            setattr(self.pipe, denoiser_name, torch.compile(getattr(self.pipe, denoiser_name)))
+        self._encode_once = options.encode_prompts_once and isinstance(self.pipe, diffusers.StableDiffusionPipeline)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Generate every request; group uniform ones into single diffusers calls."""
@@ -166,9 +188,15 @@ class Engine:
         first = batch[0]
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in batch]
         with torch.inference_mode():
+            if self._encode_once:
+                texts = {
+                    "prompt_embeds": self._embed([r.prompt for r in batch]),
+                    "negative_prompt_embeds": self._embed([r.negative_prompt for r in batch]),
+                }
+            else:
+                texts = {"prompt": [r.prompt for r in batch], "negative_prompt": [r.negative_prompt for r in batch]}
             output = self.pipe(
-                prompt=[r.prompt for r in batch],
-                negative_prompt=[r.negative_prompt for r in batch],
+                **texts,
                 width=first.width,
                 height=first.height,
                 num_inference_steps=first.steps,
@@ -177,6 +205,14 @@ class Engine:
                 output_type="np",
             )
         return np.asarray(output.images)
+
+    def _embed(self, texts: list[str]):
+        """Text-encoder states for ``texts``, each distinct text encoded once: a batch of
+        one prompt with many seeds, or one negative prompt for all, costs one encoding."""
+        distinct = list(dict.fromkeys(texts))
+        states, _ = self.pipe.encode_prompt(distinct, self.pipe.device, 1, False)
+        position = {text: i for i, text in enumerate(distinct)}
+        return states[[position[text] for text in texts]]
 
     def _after_failure(self, exc: Exception) -> None:
         import torch
