@@ -229,11 +229,13 @@ def connect(runtime: RuntimeConfig) -> None:
         ) from None
 
 
-def run(spec: JobSpec) -> RunSummary:
+def run(spec: JobSpec, stage: type[GenerateStage] = GenerateStage) -> RunSummary:
     """Run a job spec to completion and return its summary.
 
     Fails before any generation for problems with the spec or the table as a whole
-    (:class:`~pipeline.errors.ImagegenError`); row problems become error rows.
+    (:class:`~pipeline.errors.ImagegenError`); row problems become error rows. ``stage``
+    is the engine actor's class; benchmarks pass a subclass whose engine only sleeps, to
+    measure the orchestration alone at a scale this machine could not compute.
     """
     started = time.time()
     run_id = sink.new_run_id()
@@ -249,12 +251,12 @@ def run(spec: JobSpec) -> RunSummary:
         committed = prepare_output(spec)
         validator = Validator(spec, fingerprint, skip=frozenset(committed.request_ids), duplicates=duplicates)
         connect(spec.runtime)
-        return _execute(spec, run_id, fingerprint, validator, started)
+        return _execute(spec, run_id, fingerprint, validator, started, stage)
     finally:
         lock.release()
 
 
-def _execute(spec: JobSpec, run_id: str, fingerprint: str, validator: Validator, started: float) -> RunSummary:
+def _execute(spec: JobSpec, run_id: str, fingerprint: str, validator: Validator, started: float, stage: type) -> RunSummary:
     """The Ray Data pipeline itself; the caller holds the output's lock."""
     rt = spec.runtime
     gpus = actor_gpus(spec)
@@ -262,7 +264,7 @@ def _execute(spec: JobSpec, run_id: str, fingerprint: str, validator: Validator,
     ds = read_requests(spec, validator)
     ds = ds.repartition(target_num_rows_per_block=rt.batch_size, strict=True)
     ds = ds.map_batches(
-        GenerateStage,
+        stage,
         fn_constructor_kwargs={"model": model, "threads": max(1, int(rt.cpus_per_actor))},
         compute=ActorPoolStrategy(size=rt.num_actors),
         num_cpus=rt.cpus_per_actor,

@@ -1,0 +1,129 @@
+"""Orchestration at simulated scale: the real job with an engine that sleeps.
+
+The engine actors are the job's own `GenerateStage` with the engine swapped for one that
+sleeps a fixed time per batch and returns blank images, so 64 "GPU" actors (logical GPUs)
+fit on a small machine. Everything else is the real pipeline: read, validation, re-blocking,
+actor pool, encoding, atomic Parquet parts, manifest.
+
+Efficiency = ideal time / measured time, with ideal = batches / actors x sleep. Start-up
+(Ray, 64 actor processes) is a fixed cost, so steady-state efficiency is taken between two
+sizes: ideal(N2 - N1) / (T(N2) - T(N1)). Each size runs in its own process, so the driver's
+peak RSS is that run's: it must not grow with the row count.
+
+    .venv/bin/python benchmarks/simulated_scale.py --actors 64 --rows 10000 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+PARTI = REPO.parent / "shared" / "data" / "prompts" / "partiprompts" / "PartiPrompts.tsv"
+
+from pipeline.batch import GenerateStage  # noqa: E402
+from pipeline.engine import GenerationResult  # noqa: E402
+
+
+class SleepEngine:
+    """Generates nothing: sleeps ``seconds_per_batch`` per call, returns black images."""
+
+    def __init__(self, seconds_per_batch: float):
+        self.seconds_per_batch = seconds_per_batch
+
+    def generate(self, requests):
+        import numpy as np
+
+        time.sleep(self.seconds_per_batch)  # stands in for the GPU's work, not for synchronisation
+        return [
+            GenerationResult(pixels=np.zeros((r.height, r.width, 3), np.uint8), seconds=self.seconds_per_batch / len(requests))
+            for r in requests
+        ]
+
+
+class SleepStage(GenerateStage):
+    SECONDS_PER_BATCH = 1.0
+
+    def __init__(self, model, threads):  # noqa: D107 - the real stage's signature, no torch
+        import ray
+
+        self.engine = SleepEngine(self.SECONDS_PER_BATCH)
+        context = ray.get_runtime_context()
+        self.actor_id, self.node_id = context.get_actor_id() or "", context.get_node_id() or ""
+
+
+def one_size(rows: int, actors: int, batch: int, seconds: float) -> dict:
+    """Run in a child process: returns wall time and this process's peak RSS."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import ray
+
+    from pipeline.batch import run
+    from pipeline.config import parse_spec
+
+    work = Path(tempfile.mkdtemp(prefix="scale-", dir="/tmp"))
+    prompts = [line.split("\t")[0] for line in PARTI.read_text().splitlines()[1:]]
+    pacsv.write_csv(pa.table({"prompt": [prompts[i % len(prompts)] for i in range(rows)]}), work / "p.csv")
+    SleepStage.SECONDS_PER_BATCH = seconds
+    spec = parse_spec({
+        "input": {"url": str(work / "p.csv")},
+        "model": {"ref": "tiny", "cache_dir": str(work / "cache"), "device": "cpu"},
+        "defaults": {"width": 8, "height": 8, "steps": 1},
+        "output": {"url": str(work / "out"), "rows_per_part": 5000},
+        "runtime": {"num_actors": actors, "gpus_per_actor": 1, "cpus_per_actor": 0.01, "task_cpus": 0.25, "batch_size": batch},
+    })
+    ray.init(num_cpus=os.cpu_count(), num_gpus=actors, include_dashboard=False, logging_level="ERROR", _temp_dir=str(work / "ray"))
+    start = time.perf_counter()
+    summary = run(spec, stage=SleepStage)
+    wall = time.perf_counter() - start
+    ray.shutdown()
+    assert summary.images == rows, summary
+    return {"rows": rows, "wall": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--actors", type=int, default=64)
+    parser.add_argument("--rows", type=int, nargs=2, default=[10000, 100000], metavar=("N1", "N2"))
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seconds-per-batch", type=float, default=1.0)
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(one_size(args.child, args.actors, args.batch_size, args.seconds_per_batch)))
+        return
+
+    results = {}
+    for rows in args.rows:
+        command = [sys.executable, __file__, "--child", str(rows), "--actors", str(args.actors),
+                   "--batch-size", str(args.batch_size), "--seconds-per-batch", str(args.seconds_per_batch)]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        results[rows] = json.loads(done.stdout.strip().splitlines()[-1])
+
+    def ideal(rows: int) -> float:
+        batches = -(-rows // args.batch_size)
+        return batches / args.actors * args.seconds_per_batch
+
+    n1, n2 = args.rows
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.actors} actors on logical GPUs, "
+          f"batch {args.batch_size}, {args.seconds_per_batch} s per batch")
+    print("| rows | wall s | ideal s | efficiency | driver peak RSS MB |")
+    print("|---|---|---|---|---|")
+    for rows in args.rows:
+        r = results[rows]
+        print(f"| {rows} | {r['wall']:.1f} | {ideal(rows):.1f} | {ideal(rows) / r['wall']:.2f} | {r['peak_rss_mb']:.0f} |")
+    steady = (ideal(n2) - ideal(n1)) / (results[n2]["wall"] - results[n1]["wall"])
+    print(f"| steady state ({n2}-{n1}) | {results[n2]['wall'] - results[n1]['wall']:.1f} | {ideal(n2) - ideal(n1):.1f} | {steady:.2f} | |")
+
+
+if __name__ == "__main__":
+    main()
