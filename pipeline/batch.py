@@ -10,12 +10,17 @@ stage lives in pure modules (:mod:`pipeline.validate`, :mod:`pipeline.stages`,
 - a fixed-size pool of actors each builds its :class:`~pipeline.engine.Engine` in its
   constructor (weights are loaded on the worker, never pickled from the driver);
 - encoding runs as CPU tasks, off the actors, so GPUs do not wait on PNG compression;
-- the datasink writes each block as atomic parts and the manifest once, at the end.
+- the datasink writes each block as atomic parts and the manifest once, at the end, then
+  the dataset card;
+- validation and encoding report what they finish to a counter actor (``num_cpus=0``)
+  that the driver polls for the progress line while the job runs.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
@@ -27,9 +32,9 @@ from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink, FileBasedDatasource
 from ray.data.datasource.datasink import WriteResult
 
-from pipeline import model_ref, sink, storage, tables
+from pipeline import card, model_ref, progress, sink, storage, tables
 from pipeline.config import JobSpec, ModelConfig, RuntimeConfig
-from pipeline.errors import ImagegenError, InputError
+from pipeline.errors import ClusterError, ImagegenError
 from pipeline.lock import OutputLock
 from pipeline.stages import encode_table, generate_table
 from pipeline.validate import Validator, find_duplicate_ids
@@ -70,32 +75,13 @@ class PromptTableDatasource(FileBasedDatasource):
         yield from tables.read_file(f, self._format, storage.relative_name(path, self._base))
 
 
-def preflight(spec: JobSpec) -> None:
-    """Check the input as a whole before any work: files exist and the first readable
-    rows have the columns the spec names."""
-    inp = spec.input
-    first = next(tables.read_input(inp, chunk_rows=64), None)
-    if first is None:
-        raise InputError(f"the prompt table at {inp.url!r} has no rows")
-    columns = [c for c in first.column_names if not c.startswith("__")]
-    needed = {"input.prompt_column": inp.prompt_column}
-    if inp.id_column:
-        needed["input.id_column"] = inp.id_column
-    needed.update({f"input.columns.{k}": v for k, v in inp.columns.items()})
-    for setting, column in needed.items():
-        if column not in columns:
-            raise InputError(
-                f"{setting} is {column!r}, but {inp.url} has no such column; its columns are {columns}. "
-                f"Set {setting} to one of them."
-            )
-
-
-def read_requests(spec: JobSpec, validator: Validator) -> ray.data.Dataset:
+def read_requests(spec: JobSpec, validator: Validator, counter: Any) -> ray.data.Dataset:
     fs, base, files = storage.list_table(spec.input.url, spec.input.storage_options)
     datasource = PromptTableDatasource(files, spec.input.format, base, filesystem=storage.arrow_filesystem(fs))
     task_cpus = {"num_cpus": spec.runtime.task_cpus}
     ds = ray.data.read_datasource(datasource, ray_remote_args=task_cpus)
-    return ds.map_batches(validator.validate_table, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, **task_cpus)
+    kwargs = {"validator": validator, "counter": counter}
+    return ds.map_batches(validate_counting, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, **task_cpus)
 
 
 # -- generate ------------------------------------------------------------------------------
@@ -139,11 +125,34 @@ def engine_model(spec: JobSpec, gpus: float) -> ModelConfig:
     return spec.model.model_copy(update={"device": device})
 
 
+# -- progress: stages add what they finish to a counter actor that the driver polls --------
+
+# num_cpus=0: a default actor takes a whole CPU, which on a small machine starves the job.
+ProgressActor = ray.remote(num_cpus=0)(progress.ProgressCounter)
+
+
+def validate_counting(table: pa.Table, validator: Validator, counter: Any) -> pa.Table:
+    """Validation that also reports rows skipped as already committed."""
+    requests = validator.validate_table(table)
+    counter.add.remote(skipped=progress.skipped(table, requests))
+    return requests
+
+
+def encode_counting(table: pa.Table, fmt: str, quality: int, counter: Any) -> pa.Table:
+    """Encoding that also reports the rows, images and errors it finishes. Counted here and
+    not at the write: a write block is a whole part (``output.rows_per_part`` rows), too
+    coarse for a progress line."""
+    table = encode_table(table, fmt, quality)
+    counter.add.remote(**progress.finished(table))
+    return table
+
+
 # -- write ---------------------------------------------------------------------------------
 
 
 class DatasetSink(Datasink[sink.WriteReport]):
-    """Writes each block as atomic parts; on completion writes the run manifest."""
+    """Writes each block as atomic parts; on completion writes the run manifest, then
+    regenerates the dataset card (README.md) over all the output's runs."""
 
     def __init__(self, spec: JobSpec, run_id: str, model_fingerprint: str, started: float):
         self._output = spec.output
@@ -191,6 +200,7 @@ class DatasetSink(Datasink[sink.WriteReport]):
                 "parts": sorted(report.parts, key=lambda p: p["path"]),
             },
         )
+        card.write_card(fs, root)
         self.report = report
 
 
@@ -216,17 +226,60 @@ def prepare_output(spec: JobSpec) -> sink.Committed:
 
 
 def connect(runtime: RuntimeConfig) -> None:
-    """Join (or start) the Ray cluster the spec names; reuse one already initialised."""
+    """Join (or start) the Ray cluster the spec names; reuse one already initialised.
+
+    Raises :class:`ClusterError` within seconds when ``runtime.address`` names a host and
+    port nothing listens on: ``ray.init`` itself retries such an address for minutes
+    (``ray://`` for 30 s) before giving up.
+    """
     if ray.is_initialized():
         return
+    advice = "Start a cluster with `ray start --head` and set runtime.address to the address it prints, or unset runtime.address to run on a local Ray."
+    if runtime.address and runtime.address.startswith(("http://", "https://")):
+        raise ClusterError(
+            f"runtime.address {runtime.address!r} is a dashboard URL, which only `imagegen submit` uses. "
+            "To run this spec on that cluster, use `imagegen submit SPEC --address URL`; to connect directly, "
+            "set runtime.address to host:port, ray://host:10001 or auto."
+        )
+    if runtime.address not in (None, "auto", "local"):
+        _probe(runtime.address, advice)
     try:
         ray.init(address=runtime.address, logging_level=logging.WARNING, log_to_driver=True)
     except (ConnectionError, TimeoutError) as exc:
         where = runtime.address or "a new local cluster"
-        raise ImagegenError(
-            f"cannot reach Ray at {where}: {exc}. Start a cluster with `ray start --head`, "
-            "or unset runtime.address to run on a local one."
-        ) from None
+        raise ClusterError(f"cannot reach Ray at {where}: {exc}. {advice}") from None
+
+
+def _probe(address: str, advice: str, timeout_s: float = 5.0) -> None:
+    """Fail fast unless something accepts TCP connections at ``address`` ([ray://]host:port)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"runtime.address {address!r} is not host:port, ray://host:port or auto. {advice}")
+    hosts = [host]
+    if host in ("127.0.0.1", "localhost"):
+        # Ray itself swaps a loopback address for this node's IP; a head may listen only there.
+        hosts.append(ray.util.get_node_ip_address())
+    for candidate in hosts:
+        try:
+            socket.create_connection((candidate, int(port)), timeout=timeout_s).close()
+            return
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+    raise ClusterError(f"cannot reach Ray at {address}: {reason} (nothing answers on port {port} of {host}). {advice}")
+
+
+def require_gpus(spec: JobSpec) -> None:
+    """Fail before any work when an engine actor asks for more GPUs than the cluster has:
+    Ray would otherwise keep the actors pending, and the job waiting, forever."""
+    gpus = actor_gpus(spec)
+    have = ray.cluster_resources().get("GPU", 0)
+    if gpus > have:
+        asked = f"runtime.gpus_per_actor is {gpus:g}" if spec.runtime.gpus_per_actor is not None else "model.device is cuda"
+        raise ClusterError(
+            f"each engine actor needs {gpus:g} GPU(s) ({asked}), but the Ray cluster has {have:g} GPU(s), so the job "
+            "would wait forever. To run on CPU, set model.device: cpu (or auto) and leave runtime.gpus_per_actor "
+            "unset; or set runtime.address to a cluster with GPUs (an autoscaling one must keep a GPU worker up)."
+        )
 
 
 def run(spec: JobSpec, stage: type[GenerateStage] = GenerateStage) -> RunSummary:
@@ -241,8 +294,12 @@ def run(spec: JobSpec, stage: type[GenerateStage] = GenerateStage) -> RunSummary
     run_id = sink.new_run_id()
     model_ref.check_weights_format(spec.model)
     fingerprint = model_ref.fingerprint(spec.model)
-    preflight(spec)
+    tables.preflight(spec.input)
     duplicates = find_duplicate_ids(tables.read_input(spec.input), spec.input.id_column) if spec.input.id_column else {}
+    # The cluster is checked before the output is touched: a job that cannot run must not
+    # clear an output (mode: overwrite) or take its lock.
+    connect(spec.runtime)
+    require_gpus(spec)
     # The lock comes before anything touches the output: cleaning up uncommitted parts
     # must never delete the parts of a run still in flight.
     fs, root = storage.open_url(spec.output.url, spec.output.storage_options)
@@ -250,7 +307,6 @@ def run(spec: JobSpec, stage: type[GenerateStage] = GenerateStage) -> RunSummary
     try:
         committed = prepare_output(spec)
         validator = Validator(spec, fingerprint, skip=frozenset(committed.request_ids), duplicates=duplicates)
-        connect(spec.runtime)
         return _execute(spec, run_id, fingerprint, validator, started, stage)
     finally:
         lock.release()
@@ -261,7 +317,8 @@ def _execute(spec: JobSpec, run_id: str, fingerprint: str, validator: Validator,
     rt = spec.runtime
     gpus = actor_gpus(spec)
     model = engine_model(spec, gpus)
-    ds = read_requests(spec, validator)
+    counter = ProgressActor.remote()
+    ds = read_requests(spec, validator, counter)
     ds = ds.repartition(target_num_rows_per_block=rt.batch_size, strict=True)
     ds = ds.map_batches(
         stage,
@@ -274,8 +331,8 @@ def _execute(spec: JobSpec, run_id: str, fingerprint: str, validator: Validator,
         zero_copy_batch=True,
     )
     ds = ds.map_batches(
-        encode_table,
-        fn_kwargs={"fmt": spec.output.format, "quality": spec.output.quality},
+        encode_counting,
+        fn_kwargs={"fmt": spec.output.format, "quality": spec.output.quality, "counter": counter},
         num_cpus=rt.task_cpus,
         batch_format="pyarrow",
         batch_size=None,
@@ -283,7 +340,11 @@ def _execute(spec: JobSpec, run_id: str, fingerprint: str, validator: Validator,
     )
     ds = ds.repartition(target_num_rows_per_block=spec.output.rows_per_part, strict=True)
     datasink = DatasetSink(spec, run_id, fingerprint, started)
-    ds.write_datasink(datasink, ray_remote_args={"num_cpus": rt.task_cpus})
+    poll = lambda: ray.get(counter.snapshot.remote(), timeout=5)  # noqa: E731
+    with progress.ProgressPrinter(poll, tables.count_rows(spec.input), rt.progress_interval_s, sys.stderr) as printer:
+        if printer.live:  # Ray Data's own bars would be redrawn over ours
+            ray.data.DataContext.get_current().enable_progress_bars = False
+        ds.write_datasink(datasink, ray_remote_args={"num_cpus": rt.task_cpus})
     report = datasink.report or sink.WriteReport()
     return RunSummary(
         run_id=run_id,

@@ -36,7 +36,43 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("output", help="the output URL (a folder, s3://bucket/prefix, ...)")
     verify.add_argument("--input", metavar="SPEC", help="the job spec: also check every input row is accounted for")
     verify.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a field of --input")
+    _cluster_commands(commands)
+    _output_commands(commands)
     return parser
+
+
+def _output_commands(commands: argparse._SubParsersAction) -> None:
+    validate = commands.add_parser(
+        "validate", help="plan a job without generating: rows valid and rejected, buckets, images to make, GPU-hours and cost"
+    )
+    _spec_arguments(validate, "jobs/demo.yaml", "plan.price_per_gpu_hour=2.5")
+    report = commands.add_parser("report", help="write one self-contained HTML page about an output: images, runs, throughput, errors, spec")
+    report.add_argument("output", help="the output URL (a folder, s3://bucket/prefix, ...)")
+    report.add_argument("--html", metavar="FILE", default="report.html", help="where to write the page (default: report.html)")
+    report.add_argument("--sample", metavar="N", type=int, default=48, help="images on the contact sheet (default: 48)")
+    inspect = commands.add_parser("inspect", help="show what an output holds: runs, counts, schema, size, a few rows")
+    inspect.add_argument("output", help="the output URL (a folder, s3://bucket/prefix, ...)")
+    for command in (report, inspect):
+        command.add_argument("--spec", metavar="SPEC", help="a job spec whose output.storage_options reach OUTPUT (for s3:// outputs)")
+        command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a field of --spec")
+
+
+def _cluster_commands(commands: argparse._SubParsersAction) -> None:
+    dashboard = "the Ray dashboard URL of the cluster, e.g. http://HEAD:8265"
+    submit = commands.add_parser(
+        "submit",
+        help="run a job spec on a Ray cluster as a Ray job; print its id, stream its log; exit 1 if it fails",
+    )
+    _spec_arguments(submit, "jobs/demo.yaml (a file under this repository: it travels with the job)", "output.url=s3://bucket/run1")
+    submit.add_argument("--address", metavar="URL", help=f"{dashboard} (default: the spec's runtime.address if it is one)")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and return without following the job")
+    status = commands.add_parser("status", help="show a Ray job's status; exit 1 if it failed or was stopped")
+    status.add_argument("job", help="the job id that `imagegen submit` printed")
+    status.add_argument("--address", metavar="URL", required=True, help=dashboard)
+    logs = commands.add_parser("logs", help="print a Ray job's log")
+    logs.add_argument("job", help="the job id that `imagegen submit` printed")
+    logs.add_argument("--address", metavar="URL", required=True, help=dashboard)
+    logs.add_argument("--follow", action="store_true", help="keep printing until the job ends")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -59,23 +95,80 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verify(args: argparse.Namespace) -> int:
+def _output_location(output: str, spec_path: str | None, overrides: list[str]):
+    """``(url, storage options, spec or None)`` for a command reading an output: the
+    options are the spec's when its output.url is that output."""
     from pipeline.config import load_spec
     from pipeline.storage import absolute_if_local
+
+    spec = load_spec(spec_path, overrides) if spec_path else None
+    url = absolute_if_local(output)
+    return url, (spec.output.storage_options if spec and spec.output.url == url else {}), spec
+
+
+def _verify(args: argparse.Namespace) -> int:
     from pipeline.verify import verify
 
-    spec = load_spec(args.input, args.overrides) if args.input else None
-    url = absolute_if_local(args.output)
-    options = spec.output.storage_options if spec and spec.output.url == url else {}
+    url, options, spec = _output_location(args.output, args.input, args.overrides)
     report = verify(url, options, spec)
     print(report.format())
     return 0 if report.ok else 1
 
 
+def _announce(line: str) -> None:
+    print(f"imagegen: {line}", file=sys.stderr, flush=True)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from pipeline.submit import submit
+
+    return submit(args.spec, args.overrides, args.address, wait=not args.no_wait, announce=_announce)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from pipeline.submit import status
+
+    return status(args.job, args.address)
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from pipeline.submit import logs
+
+    return logs(args.job, args.address, follow=args.follow, announce=_announce)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from pipeline.config import load_spec
+    from pipeline.plan import format_plan, make_plan
+
+    spec = load_spec(args.spec, args.overrides)
+    print(format_plan(make_plan(spec), args.spec))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pipeline.report import write_report
+
+    url, options, _ = _output_location(args.output, args.spec, args.overrides)
+    data = write_report(url, args.html, options, sample=args.sample)
+    print(f"wrote {args.html}: {len(data.samples)} of {len(data.images)} images, {len(data.manifests)} run(s), {len(data.errors)} error rows")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from pipeline.inspect_output import format_inspection, inspect_output
+
+    url, options, _ = _output_location(args.output, args.spec, args.overrides)
+    print(format_inspection(inspect_output(url, options)))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"run": _run, "serve": _serve, "verify": _verify}[args.command](args)
+        handlers = {"run": _run, "serve": _serve, "verify": _verify, "submit": _submit, "status": _status, "logs": _logs}
+        handlers.update({"validate": _validate, "report": _report, "inspect": _inspect})
+        return handlers[args.command](args)
     except ImagegenError as exc:
         print(f"imagegen: error: {exc}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -178,6 +179,10 @@ class OutputConfig(_Section):
     ``rows_per_part`` bounds a Parquet part: larger parts mean fewer files, smaller ones
     lose less work to a crash. Keep parts under ~100 MB so object stores take each one in
     a single (atomic) PUT.
+
+    ``license`` goes into the dataset card (``README.md``) as a Hugging Face license id
+    (``cc-by-4.0``, ``openrail``...); ``other`` until you decide, as the images' terms
+    follow the model's license.
     """
 
     url: StorageURL = Field("./output", validate_default=True)
@@ -186,16 +191,20 @@ class OutputConfig(_Section):
     quality: int = Field(95, ge=1, le=100)
     rows_per_part: int = Field(256, ge=1)
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    license: str = "other"
 
 
 class RuntimeConfig(_Section):
     """How the job is laid out on Ray.
 
     ``address``: unset starts a local Ray; ``auto`` joins the running cluster; or a
-    ``ray://`` URL. ``gpus_per_actor`` unset means 1 when the model runs on CUDA (explicitly,
+    ``ray://`` URL; or a cluster's dashboard URL (``http://HEAD:8265``), which only
+    ``imagegen submit`` reads: the job it submits runs with ``auto``. ``gpus_per_actor`` unset means 1 when the model runs on CUDA (explicitly,
     or ``auto`` with GPUs in the cluster) and 0 otherwise. ``task_cpus`` is the CPU request
     of each read/validate, encode and write task. Every stage's CPU request is explicit: with Ray's default of 1 CPU per actor, a small machine can give every CPU to
-    the actors and starve the read task forever.
+    the actors and starve the read task forever. ``progress_interval_s`` is the time
+    between progress lines when stderr is not a terminal (logs, CI); on a terminal one
+    progress line is redrawn in place.
     """
 
     address: Optional[str] = None
@@ -204,6 +213,7 @@ class RuntimeConfig(_Section):
     cpus_per_actor: float = Field(1.0, gt=0)
     batch_size: int = Field(8, ge=1)
     task_cpus: float = Field(0.5, gt=0)
+    progress_interval_s: float = Field(10.0, gt=0)
 
 
 class ServeConfig(_Section):
@@ -242,8 +252,34 @@ class ServeConfig(_Section):
         return self
 
 
+class ThroughputEntry(_Section):
+    """Measured speed of one bucket: images per second of one engine actor (one GPU when
+    the model runs on CUDA) at this size and step count. ``model`` is a ``model.ref``;
+    unset, the entry applies to any model without an entry of its own."""
+
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+    steps: int = Field(ge=1)
+    images_per_s: float = Field(gt=0)
+    model: Optional[str] = None
+
+
+class PlanConfig(_Section):
+    """Inputs of ``imagegen validate``'s estimate of GPU-hours and cost.
+
+    ``throughput`` entries add to the built-in table of :mod:`pipeline.plan` (an entry for
+    the same model, size and steps replaces the built-in one); a bucket without an entry
+    is scaled from the nearest entry of its model by pixels x steps. ``price_per_gpu_hour``
+    (in your currency) turns GPU-hours into a cost; unset, no cost is shown.
+    """
+
+    throughput: list[ThroughputEntry] = Field(default_factory=list)
+    price_per_gpu_hour: Optional[float] = Field(None, ge=0)
+
+
 class JobSpec(_Section):
-    """A whole job: input, model, defaults, limits, output, runtime, and the online front (serve)."""
+    """A whole job: input, model, defaults, limits, output, runtime, the online front (serve),
+    and the inputs of the estimate ``imagegen validate`` prints (plan)."""
 
     input: InputConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -252,6 +288,7 @@ class JobSpec(_Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "JobSpec":
@@ -319,7 +356,11 @@ def _describe(err: dict[str, Any]) -> str:
 def _fields_at(path: str) -> list[str]:
     model: type[BaseModel] = JobSpec
     for part in filter(None, path.split(".")):
+        if part.isdigit():  # an index into a list of sections (plan.throughput.0)
+            continue
         annotation = model.model_fields[part].annotation
+        if typing.get_origin(annotation) is list:
+            (annotation,) = typing.get_args(annotation)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []
         model = annotation

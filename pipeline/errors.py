@@ -27,3 +27,7 @@ class ModelError(ImagegenError):
 
 class RunConflict(ImagegenError):
     """Another run holds the output: two runs must not commit into one output at once."""
+
+
+class ClusterError(ImagegenError):
+    """The Ray cluster cannot be reached, or lacks what the spec asks for (GPUs)."""

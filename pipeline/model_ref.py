@@ -49,7 +49,8 @@ def parse_ref(ref: str) -> ModelRef:
     if _HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
         return ModelRef("hub", ref)
     raise ModelError(
-        f"model.ref {ref!r} is not 'tiny', an existing local folder, an s3:// prefix, or a hub id like 'org/name'"
+        f"model.ref {ref!r} is not 'tiny', an existing local folder, an s3:// prefix, or a hub id like 'org/name'; "
+        "check the path (relative paths are taken from the working directory), or set model.ref to one of those"
     )
 
 

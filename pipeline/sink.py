@@ -148,15 +148,28 @@ class Committed:
     request_ids: set[str] = field(default_factory=set)
 
 
-def read_committed(fs: fsspec.AbstractFileSystem, root: str) -> Committed:
-    committed = Committed()
+def read_manifests(fs: fsspec.AbstractFileSystem, root: str) -> list[dict[str, Any]]:
+    """The manifests of the runs committed into ``root``, oldest first (run ids sort by start)."""
     runs_dir = storage.join(root, RUNS_DIR)
     if not fs.isdir(runs_dir):
-        return committed
-    for path in sorted(fs.find(runs_dir)):
-        if not path.endswith(".json"):
-            continue
-        manifest = json.loads(storage.read_bytes(fs, path))
+        return []
+    paths = sorted(p for p in fs.find(runs_dir) if p.endswith(".json"))
+    return [json.loads(storage.read_bytes(fs, path)) for path in paths]
+
+
+def newest_part_schema(fs: fsspec.AbstractFileSystem, root: str, manifests: list[dict[str, Any]], kind: str) -> pa.Schema | None:
+    """The schema of the newest committed part of ``kind`` (images or errors), or None."""
+    for manifest in reversed(manifests):
+        for part in manifest["parts"]:
+            if part["path"].startswith(kind + "/"):
+                with storage.storage_errors(part["path"], "read"), fs.open(storage.join(root, part["path"]), "rb") as f:
+                    return pq.read_schema(f)
+    return None
+
+
+def read_committed(fs: fsspec.AbstractFileSystem, root: str) -> Committed:
+    committed = Committed()
+    for manifest in read_manifests(fs, root):
         committed.runs.append(manifest["run_id"])
         for part in manifest["parts"]:
             committed.parts.add(part["path"])

@@ -48,6 +48,47 @@ def read_input(inp: InputConfig, chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.Ta
                 raise InputError(f"{inp.url}: {path}: {exc}") from None
 
 
+def preflight(inp: InputConfig) -> None:
+    """Check the table as a whole before any work: its files exist and the first readable
+    rows have the columns ``inp`` names. Raises :class:`InputError` saying which setting
+    to change."""
+    first = next(read_input(inp, chunk_rows=64), None)
+    if first is None:
+        raise InputError(f"the prompt table at {inp.url!r} has no rows")
+    columns = [c for c in first.column_names if not c.startswith("__")]
+    needed = {"input.prompt_column": inp.prompt_column}
+    if inp.id_column:
+        needed["input.id_column"] = inp.id_column
+    needed.update({f"input.columns.{k}": v for k, v in inp.columns.items()})
+    for setting, column in needed.items():
+        if column not in columns:
+            raise InputError(
+                f"{setting} is {column!r}, but {inp.url} has no such column; its columns are {columns}. "
+                f"Set {setting} to one of them."
+            )
+
+
+def count_rows(inp: InputConfig, max_text_bytes: int = 64 << 20) -> int | None:
+    """The number of rows in the table ``inp`` names, or None where counting would mean
+    reading a large table whole: Parquet is counted from its footers; text formats are
+    read (and counted as the job reads them) only up to ``max_text_bytes`` in all."""
+    fs, _, files = storage.list_table(inp.url, inp.storage_options)
+    if inp.format == "parquet":
+        total = 0
+        for path in files:
+            with storage.storage_errors(path, "read"), fs.open(path, "rb") as f:
+                try:
+                    total += pq.ParquetFile(f).metadata.num_rows
+                except (pa.ArrowInvalid, OSError) as exc:
+                    raise InputError(f"{inp.url}: {path}: not a readable Parquet file: {exc}") from None
+        return total
+    with storage.storage_errors(inp.url, "read"):
+        size = sum(fs.size(path) for path in files)
+    if size > max_text_bytes:
+        return None
+    return sum(chunk.num_rows for chunk in read_input(inp))
+
+
 def read_file(stream: BinaryIO, fmt: str, source: str, chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
     """Yield the rows of one prompt-table file as Arrow tables of at most ``chunk_rows``.
 

@@ -1,0 +1,240 @@
+"""``imagegen validate``: the plan of a job before any work, from the spec and the whole input.
+
+Reads the table and validates every row exactly as the job would (same
+:class:`~pipeline.validate.Validator`, same duplicate-id scan, same model fingerprint, so
+the same request ids), then counts: valid and rejected rows with the most common reasons,
+the buckets (model, width x height, steps) with their rows and images, the images still
+to make (an incremental output skips what it already holds), and an estimate of
+GPU-hours and cost from a per-bucket throughput table.
+
+Pure: no Ray. Reading a table costs about what the job's own read does, on one process.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+from pipeline import model_ref, sink, storage, tables
+from pipeline import schema as S
+from pipeline.config import JobSpec, PlanConfig, ThroughputEntry
+from pipeline.validate import PROBLEMS, Validator, find_duplicate_ids
+
+# Images per second of ONE engine actor, per bucket. The only measured figures so far are
+# in BENCHMARKS.md, on a 2-core x86_64 VM without GPU, torch 2.13.0 CPU, the tiny model:
+# - "Pipeline overhead": the Ray job at 128x128, 4 steps, 2 actors: 1.44 images/s in steady
+#   state, so 0.72 per actor;
+# - "Online front": the engine called directly at 64x64, 4 steps, batch 8, one thread:
+#   5.18 images/s.
+# No GPU figures exist yet: for a real model, give `plan.throughput` entries in the spec.
+DEFAULT_THROUGHPUT: tuple[ThroughputEntry, ...] = (
+    ThroughputEntry(model="tiny", width=128, height=128, steps=4, images_per_s=0.72),
+    ThroughputEntry(model="tiny", width=64, height=64, steps=4, images_per_s=5.18),
+)
+TOP_REASONS = 5
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A bucket's images per second per actor, and where the figure comes from."""
+
+    images_per_s: float
+    basis: str  # "measured", or "scaled from WxH, N steps"
+
+
+@dataclass
+class Bucket:
+    """Images of one (model, size, steps): a diffusers call's shape, and a throughput entry's key."""
+
+    model: str
+    width: int
+    height: int
+    steps: int
+    rows: int = 0
+    images: int = 0
+    rate: Optional[Rate] = None
+
+    @property
+    def gpu_hours(self) -> Optional[float]:
+        return self.images / self.rate.images_per_s / 3600 if self.rate else None
+
+
+@dataclass
+class Reason:
+    """One kind of rejection: how many rows it hit, and the first message of that kind."""
+
+    text: str
+    rows: int
+    example: str
+
+
+@dataclass
+class Plan:
+    """What a job would do. ``buckets`` count only the images still to make."""
+
+    input_url: str
+    rows: int = 0
+    valid_rows: int = 0
+    rejected_rows: int = 0
+    reasons: list[Reason] = field(default_factory=list)
+    buckets: list[Bucket] = field(default_factory=list)
+    already_committed: int = 0
+    num_actors: int = 1
+    price_per_gpu_hour: Optional[float] = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def images_to_make(self) -> int:
+        return sum(b.images for b in self.buckets)
+
+    @property
+    def gpu_hours(self) -> Optional[float]:
+        """Engine-actor hours over all buckets; None when any bucket has no throughput figure."""
+        hours = [b.gpu_hours for b in self.buckets]
+        return None if any(h is None for h in hours) else sum(hours)  # type: ignore[arg-type]
+
+    @property
+    def cost(self) -> Optional[float]:
+        hours = self.gpu_hours
+        return None if hours is None or self.price_per_gpu_hour is None else hours * self.price_per_gpu_hour
+
+
+def throughput_table(config: PlanConfig) -> list[ThroughputEntry]:
+    """The built-in entries with the spec's added; a spec entry replaces a built-in one of
+    the same model, size and steps."""
+    key = lambda e: (e.model, e.width, e.height, e.steps)  # noqa: E731
+    table = {key(e): e for e in DEFAULT_THROUGHPUT}
+    table.update({key(e): e for e in config.throughput})
+    return list(table.values())
+
+
+def rate_for(table: list[ThroughputEntry], model: str, width: int, height: int, steps: int) -> Optional[Rate]:
+    """The bucket's rate: an exact entry for the model (else for any model), or the nearest
+    such entry scaled by pixels x steps (denoising cost grows about linearly in both; the
+    estimate is rough away from the measured point). None when no entry applies."""
+    candidates = [e for e in table if e.model == model] or [e for e in table if e.model is None]
+    if not candidates:
+        return None
+    work = width * height * steps
+    nearest = min(candidates, key=lambda e: abs(math.log(e.width * e.height * e.steps / work)))
+    if (nearest.width, nearest.height, nearest.steps) == (width, height, steps):
+        return Rate(nearest.images_per_s, "measured")
+    scaled = nearest.images_per_s * nearest.width * nearest.height * nearest.steps / work
+    return Rate(scaled, f"scaled from {nearest.width}x{nearest.height}, {nearest.steps} steps")
+
+
+def reason_of(message: str) -> str:
+    """A rejection message without its row's own values, so alike rejections group:
+    ``seed must be a whole number, got 'abc'`` -> ``seed must be a whole number``."""
+    text = re.sub(r", got .*$", "", message)
+    text = re.sub(r"'[^']*'", "'...'", text)
+    text = re.sub(r"U\+[0-9A-F]{4,}", "U+N", text)
+    return re.sub(r"\b(has|position) \d+\b", r"\1 N", text)
+
+
+def make_plan(spec: JobSpec) -> Plan:
+    """Plan ``spec`` without generating: the checks the job makes before any work (model
+    reference, input columns, duplicate ids; raising :class:`~pipeline.errors.ImagegenError`
+    as the job would), then every row validated. Reads the output only to learn what an
+    incremental run would skip; never writes."""
+    model_ref.check_weights_format(spec.model)
+    model_fingerprint = model_ref.fingerprint(spec.model)
+    tables.preflight(spec.input)
+    inp = spec.input
+    duplicates = find_duplicate_ids(tables.read_input(inp), inp.id_column) if inp.id_column else {}
+    plan = Plan(input_url=inp.url, num_actors=spec.runtime.num_actors, price_per_gpu_hour=spec.plan.price_per_gpu_hour)
+    committed = _committed_ids(spec, plan)
+    validator = Validator(spec, model_fingerprint, duplicates=duplicates)
+    reasons: Counter[str] = Counter()
+    examples: dict[str, str] = {}
+    buckets: dict[tuple, Bucket] = {}
+    for chunk in tables.read_input(inp):
+        for raw in chunk.to_pylist():
+            plan.rows += 1
+            requests = validator.validate_row(raw)
+            if requests[0].get(S.ERROR_STAGE):
+                plan.rejected_rows += 1
+                for _, message in requests[0][PROBLEMS]:
+                    reasons[reason_of(message)] += 1
+                    examples.setdefault(reason_of(message), message)
+                continue
+            plan.valid_rows += 1
+            counted_row = False
+            for request in requests:
+                if request[S.REQUEST_ID] in committed:
+                    plan.already_committed += 1
+                    continue
+                key = (request[S.MODEL], request[S.WIDTH], request[S.HEIGHT], request[S.STEPS])
+                bucket = buckets.setdefault(key, Bucket(*key))
+                bucket.images += 1
+                if not counted_row:
+                    bucket.rows += 1
+                    counted_row = True
+    plan.reasons = [Reason(text, n, examples[text]) for text, n in reasons.most_common(TOP_REASONS)]
+    table = throughput_table(spec.plan)
+    for bucket in sorted(buckets.values(), key=lambda b: (b.model, b.width, b.height, b.steps)):
+        bucket.rate = rate_for(table, bucket.model, bucket.width, bucket.height, bucket.steps)
+        plan.buckets.append(bucket)
+    return plan
+
+
+def _committed_ids(spec: JobSpec, plan: Plan) -> set[str]:
+    """Request ids the job would skip: those an incremental output already holds."""
+    if spec.output.mode == "overwrite":
+        return set()
+    fs, root = storage.open_url(spec.output.url, spec.output.storage_options)
+    with storage.storage_errors(spec.output.url, "read"):
+        committed = sink.read_committed(fs, root)
+    if committed.runs and spec.output.mode == "error_if_exists":
+        plan.warnings.append(
+            f"{spec.output.url} already holds {len(committed.runs)} run(s) and output.mode is error_if_exists: "
+            "the job would refuse it; choose another output.url, or set output.mode to incremental or overwrite"
+        )
+        return set()
+    return committed.request_ids
+
+
+def format_plan(plan: Plan, source: str) -> str:
+    """The plan as the lines ``imagegen validate`` prints."""
+    lines = [
+        f"spec {source} is valid",
+        f"input      {plan.input_url}",
+        f"rows       {plan.rows}: {plan.valid_rows} valid, {plan.rejected_rows} rejected",
+    ]
+    if plan.reasons:
+        lines.append("top reasons rows are rejected:")
+        for reason in plan.reasons:
+            lines.append(f"  {reason.rows:>7}  {reason.text}  (e.g. {reason.example!r})")
+    lines.append(
+        f"images     {plan.images_to_make} to make" + (f", {plan.already_committed} already in the output" if plan.already_committed else "")
+    )
+    if plan.buckets:
+        lines.append("buckets    model / size / steps: rows, images, images/s per actor, GPU-hours")
+        for b in plan.buckets:
+            rate = f"{b.rate.images_per_s:.3g} ({b.rate.basis})" if b.rate else "unknown: add a plan.throughput entry"
+            hours = f"{b.gpu_hours:.4g}" if b.gpu_hours is not None else "?"
+            lines.append(f"  {b.model} / {b.width}x{b.height} / {b.steps} steps: {b.rows} rows, {b.images} images, {rate}, {hours}")
+    hours = plan.gpu_hours
+    if hours is None:
+        lines.append("estimate   unknown: some buckets have no throughput figure (plan.throughput in the spec)")
+    else:
+        wall = hours * 3600 / plan.num_actors
+        lines.append(
+            f"estimate   {hours:.4g} GPU-hours (engine-actor hours), about {_duration(wall)} on {plan.num_actors} "
+            "actor(s), start-up not included"
+        )
+        cost = plan.cost
+        lines.append(f"cost       {cost:.2f} at {plan.price_per_gpu_hour:g} per GPU-hour" if cost is not None else "cost       set plan.price_per_gpu_hour to see one")
+    lines += [f"warning    {w}" for w in plan.warnings]
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,116 @@
+"""The mistakes a new user makes first, through the real `imagegen` command: each ends with
+exit code 2 and one message saying what happened and what to do, never a traceback.
+
+Already covered elsewhere, not repeated here: a missing prompt table and a bad field value
+(tests/test_job.py), unknown fields, bad YAML and a missing spec file at the library level
+(tests/test_config.py)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+IMAGEGEN = str(Path(sys.executable).with_name("imagegen"))
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+def job(tmp_path, model_cache) -> Path:
+    """A valid spec over a two-row CSV, writing into tmp_path/out."""
+    (tmp_path / "prompts.csv").write_text("text,seed\na red kite,1\na blue boat,2\n")
+    spec = tmp_path / "job.yaml"
+    spec.write_text(
+        f"input:\n  url: {tmp_path}/prompts.csv\n  prompt_column: text\n"
+        f"model:\n  ref: tiny\n  cache_dir: {model_cache}\n"
+        "defaults: {width: 16, height: 16, steps: 1}\n"
+        f"output:\n  url: {tmp_path}/out\n"
+        "runtime: {num_actors: 1, cpus_per_actor: 0.5, task_cpus: 0.5}\n"
+    )
+    return spec
+
+
+def imagegen(*args: str) -> tuple[subprocess.CompletedProcess, float]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    started = time.monotonic()
+    result = subprocess.run([IMAGEGEN, *args], env=env, capture_output=True, text=True, timeout=150)
+    return result, time.monotonic() - started
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr[-3000:]
+
+
+def test_wrong_prompt_column(job, tmp_path):
+    result, _ = imagegen("run", str(job), "--set", "input.prompt_column=prompt")
+    assert_user_error(
+        result,
+        "imagegen: error: input.prompt_column is 'prompt', but",
+        "has no such column; its columns are ['text', 'seed']. Set input.prompt_column to one of them.",
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_yaml(tmp_path):
+    spec = tmp_path / "job.yaml"
+    spec.write_text("input:\n  url: prompts.csv\n   prompt_column: text\n")
+    result, _ = imagegen("run", str(spec))
+    assert_user_error(result, f"imagegen: error: job spec '{spec}' is not valid YAML at line 3, column")
+
+
+def test_unknown_model_ref(job, tmp_path):
+    result, _ = imagegen("run", str(job), "--set", f"model.ref={tmp_path}/no-such-model")
+    assert_user_error(
+        result,
+        f"imagegen: error: model.ref '{tmp_path}/no-such-model' is not 'tiny', an existing local folder, "
+        "an s3:// prefix, or a hub id like 'org/name'; check the path",
+    )
+
+
+@pytest.mark.ray
+def test_gpu_asked_on_a_cluster_without_gpus(job, tmp_path, ray_cluster):
+    if ray_cluster.cluster_resources().get("GPU", 0) > 0:
+        pytest.skip("this machine has a GPU, so a local cluster does too")
+    result, _ = imagegen("run", str(job), "--set", "model.device=cuda")
+    assert_user_error(
+        result,
+        "each engine actor needs 1 GPU(s) (model.device is cuda), but the Ray cluster has 0 GPU(s), so the job would wait forever.",
+        "set model.device: cpu (or auto) and leave runtime.gpus_per_actor unset",
+    )
+    assert not (tmp_path / "out").exists(), "a job that cannot run must not touch its output"
+
+
+def test_ray_address_where_nothing_listens(job, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        result, seconds = imagegen("run", str(job), "--set", f"runtime.address={address}")
+        assert_user_error(
+            result,
+            f"imagegen: error: cannot reach Ray at {address}: Connection refused (nothing answers on port {port} of 127.0.0.1).",
+            "Start a cluster with `ray start --head` and set runtime.address to the address it prints, or unset runtime.address",
+        )
+        assert seconds < 30, f"took {seconds:.0f} s: an unreachable cluster must fail fast, not wait on retries"
+    assert not (tmp_path / "out").exists()
+
+
+def test_dashboard_url_given_to_run(job, tmp_path):
+    result, _ = imagegen("run", str(job), "--set", "runtime.address=http://127.0.0.1:8265")
+    assert_user_error(
+        result,
+        "runtime.address 'http://127.0.0.1:8265' is a dashboard URL, which only `imagegen submit` uses.",
+        "imagegen submit SPEC --address URL",
+    )
+    assert not (tmp_path / "out").exists()
