@@ -3,7 +3,6 @@ server on 127.0.0.1, and a helper to build job specs."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import tempfile
@@ -100,3 +99,24 @@ def prompts() -> Path:
     if not PROMPTS.is_dir():
         pytest.fail(f"the shared prompt tables are missing at {PROMPTS}")
     return PROMPTS
+
+
+def _wait_for(condition, timeout: float = 10.0, what: str = "the condition"):
+    """Poll an observable condition until it holds and return its value; fail after
+    ``timeout`` seconds. The synchronisation is the condition, never a blind sleep."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def wait_for():
+    """The suite's one poller: ``wait_for(condition, timeout, what)``."""
+    return _wait_for

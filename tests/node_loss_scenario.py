@@ -8,7 +8,6 @@ Prints one JSON line: the job summary and what the scenario observed.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import threading
 import time

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -22,17 +21,6 @@ from pipeline.verify import verify
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 REPO = Path(__file__).resolve().parent.parent
-
-
-def wait_for(condition, timeout: float, what: str):
-    """Poll an observable condition until it holds (bounded); never a blind sleep."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def prompt_table(path: Path, prompts: Path, n: int) -> str:
@@ -53,7 +41,7 @@ def assert_exactly_once(spec, n_rows: int):
     assert len(images) == n_rows and images["request_id"].is_unique
 
 
-def test_engine_actor_killed_mid_job(ray_cluster, make_spec, prompts, tmp_path):
+def test_engine_actor_killed_mid_job(ray_cluster, make_spec, prompts, tmp_path, wait_for):
     n = 96  # about 10 s of generation: the kill lands mid-job
     spec = make_spec(
         {"url": prompt_table(tmp_path / "p.csv", prompts, n)},
@@ -88,7 +76,7 @@ def test_engine_actor_killed_mid_job(ray_cluster, make_spec, prompts, tmp_path):
     assert_exactly_once(spec, n)
 
 
-def test_driver_killed_mid_job_then_same_command_again(model_cache, prompts, tmp_path):
+def test_driver_killed_mid_job_then_same_command_again(model_cache, prompts, tmp_path, wait_for):
     n = 120  # about 12 s of generation: the kill lands mid-job
     spec_path = tmp_path / "job.yaml"
     spec_path.write_text(yaml.safe_dump({

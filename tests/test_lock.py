@@ -21,18 +21,9 @@ from pipeline.lock import LOCK_NAME, OutputLock
 from pipeline.verify import verify
 
 
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_two_runs_at_once_on_one_output_the_second_is_refused(ray_cluster, make_spec, prompts, tmp_path):
+def test_two_runs_at_once_on_one_output_the_second_is_refused(ray_cluster, make_spec, prompts, tmp_path, wait_for):
     lines = (prompts / "partiprompts" / "PartiPrompts.tsv").read_text().splitlines()[1:41]
     pd.DataFrame({"prompt": [line.split("\t")[0] for line in lines]}).to_csv(tmp_path / "p.csv", index=False)
     spec = make_spec({"url": str(tmp_path / "p.csv")}, defaults={"width": 64, "height": 64, "steps": 4})

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import re
-import threading
-import time
 
 import pandas as pd
 import pyarrow as pa
@@ -19,13 +17,6 @@ class Terminal(io.StringIO):
 
     def isatty(self) -> bool:
         return True
-
-
-def wait_for(condition, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met before the deadline"
-        threading.Event().wait(0.02)
 
 
 def test_line_with_and_without_a_total():
@@ -64,7 +55,7 @@ def test_block_counts():
     assert skipped(raw, table) == 2  # a#2 and b#1 left no request
 
 
-def test_terminal_redraws_one_line_in_place():
+def test_terminal_redraws_one_line_in_place(wait_for):
     counts = {"value": Counts()}
     stream = Terminal()
     with ProgressPrinter(lambda: counts["value"], total=4, interval_s=60, stream=stream) as printer:
@@ -76,7 +67,7 @@ def test_terminal_redraws_one_line_in_place():
     assert text.endswith("\n") and text.rstrip("\n").rsplit("\r", 1)[-1].startswith("[" + "#" * 24 + "] 4/4 rows 100%")
 
 
-def test_log_stream_gets_a_line_every_interval_and_a_last_one():
+def test_log_stream_gets_a_line_every_interval_and_a_last_one(wait_for):
     polls = []
 
     def poll() -> Counts:
