@@ -57,7 +57,8 @@ def storage_errors(url: str, action: str) -> Iterator[None]:
         raise StorageError(f"cannot {action} {url!r}: it does not exist; check the path or bucket name") from None
     except PermissionError as exc:
         raise StorageError(
-            f"cannot {action} {url!r}: permission denied ({exc}); check the credentials in storage_options"
+            f"cannot {action} {url!r}: permission denied ({exc}); check the folder's permissions, "
+            "or for object storage the credentials in storage_options"
         ) from None
     except OSError as exc:
         raise StorageError(f"cannot {action} {url!r}: {exc}") from None

@@ -83,3 +83,25 @@ def test_a_corrupt_file_stops_the_job_before_any_work(ray_cluster, make_spec, tm
     with pytest.raises(InputError, match="not a readable Parquet file"):
         run(make_spec({"url": str(tmp_path / "t.parquet")}))
     assert not (tmp_path / "out").exists()
+
+
+def test_no_permission_on_the_output_stops_the_job_with_one_message(ray_cluster, make_spec, tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr is not installed")
+    (tmp_path / "t.csv").write_text("prompt\na cat\n")
+    out = tmp_path / "locked"
+    out.mkdir()
+    # Immutable: even root (which these tests run as) gets EPERM when writing inside it.
+    if subprocess.run(["chattr", "+i", str(out)], capture_output=True).returncode != 0:
+        pytest.skip("this filesystem does not support immutable folders")
+    try:
+        from pipeline.errors import StorageError
+
+        with pytest.raises(StorageError, match="permission denied .*check the folder's permissions"):
+            run(make_spec({"url": str(tmp_path / "t.csv")}, output={"url": str(out)}))
+    finally:
+        subprocess.run(["chattr", "-i", str(out)], check=True)
+    assert list(out.iterdir()) == []
