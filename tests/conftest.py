@@ -101,22 +101,9 @@ def prompts() -> Path:
     return PROMPTS
 
 
-def _wait_for(condition, timeout: float = 10.0, what: str = "the condition"):
-    """Poll an observable condition until it holds and return its value; fail after
-    ``timeout`` seconds. The synchronisation is the condition, never a blind sleep."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
 @pytest.fixture
 def wait_for():
-    """The suite's one poller: ``wait_for(condition, timeout, what)``."""
-    return _wait_for
+    """The suite's one poller (tests/polling.py), for tests that take it as a fixture."""
+    from polling import wait_for
+
+    return wait_for

@@ -28,10 +28,10 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import pytest
+from polling import wait_for
 
 from conftest import _free_port
 from pipeline import submit
@@ -44,17 +44,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 ROWS = 16
-
-
-def _wait_for(condition: Callable[[], object], timeout_s: float, what: str, explain: Callable[[], str] = lambda: "") -> object:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not within {timeout_s:g} s. {explain()}")
-        time.sleep(0.2)
 
 
 @dataclass
@@ -115,7 +104,7 @@ def _stop_cluster(starters: list[subprocess.Popen]) -> None:
         if starter.poll() is None:
             starter.send_signal(signal.SIGTERM)
     try:
-        _wait_for(lambda: not _session_processes(sessions), 20, "a graceful stop")
+        wait_for(lambda: not _session_processes(sessions), 20, "a graceful stop")
     except AssertionError:
         for pid in _session_processes(sessions):
             try:
@@ -124,7 +113,7 @@ def _stop_cluster(starters: list[subprocess.Popen]) -> None:
                 pass
     for starter in starters:
         starter.wait(timeout=10)
-    _wait_for(lambda: not _session_processes(sessions), 20, "the cluster's processes to end", lambda: f"left: {_session_processes(sessions)}")
+    wait_for(lambda: not _session_processes(sessions), 20, "the cluster's processes to end", lambda: f"left: {_session_processes(sessions)}")
 
 
 @pytest.fixture(scope="module")
@@ -173,9 +162,9 @@ def cluster(tmp_path_factory):
             assert head.poll() is None, f"ray start --head exited with {head.returncode}. {explain()}"
             return bool(_alive_nodes(address, token))
 
-        _wait_for(head_up, 90, "the head node", explain)
+        wait_for(head_up, 90, "the head node", explain)
         start("worker", worker_args)
-        nodes = _wait_for(lambda: len(_alive_nodes(address, token)) == 2 and _alive_nodes(address, token), 90, "the worker node", explain)
+        nodes = wait_for(lambda: len(_alive_nodes(address, token)) == 2 and _alive_nodes(address, token), 90, "the worker node", explain)
         (worker,) = [n for n in nodes if not n["is_head_node"]]
         yield LocalCluster(address=address, env=env, worker_node_id=worker["node_id"])
     finally:
