@@ -10,8 +10,9 @@ from __future__ import annotations
 import operator
 from typing import Any, Sequence
 
-# The parameters one diffusers call shares. The model and scheduler are fixed per engine.
-BUCKET_FIELDS = ("width", "height", "steps", "guidance_scale")
+# The parameters one diffusers call shares. The model and scheduler are fixed per engine;
+# one adapter setting (LoRA and its scale) holds for a whole call.
+BUCKET_FIELDS = ("width", "height", "steps", "guidance_scale", "max_sequence_length", "lora", "lora_scale")
 
 bucket_key = operator.attrgetter(*BUCKET_FIELDS)
 

@@ -52,6 +52,11 @@ class GenerationRequest:
     height: int
     steps: int
     guidance_scale: float
+    # T5 tokens (SD3, FLUX); None takes the family's default.
+    max_sequence_length: Optional[int] = None
+    # The LoRA adapter (its digest names it in the pipeline) and its weight; None: no adapter.
+    lora: Optional[str] = None
+    lora_scale: float = 1.0
 
 
 @dataclass
