@@ -18,12 +18,13 @@ stage lives in pure modules (:mod:`pipeline.validate`, :mod:`pipeline.stages`,
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional
 
 import pyarrow as pa
 import ray
@@ -32,8 +33,10 @@ from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink, FileBasedDatasource
 from ray.data.datasource.datasink import WriteResult
 
-from pipeline import card, model_ref, progress, sink, storage, tables
-from pipeline.config import JobSpec, ModelConfig, RuntimeConfig
+from pipeline import card, progress, sink, storage, tables
+from pipeline.batching import order_for_engine
+from pipeline.catalog import Catalog, ModelEntry, build_catalog
+from pipeline.config import JobSpec, RuntimeConfig
 from pipeline.errors import ClusterError, ImagegenError
 from pipeline.lock import OutputLock
 from pipeline.stages import encode_table, generate_table
@@ -53,11 +56,18 @@ class RunSummary:
     errors: int
     errors_by_stage: dict[str, int]
     wall_seconds: float
+    model_loads: int = 0
+    model_swaps: int = 0
     parts: list[dict[str, Any]] = field(repr=False, default_factory=list)
 
     @property
     def images_per_second(self) -> float:
         return self.images / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    @property
+    def swaps_per_1000_images(self) -> float:
+        """Model loads that evicted another model, per 1000 images generated."""
+        return 1000 * self.model_swaps / self.images if self.images else 0.0
 
 
 # -- read ----------------------------------------------------------------------------------
@@ -88,41 +98,63 @@ def read_requests(spec: JobSpec, validator: Validator, counter: Any) -> ray.data
 
 
 class GenerateStage:
-    """An engine actor: builds the engine once, then generates batch after batch."""
+    """An engine actor: a cache of resident engines (see :mod:`pipeline.model_cache`),
+    then batch after batch. The default model is loaded in the constructor, so a model
+    that cannot load fails the job at start rather than every row; other models load on
+    first use. Model loads and swaps are reported to ``counter`` for the run summary."""
 
-    def __init__(self, model: ModelConfig, threads: int):
+    def __init__(self, catalog: Catalog, threads: int, memory_gb: Optional[float] = None, counter: Any = None):
         import torch
 
         # Ray gives the actor a CPU share; torch would otherwise spin one thread per core.
         torch.set_num_threads(threads)
-        from pipeline.engine import Engine
+        from pipeline.model_cache import ModelCache, default_budget
 
-        self.engine = Engine(model)
+        device = catalog.models[catalog.default_model].config.device
+        budget = int(memory_gb * 1e9) if memory_gb else default_budget(device)
+        self.models = ModelCache(catalog, budget)
+        self._counter = counter
+        self._reported = self.models.stats
+        self.models.get(catalog.default_model)
+        self._report()
         context = ray.get_runtime_context()
         self.actor_id = context.get_actor_id() or ""
         self.node_id = context.get_node_id() or ""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return generate_table(self.engine, batch, self.actor_id, self.node_id)
+        table = generate_table(self.models, batch, self.actor_id, self.node_id)
+        self._report()
+        return table
+
+    def _report(self) -> None:
+        stats, before = self.models.stats, self._reported
+        if self._counter is not None and stats != before:
+            self._counter.add.remote(model_loads=stats.loads - before.loads, model_swaps=stats.swaps - before.swaps)
+        self._reported = stats
 
 
 def actor_gpus(spec: JobSpec) -> float:
     """GPUs per engine actor: as set, else 1 when the model is to run on CUDA."""
     if spec.runtime.gpus_per_actor is not None:
         return spec.runtime.gpus_per_actor
-    if spec.model.device == "cpu":
+    device = next(iter(spec.named_models().values())).device  # one device for all (JobSpec checks)
+    if device == "cpu":
         return 0
-    if spec.model.device == "cuda":
+    if device == "cuda":
         return 1
     return 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
 
 
-def engine_model(spec: JobSpec, gpus: float) -> ModelConfig:
-    """The model config an engine actor gets: ``device: auto`` follows its GPU reservation;
-    an explicit device is kept (a CPU engine on logical GPUs is how several-GPU layouts are
+def engine_catalog(catalog: Catalog, gpus: float) -> Catalog:
+    """The catalog an engine actor gets: ``device: auto`` follows its GPU reservation; an
+    explicit device is kept (a CPU engine on logical GPUs is how several-GPU layouts are
     tested on machines without one)."""
-    device = spec.model.device if spec.model.device != "auto" else ("cuda" if gpus > 0 else "cpu")
-    return spec.model.model_copy(update={"device": device})
+
+    def placed(entry: ModelEntry) -> ModelEntry:
+        device = entry.config.device if entry.config.device != "auto" else ("cuda" if gpus > 0 else "cpu")
+        return dataclasses.replace(entry, config=entry.config.model_copy(update={"device": device}))
+
+    return dataclasses.replace(catalog, models={name: placed(entry) for name, entry in catalog.models.items()})
 
 
 # -- progress: stages add what they finish to a counter actor that the driver polls --------
@@ -132,10 +164,11 @@ ProgressActor = ray.remote(num_cpus=0)(progress.ProgressCounter)
 
 
 def validate_counting(table: pa.Table, validator: Validator, counter: Any) -> pa.Table:
-    """Validation that also reports rows skipped as already committed."""
+    """Validation that also reports rows skipped as already committed; the block leaves
+    sorted for the engine (by model, adapter and bucket: see :func:`order_for_engine`)."""
     requests = validator.validate_table(table)
     counter.add.remote(skipped=progress.skipped(table, requests))
-    return requests
+    return order_for_engine(requests)
 
 
 def encode_counting(table: pa.Table, fmt: str, quality: int, counter: Any) -> pa.Table:
@@ -154,12 +187,13 @@ class DatasetSink(Datasink[sink.WriteReport]):
     """Writes each block as atomic parts; on completion writes the run manifest, then
     regenerates the dataset card (README.md) over all the output's runs."""
 
-    def __init__(self, spec: JobSpec, run_id: str, model_fingerprint: str, started: float):
+    def __init__(self, spec: JobSpec, run_id: str, catalog: Catalog, started: float, counter: Any):
         self._output = spec.output
         self._spec = spec
         self._run_id = run_id
-        self._model_fingerprint = model_fingerprint
+        self._catalog = catalog
         self._started = started
+        self._counter = counter
         self.report: sink.WriteReport | None = None
 
     def write(self, blocks: Iterable[pa.Table], ctx: Any) -> sink.WriteReport:
@@ -176,6 +210,7 @@ class DatasetSink(Datasink[sink.WriteReport]):
         for part in write_result.write_returns:
             report.add(part)
         finished = time.time()
+        counts = ray.get(self._counter.snapshot.remote())
         fs, root = storage.open_url(self._output.url, self._output.storage_options)
         sink.write_manifest(
             fs,
@@ -189,13 +224,20 @@ class DatasetSink(Datasink[sink.WriteReport]):
                 "wall_seconds": finished - self._started,
                 "spec": self._spec.redacted(),
                 "spec_fingerprint": self._spec.fingerprint(),
-                "model_fingerprint": self._model_fingerprint,
+                "model_fingerprint": self._catalog.models[self._catalog.default_model].fingerprint,
+                "models": {
+                    name: {"ref": m.config.ref, "fingerprint": m.fingerprint, "family": m.family.name, "pipeline_class": m.pipeline_class}
+                    for name, m in self._catalog.models.items()
+                },
+                "loras": {name: {"url": a.config.url, "digest": a.digest} for name, a in self._catalog.loras.items()},
                 "versions": sink.library_versions(),
                 "counts": {
                     "input_rows": report.input_rows,
                     "images": report.images,
                     "errors": report.errors,
                     "errors_by_stage": report.errors_by_stage,
+                    "model_loads": counts.model_loads,
+                    "model_swaps": counts.model_swaps,
                 },
                 "parts": sorted(report.parts, key=lambda p: p["path"]),
             },
@@ -292,8 +334,7 @@ def run(spec: JobSpec, stage: type[GenerateStage] = GenerateStage) -> RunSummary
     """
     started = time.time()
     run_id = sink.new_run_id()
-    model_ref.check_weights_format(spec.model)
-    fingerprint = model_ref.fingerprint(spec.model)
+    catalog = build_catalog(spec)
     tables.preflight(spec.input)
     duplicates = find_duplicate_ids(tables.read_input(spec.input), spec.input.id_column) if spec.input.id_column else {}
     # The cluster is checked before the output is touched: a job that cannot run must not
@@ -306,23 +347,27 @@ def run(spec: JobSpec, stage: type[GenerateStage] = GenerateStage) -> RunSummary
     lock = OutputLock.acquire(fs, root, run_id, spec.output.url)
     try:
         committed = prepare_output(spec)
-        validator = Validator(spec, fingerprint, skip=frozenset(committed.request_ids), duplicates=duplicates)
-        return _execute(spec, run_id, fingerprint, validator, started, stage)
+        validator = Validator(spec, catalog, skip=frozenset(committed.request_ids), duplicates=duplicates)
+        return _execute(spec, run_id, catalog, validator, started, stage)
     finally:
         lock.release()
 
 
-def _execute(spec: JobSpec, run_id: str, fingerprint: str, validator: Validator, started: float, stage: type) -> RunSummary:
+def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator, started: float, stage: type) -> RunSummary:
     """The Ray Data pipeline itself; the caller holds the output's lock."""
     rt = spec.runtime
     gpus = actor_gpus(spec)
-    model = engine_model(spec, gpus)
     counter = ProgressActor.remote()
     ds = read_requests(spec, validator, counter)
     ds = ds.repartition(target_num_rows_per_block=rt.batch_size, strict=True)
     ds = ds.map_batches(
         stage,
-        fn_constructor_kwargs={"model": model, "threads": max(1, int(rt.cpus_per_actor))},
+        fn_constructor_kwargs={
+            "catalog": engine_catalog(catalog, gpus),
+            "threads": max(1, int(rt.cpus_per_actor)),
+            "memory_gb": rt.model_memory_gb,
+            "counter": counter,
+        },
         compute=ActorPoolStrategy(size=rt.num_actors),
         num_cpus=rt.cpus_per_actor,
         num_gpus=gpus,
@@ -339,13 +384,14 @@ def _execute(spec: JobSpec, run_id: str, fingerprint: str, validator: Validator,
         zero_copy_batch=True,
     )
     ds = ds.repartition(target_num_rows_per_block=spec.output.rows_per_part, strict=True)
-    datasink = DatasetSink(spec, run_id, fingerprint, started)
+    datasink = DatasetSink(spec, run_id, catalog, started, counter)
     poll = lambda: ray.get(counter.snapshot.remote(), timeout=5)  # noqa: E731
     with progress.ProgressPrinter(poll, tables.count_rows(spec.input), rt.progress_interval_s, sys.stderr) as printer:
         if printer.live:  # Ray Data's own bars would be redrawn over ours
             ray.data.DataContext.get_current().enable_progress_bars = False
         ds.write_datasink(datasink, ray_remote_args={"num_cpus": rt.task_cpus})
     report = datasink.report or sink.WriteReport()
+    counts = poll()
     return RunSummary(
         run_id=run_id,
         output=spec.output.url,
@@ -354,5 +400,7 @@ def _execute(spec: JobSpec, run_id: str, fingerprint: str, validator: Validator,
         errors=report.errors,
         errors_by_stage=report.errors_by_stage,
         wall_seconds=time.time() - started,
+        model_loads=counts.model_loads,
+        model_swaps=counts.model_swaps,
         parts=report.parts,
     )

@@ -67,11 +67,26 @@ def card_text(manifests: list[dict[str, Any]], images_schema: Optional[pa.Schema
     return f"---\n{front}---\n\n" + _body(manifests, spec, in_parts, name)
 
 
+def _run_models(manifest: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(ref, fingerprint, details) of each model a run used; runs before models were named
+    recorded one model in their spec."""
+    if manifest.get("models"):
+        return [(info.get("ref"), info.get("fingerprint"), info) for info in manifest["models"].values()]
+    return [(manifest.get("spec", {}).get("model", {}).get("ref"), manifest.get("model_fingerprint"), {})]
+
+
 def _body(manifests: list[dict[str, Any]], spec: dict[str, Any], in_parts: dict[str, int], name: str) -> str:
     if not manifests:
         return f"# {name}\n\nNo run has committed into this output yet.\n"
     model, defaults, out = spec.get("model", {}), spec.get("defaults", {}), spec.get("output", {})
-    models = sorted({(m.get("spec", {}).get("model", {}).get("ref"), m.get("model_fingerprint")) for m in manifests})
+    models = sorted(
+        {
+            (ref, fp, info.get("family") or "?")
+            for m in manifests
+            for ref, fp, info in _run_models(m)
+        }
+    )
+    loras = sorted({(name, info.get("digest")) for m in manifests for name, info in m.get("loras", {}).items()})
     totals = {key: sum(m["counts"][key] for m in manifests) for key in ("input_rows", "images", "errors")}
     by_stage: dict[str, int] = {}
     for m in manifests:
@@ -99,7 +114,8 @@ def _body(manifests: list[dict[str, Any]], spec: dict[str, Any], in_parts: dict[
         "",
         "| | |",
         "|---|---|",
-        "| model | " + "; ".join(f"`{ref}` (fingerprint `{fp}`)" for ref, fp in models) + " |",
+        "| model | " + "; ".join(f"`{ref}` ({family}, fingerprint `{fp}`)" for ref, fp, family in models) + " |",
+        *([("| LoRA adapters | " + "; ".join(f"`{n}` (digest `{d}`)" for n, d in loras) + " |")] if loras else []),
         f"| revision, dtype, scheduler | {model.get('revision')}, {model.get('dtype')}, {model.get('scheduler') or 'the model default'} |",
         f"| default size | {defaults.get('width')}x{defaults.get('height')} |",
         f"| default steps, guidance scale | {defaults.get('steps')}, {defaults.get('guidance_scale')} |",

@@ -18,6 +18,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import SpecError
+from pipeline.families import FamilyName
 from pipeline.storage import absolute_if_local
 
 InputFormat = Literal["parquet", "csv", "tsv", "jsonl", "json"]
@@ -38,7 +39,19 @@ _FORMAT_BY_SUFFIX: dict[str, InputFormat] = {
 
 # The per-row parameters: a prompt-table column of the same name (or mapped through
 # `input.columns`) overrides the default for that row.
-ROW_PARAMETERS = ("width", "height", "steps", "guidance_scale", "negative_prompt", "num_images", "seed")
+ROW_PARAMETERS = (
+    "width",
+    "height",
+    "steps",
+    "guidance_scale",
+    "negative_prompt",
+    "num_images",
+    "seed",
+    "max_sequence_length",
+    "model",
+    "lora",
+    "lora_scale",
+)
 
 
 # Local paths become absolute: Ray workers do not share the driver's working directory.
@@ -118,9 +131,13 @@ class ModelConfig(_Section):
     """The diffusers pipeline each engine actor keeps resident.
 
     ``ref`` is ``tiny`` (a random-weight Stable Diffusion built offline, for tests and the
-    demo), a local diffusers folder, an ``s3://`` (or other fsspec) prefix holding one, or a
-    Hugging Face hub id (``org/name`` at ``revision``). All go through the same
-    ``from_pretrained`` path. ``dtype: auto`` is float16 on CUDA and float32 on CPU.
+    demo; ``tiny-sdxl``, ``tiny-sd3`` and ``tiny-flux`` are the same for the other
+    families), a local diffusers folder, an ``s3://`` (or other fsspec) prefix holding one,
+    or a Hugging Face hub id (``org/name`` at ``revision``). All go through the same
+    ``from_pretrained`` path. ``family`` (sd, sdxl, sd3, flux) decides which row parameters
+    the model takes; unset, it is read from the model's ``model_index.json`` before the job
+    starts (set it for a hub model when the driver has no network access).
+    ``dtype: auto`` is float16 on CUDA and float32 on CPU.
     ``scheduler`` swaps the pipeline's scheduler for a named one; unset keeps the model's.
     Weights load from safetensors only unless ``allow_pickle`` is set. ``storage_options``
     reach the remote prefix (credentials, ``endpoint_url``); remote weights are copied once
@@ -129,6 +146,7 @@ class ModelConfig(_Section):
 
     ref: str = "tiny"
     revision: str = "main"
+    family: Optional[FamilyName] = None
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     scheduler: Optional[SchedulerName] = None
@@ -138,6 +156,21 @@ class ModelConfig(_Section):
     cache_dir: str = Field(default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "imagegen"))
 
 
+class LoraConfig(_Section):
+    """A LoRA adapter rows can name in their ``lora`` column.
+
+    ``url`` is a ``.safetensors`` file in diffusers' LoRA format (what
+    ``load_lora_weights`` reads), local or remote (``s3://``...; copied once per node into
+    the model cache). ``scale`` is the weight of rows that give no ``lora_scale``. The
+    file's content digest enters the request id of every image made with it, so replacing
+    the file makes new images instead of reusing old ones.
+    """
+
+    url: StorageURL
+    scale: float = Field(1.0, ge=-10, le=10)
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
 class Defaults(_Section):
     """Generation parameters for rows that do not carry their own.
 
@@ -145,6 +178,14 @@ class Defaults(_Section):
     from this and the row's identity (its id, else its file and position), never from
     where it lands in a batch. Image ``k`` of a row made with ``num_images > 1`` uses
     seed ``base + k``.
+
+    ``model`` names the model (a key of ``models``) of rows without a ``model`` value; it
+    may be left unset when the spec has one model. ``lora`` is the adapter of rows without
+    a ``lora`` value (unset: none). ``max_sequence_length`` (T5 tokens) applies to SD3
+    and FLUX models; unset, each takes its family's default (256 and 512). A default that
+    a row's family does not take (``negative_prompt`` for FLUX, ``max_sequence_length``
+    for SD and SDXL) is not applied to that row; the same value in the row's own column
+    is an error, since it would be silently ignored.
     """
 
     width: int = Field(512, ge=1)
@@ -154,6 +195,9 @@ class Defaults(_Section):
     negative_prompt: str = ""
     num_images: int = Field(1, ge=1)
     seed: int = Field(0, ge=0, lt=2**63)
+    max_sequence_length: Optional[int] = Field(None, ge=1)
+    model: Optional[str] = None
+    lora: Optional[str] = None
 
 
 class Limits(_Section):
@@ -204,7 +248,9 @@ class RuntimeConfig(_Section):
     of each read/validate, encode and write task. Every stage's CPU request is explicit: with Ray's default of 1 CPU per actor, a small machine can give every CPU to
     the actors and starve the read task forever. ``progress_interval_s`` is the time
     between progress lines when stderr is not a terminal (logs, CI); on a terminal one
-    progress line is redrawn in place.
+    progress line is redrawn in place. ``model_memory_gb`` bounds the models one engine
+    actor keeps loaded when the spec has several (least recently used out first); unset,
+    half the actor's device memory (GPU memory on CUDA, RAM on CPU).
     """
 
     address: Optional[str] = None
@@ -214,6 +260,7 @@ class RuntimeConfig(_Section):
     batch_size: int = Field(8, ge=1)
     task_cpus: float = Field(0.5, gt=0)
     progress_interval_s: float = Field(10.0, gt=0)
+    model_memory_gb: Optional[float] = Field(None, gt=0)
 
 
 class ServeConfig(_Section):
@@ -278,11 +325,19 @@ class PlanConfig(_Section):
 
 
 class JobSpec(_Section):
-    """A whole job: input, model, defaults, limits, output, runtime, the online front (serve),
-    and the inputs of the estimate ``imagegen validate`` prints (plan)."""
+    """A whole job: input, model (or several ``models``), LoRA adapters, defaults, limits,
+    output, runtime, the online front (serve), and the inputs of the estimate ``imagegen
+    validate`` prints (plan).
+
+    One model: the ``model`` section; its name in the output is its ``ref``. Several:
+    ``models: {name: {ref, dtype, ...}}``, a ``model`` column picking one per row and
+    ``defaults.model`` the rest. Use one form or the other, not both.
+    """
 
     input: InputConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    loras: dict[str, LoraConfig] = Field(default_factory=dict)
     defaults: Defaults = Field(default_factory=Defaults)
     limits: Limits = Field(default_factory=Limits)
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -307,17 +362,39 @@ class JobSpec(_Section):
             value = getattr(d, name)
             if value % lim.size_multiple:
                 problems.append(f"defaults.{name}={value} is not a multiple of limits.size_multiple={lim.size_multiple}")
-        if self.model.device == "cuda" and self.runtime.gpus_per_actor == 0:
+        if self.models and "model" in self.model_fields_set:
+            problems.append("set either model (one model) or models (several, by name), not both")
+        names = list(self.named_models())
+        if d.model is not None and d.model not in names:
+            problems.append(f"defaults.model={d.model!r} is not a model of this spec; allowed: {', '.join(names)}")
+        if d.model is None and len(names) > 1:
+            problems.append(f"defaults.model is needed with several models (rows without a model column use it); allowed: {', '.join(names)}")
+        if d.lora is not None and d.lora not in self.loras:
+            allowed = ", ".join(self.loras) or "none: add a loras section"
+            problems.append(f"defaults.lora={d.lora!r} is not in loras; allowed: {allowed}")
+        devices = {m.device for m in self.named_models().values()}
+        if "cuda" in devices and self.runtime.gpus_per_actor == 0:
             problems.append("model.device is cuda but runtime.gpus_per_actor is 0; give each actor a GPU or use device cpu")
+        if len(devices) > 1:
+            problems.append(f"all models must share one device (the engine actors' resources are one); got {sorted(devices)}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
+    def named_models(self) -> dict[str, ModelConfig]:
+        """The spec's models by name: ``models``, or the one ``model`` named by its ref."""
+        return dict(self.models) if self.models else {self.model.ref: self.model}
+
+    def default_model(self) -> str:
+        """The name of the model of rows that do not pick one."""
+        return self.defaults.model or next(iter(self.named_models()))
+
     def redacted(self) -> dict[str, Any]:
         """The spec as plain data with storage credentials removed, for manifests and logs."""
         data = self.model_dump(mode="json")
-        for section in ("input", "output", "model"):
-            data[section]["storage_options"] = {k: "<redacted>" for k in data[section]["storage_options"]}
+        sections = [data["input"], data["output"], data["model"], *data["models"].values(), *data["loras"].values()]
+        for section in sections:
+            section["storage_options"] = {k: "<redacted>" for k in section["storage_options"]}
         return data
 
     def fingerprint(self) -> str:

@@ -12,6 +12,11 @@ Trade-offs worth knowing:
   single rows (this also answers CUDA out-of-memory by shrinking the batch). A row that
   fails alone, or whose image comes out NaN, gets an error result; its neighbours are
   still generated.
+- **LoRA adapters are loaded once and switched per call.** A group (one diffusers call)
+  shares one adapter setting; each adapter named by a request is loaded into the pipeline
+  on first use under its digest and stays, inactive when a call names no adapter
+  (``disable_lora``). An adapter that does not fit the model fails its rows with a
+  :class:`AdapterError` and is not retried in halves.
 """
 
 from __future__ import annotations
@@ -19,13 +24,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
 from pipeline import model_ref
 from pipeline.batching import group_by_bucket, halves
-from pipeline.config import ModelConfig
+from pipeline.config import LoraConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +84,10 @@ class ImageIsNaN(RuntimeError):
     """The pipeline produced NaN pixels (often float16 overflow in the VAE)."""
 
 
+class AdapterError(RuntimeError):
+    """A LoRA adapter that cannot be used with this engine's model."""
+
+
 def resolve_device(config: ModelConfig) -> str:
     import torch
 
@@ -99,7 +108,7 @@ class Engine:
     in order, never raising for a single row's failure.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, adapters: Optional[Mapping[str, LoraConfig]] = None):
         import torch
         import diffusers
         import transformers
@@ -109,6 +118,10 @@ class Engine:
             library.logging.set_verbosity_error()
             library.logging.disable_progress_bar()
         self.config = config
+        # LoRA adapters requests may name, by digest; loaded on first use.
+        self.adapters = dict(adapters or {})
+        self._loaded_adapters: set[str] = set()
+        self._adapter_setting: Optional[tuple[str, float]] = None
         self.device = resolve_device(config)
         dtype_name = config.dtype if config.dtype != "auto" else ("float16" if self.device == "cuda" else "float32")
         self.dtype = getattr(torch, dtype_name)
@@ -136,6 +149,7 @@ class Engine:
         denoiser_name = "unet" if hasattr(self.pipe, "unet") else "transformer"
         if options.fuse_qkv and hasattr(self.pipe, "fuse_qkv_projections"):
             self.pipe.fuse_qkv_projections()
+            self._qkv_fused = True
         if options.channels_last:
             for name in (denoiser_name, "vae"):
                 getattr(self.pipe, name).to(memory_format=torch.channels_last)
@@ -161,6 +175,12 @@ class Engine:
 
     def _run(self, requests, group: list[int], results) -> None:
         batch = [requests[i] for i in group]
+        try:
+            self._use_adapter(batch[0].lora, batch[0].lora_scale)
+        except AdapterError as exc:
+            for index in group:
+                results[index] = GenerationResult(error_type=type(exc).__name__, error_message=str(exc))
+            return
         start = time.perf_counter()
         try:
             images = self._call(batch)
@@ -219,8 +239,48 @@ class Engine:
         position = {text: i for i, text in enumerate(distinct)}
         return states[[position[text] for text in texts]]
 
+    def _use_adapter(self, digest: Optional[str], scale: float) -> None:
+        """Make ``digest`` at ``scale`` the pipeline's one active adapter (None: no adapter)."""
+        setting = (digest, scale) if digest else None
+        if setting == self._adapter_setting:
+            return
+        if digest is None:
+            self.pipe.disable_lora()
+        else:
+            if digest not in self._loaded_adapters:
+                self._load_adapter(digest)
+            self.pipe.enable_lora()
+            self.pipe.set_adapters([_adapter_name(digest)], adapter_weights=[scale])
+        self._adapter_setting = setting
+
+    def _load_adapter(self, digest: str) -> None:
+        from safetensors.torch import load_file
+
+        from pipeline import adapters
+
+        config = self.adapters.get(digest)
+        if config is None:
+            raise AdapterError(f"no adapter with digest {digest} was given to this engine; it must come from the spec's loras")
+        try:
+            state = load_file(adapters.materialize(config, digest, self.config.cache_dir))
+            if getattr(self, "_qkv_fused", False):
+                # Adapters target the separate q/k/v projections that fusing replaced.
+                self.pipe.unfuse_qkv_projections()
+                self._qkv_fused = False
+            self.pipe.load_lora_weights(state, adapter_name=_adapter_name(digest))
+        except Exception as exc:  # noqa: BLE001 - any failure here means the adapter does not fit
+            raise AdapterError(
+                f"LoRA {config.url} cannot be loaded into model {self.config.ref} ({type(self.pipe).__name__}): "
+                f"{type(exc).__name__}: {exc}. Check that the adapter was trained for this model family"
+            ) from None
+        self._loaded_adapters.add(digest)
+
     def _after_failure(self, exc: Exception) -> None:
         import torch
 
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             torch.cuda.empty_cache()
+
+
+def _adapter_name(digest: str) -> str:
+    return f"lora_{digest}"

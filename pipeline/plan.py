@@ -18,7 +18,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pipeline import model_ref, sink, storage, tables
+from pipeline import sink, storage, tables
+from pipeline.catalog import build_catalog
 from pipeline import schema as S
 from pipeline.config import JobSpec, PlanConfig, ThroughputEntry
 from pipeline.validate import PROBLEMS, Validator, find_duplicate_ids
@@ -140,14 +141,13 @@ def make_plan(spec: JobSpec) -> Plan:
     reference, input columns, duplicate ids; raising :class:`~pipeline.errors.ImagegenError`
     as the job would), then every row validated. Reads the output only to learn what an
     incremental run would skip; never writes."""
-    model_ref.check_weights_format(spec.model)
-    model_fingerprint = model_ref.fingerprint(spec.model)
+    catalog = build_catalog(spec)
     tables.preflight(spec.input)
     inp = spec.input
     duplicates = find_duplicate_ids(tables.read_input(inp), inp.id_column) if inp.id_column else {}
     plan = Plan(input_url=inp.url, num_actors=spec.runtime.num_actors, price_per_gpu_hour=spec.plan.price_per_gpu_hour)
     committed = _committed_ids(spec, plan)
-    validator = Validator(spec, model_fingerprint, duplicates=duplicates)
+    validator = Validator(spec, catalog, duplicates=duplicates)
     reasons: Counter[str] = Counter()
     examples: dict[str, str] = {}
     buckets: dict[tuple, Bucket] = {}
@@ -176,7 +176,9 @@ def make_plan(spec: JobSpec) -> Plan:
     plan.reasons = [Reason(text, n, examples[text]) for text, n in reasons.most_common(TOP_REASONS)]
     table = throughput_table(spec.plan)
     for bucket in sorted(buckets.values(), key=lambda b: (b.model, b.width, b.height, b.steps)):
-        bucket.rate = rate_for(table, bucket.model, bucket.width, bucket.height, bucket.steps)
+        # Throughput entries name a model by its ref; buckets by the spec's name for it.
+        ref = catalog.models[bucket.model].config.ref
+        bucket.rate = rate_for(table, ref, bucket.width, bucket.height, bucket.steps)
         plan.buckets.append(bucket)
     return plan
 

@@ -11,6 +11,7 @@ Pure: no Ray import; the poll is any callable returning the counter's snapshot.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import threading
 import time
@@ -33,12 +34,15 @@ _BAR_WIDTH = 24
 @dataclass(frozen=True)
 class Counts:
     """Input rows finished (imaged or rejected) this run, images and error rows among them,
-    and rows skipped because an earlier run already committed them."""
+    rows skipped because an earlier run already committed them, and the engine actors'
+    model loads and swaps (loads that evicted another model)."""
 
     rows: int = 0
     images: int = 0
     errors: int = 0
     skipped: int = 0
+    model_loads: int = 0
+    model_swaps: int = 0
 
     @property
     def done(self) -> int:
@@ -51,9 +55,10 @@ class ProgressCounter:
     def __init__(self) -> None:
         self._counts = Counts()
 
-    def add(self, rows: int = 0, images: int = 0, errors: int = 0, skipped: int = 0) -> None:
+    def add(self, **increments: int) -> None:
+        """Add to the named counts (fields of :class:`Counts`)."""
         c = self._counts
-        self._counts = Counts(c.rows + rows, c.images + images, c.errors + errors, c.skipped + skipped)
+        self._counts = dataclasses.replace(c, **{name: getattr(c, name) + n for name, n in increments.items()})
 
     def snapshot(self) -> Counts:
         return self._counts

@@ -25,8 +25,14 @@ HEIGHT = "height"
 STEPS = "steps"
 GUIDANCE_SCALE = "guidance_scale"
 SCHEDULER = "scheduler"
-MODEL = "model"
+MAX_SEQUENCE_LENGTH = "max_sequence_length"
+MODEL = "model"  # the model's name in the spec (its ref when the spec has one model)
 MODEL_FINGERPRINT = "model_fingerprint"
+MODEL_FAMILY = "model_family"
+PIPELINE_CLASS = "pipeline_class"
+LORA = "lora"  # the adapter's name in the spec's loras; null without one
+LORA_SCALE = "lora_scale"
+LORA_DIGEST = "lora_digest"
 
 # Failure, set by whichever stage rejected the row.
 ERROR_STAGE = "error_stage"
@@ -78,9 +84,15 @@ REQUEST_FIELDS = [
     pa.field(HEIGHT, pa.int32()),
     pa.field(STEPS, pa.int32()),
     pa.field(GUIDANCE_SCALE, pa.float64()),
+    pa.field(MAX_SEQUENCE_LENGTH, pa.int32()),
     pa.field(SCHEDULER, pa.string()),
     pa.field(MODEL, pa.string()),
     pa.field(MODEL_FINGERPRINT, pa.string()),
+    pa.field(MODEL_FAMILY, pa.string()),
+    pa.field(PIPELINE_CLASS, pa.string()),
+    pa.field(LORA, pa.string()),
+    pa.field(LORA_SCALE, pa.float64()),
+    pa.field(LORA_DIGEST, pa.string()),
 ]
 
 ERROR_FIELDS = [

@@ -13,9 +13,10 @@ HTTP contract (``POST {route_prefix}v1/images/generations``):
 
 - body: ``prompt`` (required), ``n`` (-> ``num_images``), ``size`` (``"WIDTHxHEIGHT"``),
   ``response_format`` (only ``b64_json``, also the default), and the extensions ``seed``,
-  ``negative_prompt``, ``steps``, ``guidance_scale`` and ``id``. ``model`` and ``user``
-  are accepted for OpenAI clients; ``model``, when given, must name the served model.
-  Any other field is an error. Absent fields take the spec's ``defaults``.
+  ``negative_prompt``, ``steps``, ``guidance_scale``, ``max_sequence_length``, ``lora``,
+  ``lora_scale`` and ``id``. ``model`` names one of the spec's models (as a prompt
+  table's ``model`` column does; ``GET /v1/models`` lists them); ``user`` is accepted for
+  OpenAI clients. Any other field is an error. Absent fields take the spec's ``defaults``.
 - identity: with ``id``, the row identity is ``id:<id>``, exactly that of a batch row whose
   ``input.id_column`` holds ``<id>``. Without it, the id is :func:`default_id` of the prompt
   (``prompt-`` + 16 hex digits of its SHA-256): the same prompt always gets the same
@@ -55,11 +56,11 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
-from pipeline import model_ref
 from pipeline import schema as S
-from pipeline.batch import GenerateStage, actor_gpus, connect, engine_model
+from pipeline.batch import GenerateStage, actor_gpus, connect, engine_catalog
 from pipeline.batching import group_by_bucket
-from pipeline.config import InputConfig, JobSpec, ModelConfig, load_spec
+from pipeline.catalog import Catalog, build_catalog
+from pipeline.config import InputConfig, JobSpec, load_spec
 from pipeline.errors import ImagegenError
 from pipeline.stages import encode_table, to_generation_requests
 from pipeline.validate import PROBLEMS, REQUEST_SCHEMA, Validator
@@ -80,8 +81,12 @@ _BODY_TO_ROW = {
     "steps": "steps",
     "guidance_scale": "guidance_scale",
     "seed": "seed",
+    "max_sequence_length": "max_sequence_length",
+    "model": "model",
+    "lora": "lora",
+    "lora_scale": "lora_scale",
 }
-_ACCEPTED_FIELDS = frozenset({*_BODY_TO_ROW, "size", "response_format", "id", "model", "user"})
+_ACCEPTED_FIELDS = frozenset({*_BODY_TO_ROW, "size", "response_format", "id", "user"})
 # Row columns that the API names differently.
 _ROW_TO_BODY = {"num_images": "n", "width": "size", "height": "size"}
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
@@ -110,17 +115,15 @@ def serving_spec(spec: JobSpec) -> JobSpec:
     return spec.model_copy(update={"input": HTTP_INPUT})
 
 
-def body_to_row(body: dict[str, Any], served_model: str) -> tuple[dict[str, Any], list[tuple[Optional[str], str]]]:
+def body_to_row(body: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[Optional[str], str]]]:
     """An images-API body -> the raw row the batch job would read for it, and the problems
-    that are HTTP's own (unknown fields, ``size`` syntax, ``response_format``, ``model``,
-    the type of ``id``). Every generation parameter is left to the Validator."""
+    that are HTTP's own (unknown fields, ``size`` syntax, ``response_format``, the type of
+    ``id``). Every generation parameter, the model among them, is left to the Validator."""
     problems: list[tuple[Optional[str], str]] = []
     for name in sorted(set(body) - _ACCEPTED_FIELDS):
         problems.append((name, f"{name}: unknown field; allowed: {', '.join(sorted(_ACCEPTED_FIELDS))}"))
     if body.get("response_format") not in (None, "b64_json"):
         problems.append(("response_format", f"response_format: only 'b64_json' is supported, got {body['response_format']!r}"))
-    if body.get("model") not in (None, served_model):
-        problems.append(("model", f"model: this server serves {served_model!r}, got {body['model']!r}"))
 
     row: dict[str, Any] = {S.INPUT_SOURCE: HTTP_SOURCE, S.INPUT_ROW: 0, "prompt": body.get("prompt")}
     for field, column in _BODY_TO_ROW.items():
@@ -144,13 +147,13 @@ def body_to_row(body: dict[str, Any], served_model: str) -> tuple[dict[str, Any]
     return row, problems
 
 
-def validate_request(validator: Validator, body: Any, served_model: str) -> list[dict[str, Any]]:
+def validate_request(validator: Validator, body: Any) -> list[dict[str, Any]]:
     """An images-API body -> one validated request per image, made by the batch job's
     ``validate_row``. Raises :class:`RequestError` naming every bad field, HTTP's and the
     Validator's together."""
     if not isinstance(body, dict):
         raise RequestError([(None, f"the request body must be a JSON object, got {type(body).__name__}")])
-    row, problems = body_to_row(body, served_model)
+    row, problems = body_to_row(body)
     requests = validator.validate_row(row)
     if requests[0].get(S.ERROR_STAGE):
         problems += [_as_body_problem(column, message) for column, message in requests[0][PROBLEMS]]
@@ -196,6 +199,12 @@ def _image_item(row: dict[str, Any]) -> dict[str, Any]:
         "scheduler": row[S.SCHEDULER],
         "model": row[S.MODEL],
         "model_fingerprint": row[S.MODEL_FINGERPRINT],
+        "model_family": row[S.MODEL_FAMILY],
+        "pipeline_class": row[S.PIPELINE_CLASS],
+        "max_sequence_length": row[S.MAX_SEQUENCE_LENGTH],
+        "lora": row[S.LORA],
+        "lora_scale": row[S.LORA_SCALE],
+        "lora_digest": row[S.LORA_DIGEST],
         "format": row[S.IMAGE_FORMAT],
         "sha256": row[S.SHA256],
         "generation_seconds": row[S.GENERATION_SECONDS],
@@ -218,11 +227,11 @@ class ImageServer:
     uniform diffusers calls by bucket key, as in the batch job.
     """
 
-    def __init__(self, spec: JobSpec, engine_model: ModelConfig, model_fingerprint: str, threads: int):
+    def __init__(self, spec: JobSpec, catalog: Catalog, threads: int):
         self.spec = spec
-        self.model_fingerprint = model_fingerprint
-        self.validator = Validator(serving_spec(spec), model_fingerprint)
-        self.stage = GenerateStage(engine_model, threads)
+        self.catalog = catalog
+        self.validator = Validator(serving_spec(spec), catalog)
+        self.stage = GenerateStage(catalog, threads, spec.runtime.model_memory_gb)
         self.started = int(time.time())
         self._generate.set_max_batch_size(spec.serve.max_batch_size)
         self._generate.set_batch_wait_timeout_s(spec.serve.batch_wait_timeout_s)
@@ -234,7 +243,7 @@ class ImageServer:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return _error(400, "invalid_request_error", [(None, f"the request body is not valid JSON: {exc}")])
         try:
-            requests = validate_request(self.validator, body, self.spec.model.ref)
+            requests = validate_request(self.validator, body)
         except RequestError as exc:
             return _error(400, "invalid_request_error", exc.problems)
         rows = await asyncio.gather(*(self._generate(r) for r in requests))
@@ -253,19 +262,25 @@ class ImageServer:
             "object": "list",
             "data": [
                 {
-                    "id": self.spec.model.ref,
+                    "id": name,
                     "object": "model",
                     "created": self.started,
                     "owned_by": "imagegen",
-                    "fingerprint": self.model_fingerprint,
-                    "scheduler": self.stage.engine.scheduler_name,
+                    "ref": entry.config.ref,
+                    "fingerprint": entry.fingerprint,
+                    "family": entry.family.name,
+                    "pipeline_class": entry.pipeline_class,
+                    "default": name == self.catalog.default_model,
+                    "loaded": name in self.stage.models.resident,
                 }
+                for name, entry in self.catalog.models.items()
             ],
         }
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
-        return {"status": "ok", "model": self.spec.model.ref, "model_fingerprint": self.model_fingerprint}
+        default = self.catalog.models[self.catalog.default_model]
+        return {"status": "ok", "model": default.name, "model_fingerprint": default.fingerprint}
 
     # The decorator needs literals; __init__ replaces them with the spec's serve settings.
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
@@ -276,7 +291,7 @@ class ImageServer:
 
     def _generate_now(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         table = pa.Table.from_pylist(requests, schema=REQUEST_SCHEMA)
-        pending, engine_requests = to_generation_requests(table)
+        pending, engine_requests, _ = to_generation_requests(table)
         bucket_size = [0] * len(requests)
         for group in group_by_bucket(engine_requests):
             for member in group:
@@ -296,7 +311,7 @@ def build_app(spec: JobSpec) -> Application:
     job's engine actors). Needs a connected Ray when ``model.device`` is ``auto``."""
     sv, rt = spec.serve, spec.runtime
     gpus = actor_gpus(spec)
-    model = engine_model(spec, gpus)
+    catalog = engine_catalog(build_catalog(spec), gpus)
     deployment = ImageServer.options(
         max_ongoing_requests=sv.max_ongoing_requests,
         max_queued_requests=sv.max_queued_requests,
@@ -310,7 +325,7 @@ def build_app(spec: JobSpec) -> Application:
         ray_actor_options={"num_cpus": rt.cpus_per_actor, "num_gpus": gpus},
     )
     # Same thread count as the batch job's engine actors: CPU pixels then match exactly.
-    return deployment.bind(spec, model, model_ref.fingerprint(spec.model), max(1, int(rt.cpus_per_actor)))
+    return deployment.bind(spec, catalog, max(1, int(rt.cpus_per_actor)))
 
 
 class AppArgs(BaseModel):
@@ -360,7 +375,7 @@ def serve_until_interrupted(spec: JobSpec, announce: Callable[[str], None] = pri
     previous = _on_sigterm(stop.set)
     try:
         url = start(spec)
-        announce(f"serving {spec.model.ref} at {url}/v1/images/generations (Ctrl-C to stop)")
+        announce(f"serving {', '.join(spec.named_models())} at {url}/v1/images/generations (Ctrl-C to stop)")
         # A bounded wait keeps Ctrl-C responsive: the main thread sees KeyboardInterrupt
         # between waits on every platform.
         while not stop.wait(timeout=1.0):

@@ -15,7 +15,8 @@ import pyarrow as pa
 
 from pipeline import schema as S
 from pipeline.encode import encode_image, sha256_hex
-from pipeline.engine import Engine, GenerationRequest
+from pipeline.engine import GenerationRequest, GenerationResult
+from pipeline.model_cache import ModelCache
 
 _EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
 
@@ -39,10 +40,26 @@ def _mark_failed(errors: dict[int, tuple[str, str]], stage: str, table: pa.Table
     return table
 
 
-def to_generation_requests(table: pa.Table) -> tuple[list[int], list[GenerationRequest]]:
-    """The rows still to generate (no error so far) and their engine requests."""
-    fields = (S.PROMPT, S.NEGATIVE_PROMPT, S.SEED, S.WIDTH, S.HEIGHT, S.STEPS, S.GUIDANCE_SCALE, S.ERROR_STAGE)
-    rows = table.select(list(fields)).to_pylist()
+_REQUEST_COLUMNS = (
+    S.PROMPT,
+    S.NEGATIVE_PROMPT,
+    S.SEED,
+    S.WIDTH,
+    S.HEIGHT,
+    S.STEPS,
+    S.GUIDANCE_SCALE,
+    S.MAX_SEQUENCE_LENGTH,
+    S.LORA_DIGEST,
+    S.LORA_SCALE,
+    S.MODEL,
+    S.ERROR_STAGE,
+)
+
+
+def to_generation_requests(table: pa.Table) -> tuple[list[int], list[GenerationRequest], list[str]]:
+    """The rows still to generate (no error so far), their engine requests, and the name
+    of the model each is for."""
+    rows = table.select(list(_REQUEST_COLUMNS)).to_pylist()
     pending = [i for i, row in enumerate(rows) if row[S.ERROR_STAGE] is None]
     requests = [
         GenerationRequest(
@@ -53,28 +70,42 @@ def to_generation_requests(table: pa.Table) -> tuple[list[int], list[GenerationR
             height=rows[i][S.HEIGHT],
             steps=rows[i][S.STEPS],
             guidance_scale=rows[i][S.GUIDANCE_SCALE],
+            max_sequence_length=rows[i][S.MAX_SEQUENCE_LENGTH],
+            lora=rows[i][S.LORA_DIGEST],
+            lora_scale=rows[i][S.LORA_SCALE] if rows[i][S.LORA_SCALE] is not None else 1.0,
         )
         for i in pending
     ]
-    return pending, requests
+    return pending, requests, [rows[i][S.MODEL] for i in pending]
 
 
-def generate_table(engine: Engine, table: pa.Table, actor_id: str, node_id: str) -> pa.Table:
-    """Run the engine over a batch; add pixels, timings and placement columns."""
+def _failure(exc: Exception) -> tuple[str, str]:
+    return type(exc).__name__, "".join(traceback.format_exception_only(type(exc), exc)).strip()
+
+
+def generate_table(models: ModelCache, table: pa.Table, actor_id: str, node_id: str) -> pa.Table:
+    """Run each row's model over a batch, one model at a time (in first-seen order, so an
+    actor switches models at most once per model per batch); add pixels, timings and
+    placement columns. A model that cannot be loaded fails its rows, not the batch."""
     n = table.num_rows
     pixels: list = [None] * n
     seconds: list = [None] * n
     tokens: list = [None] * n
     truncated: list = [None] * n
     errors: dict[int, tuple[str, str]] = {}
-    pending, requests = to_generation_requests(table)
-    try:
-        results = engine.generate(requests)
-    except Exception as exc:  # noqa: BLE001 - an engine bug still fails rows, not the job
-        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        results = []
-        errors = {i: (type(exc).__name__, detail) for i in pending}
-    for i, result in zip(pending, results):
+    pending, requests, names = to_generation_requests(table)
+    by_model: dict[str, list[int]] = {}
+    for position, name in enumerate(names):
+        by_model.setdefault(name, []).append(position)
+    done: list[tuple[int, GenerationResult]] = []
+    for name, positions in by_model.items():
+        try:
+            results = models.get(name).generate([requests[p] for p in positions])
+        except Exception as exc:  # noqa: BLE001 - a load failure or engine bug fails rows, not the job
+            errors.update({pending[p]: _failure(exc) for p in positions})
+            continue
+        done.extend((pending[p], result) for p, result in zip(positions, results))
+    for i, result in done:
         seconds[i] = result.seconds
         tokens[i], truncated[i] = result.prompt_tokens, result.prompt_truncated
         if result.ok:

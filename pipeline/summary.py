@@ -14,6 +14,7 @@ def format_summary(s: RunSummary) -> str:
         f"  rows in      {s.input_rows}",
         f"  images out   {s.images}  ({s.images_per_second:.2f} images/s)",
         f"  errors       {s.errors}  ({by_stage})",
+        f"  model loads  {s.model_loads}  ({s.model_swaps} swaps, {s.swaps_per_1000_images:.1f} per 1000 images)",
         f"  output       {s.output}",
         f"                 images/  {images_parts} new part(s)",
         f"                 errors/  {errors_parts} new part(s)",

@@ -12,7 +12,8 @@ Contracts (see ARCHITECTURE.md):
   the identity, never from batch position. Image ``k`` of a row uses ``base + k``.
 - **Request id**: a digest of the identity, the image index and everything that decides
   the pixels (prompt, negative prompt, seed, size, steps, guidance, scheduler, model
-  fingerprint). Change any of them and the id changes; rerun the same spec and it does not.
+  fingerprint, and when set the T5 sequence length and the LoRA digest and scale).
+  Change any of them and the id changes; rerun the same spec and it does not.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 import pyarrow as pa
 
 from pipeline import schema as S
+from pipeline.catalog import AdapterEntry, Catalog, ModelEntry
 from pipeline.config import ROW_PARAMETERS, JobSpec
 from pipeline.tables import READ_ERROR
 
@@ -78,15 +80,17 @@ def find_duplicate_ids(chunks: Iterable[pa.Table], id_column: str) -> dict[str, 
 class Validator:
     """Checks rows against one job spec. Build once per job (or per actor) and reuse.
 
-    ``model_fingerprint`` identifies the weights (see :mod:`pipeline.model_ref`); it goes
-    into every request id so a different model never reuses an image. Requests whose id
-    is in ``skip`` (committed by an earlier run) are dropped from the stream. ``duplicates``
+    ``catalog`` holds the spec's models and adapters as resolved on the driver (see
+    :mod:`pipeline.catalog`): a row's model decides which parameters it may set (its
+    family), and the model's fingerprint and the adapter's digest go into every request
+    id, so a different model or adapter never reuses an image. Requests whose id is in
+    ``skip`` (committed by an earlier run) are dropped from the stream. ``duplicates``
     maps the position (``source#row``) of each repeat of an id to the id's first position
     (see :func:`find_duplicate_ids`); a repeat is rejected, the first occurrence is not.
     """
 
     spec: JobSpec
-    model_fingerprint: str
+    catalog: Catalog
     skip: frozenset[str] = frozenset()
     duplicates: Mapping[str, str] = field(default_factory=dict)
 
@@ -97,17 +101,11 @@ class Validator:
         row whose ``error_stage`` is set and whose ``error_message`` lists every problem.
         A rejected row also carries :data:`PROBLEMS`: ``(parameter, message)`` pairs, for
         fronts that report each field on its own (not written to the dataset)."""
-        spec, inp = self.spec, self.spec.input
+        inp = self.spec.input
         source, row = str(raw.get(S.INPUT_SOURCE, "")), int(raw.get(S.INPUT_ROW) or 0)
-        base = {
-            S.SOURCE: source,
-            S.ROW_INDEX: row,
-            S.IMAGE_INDEX: 0,
-            S.MODEL: spec.model.ref,
-            S.MODEL_FINGERPRINT: self.model_fingerprint,
-            S.SCHEDULER: spec.model.scheduler or "default",
-        }
         problems: list[tuple[str | None, str]] = []
+        model = self._model(raw.get(inp.column_for("model")), problems)
+        base = {S.SOURCE: source, S.ROW_INDEX: row, S.IMAGE_INDEX: 0, **_model_columns(model)}
         if raw.get(READ_ERROR):
             return [self._reject(base, raw, f"{source}#{row}", S.STAGE_READ, "ReadError", [(None, raw[READ_ERROR])])]
 
@@ -127,23 +125,68 @@ class Validator:
             identity = f"row:{display_id}"
         base[S.ID] = display_id
 
-        params = self._params(raw, problems)
+        params = self._params(raw, model, problems)
+        adapter, lora_scale = self._adapter(raw, problems)
         if problems:
             return [self._reject(base, raw, identity, S.STAGE_VALIDATE, "InvalidRow", problems)]
 
         num_images = params.pop("num_images")
         seed = params.pop("seed")
         if seed is None:
-            seed = derive_seed(spec.defaults.seed, identity)
+            seed = derive_seed(self.spec.defaults.seed, identity)
+        # Keys enter the id only when set, so ids of rows without them stay what they were.
+        extra = {}
+        if params[S.MAX_SEQUENCE_LENGTH] is not None:
+            extra[S.MAX_SEQUENCE_LENGTH] = params[S.MAX_SEQUENCE_LENGTH]
+        if adapter is not None:
+            extra.update({"lora": adapter.digest, S.LORA_SCALE: lora_scale})
+        columns = {
+            S.LORA: adapter.name if adapter else None,
+            S.LORA_SCALE: lora_scale,
+            S.LORA_DIGEST: adapter.digest if adapter else None,
+        }
+        identifying = {k: v for k, v in params.items() if k != S.MAX_SEQUENCE_LENGTH}
         requests = []
         for k in range(num_images):
-            image = {**params, "seed": (seed + k) % SEED_SPACE, "scheduler": base[S.SCHEDULER]}
-            rid = request_id(identity, k, image, self.model_fingerprint)
-            requests.append({**base, **image, S.REQUEST_ID: rid, S.IMAGE_INDEX: k})
+            image = {**identifying, "seed": (seed + k) % SEED_SPACE, "scheduler": base[S.SCHEDULER]}
+            rid = request_id(identity, k, {**image, **extra}, model.fingerprint)
+            requests.append({**base, **params, **image, **columns, S.REQUEST_ID: rid, S.IMAGE_INDEX: k})
         return requests
 
-    def _params(self, raw: dict[str, Any], problems: list[tuple[str | None, str]]) -> dict[str, Any]:
+    def _model(self, value: Any, problems: list[tuple[str | None, str]]) -> ModelEntry:
+        """The row's model; the default one (for the error row's columns) when it names none known."""
+        models = self.catalog.models
+        if _missing(value):
+            return models[self.catalog.default_model]
+        if isinstance(value, str) and value in models:
+            return models[value]
+        problems.append(("model", f"model {value!r} is not one of this spec's models; allowed: {', '.join(models)}"))
+        return models[self.catalog.default_model]
+
+    def _adapter(self, raw: dict[str, Any], problems: list[tuple[str | None, str]]) -> tuple[Optional[AdapterEntry], Optional[float]]:
+        """The row's LoRA adapter and its scale, or (None, None)."""
+        inp, loras = self.spec.input, self.catalog.loras
+        name, scale = raw.get(inp.column_for("lora")), raw.get(inp.column_for("lora_scale"))
+        if _missing(name):
+            name = self.spec.defaults.lora
+        if name is None:
+            if not _missing(scale):
+                problems.append(("lora_scale", "lora_scale is set but the row names no lora; give a lora or leave lora_scale empty"))
+            return None, None
+        if not isinstance(name, str) or name not in loras:
+            allowed = ", ".join(loras) or "none: the spec has no loras section"
+            problems.append(("lora", f"lora {name!r} is not one of this spec's loras; allowed: {allowed}"))
+            return None, None
+        entry = loras[name]
+        try:
+            return entry, _number(scale, "lora_scale", entry.config.scale, -10.0, 10.0)
+        except RowError as exc:
+            problems.append(("lora_scale", str(exc)))
+            return None, None
+
+    def _params(self, raw: dict[str, Any], model: ModelEntry, problems: list[tuple[str | None, str]]) -> dict[str, Any]:
         inp, d, lim = self.spec.input, self.spec.defaults, self.spec.limits
+        family = model.family
 
         def cell(parameter: str) -> Any:
             return raw.get(inp.column_for(parameter))
@@ -155,6 +198,15 @@ class Validator:
                 problems.append((parameter, str(exc)))
                 return None
 
+        def not_taken(parameter: str) -> None:
+            # A default the family cannot use is not applied; the row's own value is an error.
+            value = cell(parameter)
+            if not _missing(value):
+                problems.append(
+                    (parameter, f"{parameter}: model {model.name!r} ({family.label}) does not take {parameter}; leave it empty for this model's rows")
+                )
+            return None
+
         prompt = None
         if inp.prompt_column not in raw:
             problems.append(("prompt", f"no prompt column {inp.prompt_column!r} in this row's file"))
@@ -163,13 +215,24 @@ class Validator:
                 prompt = _prompt(raw.get(inp.prompt_column), "prompt", lim.max_prompt_chars)
             except RowError as exc:
                 problems.append(("prompt", str(exc)))
+        if family.takes_parameter("negative_prompt"):
+            negative = check(_optional_text, "negative_prompt", d.negative_prompt, lim.max_prompt_chars)
+        else:
+            negative = not_taken("negative_prompt")
+        if family.takes_parameter("max_sequence_length"):
+            limit = family.max_sequence_length_limit
+            default = d.max_sequence_length or family.max_sequence_length
+            max_sequence_length = check(_bounded_int, "max_sequence_length", default, 1, limit)
+        else:
+            max_sequence_length = not_taken("max_sequence_length")
         return {
             "prompt": prompt,
-            "negative_prompt": check(_optional_text, "negative_prompt", d.negative_prompt, lim.max_prompt_chars),
+            "negative_prompt": negative,
             "width": check(_size, "width", d.width, lim.max_width, lim.size_multiple),
             "height": check(_size, "height", d.height, lim.max_height, lim.size_multiple),
             "steps": check(_bounded_int, "steps", d.steps, 1, lim.max_steps),
-            "guidance_scale": check(_guidance, "guidance_scale", d.guidance_scale, lim.max_guidance_scale),
+            "guidance_scale": check(_number, "guidance_scale", d.guidance_scale, 0.0, lim.max_guidance_scale),
+            S.MAX_SEQUENCE_LENGTH: max_sequence_length,
             "num_images": check(_bounded_int, "num_images", d.num_images, 1, lim.max_num_images),
             "seed": check(_seed, "seed"),
         }
@@ -177,7 +240,7 @@ class Validator:
     def _reject(self, base, raw, identity, stage, error_type, problems) -> dict[str, Any]:
         return {
             **base,
-            S.REQUEST_ID: request_id(identity, 0, {"rejected": _raw_json(raw)}, self.model_fingerprint),
+            S.REQUEST_ID: request_id(identity, 0, {"rejected": _raw_json(raw)}, base[S.MODEL_FINGERPRINT]),
             S.ERROR_STAGE: stage,
             S.ERROR_TYPE: error_type,
             S.ERROR_MESSAGE: "; ".join(message for _, message in problems),
@@ -268,7 +331,7 @@ def _seed(value: Any, name: str) -> int | None:
     return number
 
 
-def _guidance(value: Any, name: str, default: float, high: float) -> float:
+def _number(value: Any, name: str, default: float, low: float, high: float) -> float:
     if _missing(value):
         return default
     if isinstance(value, bool):
@@ -277,8 +340,8 @@ def _guidance(value: Any, name: str, default: float, high: float) -> float:
         number = float(value.strip() if isinstance(value, str) else value)
     except (TypeError, ValueError):
         raise RowError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(number) or not 0 <= number <= high:
-        raise RowError(f"{name} must be between 0 and {high}, got {value!r}")
+    if not math.isfinite(number) or not low <= number <= high:
+        raise RowError(f"{name} must be between {low:g} and {high:g}, got {value!r}")
     return number
 
 
@@ -306,6 +369,16 @@ def _optional_text(value: Any, name: str, default: str, max_chars: int) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return default
     return _text(value, name, max_chars)
+
+
+def _model_columns(model: ModelEntry) -> dict[str, Any]:
+    return {
+        S.MODEL: model.name,
+        S.MODEL_FINGERPRINT: model.fingerprint,
+        S.MODEL_FAMILY: model.family.name,
+        S.PIPELINE_CLASS: model.pipeline_class,
+        S.SCHEDULER: model.config.scheduler or "default",
+    }
 
 
 def _raw_json(raw: dict[str, Any]) -> str:

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from pipeline import schema as S
 from pipeline import sink, storage, tables
 from pipeline.config import JobSpec
-from pipeline.model_ref import fingerprint
+from pipeline.catalog import build_catalog
 from pipeline.validate import Validator, find_duplicate_ids
 
 _MAX_LISTED = 10
@@ -117,7 +117,7 @@ def verify(url: str, storage_options: dict | None = None, spec: JobSpec | None =
 
 def _unaccounted(spec: JobSpec, committed: set[str], report: VerifyReport) -> list[str]:
     duplicates = find_duplicate_ids(tables.read_input(spec.input), spec.input.id_column) if spec.input.id_column else {}
-    validator = Validator(spec, fingerprint(spec.model), duplicates=duplicates)
+    validator = Validator(spec, build_catalog(spec), duplicates=duplicates)
     missing, rows = [], 0
     for chunk in tables.read_input(spec.input):
         for raw in chunk.to_pylist():

@@ -48,7 +48,7 @@ def test_card_loads_with_datasets_and_follows_each_run(ray_cluster, make_spec, t
     assert features["images"]["image"] == {"name": "image", "dtype": "image"}
     assert features["images"]["tags"] == {"name": "tags", "list": "string"}  # pass-through columns keep their types
     assert features["errors"]["error_message"] == {"name": "error_message", "dtype": "string"}
-    assert "`tiny` (fingerprint `tiny-" in body and "| default size | 16x16 |" in body
+    assert "`tiny` (sd, fingerprint `tiny-" in body and "| default size | 16x16 |" in body
     assert "| over all runs | 3 input rows, 2 images, 1 errors (validate: 1) |" in body
 
     images = datasets.load_dataset(str(out), "images", split="train")

@@ -1,27 +1,48 @@
 """Bucketing, encoding and model references."""
 
 import io
-from types import SimpleNamespace
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pipeline.batching import group_by_bucket, halves
+from pipeline.batching import group_by_bucket, halves, order_for_engine
+from pipeline.engine import GenerationRequest
 from pipeline.config import ModelConfig
 from pipeline.encode import encode_image, sha256_hex
 from pipeline.errors import ModelError
 from pipeline.model_ref import fingerprint, parse_ref
 
 
-def req(w, h, steps=4, g=7.5):
-    return SimpleNamespace(width=w, height=h, steps=steps, guidance_scale=g)
+def req(w, h, steps=4, g=7.5, **more):
+    return GenerationRequest("p", "", 0, w, h, steps, g, **more)
 
 
 def test_groups_are_uniform_and_in_first_seen_order():
     requests = [req(64, 64), req(32, 64), req(64, 64), req(64, 64, steps=2), req(32, 64)]
     assert group_by_bucket(requests) == [[0, 2], [1, 4], [3]]
     assert halves([1, 2, 3]) == ([1, 2], [3])
+
+
+def test_one_call_shares_one_adapter_setting_and_one_t5_length():
+    requests = [req(64, 64), req(64, 64, lora="d1"), req(64, 64, lora="d1", lora_scale=0.5), req(64, 64, lora="d1"), req(64, 64, max_sequence_length=77)]
+    assert group_by_bucket(requests) == [[0], [1, 3], [2], [4]]
+
+
+def test_rows_are_ordered_by_model_then_adapter_then_bucket_stably():
+    table = pa.table({
+        "model": ["b", "a", "b", "a", "a"],
+        "lora_digest": [None, "x", None, None, "x"],
+        "lora_scale": [None, 1.0, None, None, 1.0],
+        "width": [64, 64, 32, 64, 64],
+        "height": [64] * 5,
+        "steps": [4] * 5,
+        "guidance_scale": [7.5] * 5,
+        "max_sequence_length": pa.array([None] * 5, pa.int32()),
+        "row": [0, 1, 2, 3, 4],
+    })
+    assert order_for_engine(table).column("row").to_pylist() == [3, 1, 4, 2, 0]
 
 
 def test_png_is_lossless_and_lossy_formats_decode():

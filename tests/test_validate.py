@@ -3,16 +3,27 @@
 import pyarrow as pa
 import pytest
 
+import dataclasses
+
 from pipeline import schema as S
+from pipeline.catalog import build_catalog
 from pipeline.config import parse_spec
 from pipeline.validate import Validator, derive_seed
+
+
+def with_fingerprint(v, fingerprint):
+    """``v`` with its default model's fingerprint replaced (as if the weights changed)."""
+    catalog = v.catalog
+    entry = dataclasses.replace(catalog.models[catalog.default_model], fingerprint=fingerprint)
+    return dataclasses.replace(v, catalog=dataclasses.replace(catalog, models={entry.name: entry}))
 
 
 def validator(**sections):
     data = {"input": {"url": "t.csv", **sections.pop("input", {})}, "defaults": {"width": 64, "height": 64, "steps": 4, "seed": 11}}
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}
-    return Validator(parse_spec(data), "fp-1")
+    spec = parse_spec(data)
+    return with_fingerprint(Validator(spec, build_catalog(spec)), "fp-1")
 
 
 def row(position=0, **cells):
@@ -59,9 +70,16 @@ def test_request_id_is_stable_and_covers_what_decides_pixels():
     assert one(v, row(prompt="a cat", seed=1))["request_id"] == base
     for change in ({"prompt": "a dog"}, {"seed": 2}, {"width": 128}, {"steps": 5}, {"guidance_scale": 1}, {"negative_prompt": "x"}):
         assert one(v, row(**{"prompt": "a cat", "seed": 1, **change}))["request_id"] != base, change
-    assert one(Validator(v.spec, "fp-2"), row(prompt="a cat", seed=1))["request_id"] != base
+    assert one(with_fingerprint(v, "fp-2"), row(prompt="a cat", seed=1))["request_id"] != base
     scheduled = validator(model={"scheduler": "euler"})
     assert one(scheduled, row(prompt="a cat", seed=1))["request_id"] != base
+
+
+def test_request_ids_of_one_model_rows_did_not_change_when_models_and_loras_came():
+    # Computed by the validator before several models, adapters and T5 lengths existed:
+    # an output made then must still be resumed, not regenerated.
+    v = validator()
+    assert one(v, row(prompt="a cat", negative_prompt="blurry"))["request_id"] == "2f3f6029dcdab561a268445f24226078"
 
 
 def test_id_column_is_the_identity():
@@ -87,7 +105,7 @@ def test_id_column_is_the_identity():
         ({"prompt": "ok", "height": -64}, "height must be between 1 and 2048, got -64"),
         ({"prompt": "ok", "num_images": 10**6}, "num_images must be between 1 and 16, got 1000000"),
         ({"prompt": "ok", "seed": -1}, "seed must be between 0 and 2**63-1, got -1"),
-        ({"prompt": "ok", "guidance_scale": "nan"}, "guidance_scale must be between 0 and 50.0"),
+        ({"prompt": "ok", "guidance_scale": "nan"}, "guidance_scale must be between 0 and 50"),
         ({"prompt": "ok", "guidance_scale": True}, "guidance_scale must be a number, got True"),
     ],
 )
@@ -123,7 +141,7 @@ def test_table_keeps_passthrough_columns_with_types_and_renames_collisions():
 def test_committed_requests_are_skipped():
     v = validator()
     done = one(v, row(0, prompt="a"))["request_id"]
-    skipping = Validator(v.spec, v.model_fingerprint, skip=frozenset({done}))
+    skipping = dataclasses.replace(v, skip=frozenset({done}))
     out = skipping.validate_table(pa.Table.from_pylist([row(0, prompt="a"), row(1, prompt="b")]))
     assert out.column("row_index").to_pylist() == [1]
 
@@ -140,7 +158,7 @@ def test_repeated_ids_are_rejected_after_their_first_row():
     duplicates = find_duplicate_ids([table], "key")
     assert duplicates == {"t.csv#2": "t.csv#0", "t.csv#4": "t.csv#0"}
     v = validator(input={"id_column": "key"})
-    out = Validator(v.spec, v.model_fingerprint, duplicates=duplicates).validate_table(table)
+    out = dataclasses.replace(v, duplicates=duplicates).validate_table(table)
     messages = out.column("error_message").to_pylist()
     assert messages[0] is None and messages[1] is None
     assert messages[2] == messages[4] == "id 'a' repeats the id of row t.csv#0; ids must be unique"

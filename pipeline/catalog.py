@@ -1,0 +1,129 @@
+"""The job's models and LoRA adapters, resolved once on the driver before any work.
+
+For each model: its fingerprint (weights), its family and pipeline class (which row
+parameters it takes), checked to load from safetensors unless pickles are allowed. For
+each adapter: its content digest. The :class:`Catalog` is plain data, shipped to the
+validator (request ids, row checks) and the engine actors (which model and adapter a row
+names), so nothing is looked up twice or differently in two places.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+from pipeline import adapters, model_ref, storage
+from pipeline.config import JobSpec, LoraConfig, ModelConfig
+from pipeline.errors import ModelError
+from pipeline.families import FAMILIES, Family, UnknownFamily, family_of_class
+
+# The pipeline class each tiny model is built as (pipeline.models); read from here so the
+# driver need not build a model to learn its family.
+TINY_CLASSES = {
+    "tiny": "StableDiffusionPipeline",
+    "tiny-sdxl": "StableDiffusionXLPipeline",
+    "tiny-sd3": "StableDiffusion3Pipeline",
+    "tiny-flux": "FluxPipeline",
+}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One named model: its config and what the driver learnt about it."""
+
+    name: str
+    config: ModelConfig
+    fingerprint: str
+    family: Family
+    pipeline_class: str
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    """One named LoRA adapter and the digest of its file."""
+
+    name: str
+    config: LoraConfig
+    digest: str
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Every model and adapter of a spec, by name; ``default_model`` is the rows' default."""
+
+    models: dict[str, ModelEntry]
+    default_model: str
+    loras: dict[str, AdapterEntry]
+
+    def by_digest(self) -> dict[str, LoraConfig]:
+        """Adapter configs by digest: what a generation request names."""
+        return {entry.digest: entry.config for entry in self.loras.values()}
+
+
+def build_catalog(spec: JobSpec) -> Catalog:
+    """Resolve every model and adapter of ``spec``; :class:`ModelError` names the first
+    that cannot be used and says what to do."""
+    models = {name: _model_entry(name, config) for name, config in spec.named_models().items()}
+    loras = {name: AdapterEntry(name, config, adapters.digest(name, config)) for name, config in spec.loras.items()}
+    return Catalog(models, spec.default_model(), loras)
+
+
+def _model_entry(name: str, config: ModelConfig) -> ModelEntry:
+    model_ref.check_weights_format(config)
+    fingerprint = model_ref.fingerprint(config)
+    declared = FAMILIES[config.family] if config.family else None
+    class_name = read_pipeline_class(config, required=declared is None)
+    if class_name is None:
+        return ModelEntry(name, config, fingerprint, declared, declared.pipeline_classes[0])
+    try:
+        family = family_of_class(class_name)
+    except UnknownFamily as exc:
+        raise ModelError(f"model {name!r} ({config.ref}): {exc}") from None
+    if declared is not None and declared != family:
+        raise ModelError(
+            f"model {name!r} ({config.ref}) is a {class_name} ({family.name}), but its family is set to {declared.name}; "
+            f"remove model.family or set it to {family.name}"
+        )
+    return ModelEntry(name, config, fingerprint, family, class_name)
+
+
+def read_pipeline_class(config: ModelConfig, required: bool = True) -> Optional[str]:
+    """``_class_name`` of the model's ``model_index.json``. When it cannot be read (a hub
+    id without network access): :class:`ModelError` if ``required``, else None."""
+    ref = model_ref.parse_ref(config.ref)
+    if ref.kind == "tiny":
+        return TINY_CLASSES[ref.location]
+    try:
+        if ref.kind == "hub":
+            index = _hub_model_index(ref.location, config.revision)
+        else:
+            fs, root = storage.open_url(ref.location, config.storage_options)
+            index = json.loads(storage.read_bytes(fs, storage.join(root, "model_index.json")))
+    except Exception as exc:  # noqa: BLE001 - any failure means the same advice
+        if not required:
+            return None
+        raise ModelError(
+            f"cannot read model_index.json of model {config.ref!r} ({type(exc).__name__}: {exc}); "
+            f"set model.family to one of {', '.join(FAMILIES)} to run it without reading it first"
+        ) from None
+    class_name = index.get("_class_name") if isinstance(index, dict) else None
+    if not isinstance(class_name, str):
+        raise ModelError(f"model_index.json of model {config.ref!r} names no _class_name; is it a diffusers pipeline folder?")
+    return class_name
+
+
+def _hub_model_index(repo: str, revision: str) -> dict:
+    """The hub model's ``model_index.json``: from the local hub cache when there, else one
+    request (huggingface_hub's own download retries for half a minute when offline)."""
+    from huggingface_hub import get_session, hf_hub_download, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers
+
+    try:
+        with open(hf_hub_download(repo, "model_index.json", revision=revision, local_files_only=True)) as f:
+            return json.load(f)
+    except Exception:  # noqa: BLE001 - not cached: ask the hub
+        pass
+    response = get_session().get(hf_hub_url(repo, "model_index.json", revision=revision), headers=build_hf_headers(), timeout=10)
+    response.raise_for_status()
+    return response.json()
