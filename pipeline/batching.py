@@ -57,7 +57,7 @@ def order_for_engine(table):
     """
     import pyarrow.compute as pc
 
-    keys = [(name, "ascending") for name in ENGINE_ORDER if name in table.column_names]
+    keys = [(name, "ascending", "at_start") for name in ENGINE_ORDER if name in table.column_names]
     if table.num_rows < 2 or not keys:
         return table
-    return table.take(pc.sort_indices(table, sort_keys=keys, null_placement="at_start"))
+    return table.take(pc.sort_indices(table, sort_keys=keys))

@@ -54,6 +54,8 @@ def make_spec(model_cache, tmp_path):
             "output": {"url": str(tmp_path / "out")},
             "runtime": {"num_actors": 1, "cpus_per_actor": 0.5, "task_cpus": 0.5, "batch_size": 4},
         }
+        if "models" in sections:  # several models replace the one
+            data.pop("model")
         for name, values in sections.items():
             data[name] = {**data.get(name, {}), **values}
         return parse_spec(data)

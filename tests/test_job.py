@@ -59,7 +59,7 @@ def test_demo_spec_end_to_end(ray_cluster, model_cache, tmp_path):
         assert Image.open(io.BytesIO(row["image"]["bytes"])).size == (64, 64)
 
     manifest = json.loads((out / "_runs" / f"{summary.run_id}.json").read_text())
-    assert manifest["counts"] == {"input_rows": 64, "images": 64, "errors": 0, "errors_by_stage": {}}
+    assert manifest["counts"] == {"input_rows": 64, "images": 64, "errors": 0, "errors_by_stage": {}, "model_loads": 2, "model_swaps": 0}
     listed = {p["path"] for p in manifest["parts"]}
     assert listed == {f"images/{p.name}" for p in (out / "images").iterdir()}
     assert manifest["versions"]["ray"].startswith("2.60")
