@@ -118,6 +118,13 @@ class EngineOptions(_Section):
     memory at large batch sizes. ``compile``: ``torch.compile`` of the denoiser; the first
     call of each shape pays the compile time, cached across processes under
     ``model.cache_dir``. Off by default until measured on a GPU (see BENCHMARKS.md).
+
+    ``max_batch_pixels``: the most pixels (images x width x height) one diffusers call
+    takes, so each size gets its own batch from one memory budget (``4194304`` is 16
+    images at 512x512, 4 at 1024x1024); set it from ``benchmarks/gpu_engine.py``'s best
+    batch size. Unset, a call takes every row of its bucket in the actor's batch
+    (``runtime.batch_size``). Either way a call that runs out of memory is retried in
+    halves, and that size's calls stay at most half as large from then on.
     """
 
     encode_prompts_once: bool = True
@@ -125,6 +132,7 @@ class EngineOptions(_Section):
     fuse_qkv: bool = False
     vae_slicing: bool = False
     compile: bool = False
+    max_batch_pixels: Optional[int] = Field(None, ge=1)
 
 
 class ModelConfig(_Section):

@@ -122,6 +122,8 @@ class Engine:
         self.adapters = dict(adapters or {})
         self._loaded_adapters: set[str] = set()
         self._adapter_setting: Optional[tuple[str, float]] = None
+        # (width, height) -> the most images per call that did not run out of memory.
+        self._oom_caps: dict[tuple[int, int], int] = {}
         self.device = resolve_device(config)
         dtype_name = config.dtype if config.dtype != "auto" else ("float16" if self.device == "cuda" else "float32")
         self.dtype = getattr(torch, dtype_name)
@@ -162,11 +164,28 @@ class Engine:
         self._encode_once = options.encode_prompts_once and isinstance(self.pipe, diffusers.StableDiffusionPipeline)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Generate every request; group uniform ones into single diffusers calls."""
+        """Generate every request; uniform ones share diffusers calls of at most
+        :meth:`call_size` images."""
         results: list[Optional[GenerationResult]] = [None] * len(requests)
         for group in group_by_bucket(requests):
-            self._run(requests, group, results)
+            size = self.call_size(requests[group[0]])
+            for start in range(0, len(group), size):
+                self._run(requests, group[start : start + size], results)
         return results  # type: ignore[return-value]
+
+    def call_size(self, request: GenerationRequest) -> int:
+        """The most images one diffusers call of ``request``'s size takes.
+
+        Memory for activations grows with images x pixels, so one pixel budget
+        (``engine.max_batch_pixels``) gives each size its own batch: 16 images at 512x512
+        are 4 at 1024x1024. A call that ran out of memory caps its size at half of what
+        failed for the rest of the engine's life, so the next batch does not fail again.
+        Unbounded (the whole group) when neither applies.
+        """
+        pixels = request.width * request.height
+        budget = self.config.engine.max_batch_pixels
+        size = max(1, budget // pixels) if budget else 1 << 30
+        return min(size, self._oom_caps.get((request.width, request.height), size))
 
     def count_tokens(self, prompts: list[str]) -> list[int]:
         """Tokens each prompt takes, special tokens included, before truncation."""
@@ -186,6 +205,10 @@ class Engine:
             images = self._call(batch)
         except Exception as exc:  # noqa: BLE001 - one bad row must not take its batch down
             self._after_failure(exc)
+            if is_out_of_memory(exc) and len(group) > 1:
+                key = (batch[0].width, batch[0].height)
+                self._oom_caps[key] = min(self._oom_caps.get(key, len(group)), len(group) // 2)
+                log.warning("out of memory at %d images of %dx%d; calls of that size now take at most %d", len(group), *key, self._oom_caps[key])
             if len(group) > 1:
                 log.warning("a call of %d images failed (%s: %s); retrying in halves", len(group), type(exc).__name__, exc)
                 for half in halves(group):
@@ -280,6 +303,11 @@ class Engine:
 
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             torch.cuda.empty_cache()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a plain RuntimeError)."""
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower() or "can't allocate memory" in str(exc)
 
 
 def _adapter_name(digest: str) -> str:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from pipeline.catalog import Catalog, ModelEntry
+from pipeline.engine import is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class ModelCache:
             return self._load(entry)
         except Exception as exc:  # noqa: BLE001
             # Out of memory with others resident: the estimate was short; free them all and retry once.
-            if not (_is_out_of_memory(exc) and self._engines):
+            if not (is_out_of_memory(exc) and self._engines):
                 raise
             log.warning("out of memory loading model %s; evicting %s and retrying", entry.name, self.resident)
             self._evict(len(self._engines))
@@ -171,10 +172,6 @@ def _load_engine(catalog: Catalog) -> Callable[[ModelEntry], object]:
         return Engine(entry.config, adapters=catalog.by_digest())
 
     return load
-
-
-def _is_out_of_memory(exc: Exception) -> bool:
-    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
 
 
 def _free_memory() -> None:
