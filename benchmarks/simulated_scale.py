@@ -5,12 +5,13 @@ sleeps a fixed time per batch and returns blank images, so 64 "GPU" actors (logi
 fit on a small machine. Everything else is the real pipeline: read, validation, re-blocking,
 actor pool, encoding, atomic Parquet parts, manifest.
 
-Efficiency = ideal time / measured time, with ideal = batches / actors x sleep. Start-up
+Efficiency = ideal time / measured time, with ideal = calls / actors x sleep per call. Start-up
 (Ray, 64 actor processes) is a fixed cost, so steady-state efficiency is taken between two
 sizes: ideal(N2 - N1) / (T(N2) - T(N1)). Each size runs in its own process, so the driver's
 peak RSS is that run's: it must not grow with the row count.
 
-    .venv/bin/python benchmarks/simulated_scale.py --actors 64 --rows 10000 100000
+    .venv/bin/python benchmarks/simulated_scale.py --actors 64 --rows 10000 100000 \
+        --batch-size 64 --call-images 16 --seconds-per-call 1.33
 """
 
 from __future__ import annotations
@@ -32,36 +33,60 @@ PARTI = REPO.parent / "shared" / "data" / "prompts" / "partiprompts" / "PartiPro
 
 from pipeline.batch import GenerateStage  # noqa: E402
 from pipeline.engine import GenerationResult  # noqa: E402
+from pipeline.model_cache import CacheStats  # noqa: E402
+from pipeline.stages import ImageEncoder  # noqa: E402
 
 
 class SleepEngine:
-    """Generates nothing: sleeps ``seconds_per_batch`` per call, returns black images."""
+    """Generates nothing: sleeps ``seconds_per_call`` per diffusers-sized call of at most
+    ``call_images`` images, returns black images."""
 
-    def __init__(self, seconds_per_batch: float):
-        self.seconds_per_batch = seconds_per_batch
+    def __init__(self, seconds_per_call: float, call_images: int):
+        self.seconds_per_call = seconds_per_call
+        self.call_images = call_images
+
+    def call_size(self, request) -> int:
+        return self.call_images
 
     def generate(self, requests):
         import numpy as np
 
-        time.sleep(self.seconds_per_batch)  # stands in for the GPU's work, not for synchronisation
+        calls = -(-len(requests) // self.call_images)
+        time.sleep(self.seconds_per_call * calls)  # stands in for the GPU's work, not for synchronisation
         return [
-            GenerationResult(pixels=np.zeros((r.height, r.width, 3), np.uint8), seconds=self.seconds_per_batch / len(requests))
+            GenerationResult(pixels=np.zeros((r.height, r.width, 3), np.uint8), seconds=self.seconds_per_call / self.call_images)
             for r in requests
         ]
 
 
-class SleepStage(GenerateStage):
-    SECONDS_PER_BATCH = 1.0
+class SleepModels:
+    """Stands in for the actor's model cache: one sleeping engine, nothing to load."""
 
-    def __init__(self, model, threads):  # noqa: D107 - the real stage's signature, no torch
+    stats = CacheStats()
+    resident = ["sleep"]
+
+    def __init__(self, engine: SleepEngine):
+        self.engine = engine
+
+    def get(self, name: str) -> SleepEngine:
+        return self.engine
+
+
+class SleepStage(GenerateStage):
+    SECONDS_PER_CALL = 1.0
+    CALL_IMAGES = 16
+
+    def __init__(self, spec, catalog, counter=None):  # noqa: D107 - the real stage's signature, no torch
         import ray
 
-        self.engine = SleepEngine(self.SECONDS_PER_BATCH)
+        self.models = SleepModels(SleepEngine(self.SECONDS_PER_CALL, self.CALL_IMAGES))
+        self.encoder = ImageEncoder(spec.output.format, spec.output.quality, 1)
+        self._counter, self._reported = counter, self.models.stats
         context = ray.get_runtime_context()
         self.actor_id, self.node_id = context.get_actor_id() or "", context.get_node_id() or ""
 
 
-def one_size(rows: int, actors: int, batch: int, seconds: float) -> dict:
+def one_size(rows: int, actors: int, batch: int, call: int, seconds: float) -> dict:
     """Run in a child process: returns wall time and this process's peak RSS."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
@@ -73,7 +98,7 @@ def one_size(rows: int, actors: int, batch: int, seconds: float) -> dict:
     work = Path(tempfile.mkdtemp(prefix="scale-", dir="/tmp"))
     prompts = [line.split("\t")[0] for line in PARTI.read_text().splitlines()[1:]]
     pacsv.write_csv(pa.table({"prompt": [prompts[i % len(prompts)] for i in range(rows)]}), work / "p.csv")
-    SleepStage.SECONDS_PER_BATCH = seconds
+    SleepStage.SECONDS_PER_CALL, SleepStage.CALL_IMAGES = seconds, call
     spec = parse_spec({
         "input": {"url": str(work / "p.csv")},
         "model": {"ref": "tiny", "cache_dir": str(work / "cache"), "device": "cpu"},
@@ -87,35 +112,42 @@ def one_size(rows: int, actors: int, batch: int, seconds: float) -> dict:
     wall = time.perf_counter() - start
     ray.shutdown()
     assert summary.images == rows, summary
-    return {"rows": rows, "wall": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "rows": rows,
+        "wall": wall,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "engine_seconds": summary.engine_seconds,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--actors", type=int, default=64)
     parser.add_argument("--rows", type=int, nargs=2, default=[10000, 100000], metavar=("N1", "N2"))
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seconds-per-batch", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=64, help="rows per actor block (runtime.batch_size)")
+    parser.add_argument("--call-images", type=int, default=16, help="images per simulated diffusers call")
+    parser.add_argument("--seconds-per-call", type=float, default=1.0)
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(one_size(args.child, args.actors, args.batch_size, args.seconds_per_batch)))
+        print(json.dumps(one_size(args.child, args.actors, args.batch_size, args.call_images, args.seconds_per_call)))
         return
 
     results = {}
     for rows in args.rows:
         command = [sys.executable, __file__, "--child", str(rows), "--actors", str(args.actors),
-                   "--batch-size", str(args.batch_size), "--seconds-per-batch", str(args.seconds_per_batch)]
+                   "--batch-size", str(args.batch_size), "--call-images", str(args.call_images),
+                   "--seconds-per-call", str(args.seconds_per_call)]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         results[rows] = json.loads(done.stdout.strip().splitlines()[-1])
 
     def ideal(rows: int) -> float:
-        batches = -(-rows // args.batch_size)
-        return batches / args.actors * args.seconds_per_batch
+        calls = -(-rows // args.call_images)
+        return calls / args.actors * args.seconds_per_call
 
     n1, n2 = args.rows
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.actors} actors on logical GPUs, "
-          f"batch {args.batch_size}, {args.seconds_per_batch} s per batch")
+          f"blocks of {args.batch_size} rows, calls of {args.call_images} images, {args.seconds_per_call} s per call")
     print("| rows | wall s | ideal s | efficiency | driver peak RSS MB |")
     print("|---|---|---|---|---|")
     for rows in args.rows:

@@ -1,4 +1,4 @@
-"""The batch job on Ray Data: read -> validate -> generate (actor pool) -> encode -> write.
+"""The batch job on Ray Data: read -> validate -> generate + encode (actor pool) -> write.
 
 This is the only place stages are chained and resources attached. The logic of each
 stage lives in pure modules (:mod:`pipeline.validate`, :mod:`pipeline.stages`,
@@ -9,10 +9,12 @@ stage lives in pure modules (:mod:`pipeline.validate`, :mod:`pipeline.stages`,
 - rows are re-blocked to ``runtime.batch_size`` so every actor gets work;
 - a fixed-size pool of actors each builds its :class:`~pipeline.engine.Engine` in its
   constructor (weights are loaded on the worker, never pickled from the driver);
-- encoding runs as CPU tasks, off the actors, so GPUs do not wait on PNG compression;
+- encoding runs on a thread pool inside each actor, overlapping the next diffusers call,
+  so GPUs do not wait on PNG compression and raw pixels never cross the object store
+  (a separate CPU stage costs a task per block and a copy of every image's pixels);
 - the datasink writes each block as atomic parts and the manifest once, at the end, then
   the dataset card;
-- validation and encoding report what they finish to a counter actor (``num_cpus=0``)
+- validation and the engine actors report what they finish to a counter actor (``num_cpus=0``)
   that the driver polls for the progress line while the job runs.
 """
 
@@ -24,7 +26,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import ray
@@ -39,7 +41,7 @@ from pipeline.catalog import Catalog, ModelEntry, build_catalog
 from pipeline.config import JobSpec, RuntimeConfig
 from pipeline.errors import ClusterError, ImagegenError
 from pipeline.lock import OutputLock
-from pipeline.stages import encode_table, generate_table
+from pipeline.stages import BlockTimes, ImageEncoder, generate_table
 from pipeline.validate import Validator, find_duplicate_ids
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ class RunSummary:
     wall_seconds: float
     model_loads: int = 0
     model_swaps: int = 0
+    engine_seconds: float = 0.0  # summed over engine actors: in diffusers calls and model loads
+    encode_wait_seconds: float = 0.0  # summed over engine actors: idle, waiting for encoding
     parts: list[dict[str, Any]] = field(repr=False, default_factory=list)
 
     @property
@@ -101,39 +105,48 @@ def read_requests(spec: JobSpec, validator: Validator, counter: Any) -> ray.data
 
 
 class GenerateStage:
-    """An engine actor: a cache of resident engines (see :mod:`pipeline.model_cache`),
-    then batch after batch. The default model is loaded in the constructor, so a model
-    that cannot load fails the job at start rather than every row; other models load on
-    first use. Model loads and swaps are reported to ``counter`` for the run summary."""
+    """An engine actor: generates and encodes block after block.
 
-    def __init__(self, catalog: Catalog, threads: int, memory_gb: Optional[float] = None, counter: Any = None):
+    Holds a cache of resident engines (see :mod:`pipeline.model_cache`) and an image
+    encoder's thread pool (see :func:`~pipeline.stages.generate_table`). The default model
+    is loaded in the constructor, so a model that cannot load fails the job at start rather
+    than every row; other models load on first use. What each block finishes (rows,
+    images, errors), model loads and swaps, and the engine's busy and encode-wait seconds
+    go to ``counter`` for the progress line and the run summary.
+    """
+
+    def __init__(self, spec: JobSpec, catalog: Catalog, counter: Any = None):
         import torch
 
+        rt = spec.runtime
+        threads = max(1, int(rt.cpus_per_actor))
         # Ray gives the actor a CPU share; torch would otherwise spin one thread per core.
         torch.set_num_threads(threads)
         from pipeline.model_cache import ModelCache, default_budget
 
         device = catalog.models[catalog.default_model].config.device
-        budget = int(memory_gb * 1e9) if memory_gb else default_budget(device)
+        budget = int(rt.model_memory_gb * 1e9) if rt.model_memory_gb else default_budget(device)
         self.models = ModelCache(catalog, budget)
+        self.encoder = ImageEncoder(spec.output.format, spec.output.quality, threads)
         self._counter = counter
         self._reported = self.models.stats
         self.models.get(catalog.default_model)
-        self._report()
+        self._report({})
         context = ray.get_runtime_context()
         self.actor_id = context.get_actor_id() or ""
         self.node_id = context.get_node_id() or ""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        table = generate_table(self.models, batch, self.actor_id, self.node_id)
-        self._report()
+        times = BlockTimes()
+        table = generate_table(self.models, batch, self.actor_id, self.node_id, self.encoder, times)
+        self._report({**progress.finished(table), "engine_seconds": times.engine, "encode_wait_seconds": times.encode_wait})
         return table
 
-    def _report(self) -> None:
+    def _report(self, finished: dict[str, Any]) -> None:
         stats, before = self.models.stats, self._reported
-        if self._counter is not None and stats != before:
-            self._counter.add.remote(model_loads=stats.loads - before.loads, model_swaps=stats.swaps - before.swaps)
         self._reported = stats
+        if self._counter is not None:
+            self._counter.add.remote(model_loads=stats.loads - before.loads, model_swaps=stats.swaps - before.swaps, **finished)
 
 
 def actor_gpus(spec: JobSpec) -> float:
@@ -172,15 +185,6 @@ def validate_counting(table: pa.Table, validator: Validator, counter: Any) -> pa
     requests = validator.validate_table(table)
     counter.add.remote(skipped=progress.skipped(table, requests))
     return order_for_engine(requests)
-
-
-def encode_counting(table: pa.Table, fmt: str, quality: int, counter: Any) -> pa.Table:
-    """Encoding that also reports the rows, images and errors it finishes. Counted here and
-    not at the write: a write block is a whole part (``output.rows_per_part`` rows), too
-    coarse for a progress line."""
-    table = encode_table(table, fmt, quality)
-    counter.add.remote(**progress.finished(table))
-    return table
 
 
 # -- write ---------------------------------------------------------------------------------
@@ -365,25 +369,12 @@ def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator,
     ds = ds.repartition(target_num_rows_per_block=rt.batch_size, strict=True)
     ds = ds.map_batches(
         stage,
-        fn_constructor_kwargs={
-            "catalog": engine_catalog(catalog, gpus),
-            "threads": max(1, int(rt.cpus_per_actor)),
-            "memory_gb": rt.model_memory_gb,
-            "counter": counter,
-        },
+        fn_constructor_kwargs={"spec": spec, "catalog": engine_catalog(catalog, gpus), "counter": counter},
         compute=ActorPoolStrategy(size=rt.num_actors),
         num_cpus=rt.cpus_per_actor,
         num_gpus=gpus,
         batch_size=rt.batch_size,
         batch_format="pyarrow",
-        zero_copy_batch=True,
-    )
-    ds = ds.map_batches(
-        encode_counting,
-        fn_kwargs={"fmt": spec.output.format, "quality": spec.output.quality, "counter": counter},
-        num_cpus=rt.task_cpus,
-        batch_format="pyarrow",
-        batch_size=None,
         zero_copy_batch=True,
     )
     ds = ds.repartition(target_num_rows_per_block=spec.output.rows_per_part, strict=True)
@@ -405,5 +396,7 @@ def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator,
         wall_seconds=time.time() - started,
         model_loads=counts.model_loads,
         model_swaps=counts.model_swaps,
+        engine_seconds=counts.engine_seconds,
+        encode_wait_seconds=counts.encode_wait_seconds,
         parts=report.parts,
     )

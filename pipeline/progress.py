@@ -35,7 +35,8 @@ _BAR_WIDTH = 24
 class Counts:
     """Input rows finished (imaged or rejected) this run, images and error rows among them,
     rows skipped because an earlier run already committed them, and the engine actors'
-    model loads and swaps (loads that evicted another model)."""
+    model loads and swaps (loads that evicted another model), seconds in diffusers calls,
+    and seconds waiting for image encoding after a block's last call."""
 
     rows: int = 0
     images: int = 0
@@ -43,6 +44,8 @@ class Counts:
     skipped: int = 0
     model_loads: int = 0
     model_swaps: int = 0
+    engine_seconds: float = 0.0
+    encode_wait_seconds: float = 0.0
 
     @property
     def done(self) -> int:

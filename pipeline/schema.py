@@ -41,7 +41,6 @@ ERROR_MESSAGE = "error_message"
 RAW = "raw"
 
 # Generation.
-PIXELS = "pixels"  # raw uint8 HxWx3 bytes between the engine and the encoder; never written
 GENERATION_SECONDS = "generation_seconds"
 PROMPT_TOKENS = "prompt_tokens"
 PROMPT_TRUNCATED = "prompt_truncated"
@@ -103,7 +102,6 @@ ERROR_FIELDS = [
 ]
 
 GENERATION_FIELDS = [
-    pa.field(PIXELS, pa.binary()),
     pa.field(GENERATION_SECONDS, pa.float64()),
     pa.field(PROMPT_TOKENS, pa.int32()),
     pa.field(PROMPT_TRUNCATED, pa.bool_()),
@@ -121,7 +119,7 @@ ENCODE_FIELDS = [
 IMAGES_FIELDS = [
     *REQUEST_FIELDS,
     *ENCODE_FIELDS,
-    *(f for f in GENERATION_FIELDS if f.name != PIXELS),
+    *GENERATION_FIELDS,
     pa.field(RUN_ID, pa.string()),
 ]
 

@@ -3,11 +3,10 @@
 Wiring only. Everything that decides what an image is comes from the modules the batch
 job uses: an HTTP body becomes a raw row and goes through the same
 :class:`~pipeline.validate.Validator` (spec defaults, limits, seed derivation, request id);
-images are made by the same :class:`~pipeline.batch.GenerateStage` (a resident
-:class:`~pipeline.engine.Engine`, built in the replica, never pickled from the driver; it
-runs :func:`~pipeline.stages.generate_table`) and encoded by
-:func:`~pipeline.stages.encode_table`. So a request and the equivalent prompt-table row
-get the same request id, seed and image bytes.
+images are made and encoded by the same :class:`~pipeline.batch.GenerateStage` (resident
+:class:`~pipeline.engine.Engine`\ s, built in the replica, never pickled from the driver;
+it runs :func:`~pipeline.stages.generate_table`). So a request and the equivalent
+prompt-table row get the same request id, seed and image bytes.
 
 HTTP contract (``POST {route_prefix}v1/images/generations``):
 
@@ -62,7 +61,7 @@ from pipeline.batching import group_by_bucket
 from pipeline.catalog import Catalog, build_catalog
 from pipeline.config import InputConfig, JobSpec, load_spec
 from pipeline.errors import ImagegenError
-from pipeline.stages import encode_table, to_generation_requests
+from pipeline.stages import to_generation_requests
 from pipeline.validate import PROBLEMS, REQUEST_SCHEMA, Validator
 
 APP_NAME = "imagegen"
@@ -227,11 +226,11 @@ class ImageServer:
     uniform diffusers calls by bucket key, as in the batch job.
     """
 
-    def __init__(self, spec: JobSpec, catalog: Catalog, threads: int):
+    def __init__(self, spec: JobSpec, catalog: Catalog):
         self.spec = spec
         self.catalog = catalog
         self.validator = Validator(serving_spec(spec), catalog)
-        self.stage = GenerateStage(catalog, threads, spec.runtime.model_memory_gb)
+        self.stage = GenerateStage(spec, catalog)
         self.started = int(time.time())
         self._generate.set_max_batch_size(spec.serve.max_batch_size)
         self._generate.set_batch_wait_timeout_s(spec.serve.batch_wait_timeout_s)
@@ -297,7 +296,6 @@ class ImageServer:
             for member in group:
                 bucket_size[pending[member]] = len(group)
         table = self.stage(table)
-        table = encode_table(table, self.spec.output.format, self.spec.output.quality)
         rows = table.to_pylist()
         for row, size in zip(rows, bucket_size):
             row["batch_size"] = len(requests)
@@ -324,8 +322,8 @@ def build_app(spec: JobSpec) -> Application:
         ),
         ray_actor_options={"num_cpus": rt.cpus_per_actor, "num_gpus": gpus},
     )
-    # Same thread count as the batch job's engine actors: CPU pixels then match exactly.
-    return deployment.bind(spec, catalog, max(1, int(rt.cpus_per_actor)))
+    # The batch job's own engine actor class: same thread count, so CPU pixels match exactly.
+    return deployment.bind(spec, catalog)
 
 
 class AppArgs(BaseModel):

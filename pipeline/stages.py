@@ -8,14 +8,19 @@ never raises: in Ray Data one exception would abort the whole job.
 
 from __future__ import annotations
 
+import time
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline import schema as S
+from pipeline.batching import group_by_bucket
 from pipeline.encode import encode_image, sha256_hex
-from pipeline.engine import GenerationRequest, GenerationResult
+from pipeline.engine import GenerationRequest
 from pipeline.model_cache import ModelCache
 
 _EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
@@ -83,67 +88,123 @@ def _failure(exc: Exception) -> tuple[str, str]:
     return type(exc).__name__, "".join(traceback.format_exception_only(type(exc), exc)).strip()
 
 
-def generate_table(models: ModelCache, table: pa.Table, actor_id: str, node_id: str) -> pa.Table:
-    """Run each row's model over a batch, one model at a time (in first-seen order, so an
-    actor switches models at most once per model per batch); add pixels, timings and
-    placement columns. A model that cannot be loaded fails its rows, not the batch."""
+@dataclass
+class BlockTimes:
+    """Where an engine actor's time on one block went: ``engine`` seconds in diffusers
+    calls (model loads included), ``encode_wait`` seconds spent after the last call
+    waiting for encodings still running. Encoding overlaps the calls, so the engine sits
+    idle only for the latter."""
+
+    engine: float = 0.0
+    encode_wait: float = 0.0
+
+
+def generate_table(
+    models: ModelCache, table: pa.Table, actor_id: str, node_id: str, encoder: ImageEncoder, times: Optional[BlockTimes] = None
+) -> pa.Table:
+    """Generate and encode a block: the engine actor's whole job.
+
+    Rows go to their model one model at a time (first-seen order: the block arrives sorted,
+    so an actor switches models at most once per model per block), in diffusers calls of
+    at most the engine's :meth:`~pipeline.engine.Engine.call_size`. Each call's images are
+    handed to ``encoder``'s threads as soon as the call returns, so PNG compression runs
+    while the next call computes (PIL and zlib release the GIL) and raw pixels never
+    travel through the object store. A model that cannot load fails its rows, not the
+    block; a failed encoding fails its row at the encode stage.
+    """
     n = table.num_rows
-    pixels: list = [None] * n
     seconds: list = [None] * n
     tokens: list = [None] * n
     truncated: list = [None] * n
     errors: dict[int, tuple[str, str]] = {}
+    encodings: dict[int, Future] = {}
+    times = times if times is not None else BlockTimes()
     pending, requests, names = to_generation_requests(table)
     by_model: dict[str, list[int]] = {}
     for position, name in enumerate(names):
         by_model.setdefault(name, []).append(position)
-    done: list[tuple[int, GenerationResult]] = []
     for name, positions in by_model.items():
+        started = time.perf_counter()
         try:
-            results = models.get(name).generate([requests[p] for p in positions])
-        except Exception as exc:  # noqa: BLE001 - a load failure or engine bug fails rows, not the job
+            engine = models.get(name)
+        except Exception as exc:  # noqa: BLE001 - a model that cannot load fails its rows, not the job
             errors.update({pending[p]: _failure(exc) for p in positions})
             continue
-        done.extend((pending[p], result) for p, result in zip(positions, results))
-    for i, result in done:
-        seconds[i] = result.seconds
-        tokens[i], truncated[i] = result.prompt_tokens, result.prompt_truncated
-        if result.ok:
-            pixels[i] = result.pixels.tobytes()
-        else:
-            errors[i] = (result.error_type or "Error", result.error_message or "")
+        finally:
+            times.engine += time.perf_counter() - started
+        for call in _calls(engine, [requests[p] for p in positions]):
+            chunk = [positions[c] for c in call]
+            started = time.perf_counter()
+            try:
+                results = engine.generate([requests[p] for p in chunk])
+            except Exception as exc:  # noqa: BLE001 - an engine bug still fails rows, not the job
+                errors.update({pending[p]: _failure(exc) for p in chunk})
+                continue
+            finally:
+                times.engine += time.perf_counter() - started
+            for p, result in zip(chunk, results):
+                i = pending[p]
+                seconds[i] = result.seconds
+                tokens[i], truncated[i] = result.prompt_tokens, result.prompt_truncated
+                if result.ok:
+                    encodings[i] = encoder.submit(result.pixels)
+                else:
+                    errors[i] = (result.error_type or "Error", result.error_message or "")
     table = _mark_failed(errors, S.STAGE_GENERATE, table)
-    for name, values, type_ in (
-        (S.PIXELS, pixels, pa.binary()),
+    started = time.perf_counter()
+    table = _add_images(table, encodings, encoder.format)
+    times.encode_wait += time.perf_counter() - started
+    for column, values, type_ in (
         (S.GENERATION_SECONDS, seconds, pa.float64()),
         (S.PROMPT_TOKENS, tokens, pa.int32()),
         (S.PROMPT_TRUNCATED, truncated, pa.bool_()),
         (S.ACTOR_ID, [actor_id] * n, pa.string()),
         (S.NODE_ID, [node_id] * n, pa.string()),
     ):
-        table = _set(table, name, values, type_)
+        table = _set(table, column, values, type_)
     return table
 
 
-def encode_table(table: pa.Table, fmt: str, quality: int) -> pa.Table:
-    """Encode each row's pixels; add the image struct, format and digest; drop the pixels."""
-    rows = table.select([S.REQUEST_ID, S.PIXELS, S.WIDTH, S.HEIGHT]).to_pylist()
-    images: list = [None] * len(rows)
-    digests: list = [None] * len(rows)
+def _calls(engine, requests: list[GenerationRequest]) -> list[list[int]]:
+    """Indices of ``requests`` in the diffusers calls the engine will make of them."""
+    calls = []
+    for group in group_by_bucket(requests):
+        size = engine.call_size(requests[group[0]])
+        calls.extend(group[start : start + size] for start in range(0, len(group), size))
+    return calls
+
+
+class ImageEncoder:
+    """Encodes images on a small thread pool: ``submit(pixels)`` returns a future of
+    ``(bytes, sha256)``. One per engine actor (or Serve replica), for its lifetime."""
+
+    def __init__(self, fmt: str, quality: int, threads: int = 2):
+        self.format = fmt
+        self.quality = quality
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="encode")
+
+    def submit(self, pixels: np.ndarray) -> Future:
+        return self._pool.submit(self._encode, pixels)
+
+    def _encode(self, pixels: np.ndarray) -> tuple[bytes, str]:
+        data = encode_image(pixels, self.format, self.quality)
+        return data, sha256_hex(data)
+
+
+def _add_images(table: pa.Table, encodings: dict[int, Future], fmt: str) -> pa.Table:
+    """Wait for the block's encodings; add the image struct, format and digest columns."""
+    images: list = [None] * table.num_rows
+    digests: list = [None] * table.num_rows
     errors: dict[int, tuple[str, str]] = {}
-    for i, row in enumerate(rows):
-        if row[S.PIXELS] is None:
-            continue
+    request_ids = table.column(S.REQUEST_ID).to_pylist()
+    for i, future in encodings.items():
         try:
-            array = np.frombuffer(row[S.PIXELS], np.uint8).reshape(row[S.HEIGHT], row[S.WIDTH], 3)
-            data = encode_image(array, fmt, quality)
+            data, digests[i] = future.result()
         except Exception as exc:  # noqa: BLE001
             errors[i] = (type(exc).__name__, str(exc))
             continue
-        images[i] = {"bytes": data, "path": f"{row[S.REQUEST_ID]}.{_EXTENSIONS[fmt]}"}
-        digests[i] = sha256_hex(data)
+        images[i] = {"bytes": data, "path": f"{request_ids[i]}.{_EXTENSIONS[fmt]}"}
     table = _mark_failed(errors, S.STAGE_ENCODE, table)
     table = _set(table, S.IMAGE, images, S.IMAGE_TYPE)
     table = _set(table, S.IMAGE_FORMAT, [fmt if d else None for d in digests], pa.string())
-    table = _set(table, S.SHA256, digests, pa.string())
-    return table.drop_columns([S.PIXELS])
+    return _set(table, S.SHA256, digests, pa.string())
