@@ -98,8 +98,8 @@ class EngineOptions(_Section):
     enters the request id.
 
     ``encode_prompts_once``: each distinct prompt and negative prompt of a call goes
-    through the text encoder once (Stable Diffusion 1.x/2.x pipelines; others encode as
-    diffusers does). ``channels_last``: UNet and VAE in channels-last memory format (pays on
+    through the text encoders once (every family; see ``pipeline/family_calls.py``).
+    ``channels_last``: UNet and VAE in channels-last memory format (pays on
     CUDA tensor cores). ``fuse_qkv``: fused query/key/value projections (diffusers'
     ``fuse_qkv_projections``). ``vae_slicing``: decode one image at a time, bounding VAE
     memory at large batch sizes. ``compile``: ``torch.compile`` of the denoiser; the first
@@ -118,7 +118,7 @@ class ModelConfig(_Section):
     """The diffusers pipeline each engine actor keeps resident.
 
     ``ref`` is ``tiny`` (a random-weight Stable Diffusion built offline, for tests and the
-    demo), a local diffusers folder, an ``s3://`` (or other fsspec) prefix holding one, or a
+    demo; ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux`` for the other families), a local diffusers folder, an ``s3://`` (or other fsspec) prefix holding one, or a
     Hugging Face hub id (``org/name`` at ``revision``). All go through the same
     ``from_pretrained`` path. ``dtype: auto`` is float16 on CUDA and float32 on CPU.
     ``scheduler`` swaps the pipeline's scheduler for a named one; unset keeps the model's.
