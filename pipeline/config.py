@@ -111,8 +111,8 @@ class EngineOptions(_Section):
     enters the request id.
 
     ``encode_prompts_once``: each distinct prompt and negative prompt of a call goes
-    through the text encoder once (Stable Diffusion 1.x/2.x pipelines; others encode as
-    diffusers does). ``channels_last``: UNet and VAE in channels-last memory format (pays on
+    through the text encoders once (every family; see ``pipeline/family_calls.py``).
+    ``channels_last``: UNet and VAE in channels-last memory format (pays on
     CUDA tensor cores). ``fuse_qkv``: fused query/key/value projections (diffusers'
     ``fuse_qkv_projections``). ``vae_slicing``: decode one image at a time, bounding VAE
     memory at large batch sizes. ``compile``: ``torch.compile`` of the denoiser; the first

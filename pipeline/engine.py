@@ -28,7 +28,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from pipeline import model_ref
+from pipeline import family_calls, model_ref
 from pipeline.batching import group_by_bucket, halves
 from pipeline.config import LoraConfig, ModelConfig
 
@@ -100,6 +100,35 @@ def resolve_device(config: ModelConfig) -> str:
     return config.device
 
 
+def _load_pipeline(location: str, kwargs: dict):
+    """The text-to-image pipeline saved at ``location`` and its family.
+
+    ``AutoPipelineForText2Image`` maps a saved image-to-image or inpainting pipeline onto
+    its text-to-image sibling over the same weights. Should it refuse a class that one of
+    our families covers, the plain ``DiffusionPipeline`` loader gets a try. A class no
+    family covers raises :class:`ModelError`: before any weights are read when Auto
+    refuses it too, after loading when Auto knows it (PixArt, say).
+    """
+    import diffusers
+
+    from pipeline.errors import ModelError
+    from pipeline.families import UnknownFamily, family_of_class
+
+    def family(class_name: str):
+        try:
+            return family_of_class(class_name)
+        except UnknownFamily as exc:
+            raise ModelError(f"{exc}; point model.ref at a model saved from one of those pipeline classes") from None
+
+    try:
+        pipe = diffusers.AutoPipelineForText2Image.from_pretrained(location, **kwargs)
+    except ValueError:
+        revision = {"revision": kwargs["revision"]} if "revision" in kwargs else {}
+        family(diffusers.DiffusionPipeline.load_config(location, **revision)["_class_name"])
+        pipe = diffusers.DiffusionPipeline.from_pretrained(location, **kwargs)
+    return pipe, family(type(pipe).__name__)
+
+
 class Engine:
     """A resident diffusers pipeline.
 
@@ -131,7 +160,7 @@ class Engine:
         kwargs = {"dtype": self.dtype, "use_safetensors": not config.allow_pickle}
         if model_ref.parse_ref(config.ref).kind == "hub":
             kwargs["revision"] = config.revision
-        self.pipe = diffusers.DiffusionPipeline.from_pretrained(location, **kwargs)
+        self.pipe, self.family = _load_pipeline(location, kwargs)
         if config.scheduler:
             scheduler_class = getattr(diffusers, SCHEDULERS[config.scheduler])
             self.pipe.scheduler = scheduler_class.from_config(self.pipe.scheduler.config)
@@ -139,12 +168,10 @@ class Engine:
         self._apply_options(config)
         self.pipe.set_progress_bar_config(disable=True)
         self.scheduler_name = type(self.pipe.scheduler).__name__
-        self.max_tokens = int(getattr(self.pipe.tokenizer, "model_max_length", 77))
 
     def _apply_options(self, config: ModelConfig) -> None:
         import os
 
-        import diffusers
         import torch
 
         options = config.engine
@@ -161,7 +188,7 @@ class Engine:
             # Inductor keeps compiled graphs here, so a restarted actor does not recompile.
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(config.cache_dir, "inductor"))
             setattr(self.pipe, denoiser_name, torch.compile(getattr(self.pipe, denoiser_name)))
-        self._encode_once = options.encode_prompts_once and isinstance(self.pipe, diffusers.StableDiffusionPipeline)
+        self._encode_once = options.encode_prompts_once
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Generate every request; uniform ones share diffusers calls of at most
@@ -188,9 +215,13 @@ class Engine:
         return min(size, self._oom_caps.get((request.width, request.height), size))
 
     def count_tokens(self, prompts: list[str]) -> list[int]:
-        """Tokens each prompt takes, special tokens included, before truncation."""
-        ids = self.pipe.tokenizer(prompts, truncation=False, add_special_tokens=True)["input_ids"]
-        return [len(x) for x in ids]
+        """Tokens each prompt takes in the family's longest text encoder, special tokens
+        included, before truncation."""
+        return family_calls.prompt_tokens(self.pipe, self.family, prompts)
+
+    def token_limit(self, request: GenerationRequest) -> int:
+        """The token count beyond which ``request``'s prompt is truncated."""
+        return family_calls.token_limit(self.pipe, self.family, request)
 
     def _run(self, requests, group: list[int], results) -> None:
         batch = [requests[i] for i in group]
@@ -218,6 +249,7 @@ class Engine:
             return
         seconds = (time.perf_counter() - start) / len(group)
         tokens = self.count_tokens([r.prompt for r in batch])
+        limit = self.token_limit(batch[0])
         for index, image, n_tokens in zip(group, images, tokens):
             if np.isnan(image).any():
                 error = ImageIsNaN("the image came out NaN; try model.dtype float32 or bfloat16")
@@ -227,40 +259,17 @@ class Engine:
                 pixels=(image * 255).round().clip(0, 255).astype(np.uint8),
                 seconds=seconds,
                 prompt_tokens=n_tokens,
-                prompt_truncated=n_tokens > self.max_tokens,
+                prompt_truncated=n_tokens > limit,
             )
 
     def _call(self, batch: list[GenerationRequest]) -> np.ndarray:
         import torch
 
-        first = batch[0]
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in batch]
         with torch.inference_mode():
-            if self._encode_once:
-                texts = {
-                    "prompt_embeds": self._embed([r.prompt for r in batch]),
-                    "negative_prompt_embeds": self._embed([r.negative_prompt for r in batch]),
-                }
-            else:
-                texts = {"prompt": [r.prompt for r in batch], "negative_prompt": [r.negative_prompt for r in batch]}
-            output = self.pipe(
-                **texts,
-                width=first.width,
-                height=first.height,
-                num_inference_steps=first.steps,
-                guidance_scale=first.guidance_scale,
-                generator=generators,
-                output_type="np",
-            )
+            kwargs = family_calls.call_kwargs(self.pipe, self.family, batch, self._encode_once)
+            output = self.pipe(**kwargs, generator=generators, output_type="np")
         return np.asarray(output.images)
-
-    def _embed(self, texts: list[str]):
-        """Text-encoder states for ``texts``, each distinct text encoded once: a batch of
-        one prompt with many seeds, or one negative prompt for all, costs one encoding."""
-        distinct = list(dict.fromkeys(texts))
-        states, _ = self.pipe.encode_prompt(distinct, self.pipe.device, 1, False)
-        position = {text: i for i, text in enumerate(distinct)}
-        return states[[position[text] for text in texts]]
 
     def _use_adapter(self, digest: Optional[str], scale: float) -> None:
         """Make ``digest`` at ``scale`` the pipeline's one active adapter (None: no adapter)."""

@@ -2,7 +2,8 @@
 
 Four kinds, all ending in the same ``from_pretrained`` call:
 
-- ``tiny``: the random-weight pipeline of :mod:`pipeline.models`, built into the cache;
+- ``tiny`` (also ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``): a random-weight pipeline
+  of :mod:`pipeline.models`, built into the cache;
 - a local diffusers folder;
 - a remote prefix (``s3://bucket/prefix/`` or any fsspec URL), copied once into the cache;
 - a Hugging Face hub id (``org/name``), at ``model.revision``.
@@ -24,7 +25,7 @@ from typing import Literal
 from pipeline import storage
 from pipeline.config import ModelConfig
 from pipeline.errors import ModelError
-from pipeline.models import TINY_VERSION
+from pipeline.models import TINY_MODELS
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -37,7 +38,7 @@ class ModelRef:
 
 def parse_ref(ref: str) -> ModelRef:
     """Classify ``model.ref``; raise :class:`ModelError` saying which forms are accepted."""
-    if ref == "tiny":
+    if ref in TINY_MODELS:
         return ModelRef("tiny", ref)
     if "://" in ref and not ref.startswith("file://"):
         return ModelRef("remote", ref.rstrip("/"))
@@ -49,7 +50,7 @@ def parse_ref(ref: str) -> ModelRef:
     if _HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
         return ModelRef("hub", ref)
     raise ModelError(
-        f"model.ref {ref!r} is not 'tiny', an existing local folder, an s3:// prefix, or a hub id like 'org/name'; "
+        f"model.ref {ref!r} is not a tiny model ({', '.join(TINY_MODELS)}), an existing local folder, an s3:// prefix, or a hub id like 'org/name'; "
         "check the path (relative paths are taken from the working directory), or set model.ref to one of those"
     )
 
@@ -78,7 +79,7 @@ def fingerprint(config: ModelConfig) -> str:
     ref = parse_ref(config.ref)
     h = hashlib.sha256()
     if ref.kind == "tiny":
-        h.update(TINY_VERSION.encode())
+        h.update(TINY_MODELS[ref.location].encode())
     elif ref.kind == "hub":
         h.update(f"hub:{ref.location}@{config.revision}".encode())
     elif ref.kind == "local":
@@ -106,7 +107,7 @@ def materialize(config: ModelConfig) -> str:
     if ref.kind == "tiny":
         from pipeline.models import ensure_tiny
 
-        return ensure_tiny(config.cache_dir)
+        return ensure_tiny(config.cache_dir, ref.location)
     if ref.kind in ("local", "hub"):
         return ref.location
     fs, root = storage.open_url(ref.location, config.storage_options)

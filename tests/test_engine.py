@@ -45,8 +45,8 @@ def test_a_failing_row_fails_alone(engine):
 
 def test_prompt_tokens_and_truncation(engine):
     short, long = engine.generate([request(prompt="a cat"), request(prompt="a cat " * 40)])
-    assert short.prompt_tokens < engine.max_tokens and short.prompt_truncated is False
-    assert long.prompt_tokens > engine.max_tokens and long.prompt_truncated is True
+    assert short.prompt_tokens < engine.token_limit(request()) and short.prompt_truncated is False
+    assert long.prompt_tokens > engine.token_limit(request()) and long.prompt_truncated is True
     assert long.ok
 
 

@@ -12,7 +12,7 @@ from pipeline.engine import GenerationRequest
 from pipeline.config import ModelConfig
 from pipeline.encode import encode_image, sha256_hex
 from pipeline.errors import ModelError
-from pipeline.model_ref import fingerprint, parse_ref
+from pipeline.model_ref import ModelRef, fingerprint, parse_ref
 
 
 def req(w, h, steps=4, g=7.5, **more):
@@ -59,9 +59,12 @@ def test_png_is_lossless_and_lossy_formats_decode():
 
 def test_model_refs(tmp_path):
     assert parse_ref("tiny").kind == "tiny"
+    assert parse_ref("tiny-flux") == ModelRef("tiny", "tiny-flux")
+    tiny_prints = {fingerprint(ModelConfig(ref=name)) for name in ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux")}
+    assert len(tiny_prints) == 4
     assert parse_ref("s3://bucket/models/sd/").kind == "remote"
     assert parse_ref("stabilityai/stable-diffusion-2-1").kind == "hub"
-    with pytest.raises(ModelError, match="not 'tiny', an existing local folder"):
+    with pytest.raises(ModelError, match="not a tiny model \\(tiny, tiny-sdxl, tiny-sd3, tiny-flux\\), an existing local folder"):
         parse_ref("./no/such/folder")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="without model_index.json"):

@@ -73,7 +73,7 @@ def test_unknown_model_ref(job, tmp_path):
     result, _ = imagegen("run", str(job), "--set", f"model.ref={tmp_path}/no-such-model")
     assert_user_error(
         result,
-        f"imagegen: error: model.ref '{tmp_path}/no-such-model' is not 'tiny', an existing local folder, "
+        f"imagegen: error: model.ref '{tmp_path}/no-such-model' is not a tiny model (tiny, tiny-sdxl, tiny-sd3, tiny-flux), an existing local folder, "
         "an s3:// prefix, or a hub id like 'org/name'; check the path",
     )
 
