@@ -301,11 +301,19 @@ class Engine:
                 self._qkv_fused = False
             self.pipe.load_lora_weights(state, adapter_name=_adapter_name(digest))
         except Exception as exc:  # noqa: BLE001 - any failure here means the adapter does not fit
-            raise AdapterError(
-                f"LoRA {config.url} cannot be loaded into model {self.config.ref} ({type(self.pipe).__name__}): "
-                f"{type(exc).__name__}: {exc}. Check that the adapter was trained for this model family"
-            ) from None
+            raise self._unfit(config, f"{type(exc).__name__}: {exc}") from None
+        # diffusers skips (with a warning) weights that match no layer: an adapter for another
+        # family loads as nothing at all.
+        loaded = {name for names in self.pipe.get_list_adapters().values() for name in names}
+        if _adapter_name(digest) not in loaded:
+            raise self._unfit(config, "none of its weights match a layer of this model")
         self._loaded_adapters.add(digest)
+
+    def _unfit(self, config: LoraConfig, reason: str) -> AdapterError:
+        return AdapterError(
+            f"LoRA {config.url} cannot be loaded into model {self.config.ref} ({type(self.pipe).__name__}): {reason}. "
+            "Check that the adapter was trained for this model family"
+        )
 
     def _after_failure(self, exc: Exception) -> None:
         import torch
