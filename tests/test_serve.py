@@ -256,6 +256,39 @@ def test_overload_is_a_503_with_retry_after(app, workdir):
         serve.delete("overload")
 
 
+def test_requests_pick_a_model_and_an_adapter(app, workdir):
+    from pipeline.models import build_tiny_lora
+
+    url, main_spec = app
+    data = _spec_data(workdir, main_spec.serve.port, route_prefix="/variations")
+    cache = data.pop("model")["cache_dir"]
+    data["models"] = {"sd": {"ref": "tiny", "cache_dir": cache, "device": "cpu"}, "flux": {"ref": "tiny-flux", "cache_dir": cache, "device": "cpu"}}
+    data["defaults"]["model"] = "sd"
+    data["loras"] = {"style": {"url": build_tiny_lora("tiny", str(workdir), seed=3)}}
+    start(parse_spec(data, source="variations spec"), name="variations")
+    base = url.rstrip("/") + "/variations"
+    try:
+        _wait_for(lambda: requests.get(f"{base}/healthz", timeout=5).status_code == 200, "the variations app")
+        listed = {m["id"]: m for m in requests.get(f"{base}/v1/models", timeout=10).json()["data"]}
+        assert {name: (m["family"], m["default"]) for name, m in listed.items()} == {"sd": ("sd", True), "flux": ("flux", False)}
+        flux = _generate(base, {"prompt": "a red fox", "model": "flux", "seed": 1})
+        assert flux.status_code == 200, flux.text
+        (item,) = flux.json()["data"]
+        assert (item["model"], item["model_family"], item["pipeline_class"]) == ("flux", "flux", "FluxPipeline")
+        plain, styled = (_generate(base, {"prompt": "a red fox", "seed": 1, **extra}).json()["data"][0] for extra in ({}, {"lora": "style"}))
+        assert (styled["lora"], styled["lora_scale"], plain["lora"]) == ("style", 1.0, None)
+        assert styled["request_id"] != plain["request_id"] and styled["b64_json"] != plain["b64_json"]
+        # A parameter the family does not take, an unknown model: 400s naming the field.
+        for body, param, text in (
+            ({"prompt": "x", "model": "flux", "negative_prompt": "ugly"}, "negative_prompt", "does not take negative_prompt"),
+            ({"prompt": "x", "model": "sdxl"}, "model", "allowed: sd, flux"),
+        ):
+            response = _generate(base, body)
+            assert response.status_code == 400 and response.json()["error"]["param"] == param and text in response.text, response.text
+    finally:
+        serve.delete("variations")
+
+
 def _descendants(root: int) -> list[int]:
     """Process ids below ``root``, from /proc (no psutil in this environment)."""
     parent: dict[int, int] = {}
