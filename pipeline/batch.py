@@ -96,7 +96,7 @@ def read_requests(spec: JobSpec, validator: Validator, counter: Any) -> ray.data
     # One block per file chunk (tables.CHUNK_ROWS rows): Ray Data would otherwise split a
     # few files' blocks finer for parallelism, and each validated block is sorted by model
     # and bucket (order_for_engine) only within itself: bigger blocks, longer same-model runs.
-    ds = ray.data.read_datasource(datasource, ray_remote_args=task_cpus, override_num_blocks=len(files))
+    ds = ray.data.read_datasource(datasource, override_num_blocks=len(files), **task_cpus)
     kwargs = {"validator": validator, "counter": counter}
     return ds.map_batches(validate_counting, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, **task_cpus)
 

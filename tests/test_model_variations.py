@@ -134,3 +134,14 @@ def test_adapter_is_switched_off_and_on_between_calls(model_cache, loras):
     assert np.array_equal(before, after)  # no adapter left active
     assert np.array_equal(full, again)
     assert np.abs(full - before).mean() > np.abs(half - before).mean() > 0  # the scale weighs the adapter
+
+
+def test_the_families_example_spec_plans_every_row_onto_its_model(tmp_path):
+    from pipeline.config import load_spec
+    from pipeline.plan import make_plan
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = load_spec(repo / "jobs" / "models.yaml", [f"output.url={tmp_path}/out"])
+    plan = make_plan(spec)
+    assert (plan.rows, plan.valid_rows) == (16, 16)
+    assert {bucket.model: bucket.images for bucket in plan.buckets} == {"sd": 4, "sdxl": 4, "sd3": 4, "flux": 4}
