@@ -191,12 +191,20 @@ def _runs_table(manifests: list[dict[str, Any]]) -> str:
         rows.append(
             f"<tr><td>{e(m['run_id'])}</td><td>{started}</td><td class=n>{wall:.1f}</td><td class=n>{c['input_rows']}</td>"
             f"<td class=n>{c['images']}</td><td class=n>{c['errors']}</td><td>{e(stages)}</td><td class=n>{rate}</td>"
-            f"<td>{e(str(m.get('spec_fingerprint', '')))}</td><td>{e(str(m.get('model_fingerprint', '')))}</td></tr>"
+            f"<td>{e(str(m.get('spec_fingerprint', '')))}</td><td>{e(_models(m))}</td></tr>"
         )
     return (
         "<h2>Runs</h2><table><tr><th>run</th><th>started (UTC)</th><th>seconds</th><th>input rows</th><th>images</th>"
-        "<th>errors</th><th>errors by stage</th><th>images/s</th><th>spec</th><th>model</th></tr>" + "".join(rows) + "</table>"
+        "<th>errors</th><th>errors by stage</th><th>images/s</th><th>spec</th><th>models</th></tr>" + "".join(rows) + "</table>"
     )
+
+
+def _models(manifest: dict[str, Any]) -> str:
+    """The run's models as ``name (family)``; runs from before named models show their fingerprint."""
+    models = manifest.get("models")
+    if not models:
+        return str(manifest.get("model_fingerprint", ""))
+    return ", ".join(f"{name} ({info.get('family', '?')})" for name, info in models.items())
 
 
 def actor_series(images: list[dict[str, Any]], manifest: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
