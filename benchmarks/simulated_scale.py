@@ -5,7 +5,12 @@ sleeps a fixed time per batch and returns blank images, so 64 "GPU" actors (logi
 fit on a small machine. Everything else is the real pipeline: read, validation, re-blocking,
 actor pool, encoding, atomic Parquet parts, manifest.
 
-Efficiency = ideal time / measured time, with ideal = calls / actors x sleep per call. Start-up
+Efficiency = ideal time / measured time, with ideal = calls / actors x sleep per call.
+Engine utilization (from the run summary) = the actors' seconds in (sleeping) calls over
+the seconds each was up, from its start to the job's end: how busy the GPUs would be once
+started, the tail of the last blocks included, start-up excluded. Start-up of 64 actor
+processes on 2 cores takes a minute or more and overlaps the first actors' work, so the
+overall figure says more about this machine than about the orchestration. Start-up
 (Ray, 64 actor processes) is a fixed cost, so steady-state efficiency is taken between two
 sizes: ideal(N2 - N1) / (T(N2) - T(N1)). Each size runs in its own process, so the driver's
 peak RSS is that run's: it must not grow with the row count.
@@ -20,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -77,13 +83,10 @@ class SleepStage(GenerateStage):
     CALL_IMAGES = 16
 
     def __init__(self, spec, catalog, counter=None):  # noqa: D107 - the real stage's signature, no torch
-        import ray
-
         self.models = SleepModels(SleepEngine(self.SECONDS_PER_CALL, self.CALL_IMAGES))
         self.encoder = ImageEncoder(spec.output.format, spec.output.quality, 1)
         self._counter, self._reported = counter, self.models.stats
-        context = ray.get_runtime_context()
-        self.actor_id, self.node_id = context.get_actor_id() or "", context.get_node_id() or ""
+        self._ready()
 
 
 def one_size(rows: int, actors: int, batch: int, call: int, seconds: float) -> dict:
@@ -104,7 +107,8 @@ def one_size(rows: int, actors: int, batch: int, call: int, seconds: float) -> d
         "model": {"ref": "tiny", "cache_dir": str(work / "cache"), "device": "cpu"},
         "defaults": {"width": 8, "height": 8, "steps": 1},
         "output": {"url": str(work / "out"), "rows_per_part": 5000},
-        "runtime": {"num_actors": actors, "gpus_per_actor": 1, "cpus_per_actor": 0.01, "task_cpus": 0.25, "batch_size": batch},
+        "runtime": {"num_actors": actors, "gpus_per_actor": 1, "cpus_per_actor": 0.01, "task_cpus": 0.25, "batch_size": batch,
+                    "progress_interval_s": 1},
     })
     ray.init(num_cpus=os.cpu_count(), num_gpus=actors, include_dashboard=False, logging_level="ERROR", _temp_dir=str(work / "ray"))
     start = time.perf_counter()
@@ -117,7 +121,32 @@ def one_size(rows: int, actors: int, batch: int, call: int, seconds: float) -> d
         "wall": wall,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "engine_seconds": summary.engine_seconds,
+        "utilization": summary.engine_utilization,
     }
+
+
+LOW, HIGH = 0.2, 0.8
+_PROGRESS = re.compile(r"progress: (\d+)/\d+ rows.*elapsed (\d+):(\d+)(?::(\d+))?")
+
+
+def steady_window(log: str, rows: int):
+    """Seconds the job took from LOW to HIGH of its rows done, read from its progress lines
+    (one a second). Start-up, which overlaps the first actors' work when 64 actor processes
+    start on 2 cores, and the tail are outside the window; differencing two sizes does not
+    cancel start-up when it overlaps work. None when the window spans under 5 lines."""
+    points = []
+    for match in _PROGRESS.finditer(log):
+        done, a, b, c = match.groups()
+        seconds = int(a) * 3600 + int(b) * 60 + int(c) if c else int(a) * 60 + int(b)
+        points.append((int(done), seconds))
+
+    def first_at(fraction):
+        return next((t for done, t in points if done >= fraction * rows), None)
+
+    low, high = first_at(LOW), first_at(HIGH)
+    if low is None or high is None or high - low < 5:
+        return None
+    return high - low
 
 
 def main() -> None:
@@ -140,6 +169,7 @@ def main() -> None:
                    "--seconds-per-call", str(args.seconds_per_call)]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         results[rows] = json.loads(done.stdout.strip().splitlines()[-1])
+        results[rows]["window"] = steady_window(done.stderr, rows)
 
     def ideal(rows: int) -> float:
         calls = -(-rows // args.call_images)
@@ -155,6 +185,19 @@ def main() -> None:
         print(f"| {rows} | {r['wall']:.1f} | {ideal(rows):.1f} | {ideal(rows) / r['wall']:.2f} | {r['peak_rss_mb']:.0f} |")
     steady = (ideal(n2) - ideal(n1)) / (results[n2]["wall"] - results[n1]["wall"])
     print(f"| steady state ({n2}-{n1}) | {results[n2]['wall'] - results[n1]['wall']:.1f} | {ideal(n2) - ideal(n1):.1f} | {steady:.2f} | |")
+    ideal_rate = args.actors * args.call_images / args.seconds_per_call
+    print()
+    print(f"Steady window: rows/s between {LOW:.0%} and {HIGH:.0%} of the rows done (from the job's progress lines), "
+          f"against the ideal {ideal_rate:.0f} rows/s")
+    print("| rows | window s | rows/s | window efficiency | engine utilization |")
+    print("|---|---|---|---|---|")
+    for rows in args.rows:
+        window, busy = results[rows]["window"], results[rows]["utilization"]
+        if window:
+            rate = (HIGH - LOW) * rows / window
+            print(f"| {rows} | {window:.0f} | {rate:.0f} | {rate / ideal_rate:.2f} | {busy:.2f} |")
+        else:
+            print(f"| {rows} | too short to measure | | | {busy:.2f} |")
 
 
 if __name__ == "__main__":

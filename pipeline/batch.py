@@ -26,7 +26,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional
 
 import pyarrow as pa
 import ray
@@ -58,6 +58,7 @@ class RunSummary:
     errors: int
     errors_by_stage: dict[str, int]
     wall_seconds: float
+    engine_utilization: Optional[float] = None  # share of the engine actors' time up spent generating
     model_loads: int = 0
     model_swaps: int = 0
     engine_seconds: float = 0.0  # summed over engine actors: in diffusers calls and model loads
@@ -131,10 +132,13 @@ class GenerateStage:
         self._counter = counter
         self._reported = self.models.stats
         self.models.get(catalog.default_model)
-        self._report({})
+        self._ready()
+
+    def _ready(self) -> None:
         context = ray.get_runtime_context()
         self.actor_id = context.get_actor_id() or ""
         self.node_id = context.get_node_id() or ""
+        self._report({"actors_ready": 1, "actors_ready_at": time.time()})
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         times = BlockTimes()
@@ -394,6 +398,7 @@ def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator,
         errors=report.errors,
         errors_by_stage=report.errors_by_stage,
         wall_seconds=time.time() - started,
+        engine_utilization=counts.engine_utilization(time.time()),
         model_loads=counts.model_loads,
         model_swaps=counts.model_swaps,
         engine_seconds=counts.engine_seconds,

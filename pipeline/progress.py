@@ -36,7 +36,14 @@ class Counts:
     """Input rows finished (imaged or rejected) this run, images and error rows among them,
     rows skipped because an earlier run already committed them, and the engine actors'
     model loads and swaps (loads that evicted another model), seconds in diffusers calls,
-    and seconds waiting for image encoding after a block's last call."""
+    seconds waiting for image encoding after a block's last call, and when the engine
+    actors became ready."""
+
+    def engine_utilization(self, end: float) -> Optional[float]:
+        """Share of the engine actors' time, from each one's start to ``end`` (epoch
+        seconds), spent in diffusers calls; None before any actor is ready."""
+        up = self.actors_ready * end - self.actors_ready_at
+        return min(1.0, self.engine_seconds / up) if up > 0 else None
 
     rows: int = 0
     images: int = 0
@@ -46,6 +53,10 @@ class Counts:
     model_swaps: int = 0
     engine_seconds: float = 0.0
     encode_wait_seconds: float = 0.0
+    # Engine actors that finished starting (default model loaded), and the sum of the
+    # times (epoch seconds) they did so: with the end time, the seconds they were up.
+    actors_ready: int = 0
+    actors_ready_at: float = 0.0
 
     @property
     def done(self) -> int:

@@ -8,6 +8,7 @@ from pipeline.batch import RunSummary
 def format_summary(s: RunSummary) -> str:
     images_parts = sum(1 for p in s.parts if p["path"].startswith("images/"))
     errors_parts = len(s.parts) - images_parts
+    busy = f" ({s.engine_utilization:.0%} of their time up)" if s.engine_utilization is not None else ""
     by_stage = ", ".join(f"{stage}: {n}" for stage, n in sorted(s.errors_by_stage.items())) or "none"
     lines = [
         f"run {s.run_id} finished in {s.wall_seconds:.1f} s",
@@ -15,7 +16,7 @@ def format_summary(s: RunSummary) -> str:
         f"  images out   {s.images}  ({s.images_per_second:.2f} images/s)",
         f"  errors       {s.errors}  ({by_stage})",
         f"  model loads  {s.model_loads}  ({s.model_swaps} swaps, {s.swaps_per_1000_images:.1f} per 1000 images)",
-        f"  engines      {s.engine_seconds:.1f} s generating, {s.encode_wait_seconds:.1f} s waiting on image encoding (all actors)",
+        f"  engines      {s.engine_seconds:.1f} s generating{busy}, {s.encode_wait_seconds:.1f} s waiting on image encoding (all actors)",
         f"  output       {s.output}",
         f"                 images/  {images_parts} new part(s)",
         f"                 errors/  {errors_parts} new part(s)",
