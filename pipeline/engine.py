@@ -317,7 +317,7 @@ def _try_kernel(denoiser, backend, name: str, device: str) -> None:
                 warnings.simplefilter("ignore")  # torch warns once per reason a kernel was skipped
                 F.scaled_dot_product_attention(query, key, key)
         except RuntimeError as exc:
-            reason = str(exc).splitlines()[0]
+            reason = str(exc).splitlines()[0].rstrip(".")
             raise ModelError(
                 f"attention: {name} cannot run this model on {device} in {str(dtype).removeprefix('torch.')} "
                 f"(head size {head_size}): {reason}. Use attention: sdpa, which lets torch pick a kernel that can"
