@@ -27,14 +27,21 @@ def _byte_vocab() -> dict[str, int]:
     return vocab
 
 
+def byte_tokenizer(model_max_length: int = TINY_MAX_TOKENS):
+    """A CLIP tokenizer over the byte-level vocabulary: any text, no downloaded vocabulary
+    files, padded to ``model_max_length`` like CLIP's own."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(vocab=_byte_vocab(), merges=[], model_max_length=model_max_length)
+
+
 def build_tiny_sd():
     """A StableDiffusionPipeline with ~2M random parameters; 64x64 images in tens of ms on CPU."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    vocab = _byte_vocab()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TINY_MAX_TOKENS)
+    tokenizer = byte_tokenizer()
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
@@ -68,7 +75,7 @@ def build_tiny_sd():
             layer_norm_eps=1e-05,
             num_attention_heads=4,
             num_hidden_layers=2,
-            vocab_size=len(vocab),
+            vocab_size=len(tokenizer),
             max_position_embeddings=TINY_MAX_TOKENS,
         )
     )
