@@ -24,6 +24,7 @@ nothing about GPU speed: ``--size tiny`` there is a smoke run of the script.
 
     python benchmarks/gpu_engine.py --size tiny                     # CPU smoke run, minutes
     python benchmarks/gpu_engine.py --size tiny --models sd15 --options compiled
+    python benchmarks/gpu_engine.py --size full --flops-only        # FLOPs per image, any machine
     python benchmarks/gpu_engine.py --size full --models sd15 --json out/sd15.json
     python benchmarks/gpu_engine.py --size full --models sdxl --batch-sizes 1,4,8,16 \\
         --variant 'flash=bfloat16:attention=flash,channels_last=true'
@@ -190,8 +191,9 @@ def plain_images(folder: str, cache: str, device: str, dtype_name: str, batch: i
     return pixels
 
 
-def run_variant(model: str, name: str, dtype_name: str, options: dict[str, Any], folder: str, cache: str, device: str, args, resolution: int, reference) -> list[Row]:
-    """One engine, every batch size in turn (ascending), until one runs out of memory."""
+def run_variant(model: str, name: str, dtype_name: str, options: dict[str, Any], folder: str, cache: str, device: str, args, resolution: int, reference):
+    """One engine, every batch size in turn (ascending) until one runs out of memory; yields
+    each row as it is measured."""
     import numpy as np
 
     from pipeline.config import EngineOptions, ModelConfig
@@ -203,14 +205,13 @@ def run_variant(model: str, name: str, dtype_name: str, options: dict[str, Any],
     try:
         engine = Engine(ModelConfig(ref=folder, cache_dir=cache, device=device, dtype=dtype_name, engine=EngineOptions(**options)))
     except ImagegenError as exc:  # a kernel this device lacks: say so in the table, measure the rest
-        return [Row(model, name, dtype_name, options, args.batch_sizes[0], status=f"not available: {exc}")]
+        yield Row(model, name, dtype_name, options, args.batch_sizes[0], status=f"not available: {exc}")
+        return
     retries = Retries()
     logging.getLogger("pipeline.engine").addHandler(retries)
-    rows = []
     try:
         for batch in args.batch_sizes:
             row = Row(model, name, dtype_name, options, batch)
-            rows.append(row)
             made = requests(batch, resolution, args.steps)
             compiled_before, retried_before = engine.compile_seconds, retries.count
             began = time.perf_counter()
@@ -220,10 +221,11 @@ def run_variant(model: str, name: str, dtype_name: str, options: dict[str, Any],
             failed = [r for r in results if not r.ok and r.error_type != "ImageIsNaN"]
             if failed:
                 row.status = f"failed: {failed[0].error_type}: {failed[0].error_message[:80]}"
-                break
-            if retries.count > retried_before:
+            elif retries.count > retried_before:
                 row.status = "ran in halves (out of memory)"
-                break
+            if row.status != "ok":
+                yield row
+                return
             row.nan_images = sum(r.error_type == "ImageIsNaN" for r in results)
             if batch == args.batch_sizes[0]:
                 diffs = [np.abs(r.pixels.astype(int) - p.astype(int)).max() for r, p in zip(results, expected) if r.ok and p is not None]
@@ -237,12 +239,13 @@ def run_variant(model: str, name: str, dtype_name: str, options: dict[str, Any],
             row.images_per_s = batch / statistics.median(row.call_seconds)
             if retries.count > retried_before:
                 row.status = "ran in halves (out of memory)"
-                break
+                yield row
+                return
+            yield row
     finally:
         logging.getLogger("pipeline.engine").removeHandler(retries)
         del engine
         free_memory()
-    return rows
 
 
 def parse_variant(text: str) -> tuple[str, tuple[str, dict[str, Any]]]:
@@ -308,7 +311,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, help="timed calls per row, the median is reported; default 3 (full) or 5 (tiny)")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak FLOP/s for MFU; default 989 on H100/H200")
     parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "imagegen-bench"))
-    parser.add_argument("--json", help="write every number here as JSON")
+    parser.add_argument("--json", help="write every number here as JSON (rewritten after each row)")
+    parser.add_argument("--flops-only", action="store_true", help="print FLOPs per image counted on meta tensors and stop: seconds at full size, on any machine")
     args = parser.parse_args()
 
     import diffusers
@@ -342,6 +346,36 @@ def main() -> None:
     rows: list[Row] = []
     flops: dict[str, Any] = {}
     started = time.perf_counter()
+    machine = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "peak_flops": peak,
+        "peak_flops_note": peak_note,
+    }
+    settings = {"size": args.size, "steps": args.steps, "batch_sizes": args.batch_sizes, "iterations": args.iterations, "vae_chunk_size": chunk}
+
+    def record(row: Row, baseline: Optional[Row], per_image: float) -> None:
+        """Add a row and rewrite the JSON: a run stopped at a time limit keeps what it measured."""
+        if row.images_per_s and baseline is not None and baseline.images_per_s:
+            row.ratio = row.images_per_s / baseline.images_per_s
+        if row.images_per_s and peak:
+            row.mfu = row.images_per_s * per_image / peak
+        rows.append(row)
+        print(f"{row.model} {row.variant} batch {row.batch}: {row.images_per_s or 0:.3f} img/s, {row.status}", flush=True)
+        machine.update(date=f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", wall_s=round(time.perf_counter() - started, 1))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"machine": machine, "settings": settings, "flops": flops, "rows": [asdict(r) for r in rows]}, indent=1))
+
+    if args.flops_only:
+        for model in args.models.split(","):
+            resolution = args.resolution or default_resolution(model, args.size)
+            parts = component_flops(model, args.size, resolution, args.steps)
+            print(f"{model} at {resolution}x{resolution}, {args.steps} steps, CFG: {tera(parts['total'])} TFLOP per image = "
+                  f"text {tera(parts['text'])} + denoiser {parts['denoiser_evaluations']} x {tera(parts['denoiser_per_evaluation'])} "
+                  f"(CFG pair) + VAE decode {tera(parts['vae'])}")
+        return
     for model in args.models.split(","):
         resolution = args.resolution or default_resolution(model, args.size)
         folder = ensure_model(model, args.size, args.cache, device)
@@ -353,8 +387,7 @@ def main() -> None:
         baseline = None
         if "baseline" in chosen:
             baseline = run_baseline(model, folder, device, resolved("float16"), resolution, args.steps, args.iterations, Memory(device))
-            rows.append(baseline)
-            print(f"{model} baseline: {baseline.images_per_s:.3f} img/s", flush=True)
+            record(baseline, None, per_image)
         references: dict[str, Any] = {}
         done: set = set()
         for name in chosen:
@@ -374,30 +407,11 @@ def main() -> None:
                 return references[dtype_name]
 
             for row in run_variant(model, name, dtype_name, options, folder, args.cache, device, args, resolution, reference):
-                if row.images_per_s and baseline and baseline.images_per_s:
-                    row.ratio = row.images_per_s / baseline.images_per_s
-                rows.append(row)
-                print(f"{model} {name} batch {row.batch}: {row.images_per_s or 0:.3f} img/s, {row.status}", flush=True)
-        for row in rows:
-            if row.model == model and row.images_per_s and peak:
-                row.mfu = row.images_per_s * per_image / peak
+                record(row, baseline, per_image)
 
-    machine = {
-        "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "peak_flops": peak,
-        "peak_flops_note": peak_note,
-        "wall_s": round(time.perf_counter() - started, 1),
-    }
-    settings = {"size": args.size, "steps": args.steps, "batch_sizes": args.batch_sizes, "iterations": args.iterations, "vae_chunk_size": chunk}
     print(f"\n{machine['date']}; {machine['device']}; torch {machine['torch']}, diffusers {machine['diffusers']}; "
           f"size {args.size}, {args.steps} steps, CFG; peak {peak_note}; {machine['wall_s']} s in all\n")
     print_table(rows)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"machine": machine, "settings": settings, "flops": flops, "rows": [asdict(r) for r in rows]}, indent=1))
 
 
 def tera(flops: float) -> str:
