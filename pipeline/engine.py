@@ -285,9 +285,9 @@ def _set_attention(denoiser, name: str, device: str) -> None:
     _try_kernel(denoiser, backend, name, device)
     forward = denoiser.forward
 
-    # The whole forward runs under the pin (diffusers' UNet processors do not go through
-    # its attention dispatcher, so its set_attention_backend would leave them alone), and
-    # torch.compile traces the pin into the graph.
+    # The whole forward runs under the pin: diffusers' UNet processors do not go through
+    # its attention dispatcher, so its set_attention_backend would leave them alone.
+    # torch.compile traces through sdpa_kernel (the compile test runs with flash pinned).
     @functools.wraps(forward)
     def pinned(*args, **kwargs):
         with sdpa_kernel([backend]):
