@@ -105,19 +105,48 @@ class InputConfig(_Section):
         return self.columns.get(parameter, parameter)
 
 
+AttentionKernel = Literal["sdpa", "flash", "efficient", "cudnn", "eager"]
+
+
 class EngineOptions(_Section):
-    """How the engine runs its model: speed, never what an image is. Each option is tested
-    to leave images within 2/255 of the plain path (tests/test_engine_options.py), so none
-    enters the request id.
+    """How the engine runs its model: speed and memory, never what an image is, so none
+    enters the request id. Precision is not here: ``model.dtype`` changes pixels by more
+    than these options may.
+
+    **Tolerance.** Each option, and all of them together, keeps every image within 2/255
+    (largest absolute difference of a pixel channel) of the plain path (``attention:
+    sdpa``, every other option off), checked by tests/test_engine_options.py on the tiny
+    model on CPU in float32. On CUDA in float16/bfloat16 the check has not been run yet:
+    benchmarks/gpu_engine.py reports the same largest difference for each variant it
+    times, and is where it gets measured.
+
+    **Defaults** are what is safe and no slower on CPU, where the test suite runs. The GPU
+    defaults are not measured yet (BENCHMARKS.md, "GPU engine"); after a GPU run we expect
+    ``channels_last`` and ``fuse_qkv`` to become true, and ``compile`` for long jobs.
 
     ``encode_prompts_once``: each distinct prompt and negative prompt of a call goes
     through the text encoders once (every family; see ``pipeline/family_calls.py``).
-    ``channels_last``: UNet and VAE in channels-last memory format (pays on
-    CUDA tensor cores). ``fuse_qkv``: fused query/key/value projections (diffusers'
-    ``fuse_qkv_projections``). ``vae_slicing``: decode one image at a time, bounding VAE
-    memory at large batch sizes. ``compile``: ``torch.compile`` of the denoiser; the first
-    call of each shape pays the compile time, cached across processes under
-    ``model.cache_dir``. Off by default until measured on a GPU (see BENCHMARKS.md).
+
+    ``attention``: the denoiser's attention kernel. ``sdpa``: torch's
+    ``scaled_dot_product_attention`` picks a kernel per call (diffusers' default). ``flash``,
+    ``efficient``, ``cudnn``: SDPA held to that one kernel (FlashAttention-2, memory-efficient,
+    cuDNN); the engine tries it on the model's head sizes at load and raises
+    :class:`~pipeline.errors.ModelError` if it cannot run here (``efficient`` and ``cudnn``
+    need CUDA; ``flash`` on CUDA needs float16/bfloat16). ``eager``: diffusers' plain
+    matmul-softmax processor (UNet models only), the slow reference.
+
+    ``channels_last``: UNet and VAE in channels-last memory format (pays on CUDA tensor
+    cores). ``fuse_qkv``: fused query/key/value projections (diffusers'
+    ``fuse_qkv_projections``; needs an SDPA kernel).
+
+    ``vae_chunk_size``: decode the latents of a call N images at a time, bounding VAE
+    memory at large batch sizes (the VAE decode at 1024x1024 can take more memory than the
+    denoiser); unset decodes the whole call at once. 1 is what diffusers calls VAE slicing.
+
+    ``compile``: ``torch.compile`` of the denoiser. The first call at each new input shape
+    pays the compile time (``Engine.compile_seconds`` adds it up, and it is logged);
+    compiled graphs are cached under ``model.cache_dir``/inductor, so a restarted actor
+    loads them instead of compiling again.
 
     ``max_batch_pixels``: the most pixels (images x width x height) one diffusers call
     takes, so each size gets its own batch from one memory budget (``4194304`` is 16
@@ -128,11 +157,25 @@ class EngineOptions(_Section):
     """
 
     encode_prompts_once: bool = True
+    attention: AttentionKernel = "sdpa"
     channels_last: bool = False
     fuse_qkv: bool = False
-    vae_slicing: bool = False
+    vae_chunk_size: Optional[int] = Field(None, ge=1)
     compile: bool = False
     max_batch_pixels: Optional[int] = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "vae_slicing" in data:
+            raise ValueError("vae_slicing is now vae_chunk_size: write vae_chunk_size: 1 for what vae_slicing: true did, or drop the line")
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "EngineOptions":
+        if self.fuse_qkv and self.attention == "eager":
+            raise ValueError("fuse_qkv needs an SDPA attention kernel (the eager processor ignores fused projections); use attention: sdpa or fuse_qkv: false")
+        return self
 
 
 class ModelConfig(_Section):

@@ -49,10 +49,12 @@ def _byte_vocab() -> dict[str, int]:
     return vocab
 
 
-def _clip_tokenizer():
+def byte_tokenizer(model_max_length: int = TINY_MAX_TOKENS):
+    """A CLIP tokenizer over the byte-level vocabulary: any text, no downloaded vocabulary
+    files, padded to ``model_max_length`` like CLIP's own."""
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer(vocab=_byte_vocab(), merges=[], model_max_length=TINY_MAX_TOKENS)
+    return CLIPTokenizer(vocab=_byte_vocab(), merges=[], model_max_length=model_max_length)
 
 
 def _clip_config(with_projection: bool = False):
@@ -135,7 +137,7 @@ def build_tiny_sd():
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    tokenizer = _clip_tokenizer()
+    tokenizer = byte_tokenizer()
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
@@ -236,8 +238,8 @@ def build_tiny_sdxl():
         vae=vae,
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
-        tokenizer=_clip_tokenizer(),
-        tokenizer_2=_clip_tokenizer(),
+        tokenizer=byte_tokenizer(),
+        tokenizer_2=byte_tokenizer(),
         scheduler=scheduler,
     )
 
@@ -273,8 +275,8 @@ def build_tiny_sd3():
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
         text_encoder_3=_t5_encoder(d_model=64),
-        tokenizer=_clip_tokenizer(),
-        tokenizer_2=_clip_tokenizer(),
+        tokenizer=byte_tokenizer(),
+        tokenizer_2=byte_tokenizer(),
         tokenizer_3=_t5_tokenizer(),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
     )
@@ -308,7 +310,7 @@ def build_tiny_flux():
         vae=_flow_vae(),
         text_encoder=text_encoder,
         text_encoder_2=_t5_encoder(d_model=32),
-        tokenizer=_clip_tokenizer(),
+        tokenizer=byte_tokenizer(),
         tokenizer_2=_t5_tokenizer(),
         scheduler=FlowMatchEulerDiscreteScheduler(),
     )
