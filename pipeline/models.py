@@ -109,6 +109,24 @@ def _t5_encoder(d_model: int):
     )
 
 
+def _sd_vae(**extra):
+    """The SD/SDXL style VAE (4 latent channels, quant convs), seeded."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=32,
+        **extra,
+    )
+
+
 def _flow_vae():
     """The SD3/FLUX style VAE: no quant convs, shift and scale factors."""
     import torch
@@ -134,7 +152,7 @@ def _flow_vae():
 def build_tiny_sd():
     """A StableDiffusionPipeline with ~2M random parameters; 64x64 images in tens of ms on CPU."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     tokenizer = byte_tokenizer()
@@ -150,16 +168,7 @@ def build_tiny_sd():
         cross_attention_dim=32,
         norm_num_groups=32,
     )
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        norm_num_groups=32,
-    )
+    vae = _sd_vae()
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(_clip_config())
     scheduler = DDIMScheduler(
@@ -186,7 +195,7 @@ def build_tiny_sdxl():
     """A StableDiffusionXLPipeline: two CLIP encoders (the second with a projection, whose
     pooled output joins the size conditioning of a ``text_time`` UNet), Euler scheduler."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     time_embed_dim = 8
@@ -211,17 +220,7 @@ def build_tiny_sdxl():
         cross_attention_dim=64,
         norm_num_groups=32,
     )
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=128,
-    )
+    vae = _sd_vae(sample_size=128)
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(_clip_config())
     torch.manual_seed(1)
