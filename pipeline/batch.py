@@ -31,6 +31,7 @@ from typing import Any, Iterable, Iterator, Optional
 import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink, FileBasedDatasource
 from ray.data.datasource.datasink import WriteResult
@@ -191,6 +192,16 @@ def validate_counting(table: pa.Table, validator: Validator, counter: Any) -> pa
     return order_for_engine(requests)
 
 
+def _final_counts(counter: Any) -> progress.Counts:
+    """The counter's totals; empty ones if it cannot answer: the counts it keeps (progress,
+    model loads, engine seconds) are reports about the run, never worth failing it for."""
+    try:
+        return ray.get(counter.snapshot.remote(), timeout=30)
+    except (ray.exceptions.RayError, TimeoutError) as exc:
+        log.warning("the progress counter did not answer (%s); model loads and engine times are not recorded for this run", exc)
+        return progress.Counts()
+
+
 # -- write ---------------------------------------------------------------------------------
 
 
@@ -221,7 +232,7 @@ class DatasetSink(Datasink[sink.WriteReport]):
         for part in write_result.write_returns:
             report.add(part)
         finished = time.time()
-        counts = ray.get(self._counter.snapshot.remote())
+        counts = _final_counts(self._counter)
         fs, root = storage.open_url(self._output.url, self._output.storage_options)
         sink.write_manifest(
             fs,
@@ -368,7 +379,10 @@ def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator,
     """The Ray Data pipeline itself; the caller holds the output's lock."""
     rt = spec.runtime
     gpus = actor_gpus(spec)
-    counter = ProgressActor.remote()
+    # On the driver's node: a counter on a worker that is lost would take the counts with
+    # it, and the node the driver runs on outlives the job anyway.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    counter = ProgressActor.options(scheduling_strategy=here).remote()
     ds = read_requests(spec, validator, counter)
     ds = ds.repartition(target_num_rows_per_block=rt.batch_size, strict=True)
     ds = ds.map_batches(
@@ -389,7 +403,7 @@ def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator,
             ray.data.DataContext.get_current().enable_progress_bars = False
         ds.write_datasink(datasink, ray_remote_args={"num_cpus": rt.task_cpus})
     report = datasink.report or sink.WriteReport()
-    counts = poll()
+    counts = _final_counts(counter)
     return RunSummary(
         run_id=run_id,
         output=spec.output.url,

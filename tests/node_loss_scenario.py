@@ -11,6 +11,7 @@ import json
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import ray
@@ -38,7 +39,14 @@ def main(workdir: str, cache: str, table: str, rows: int) -> None:
         "runtime": {"num_actors": 2, "gpus_per_actor": 1, "cpus_per_actor": 0.5, "task_cpus": 0.25, "batch_size": 4},
     })
     result: dict = {}
-    job = threading.Thread(target=lambda: result.update(summary=run(spec).__dict__))
+
+    def job_body() -> None:
+        try:
+            result["summary"] = run(spec).__dict__
+        except Exception:  # noqa: BLE001 - reported in the JSON line, for the test to show
+            result["error"] = traceback.format_exc()
+
+    job = threading.Thread(target=job_body)
     job.start()
     images = work / "out" / "images"
     deadline = time.monotonic() + 180
@@ -49,7 +57,7 @@ def main(workdir: str, cache: str, table: str, rows: int) -> None:
     parts_before = len(list(images.iterdir()))
     cluster.remove_node(workers[1])
     job.join(timeout=400)
-    observed = {"parts_when_removed": parts_before, "finished": not job.is_alive(), "nodes_alive": sum(n["Alive"] for n in ray.nodes())}
+    observed = {"error": result.get("error"), "parts_when_removed": parts_before, "finished": not job.is_alive(), "nodes_alive": sum(n["Alive"] for n in ray.nodes())}
     print(json.dumps({"summary": {k: v for k, v in result.get("summary", {}).items() if k != "parts"}, **observed}))
     ray.shutdown()
     cluster.shutdown()

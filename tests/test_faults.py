@@ -158,6 +158,7 @@ def test_worker_node_removed_mid_job(model_cache, prompts, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     # Ray forwards worker logs to the driver's stdout too; the scenario's line is JSON.
     observed = json.loads(next(line for line in reversed(done.stdout.splitlines()) if line.startswith('{"summary"')))
+    assert observed["error"] is None, observed["error"]
     assert observed["finished"] and observed["nodes_alive"] == 2  # head + the surviving worker
     assert observed["parts_when_removed"] < n // 4, "the node must go while the job is running"
     assert (observed["summary"]["images"], observed["summary"]["errors"]) == (n, 0)
