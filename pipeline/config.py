@@ -299,7 +299,10 @@ class RuntimeConfig(_Section):
     of each read/validate, encode and write task. Every stage's CPU request is explicit: with Ray's default of 1 CPU per actor, a small machine can give every CPU to
     the actors and starve the read task forever. ``progress_interval_s`` is the time
     between progress lines when stderr is not a terminal (logs, CI); on a terminal one
-    progress line is redrawn in place. ``model_memory_gb`` bounds the models one engine
+    progress line is redrawn in place. ``batch_size`` is the rows an engine actor takes at
+    once (one Ray Data block); the engine splits them into uniform diffusers calls of at
+    most ``model.engine.max_batch_pixels``. Ray's overhead is per block, so on a GPU
+    cluster blocks of 64-256 rows keep it off the GPUs' path. ``model_memory_gb`` bounds the models one engine
     actor keeps loaded when the spec has several (least recently used out first); unset,
     half the actor's device memory (GPU memory on CUDA, RAM on CPU).
     """
