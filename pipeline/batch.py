@@ -60,6 +60,7 @@ class RunSummary:
     errors_by_stage: dict[str, int]
     wall_seconds: float
     engine_utilization: Optional[float] = None  # share of the engine actors' time up spent generating
+    startup_seconds: Optional[float] = None  # from the run's start until its last engine actor was ready
     model_loads: int = 0
     model_swaps: int = 0
     engine_seconds: float = 0.0  # summed over engine actors: in diffusers calls and model loads
@@ -139,7 +140,9 @@ class GenerateStage:
         context = ray.get_runtime_context()
         self.actor_id = context.get_actor_id() or ""
         self.node_id = context.get_node_id() or ""
-        self._report({"actors_ready": 1, "actors_ready_at": time.time()})
+        if self._counter is not None:
+            self._counter.actor_ready.remote(time.time())
+        self._report({})
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         times = BlockTimes()
@@ -413,6 +416,7 @@ def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator,
         errors_by_stage=report.errors_by_stage,
         wall_seconds=time.time() - started,
         engine_utilization=counts.engine_utilization(time.time()),
+        startup_seconds=counts.last_actor_ready_at - started if counts.last_actor_ready_at is not None else None,
         model_loads=counts.model_loads,
         model_swaps=counts.model_swaps,
         engine_seconds=counts.engine_seconds,

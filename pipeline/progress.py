@@ -57,6 +57,8 @@ class Counts:
     # times (epoch seconds) they did so: with the end time, the seconds they were up.
     actors_ready: int = 0
     actors_ready_at: float = 0.0
+    # When the last of them did (epoch seconds): the job's start-up ends there.
+    last_actor_ready_at: Optional[float] = None
 
     @property
     def done(self) -> int:
@@ -73,6 +75,12 @@ class ProgressCounter:
         """Add to the named counts (fields of :class:`Counts`)."""
         c = self._counts
         self._counts = dataclasses.replace(c, **{name: getattr(c, name) + n for name, n in increments.items()})
+
+    def actor_ready(self, at: float) -> None:
+        """An engine actor finished starting at ``at`` (epoch seconds)."""
+        c = self._counts
+        last = at if c.last_actor_ready_at is None else max(at, c.last_actor_ready_at)
+        self._counts = dataclasses.replace(c, actors_ready=c.actors_ready + 1, actors_ready_at=c.actors_ready_at + at, last_actor_ready_at=last)
 
     def snapshot(self) -> Counts:
         return self._counts

@@ -53,6 +53,8 @@ def test_demo_spec_end_to_end(ray_cluster, model_cache, tmp_path):
     df = images_of(out)
     assert len(df) == 64 and df["request_id"].is_unique
     assert df["actor_id"].nunique() == 2, "both engine actors should have received work"
+    # Start-up (cluster, both actors' model loads) is within the run and before its end.
+    assert 0 < summary.startup_seconds < summary.wall_seconds
     assert set(df["Category"]) >= {"Abstract", "Animals"}  # pass-through columns kept
     for _, row in df.head(3).iterrows():
         assert sha256_hex(row["image"]["bytes"]) == row["sha256"]

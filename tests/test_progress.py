@@ -9,7 +9,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from pipeline.progress import Counts, ProgressPrinter, RateMeter, finished, format_line, skipped
+from pipeline.progress import Counts, ProgressCounter, ProgressPrinter, RateMeter, finished, format_line, skipped
 
 
 class Terminal(io.StringIO):
@@ -39,6 +39,18 @@ def test_rate_and_eta_from_the_trailing_window():
     meter.add(40.0, Counts(rows=40, images=80))
     rate, eta = meter.add(70.0, Counts(rows=70, images=140))
     assert rate == pytest.approx(2.0) and eta == pytest.approx(30.0)
+
+
+def test_actor_start_up_and_utilization():
+    counter = ProgressCounter()
+    assert counter.snapshot().engine_utilization(end=100.0) is None  # no actor up yet
+    counter.actor_ready(at=30.0)
+    counter.actor_ready(at=10.0)  # reports can arrive out of order
+    counter.add(engine_seconds=120.0)
+    counts = counter.snapshot()
+    assert (counts.actors_ready, counts.last_actor_ready_at) == (2, 30.0)
+    # Up 90 s and 70 s until the end, 120 s of it generating.
+    assert counts.engine_utilization(end=100.0) == pytest.approx(120 / 160)
 
 
 def test_block_counts():
