@@ -17,7 +17,7 @@ the seconds each was up, from its start to the job's end. Each size runs in its 
 process, so the driver's peak RSS is that run's.
 
     .venv/bin/python benchmarks/simulated_scale.py --actors 64 --rows 10000 100000 \
-        --batch-size 128 --call-images 16 --seconds-per-call 1.33
+        --call-images 16 --seconds-per-call 1.33
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class SleepStage(GenerateStage):
         self._ready()
 
 
-def one_size(rows: int, actors: int, batch: int, call: int, seconds: float) -> dict:
+def one_size(rows: int, actors: int, batch, call: int, seconds: float) -> dict:
     """Run in a child process: returns wall time and this process's peak RSS."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
@@ -105,7 +105,8 @@ def one_size(rows: int, actors: int, batch: int, call: int, seconds: float) -> d
     SleepStage.SECONDS_PER_CALL, SleepStage.CALL_IMAGES = seconds, call
     spec = parse_spec({
         "input": {"url": str(work / "p.csv")},
-        "model": {"ref": "tiny", "cache_dir": str(work / "cache"), "device": "cpu"},
+        # max_batch_pixels: calls of `call` 8x8 images, as the sleeping engine makes.
+        "model": {"ref": "tiny", "cache_dir": str(work / "cache"), "device": "cpu", "engine": {"max_batch_pixels": call * 64}},
         "defaults": {"width": 8, "height": 8, "steps": 1},
         "output": {"url": str(work / "out"), "rows_per_part": 5000},
         "runtime": {"num_actors": actors, "gpus_per_actor": 1, "cpus_per_actor": 0.01, "task_cpus": 0.25, "batch_size": batch,
@@ -124,6 +125,7 @@ def one_size(rows: int, actors: int, batch: int, call: int, seconds: float) -> d
         "engine_seconds": summary.engine_seconds,
         "utilization": summary.engine_utilization,
         "startup": summary.startup_seconds,
+        "block_rows": summary.block_rows,
     }
 
 
@@ -155,7 +157,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--actors", type=int, default=64)
     parser.add_argument("--rows", type=int, nargs=2, default=[10000, 100000], metavar=("N1", "N2"))
-    parser.add_argument("--batch-size", type=int, default=128, help="rows per actor block (runtime.batch_size)")
+    parser.add_argument("--batch-size", type=lambda v: v if v == "auto" else int(v), default="auto",
+                        help="rows per actor block (runtime.batch_size): a number, or auto")
     parser.add_argument("--call-images", type=int, default=16, help="images per simulated diffusers call")
     parser.add_argument("--seconds-per-call", type=float, default=1.0)
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
@@ -179,12 +182,12 @@ def main() -> None:
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.actors} actors on logical GPUs, "
           f"blocks of {args.batch_size} rows, calls of {args.call_images} images, {args.seconds_per_call} s per call")
-    print("| rows | wall s | start-up s | ideal s | efficiency overall | after start-up | engine utilization | driver peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| rows | block rows | wall s | start-up s | ideal s | efficiency overall | after start-up | engine utilization | driver peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for rows in args.rows:
         r = results[rows]
         after = ideal(rows) / (r["wall"] - r["startup"])
-        print(f"| {rows} | {r['wall']:.1f} | {r['startup']:.1f} | {ideal(rows):.1f} | {ideal(rows) / r['wall']:.2f} | {after:.2f} "
+        print(f"| {rows} | {r['block_rows']} | {r['wall']:.1f} | {r['startup']:.1f} | {ideal(rows):.1f} | {ideal(rows) / r['wall']:.2f} | {after:.2f} "
               f"| {r['utilization']:.2f} | {r['peak_rss_mb']:.0f} |")
     ideal_rate = args.actors * args.call_images / args.seconds_per_call
     print()

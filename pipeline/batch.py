@@ -6,7 +6,8 @@ stage lives in pure modules (:mod:`pipeline.validate`, :mod:`pipeline.stages`,
 
 - the read is a file datasource that numbers rows within each file (row identity);
 - validation runs in the read tasks (fused), so bad rows never reach a GPU;
-- rows are re-blocked to ``runtime.batch_size`` so every actor gets work;
+- rows are re-blocked to ``runtime.batch_size`` rows (or a size chosen from the row count)
+  so every actor gets work and the last blocks make a short tail;
 - a fixed-size pool of actors each builds its :class:`~pipeline.engine.Engine` in its
   constructor (weights are loaded on the worker, never pickled from the driver);
 - encoding runs on a thread pool inside each actor, overlapping the next diffusers call,
@@ -37,7 +38,7 @@ from ray.data.datasource import Datasink, FileBasedDatasource
 from ray.data.datasource.datasink import WriteResult
 
 from pipeline import card, progress, sink, storage, tables
-from pipeline.batching import order_for_engine
+from pipeline.batching import block_rows, order_for_engine
 from pipeline.catalog import Catalog, ModelEntry, build_catalog
 from pipeline.config import JobSpec, RuntimeConfig
 from pipeline.errors import ClusterError, ImagegenError
@@ -61,6 +62,7 @@ class RunSummary:
     wall_seconds: float
     engine_utilization: Optional[float] = None  # share of the engine actors' time up spent generating
     startup_seconds: Optional[float] = None  # from the run's start until its last engine actor was ready
+    block_rows: int = 0  # rows per engine-actor block (runtime.batch_size, or what auto chose)
     model_loads: int = 0
     model_swaps: int = 0
     engine_seconds: float = 0.0  # summed over engine actors: in diffusers calls and model loads
@@ -179,6 +181,14 @@ def engine_catalog(catalog: Catalog, gpus: float) -> Catalog:
         return dataclasses.replace(entry, config=entry.config.model_copy(update={"device": device}))
 
     return dataclasses.replace(catalog, models={name: placed(entry) for name, entry in catalog.models.items()})
+
+
+def rows_per_call(spec: JobSpec, catalog: Catalog) -> Optional[int]:
+    """Rows whose images fill one diffusers call of the default model at the spec's default
+    size and image count; None when its calls are unbounded (no ``max_batch_pixels``)."""
+    budget = catalog.models[catalog.default_model].config.engine.max_batch_pixels
+    d = spec.defaults
+    return max(1, budget // (d.width * d.height * d.num_images)) if budget else None
 
 
 # -- progress: stages add what they finish to a counter actor that the driver polls --------
@@ -386,22 +396,24 @@ def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator,
     # it, and the node the driver runs on outlives the job anyway.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     counter = ProgressActor.options(scheduling_strategy=here).remote()
+    total_rows = tables.count_rows(spec.input)
+    rows_per_block = block_rows(rt.batch_size, total_rows, rt.num_actors, rows_per_call(spec, catalog))
     ds = read_requests(spec, validator, counter)
-    ds = ds.repartition(target_num_rows_per_block=rt.batch_size, strict=True)
+    ds = ds.repartition(target_num_rows_per_block=rows_per_block, strict=True)
     ds = ds.map_batches(
         stage,
         fn_constructor_kwargs={"spec": spec, "catalog": engine_catalog(catalog, gpus), "counter": counter},
         compute=ActorPoolStrategy(size=rt.num_actors),
         num_cpus=rt.cpus_per_actor,
         num_gpus=gpus,
-        batch_size=rt.batch_size,
+        batch_size=rows_per_block,
         batch_format="pyarrow",
         zero_copy_batch=True,
     )
     ds = ds.repartition(target_num_rows_per_block=spec.output.rows_per_part, strict=True)
     datasink = DatasetSink(spec, run_id, catalog, started, counter)
     poll = lambda: ray.get(counter.snapshot.remote(), timeout=5)  # noqa: E731
-    with progress.ProgressPrinter(poll, tables.count_rows(spec.input), rt.progress_interval_s, sys.stderr) as printer:
+    with progress.ProgressPrinter(poll, total_rows, rt.progress_interval_s, sys.stderr) as printer:
         if printer.live:  # Ray Data's own bars would be redrawn over ours
             ray.data.DataContext.get_current().enable_progress_bars = False
         ds.write_datasink(datasink, ray_remote_args={"num_cpus": rt.task_cpus})
@@ -416,6 +428,7 @@ def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator,
         errors_by_stage=report.errors_by_stage,
         wall_seconds=time.time() - started,
         engine_utilization=counts.engine_utilization(time.time()),
+        block_rows=rows_per_block,
         startup_seconds=counts.last_actor_ready_at - started if counts.last_actor_ready_at is not None else None,
         model_loads=counts.model_loads,
         model_swaps=counts.model_swaps,

@@ -7,14 +7,41 @@ same batch always splits the same way (and, on CPU, produces the same pixels).
 
 from __future__ import annotations
 
+import math
 import operator
-from typing import Any, Sequence
+from typing import Any, Literal, Optional, Sequence, Union
 
 # The parameters one diffusers call shares. The model and scheduler are fixed per engine;
 # one adapter setting (LoRA and its scale) holds for a whole call.
 BUCKET_FIELDS = ("width", "height", "steps", "guidance_scale", "max_sequence_length", "lora", "lora_scale")
 
 bucket_key = operator.attrgetter(*BUCKET_FIELDS)
+
+
+# Automatic block size (runtime.batch_size: auto): blocks per actor aimed at, and the bounds.
+BLOCKS_PER_ACTOR = 16
+MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 8, 256
+UNKNOWN_TOTAL_BLOCK_ROWS = 128
+
+
+def block_rows(setting: Union[int, Literal["auto"]], total_rows: Optional[int], num_actors: int, rows_per_call: Optional[int] = None) -> int:
+    """Rows per engine-actor block (one Ray Data block, one or more diffusers calls).
+
+    An explicit ``setting`` is kept. ``auto`` aims at :data:`BLOCKS_PER_ACTOR` blocks per
+    actor, so that the last wave of blocks, when actors run out of work one by one, is
+    short beside the run; within :data:`MIN_BLOCK_ROWS`..:data:`MAX_BLOCK_ROWS`: below,
+    Ray's fixed cost per block (scheduling, object transfer, a progress report) weighs on
+    every image; above, a block is minutes of GPU work that a crash would redo. A block is
+    never smaller than ``rows_per_call``, the rows that fill one diffusers call at the
+    spec's default size (a smaller block would leave calls part-empty). Without a row count
+    (large text tables are not counted before a run), 128.
+    """
+    if setting != "auto":
+        return setting
+    low = max(MIN_BLOCK_ROWS, rows_per_call or 0)
+    if total_rows is None:
+        return max(low, UNKNOWN_TOTAL_BLOCK_ROWS)
+    return min(max(MAX_BLOCK_ROWS, low), max(low, math.ceil(total_rows / (num_actors * BLOCKS_PER_ACTOR))))
 
 
 def group_by_bucket(requests: Sequence[Any]) -> list[list[int]]:

@@ -12,7 +12,7 @@ import json
 import os
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -301,8 +301,11 @@ class RuntimeConfig(_Section):
     between progress lines when stderr is not a terminal (logs, CI); on a terminal one
     progress line is redrawn in place. ``batch_size`` is the rows an engine actor takes at
     once (one Ray Data block); the engine splits them into uniform diffusers calls of at
-    most ``model.engine.max_batch_pixels``. Ray's overhead is per block, so on a GPU
-    cluster blocks of 64-256 rows keep it off the GPUs' path. ``model_memory_gb`` bounds the models one engine
+    most ``model.engine.max_batch_pixels``. ``auto`` (the default) sizes blocks from the
+    table's row count so that each actor gets about 16, within 8-256 rows
+    (:func:`pipeline.batching.block_rows`): Ray's overhead is per block, so tiny blocks put
+    it on the GPUs' path, while big ones make a long tail of the last blocks with most
+    actors idle, and more rows lost to a crash. ``model_memory_gb`` bounds the models one engine
     actor keeps loaded when the spec has several (least recently used out first); unset,
     half the actor's device memory (GPU memory on CUDA, RAM on CPU).
     """
@@ -311,10 +314,17 @@ class RuntimeConfig(_Section):
     num_actors: int = Field(1, ge=1)
     gpus_per_actor: Optional[float] = Field(None, ge=0)
     cpus_per_actor: float = Field(1.0, gt=0)
-    batch_size: int = Field(8, ge=1)
+    batch_size: Union[Literal["auto"], int] = "auto"
     task_cpus: float = Field(0.5, gt=0)
     progress_interval_s: float = Field(10.0, gt=0)
     model_memory_gb: Optional[float] = Field(None, gt=0)
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _rows_or_auto(cls, value: Any) -> Union[str, int]:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError("should be auto or a whole number of rows >= 1")
 
 
 class ServeConfig(_Section):

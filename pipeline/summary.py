@@ -17,7 +17,7 @@ def format_summary(s: RunSummary) -> str:
         f"  images out   {s.images}  ({s.images_per_second:.2f} images/s)",
         f"  errors       {s.errors}  ({by_stage})",
         f"  model loads  {s.model_loads}  ({s.model_swaps} swaps, {s.swaps_per_1000_images:.1f} per 1000 images)",
-        f"  engines      {s.engine_seconds:.1f} s generating{busy}, {s.encode_wait_seconds:.1f} s waiting on image encoding (all actors)",
+        f"  engines      {s.engine_seconds:.1f} s generating{busy}, {s.encode_wait_seconds:.1f} s waiting on image encoding (all actors), blocks of {s.block_rows} rows",
         f"  start-up     {ready}",
         f"  output       {s.output}",
         f"                 images/  {images_parts} new part(s)",

@@ -45,6 +45,8 @@ def test_remote_urls_are_kept_local_paths_made_absolute():
         ({"input": {"url": "a.csv"}, "defaults": {"width": 100000}}, "defaults.width=100000 is above limits.max_width=2048"),
         ({"input": {"url": "a.csv"}, "defaults": {"width": 100}}, "defaults.width=100 is not a multiple of limits.size_multiple=8"),
         ({"input": {"url": "a.csv"}, "runtime": {"num_actors": 0}}, "runtime.num_actors: Input should be greater than or equal to 1"),
+        ({"input": {"url": "a.csv"}, "runtime": {"batch_size": "big"}}, "runtime.batch_size: should be auto or a whole number of rows >= 1 (got 'big')"),
+        ({"input": {"url": "a.csv"}, "runtime": {"batch_size": 0}}, "runtime.batch_size: should be auto or a whole number of rows >= 1 (got 0)"),
         ({"input": {"url": "a.csv", "columns": {"wdth": "w"}}}, "unknown parameter(s) ['wdth']; allowed: width,"),
         ({"input": {"url": "a.csv"}, "model": {"device": "cuda"}, "runtime": {"gpus_per_actor": 0}}, "model.device is cuda but runtime.gpus_per_actor is 0"),
         ({"input": {"url": "a.csv"}, "output": {"mode": "append"}}, "output.mode: Input should be 'incremental', 'overwrite' or 'error_if_exists'"),

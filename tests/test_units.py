@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pipeline.batching import group_by_bucket, halves, order_for_engine
+from pipeline.batching import block_rows, group_by_bucket, halves, order_for_engine
 from pipeline.engine import GenerationRequest
 from pipeline.config import ModelConfig
 from pipeline.encode import encode_image, sha256_hex
@@ -43,6 +43,17 @@ def test_rows_are_ordered_by_model_then_adapter_then_bucket_stably():
         "row": [0, 1, 2, 3, 4],
     })
     assert order_for_engine(table).column("row").to_pylist() == [3, 1, 4, 2, 0]
+
+
+def test_block_size_auto_gives_each_actor_about_16_blocks_within_bounds():
+    assert block_rows(64, total_rows=100_000, num_actors=64) == 64  # an explicit size is kept
+    assert block_rows("auto", total_rows=100_000, num_actors=64) == 98  # 1021 blocks: 16 per actor
+    assert block_rows("auto", total_rows=64, num_actors=2) == 8  # a small table: no blocks of 2 rows
+    assert block_rows("auto", total_rows=10_000_000, num_actors=8) == 256  # no blocks of an hour's work
+    assert block_rows("auto", total_rows=None, num_actors=8) == 128  # a table too big to count first
+    # Never less than one full diffusers call at the default size.
+    assert block_rows("auto", total_rows=10_000, num_actors=64, rows_per_call=16) == 16
+    assert block_rows("auto", total_rows=10_000_000, num_actors=8, rows_per_call=512) == 512
 
 
 def test_png_is_lossless_and_lossy_formats_decode():
