@@ -19,7 +19,7 @@ bucket_key = operator.attrgetter(*BUCKET_FIELDS)
 
 
 # Automatic block size (runtime.batch_size: auto): blocks per actor aimed at, and the bounds.
-BLOCKS_PER_ACTOR = 16
+BLOCKS_PER_ACTOR = 8
 MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 8, 256
 UNKNOWN_TOTAL_BLOCK_ROWS = 128
 
@@ -31,17 +31,19 @@ def block_rows(setting: Union[int, Literal["auto"]], total_rows: Optional[int], 
     actor, so that the last wave of blocks, when actors run out of work one by one, is
     short beside the run; within :data:`MIN_BLOCK_ROWS`..:data:`MAX_BLOCK_ROWS`: below,
     Ray's fixed cost per block (scheduling, object transfer, a progress report) weighs on
-    every image; above, a block is minutes of GPU work that a crash would redo. A block is
-    never smaller than ``rows_per_call``, the rows that fill one diffusers call at the
-    spec's default size (a smaller block would leave calls part-empty). Without a row count
-    (large text tables are not counted before a run), 128.
+    every image; above, a block is minutes of GPU work that a crash would redo. With
+    ``rows_per_call`` (the rows that fill one diffusers call at the spec's default size),
+    a block is a whole number of calls, at least one: a block of 98 rows in calls of 16 is
+    6 full calls and one of 2, which costs a GPU nearly a full call's time. Without a row
+    count (large text tables are not counted before a run), 128.
     """
     if setting != "auto":
         return setting
-    low = max(MIN_BLOCK_ROWS, rows_per_call or 0)
-    if total_rows is None:
-        return max(low, UNKNOWN_TOTAL_BLOCK_ROWS)
-    return min(max(MAX_BLOCK_ROWS, low), max(low, math.ceil(total_rows / (num_actors * BLOCKS_PER_ACTOR))))
+    rows = UNKNOWN_TOTAL_BLOCK_ROWS if total_rows is None else math.ceil(total_rows / (num_actors * BLOCKS_PER_ACTOR))
+    rows = min(MAX_BLOCK_ROWS, max(MIN_BLOCK_ROWS, rows))
+    if rows_per_call:
+        rows = max(1, round(rows / rows_per_call)) * rows_per_call
+    return rows
 
 
 def group_by_bucket(requests: Sequence[Any]) -> list[list[int]]:

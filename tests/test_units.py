@@ -45,15 +45,17 @@ def test_rows_are_ordered_by_model_then_adapter_then_bucket_stably():
     assert order_for_engine(table).column("row").to_pylist() == [3, 1, 4, 2, 0]
 
 
-def test_block_size_auto_gives_each_actor_about_16_blocks_within_bounds():
+def test_block_size_auto_gives_each_actor_about_8_blocks_within_bounds():
     assert block_rows(64, total_rows=100_000, num_actors=64) == 64  # an explicit size is kept
-    assert block_rows("auto", total_rows=100_000, num_actors=64) == 98  # 1021 blocks: 16 per actor
+    assert block_rows("auto", total_rows=100_000, num_actors=64) == 196  # 511 blocks: 8 per actor
     assert block_rows("auto", total_rows=64, num_actors=2) == 8  # a small table: no blocks of 2 rows
     assert block_rows("auto", total_rows=10_000_000, num_actors=8) == 256  # no blocks of an hour's work
     assert block_rows("auto", total_rows=None, num_actors=8) == 128  # a table too big to count first
-    # Never less than one full diffusers call at the default size.
-    assert block_rows("auto", total_rows=10_000, num_actors=64, rows_per_call=16) == 16
+    # Whole diffusers calls at the default size, at least one.
+    assert block_rows("auto", total_rows=100_000, num_actors=64, rows_per_call=16) == 192
+    assert block_rows("auto", total_rows=5_000, num_actors=64, rows_per_call=16) == 16
     assert block_rows("auto", total_rows=10_000_000, num_actors=8, rows_per_call=512) == 512
+    assert block_rows(100, total_rows=100_000, num_actors=64, rows_per_call=16) == 100  # explicit: kept
 
 
 def test_png_is_lossless_and_lossy_formats_decode():
