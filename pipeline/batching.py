@@ -18,9 +18,10 @@ BUCKET_FIELDS = ("width", "height", "steps", "guidance_scale", "max_sequence_len
 bucket_key = operator.attrgetter(*BUCKET_FIELDS)
 
 
-# Automatic block size (runtime.batch_size: auto): blocks per actor aimed at, and the bounds.
+# Automatic block size (runtime.batch_size: auto): blocks per actor aimed at, and the bounds
+# (the lower one only while every actor still gets a block).
 BLOCKS_PER_ACTOR = 8
-MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 8, 256
+MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 64, 256
 UNKNOWN_TOTAL_BLOCK_ROWS = 128
 
 
@@ -31,7 +32,10 @@ def block_rows(setting: Union[int, Literal["auto"]], total_rows: Optional[int], 
     actor, so that the last wave of blocks, when actors run out of work one by one, is
     short beside the run; within :data:`MIN_BLOCK_ROWS`..:data:`MAX_BLOCK_ROWS`: below,
     Ray's fixed cost per block (scheduling, object transfer, a progress report) weighs on
-    every image; above, a block is minutes of GPU work that a crash would redo. With
+    every image, and the job's blocks per second meet the driver's ceiling (about 10-15
+    on a 2-core head, BENCHMARKS.md); above, a block is minutes of GPU work that a crash
+    would redo. A table too small to give every actor :data:`MIN_BLOCK_ROWS` rows is cut
+    into one block per actor. With
     ``rows_per_call`` (the rows that fill one diffusers call at the spec's default size),
     a block is a whole number of calls, at least one: a block of 98 rows in calls of 16 is
     6 full calls and one of 2, which costs a GPU nearly a full call's time. Without a row
@@ -39,8 +43,11 @@ def block_rows(setting: Union[int, Literal["auto"]], total_rows: Optional[int], 
     """
     if setting != "auto":
         return setting
-    rows = UNKNOWN_TOTAL_BLOCK_ROWS if total_rows is None else math.ceil(total_rows / (num_actors * BLOCKS_PER_ACTOR))
-    rows = min(MAX_BLOCK_ROWS, max(MIN_BLOCK_ROWS, rows))
+    if total_rows is None:
+        rows = UNKNOWN_TOTAL_BLOCK_ROWS
+    else:
+        low = min(MIN_BLOCK_ROWS, math.ceil(total_rows / num_actors))
+        rows = min(MAX_BLOCK_ROWS, max(low, math.ceil(total_rows / (num_actors * BLOCKS_PER_ACTOR))))
     if rows_per_call:
         rows = max(1, round(rows / rows_per_call)) * rows_per_call
     return rows

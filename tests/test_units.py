@@ -48,12 +48,13 @@ def test_rows_are_ordered_by_model_then_adapter_then_bucket_stably():
 def test_block_size_auto_gives_each_actor_about_8_blocks_within_bounds():
     assert block_rows(64, total_rows=100_000, num_actors=64) == 64  # an explicit size is kept
     assert block_rows("auto", total_rows=100_000, num_actors=64) == 196  # 511 blocks: 8 per actor
-    assert block_rows("auto", total_rows=64, num_actors=2) == 8  # a small table: no blocks of 2 rows
+    assert block_rows("auto", total_rows=10_000, num_actors=64) == 64  # not 20: Ray's cost per block
+    assert block_rows("auto", total_rows=64, num_actors=2) == 32  # a small table: one block per actor
     assert block_rows("auto", total_rows=10_000_000, num_actors=8) == 256  # no blocks of an hour's work
     assert block_rows("auto", total_rows=None, num_actors=8) == 128  # a table too big to count first
     # Whole diffusers calls at the default size, at least one.
     assert block_rows("auto", total_rows=100_000, num_actors=64, rows_per_call=16) == 192
-    assert block_rows("auto", total_rows=5_000, num_actors=64, rows_per_call=16) == 16
+    assert block_rows("auto", total_rows=500, num_actors=64, rows_per_call=16) == 16
     assert block_rows("auto", total_rows=10_000_000, num_actors=8, rows_per_call=512) == 512
     assert block_rows(100, total_rows=100_000, num_actors=64, rows_per_call=16) == 100  # explicit: kept
 
