@@ -20,6 +20,11 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import StorageError
 
+try:  # botocore comes with s3fs; it raises this one outside the OSError family
+    from botocore.exceptions import NoCredentialsError
+except ImportError:  # no s3fs, so no S3 to ask: nothing to catch
+    NoCredentialsError = ()
+
 
 def absolute_if_local(url: str) -> str:
     """A local path made absolute (``~`` expanded); URLs with a scheme unchanged."""
@@ -59,6 +64,12 @@ def storage_errors(url: str, action: str) -> Iterator[None]:
         raise StorageError(
             f"cannot {action} {url!r}: permission denied ({exc}); check the folder's permissions, "
             "or for object storage the credentials in storage_options"
+        ) from None
+    except NoCredentialsError:
+        raise StorageError(
+            f"cannot {action} {url!r}: no S3 credentials were found; give this machine credentials "
+            "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, an instance role) or set key and secret "
+            "in the section's storage_options, or anon: true for a public bucket"
         ) from None
     except OSError as exc:
         raise StorageError(f"cannot {action} {url!r}: {exc}") from None

@@ -37,8 +37,8 @@ def job(tmp_path, model_cache) -> Path:
     return spec
 
 
-def imagegen(*args: str) -> tuple[subprocess.CompletedProcess, float]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+def imagegen(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    env = {k: v for k, v in (os.environ if env is None else env).items() if k != "RAY_ADDRESS"}
     env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     started = time.monotonic()
     result = subprocess.run([IMAGEGEN, *args], env=env, capture_output=True, text=True, timeout=150)
@@ -113,4 +113,17 @@ def test_dashboard_url_given_to_run(job, tmp_path):
         "runtime.address 'http://127.0.0.1:8265' is a dashboard URL, which only `imagegen submit` uses.",
         "imagegen submit SPEC --address URL",
     )
+    assert not (tmp_path / "out").exists()
+
+
+def test_s3_without_credentials(job, tmp_path, s3):
+    fs, bucket, options = s3
+    fs.pipe(f"{bucket}/prompts.csv", b"prompt\na red kite\n")
+    # No credentials anywhere botocore looks (and no instance-metadata lookup).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true")
+    endpoint = options["endpoint_url"]
+    for command in ("validate", "run"):
+        result, _ = imagegen(command, str(job), "--set", f"input.url=s3://{bucket}/prompts.csv", "--set", f"input.storage_options.endpoint_url={endpoint}", env=env)
+        assert_user_error(result, f"cannot read '{bucket}/prompts.csv': no S3 credentials were found", "storage_options")
     assert not (tmp_path / "out").exists()
