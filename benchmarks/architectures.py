@@ -32,7 +32,7 @@ def default_resolution(model: str, size: str) -> int:
 def ensure_model(model: str, size: str, cache_dir: str, device: str = "cpu") -> str:
     """The folder holding the saved pipeline, built on ``device`` (fast random init on a GPU)
     on first use. Full-size weights are saved in float16 to halve disk and load time."""
-    from pipeline.storage import fill_folder_once
+    from pipeline.storage.filesystem import fill_folder_once
 
     target = os.path.join(cache_dir, "models", f"bench-{model}-{size}-v{VERSION}")
 
@@ -62,7 +62,7 @@ def _sd15(tiny: bool):
     from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from pipeline.models import byte_tokenizer
+    from pipeline.engine.tiny_models import byte_tokenizer
 
     tokenizer = byte_tokenizer(CLIP_TOKENS)
     width = 64 if tiny else 768  # text hidden size = the UNet's cross-attention width
@@ -115,7 +115,7 @@ def _sdxl(tiny: bool):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from pipeline.models import byte_tokenizer
+    from pipeline.engine.tiny_models import byte_tokenizer
 
     tokenizer = byte_tokenizer(CLIP_TOKENS)
     width_l, width_g = (32, 64) if tiny else (768, 1280)

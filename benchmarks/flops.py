@@ -58,9 +58,8 @@ def component_flops(model: str, size: str, resolution: int, steps: int) -> dict[
     """FLOPs of one image by part (``text``, ``denoiser``, ``vae``, ``total``), counted on
     the meta device; ``denoiser_evaluations`` says how many denoiser passes that is."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
     from architectures import build_pipeline
+    from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
         pipe = build_pipeline(model, size)

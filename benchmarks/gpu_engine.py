@@ -7,7 +7,7 @@ measures, in the same process and run:
 - ``baseline``: what a user writes first: ``DiffusionPipeline.from_pretrained(dtype=float16)``,
   ``.to(device)``, one prompt per call, every default (the model's scheduler, SDPA,
   no compile), PIL images out;
-- the engine (``pipeline.engine.Engine``) in named variants of ``model.dtype`` and
+- the engine (``pipeline.engine.engine.Engine``) in named variants of ``model.dtype`` and
   ``EngineOptions``, over a sweep of batch sizes until memory runs out.
 
 Per row: images/s (median of the timed calls, after one warm-up call), the ratio to the
@@ -97,7 +97,7 @@ def prompts(n: int) -> list[str]:
 
 
 def requests(n: int, resolution: int, steps: int):
-    from pipeline.engine import GenerationRequest
+    from pipeline.engine.requests import GenerationRequest
 
     return [GenerationRequest(p, "", i, resolution, resolution, steps, 7.5) for i, p in enumerate(prompts(n))]
 
@@ -181,8 +181,8 @@ def run_baseline(model: str, folder: str, device: str, dtype_name: str, resoluti
 def plain_images(folder: str, cache: str, device: str, dtype_name: str, batch: int, resolution: int, steps: int):
     """The engine's plain path (every option off) on the first ``batch`` requests: what each
     variant's images are compared with."""
-    from pipeline.config import EngineOptions, ModelConfig
-    from pipeline.engine import Engine
+    from pipeline.engine.engine import Engine
+    from pipeline.spec.model_config import EngineOptions, ModelConfig
 
     engine = Engine(ModelConfig(ref=folder, cache_dir=cache, device=device, dtype=dtype_name, engine=EngineOptions(encode_prompts_once=False)))
     pixels = [r.pixels for r in engine.generate(requests(batch, resolution, steps))]
@@ -196,9 +196,9 @@ def run_variant(model: str, name: str, dtype_name: str, options: dict[str, Any],
     each row as it is measured."""
     import numpy as np
 
-    from pipeline.config import EngineOptions, ModelConfig
-    from pipeline.engine import Engine
+    from pipeline.engine.engine import Engine
     from pipeline.errors import ImagegenError
+    from pipeline.spec.model_config import EngineOptions, ModelConfig
 
     memory = Memory(device)
     expected = reference()  # made first: two resident engines would crowd the variant's memory
@@ -208,7 +208,7 @@ def run_variant(model: str, name: str, dtype_name: str, options: dict[str, Any],
         yield Row(model, name, dtype_name, options, args.batch_sizes[0], status=f"not available: {exc}")
         return
     retries = Retries()
-    logging.getLogger("pipeline.engine").addHandler(retries)
+    logging.getLogger("pipeline.engine.engine").addHandler(retries)
     try:
         for batch in args.batch_sizes:
             row = Row(model, name, dtype_name, options, batch)
@@ -243,7 +243,7 @@ def run_variant(model: str, name: str, dtype_name: str, options: dict[str, Any],
                 return
             yield row
     finally:
-        logging.getLogger("pipeline.engine").removeHandler(retries)
+        logging.getLogger("pipeline.engine.engine").removeHandler(retries)
         del engine
         free_memory()
 
@@ -323,7 +323,7 @@ def main() -> None:
         library.logging.set_verbosity_error()
         library.logging.disable_progress_bar()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("pipeline.engine").setLevel(logging.INFO)  # compile times
+    logging.getLogger("pipeline.engine.engine").setLevel(logging.INFO)  # compile times
     tiny = args.size == "tiny"
     args.steps = args.steps or (4 if tiny else 25)
     args.iterations = args.iterations or (5 if tiny else 3)

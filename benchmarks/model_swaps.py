@@ -29,14 +29,14 @@ import pyarrow.csv as pacsv
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-PARTI = REPO.parent / "shared" / "data" / "prompts" / "partiprompts" / "PartiPrompts.tsv"
+PARTI = REPO / "tests" / "data" / "prompts" / "partiprompts" / "PartiPrompts.tsv"
 MODELS = {"sd": "tiny", "sdxl": "tiny-sdxl", "sd3": "tiny-sd3"}
 
 
 def one_run(rows: int, actors: int, memory_gb: float | None, work: Path, cache: str, file_rows: int) -> dict:
     """The job over ``rows`` random-model rows written as files of ``file_rows`` rows."""
-    from pipeline.batch import run
-    from pipeline.config import parse_spec
+    from pipeline.job.run import run
+    from pipeline.spec.load import parse_spec
 
     prompts = [line.split("\t")[0] for line in PARTI.read_text().splitlines()[1:]]
     pick = random.Random(0)

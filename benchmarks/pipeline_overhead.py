@@ -28,7 +28,7 @@ import pyarrow.csv as pacsv
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-PARTI = REPO.parent / "shared" / "data" / "prompts" / "partiprompts" / "PartiPrompts.tsv"
+PARTI = REPO / "tests" / "data" / "prompts" / "partiprompts" / "PartiPrompts.tsv"
 
 
 def prompts(n: int) -> list[str]:
@@ -40,9 +40,10 @@ def bare_loop(n: int, args, cache: str) -> float:
     """Build the engine and generate + encode n images in this process, batch by batch."""
     import torch
 
-    from pipeline.config import ModelConfig
-    from pipeline.encode import encode_image
-    from pipeline.engine import Engine, GenerationRequest
+    from pipeline.engine.encode import encode_image
+    from pipeline.engine.engine import Engine
+    from pipeline.engine.requests import GenerationRequest
+    from pipeline.spec.model_config import ModelConfig
 
     torch.set_num_threads(os.cpu_count() or 1)
     start = time.perf_counter()
@@ -59,11 +60,11 @@ def bare_loop(n: int, args, cache: str) -> float:
 
 
 def ray_job(n: int, args, cache: str, work: Path) -> tuple[float, object]:
-    """The whole job through `pipeline.batch.run`, Ray start-up included; its wall time and summary."""
+    """The whole job through `pipeline.job.run.run`, Ray start-up included; its wall time and summary."""
     import ray
 
-    from pipeline.batch import run
-    from pipeline.config import parse_spec
+    from pipeline.job.run import run
+    from pipeline.spec.load import parse_spec
 
     table = work / f"prompts-{n}.csv"
     pacsv.write_csv(pa.table({"prompt": prompts(n)}), table)
@@ -96,7 +97,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))
     cache = str(work / "cache")
-    from pipeline.models import ensure_tiny
+    from pipeline.engine.tiny_models import ensure_tiny
 
     ensure_tiny(cache)
     n1, n2 = args.rows

@@ -29,10 +29,11 @@ import ray
 import requests
 from ray import serve
 
-from pipeline.config import load_spec
-from pipeline.encode import encode_image
-from pipeline.engine import Engine, GenerationRequest
-from pipeline.serve import start
+from pipeline.engine.encode import encode_image
+from pipeline.engine.engine import Engine
+from pipeline.engine.requests import GenerationRequest
+from pipeline.serve.app import start
+from pipeline.spec.load import load_spec
 
 
 @dataclass

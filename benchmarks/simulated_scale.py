@@ -36,12 +36,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-PARTI = REPO.parent / "shared" / "data" / "prompts" / "partiprompts" / "PartiPrompts.tsv"
+PARTI = REPO / "tests" / "data" / "prompts" / "partiprompts" / "PartiPrompts.tsv"
 
-from pipeline.batch import GenerateStage  # noqa: E402
-from pipeline.engine import GenerationResult  # noqa: E402
-from pipeline.model_cache import CacheStats  # noqa: E402
-from pipeline.stages import ImageEncoder  # noqa: E402
+from pipeline.engine.engine import GenerationResult  # noqa: E402
+from pipeline.engine.model_cache import CacheStats  # noqa: E402
+from pipeline.engine.stages import ImageEncoder  # noqa: E402
+from pipeline.job.actors import GenerateStage  # noqa: E402
 
 
 class SleepEngine:
@@ -96,8 +96,8 @@ def one_size(rows: int, actors: int, batch, call: int, seconds: float) -> dict:
     import pyarrow.csv as pacsv
     import ray
 
-    from pipeline.batch import run
-    from pipeline.config import parse_spec
+    from pipeline.job.run import run
+    from pipeline.spec.load import parse_spec
 
     work = Path(tempfile.mkdtemp(prefix="scale-", dir="/tmp"))
     prompts = [line.split("\t")[0] for line in PARTI.read_text().splitlines()[1:]]

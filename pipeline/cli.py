@@ -76,9 +76,9 @@ def _cluster_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.batch import run
-    from pipeline.config import load_spec
-    from pipeline.summary import format_summary
+    from pipeline.job.run import run
+    from pipeline.job.summary import format_summary
+    from pipeline.spec.load import load_spec
 
     spec = load_spec(args.spec, args.overrides)
     summary = run(spec)
@@ -87,8 +87,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from pipeline.config import load_spec
-    from pipeline.serve import serve_until_interrupted
+    from pipeline.serve.app import serve_until_interrupted
+    from pipeline.spec.load import load_spec
 
     spec = load_spec(args.spec, args.overrides)
     serve_until_interrupted(spec, announce=lambda line: print(f"imagegen: {line}", file=sys.stderr, flush=True))
@@ -98,8 +98,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _output_location(output: str, spec_path: str | None, overrides: list[str]):
     """``(url, storage options, spec or None)`` for a command reading an output: the
     options are the spec's when its output.url is that output."""
-    from pipeline.config import load_spec
-    from pipeline.storage import absolute_if_local
+    from pipeline.spec.load import load_spec
+    from pipeline.spec.section import absolute_if_local
 
     spec = load_spec(spec_path, overrides) if spec_path else None
     url = absolute_if_local(output)
@@ -107,7 +107,7 @@ def _output_location(output: str, spec_path: str | None, overrides: list[str]):
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from pipeline.verify import verify
+    from pipeline.output.verify import verify
 
     url, options, spec = _output_location(args.output, args.input, args.overrides)
     report = verify(url, options, spec)
@@ -120,26 +120,26 @@ def _announce(line: str) -> None:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from pipeline.submit import submit
+    from pipeline.cluster.submit import submit
 
     return submit(args.spec, args.overrides, args.address, wait=not args.no_wait, announce=_announce)
 
 
 def _status(args: argparse.Namespace) -> int:
-    from pipeline.submit import status
+    from pipeline.cluster.submit import status
 
     return status(args.job, args.address)
 
 
 def _logs(args: argparse.Namespace) -> int:
-    from pipeline.submit import logs
+    from pipeline.cluster.submit import logs
 
     return logs(args.job, args.address, follow=args.follow, announce=_announce)
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from pipeline.config import load_spec
-    from pipeline.plan import format_plan, make_plan
+    from pipeline.job.plan import format_plan, make_plan
+    from pipeline.spec.load import load_spec
 
     spec = load_spec(args.spec, args.overrides)
     print(format_plan(make_plan(spec), args.spec))
@@ -147,7 +147,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from pipeline.report import write_report
+    from pipeline.output.report import write_report
 
     url, options, _ = _output_location(args.output, args.spec, args.overrides)
     data = write_report(url, args.html, options, sample=args.sample)
@@ -156,7 +156,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from pipeline.inspect_output import format_inspection, inspect_output
+    from pipeline.output.inspect import format_inspection, inspect_output
 
     url, options, _ = _output_location(args.output, args.spec, args.overrides)
     print(format_inspection(inspect_output(url, options)))

@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PROMPTS = REPO.parent / "shared" / "data" / "prompts"
+PROMPTS = REPO / "tests" / "data" / "prompts"
 
 
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> str:
     """A model cache folder with the tiny model already built in it."""
-    from pipeline.models import ensure_tiny
+    from pipeline.engine.tiny_models import ensure_tiny
 
     cache = str(tmp_path_factory.mktemp("model-cache"))
     ensure_tiny(cache)
@@ -44,7 +44,7 @@ def ray_cluster():
 @pytest.fixture
 def make_spec(model_cache, tmp_path):
     """Build a valid JobSpec from a few fields; the rest are fast test defaults."""
-    from pipeline.config import parse_spec
+    from pipeline.spec.load import parse_spec
 
     def build(input: dict[str, Any], **sections: dict[str, Any]):
         data: dict[str, Any] = {
@@ -97,9 +97,9 @@ def s3(s3_server):
 
 @pytest.fixture(scope="session")
 def prompts() -> Path:
-    """The real public prompt tables shared beside the repository."""
+    """The real public prompt tables copied into tests/data/prompts (each with its SOURCE.txt)."""
     if not PROMPTS.is_dir():
-        pytest.fail(f"the shared prompt tables are missing at {PROMPTS}")
+        pytest.fail(f"the prompt tables are missing at {PROMPTS}")
     return PROMPTS
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 
-from pipeline.batch import run
-from pipeline.config import parse_spec
+from pipeline.job.run import run
+from pipeline.spec.load import parse_spec
 
 
 def main(workdir: str, cache: str, table: str, rows: int) -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.batch import run
 from pipeline.errors import InputError
-from pipeline.verify import verify
+from pipeline.job.run import run
+from pipeline.output.verify import verify
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
 

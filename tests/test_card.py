@@ -10,8 +10,8 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from pipeline import schema as S
-from pipeline.card import card_text, hf_features
+from pipeline.output.card import card_text, hf_features
+from pipeline.spec import schema as S
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -27,7 +27,7 @@ def test_card_loads_with_datasets_and_follows_each_run(ray_cluster, make_spec, t
     import datasets
     from PIL.Image import Image as PILImage
 
-    from pipeline.batch import run
+    from pipeline.job.run import run
 
     rows = [
         {"prompt": "a red kite", "tags": ["sky", "red"], "meta": {"source": "test", "score": 0.5}},

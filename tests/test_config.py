@@ -2,8 +2,8 @@
 
 import pytest
 
-from pipeline.config import load_spec, parse_spec
 from pipeline.errors import SpecError
+from pipeline.spec.load import load_spec, parse_spec
 
 
 def write(tmp_path, text):

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from pipeline.config import ModelConfig
-from pipeline.engine import Engine, GenerationRequest
+from pipeline.engine.engine import Engine
+from pipeline.engine.requests import GenerationRequest
+from pipeline.spec.model_config import ModelConfig
 
 
 @pytest.fixture(scope="module")

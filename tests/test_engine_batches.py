@@ -3,8 +3,9 @@
 import numpy as np
 import torch
 
-from pipeline.config import EngineOptions, ModelConfig
-from pipeline.engine import Engine, GenerationRequest
+from pipeline.engine.engine import Engine
+from pipeline.engine.requests import GenerationRequest
+from pipeline.spec.model_config import EngineOptions, ModelConfig
 
 
 def request(seed, width=32, height=32):

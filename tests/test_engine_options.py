@@ -3,9 +3,11 @@
 import numpy as np
 import pytest
 
-from pipeline.config import EngineOptions, ModelConfig, parse_spec
-from pipeline.engine import Engine, GenerationRequest
+from pipeline.engine.engine import Engine
+from pipeline.engine.requests import GenerationRequest
 from pipeline.errors import ModelError, SpecError
+from pipeline.spec.load import parse_spec
+from pipeline.spec.model_config import EngineOptions, ModelConfig
 
 TOLERANCE = 2  # steps of 255; EngineOptions' docstring states the same
 

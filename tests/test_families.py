@@ -8,11 +8,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from pipeline import family_calls
-from pipeline.config import EngineOptions, ModelConfig
-from pipeline.engine import Engine, GenerationRequest
+from pipeline.engine import family_calls
+from pipeline.engine.engine import Engine
+from pipeline.engine.requests import GenerationRequest
+from pipeline.engine.tiny_models import TINY_MODELS, build_tiny_lora
 from pipeline.errors import ModelError
-from pipeline.models import TINY_MODELS, build_tiny_lora
+from pipeline.spec.model_config import EngineOptions, ModelConfig
 
 TOLERANCE = 2  # steps of 255
 

@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.batch import run
-from pipeline.verify import verify
+from pipeline.job.run import run
+from pipeline.output.verify import verify
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 REPO = Path(__file__).resolve().parent.parent
@@ -100,7 +100,7 @@ def test_driver_killed_mid_job_then_same_command_again(model_cache, prompts, tmp
 
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, again.stderr[-2000:]
-    from pipeline.config import load_spec
+    from pipeline.spec.load import load_spec
 
     assert_exactly_once(load_spec(spec_path), n)
 
@@ -124,8 +124,9 @@ def test_a_nan_row_fails_alone_and_the_job_goes_on(ray_cluster, make_spec, tmp_p
 def test_out_of_memory_halves_the_group_down_to_one(model_cache):
     import torch
 
-    from pipeline.config import ModelConfig
-    from pipeline.engine import Engine, GenerationRequest
+    from pipeline.engine.engine import Engine
+    from pipeline.engine.requests import GenerationRequest
+    from pipeline.spec.model_config import ModelConfig
 
     class SmallGPU(Engine):
         """An engine whose device 'holds' at most 2 images per call."""
@@ -162,7 +163,7 @@ def test_worker_node_removed_mid_job(model_cache, prompts, tmp_path):
     assert observed["finished"] and observed["nodes_alive"] == 2  # head + the surviving worker
     assert observed["parts_when_removed"] < n // 4, "the node must go while the job is running"
     assert (observed["summary"]["images"], observed["summary"]["errors"]) == (n, 0)
-    from pipeline.config import parse_spec
+    from pipeline.spec.load import parse_spec
 
     spec = parse_spec({"input": {"url": table}, "model": {"ref": "tiny", "cache_dir": model_cache, "device": "cpu"},
                        "defaults": {"width": 64, "height": 64, "steps": 4}, "output": {"url": str(tmp_path / "out")}})

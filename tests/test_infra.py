@@ -3,7 +3,7 @@ version, entrypoints the real CLI parses, specs that load, GPUs enough for the a
 and the lifecycle fields that keep a scheduled run from overlapping or leaking a cluster.
 
 No cluster here: the manifests are parsed as YAML (the Dockerfile as text) and checked
-against pipeline/cli.py's parser, pipeline.config.load_spec and pyproject.toml.
+against pipeline/cli.py's parser, pipeline.spec.load.load_spec and pyproject.toml.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import yaml
 from packaging.requirements import Requirement
 
 from pipeline.cli import _parser
-from pipeline.config import JobSpec, load_spec
+from pipeline.spec.config import JobSpec
+from pipeline.spec.load import load_spec
 
 try:
     import tomllib
@@ -247,7 +248,7 @@ def test_raycluster_fits_the_cluster_spec_users_submit_to_it():
     spec = load_job_spec(["python", "jobs/generate.py", submitted])
     gpus_now, cpus = _capacity(cluster, "minReplicas")
     gpus_max, _ = _capacity(cluster, "maxReplicas")
-    assert spec.runtime.gpus_per_actor <= gpus_now  # pipeline.batch.require_gpus passes at the start
+    assert spec.runtime.gpus_per_actor <= gpus_now  # pipeline.job.connect.require_gpus passes at the start
     assert spec.runtime.num_actors * spec.runtime.gpus_per_actor <= gpus_max
     assert spec.runtime.cpus_per_actor + spec.runtime.task_cpus <= cpus
     name = manifest("raycluster.yaml", "RayCluster")["metadata"]["name"]
@@ -261,7 +262,7 @@ def test_rayservice_builds_the_app_from_a_spec_that_loads_and_fits():
     (app,) = serve_config["applications"]
     module, _, attribute = app["import_path"].partition(":")
     assert callable(getattr(importlib.import_module(module), attribute))
-    from pipeline.serve import AppArgs
+    from pipeline.serve.app import AppArgs
 
     args = AppArgs.model_validate(app["args"])
     spec = load_spec(repo_path(args.spec), args.overrides)
@@ -273,7 +274,7 @@ def test_rayservice_builds_the_app_from_a_spec_that_loads_and_fits():
 
 def test_serve_config_in_jobs_names_a_spec_that_loads():
     serve_config = yaml.safe_load((REPO / "jobs" / "serve_config.yaml").read_text())
-    from pipeline.serve import AppArgs
+    from pipeline.serve.app import AppArgs
 
     for app in serve_config["applications"]:
         args = AppArgs.model_validate(app["args"])

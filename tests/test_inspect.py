@@ -9,13 +9,13 @@ import pandas as pd
 import pytest
 
 from pipeline.cli import main
-from pipeline.inspect_output import format_inspection, inspect_output
+from pipeline.output.inspect import format_inspection, inspect_output
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
 
 def test_inspect_a_finished_output(ray_cluster, make_spec, tmp_path, capsys):
-    from pipeline.batch import run
+    from pipeline.job.run import run
 
     pd.DataFrame({"prompt": ["a kite", "a boat", "", "a fox"], "topic": ["sky", "sea", "none", "wood"]}).to_csv(tmp_path / "p.csv", index=False)
     spec = make_spec({"url": str(tmp_path / "p.csv")}, defaults={"width": 16, "height": 24, "steps": 1})

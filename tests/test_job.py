@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.batch import run
-from pipeline.config import load_spec
-from pipeline.encode import sha256_hex
+from pipeline.engine.encode import sha256_hex
 from pipeline.errors import ImagegenError, InputError, StorageError
+from pipeline.job.run import run
+from pipeline.spec.load import load_spec
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 REPO = Path(__file__).resolve().parent.parent
@@ -168,7 +168,7 @@ def test_parts_without_a_manifest_are_not_kept(ray_cluster, make_spec, prompts, 
 
 
 def test_model_folder_saved_with_save_pretrained(ray_cluster, make_spec, model_cache, tmp_path):
-    from pipeline.models import build_tiny_sd
+    from pipeline.engine.tiny_models import build_tiny_sd
 
     build_tiny_sd().save_pretrained(tmp_path / "my-model", safe_serialization=True)
     rows = [{"prompt": "a lighthouse", "seed": 1}]
@@ -241,10 +241,11 @@ def test_cli_runs_the_demo(model_cache, tmp_path):
 def test_model_from_an_s3_prefix(make_spec, model_cache, s3, tmp_path):
     import numpy as np
 
-    from pipeline.config import ModelConfig
-    from pipeline.engine import Engine, GenerationRequest
-    from pipeline.model_ref import fingerprint
-    from pipeline.models import ensure_tiny
+    from pipeline.engine.engine import Engine
+    from pipeline.engine.model_ref import fingerprint
+    from pipeline.engine.requests import GenerationRequest
+    from pipeline.engine.tiny_models import ensure_tiny
+    from pipeline.spec.model_config import ModelConfig
 
     fs, bucket, options = s3
     fs.put(ensure_tiny(model_cache), f"{bucket}/models/tiny", recursive=True)

@@ -14,11 +14,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline import storage
-from pipeline.batch import run
 from pipeline.errors import RunConflict
-from pipeline.lock import LOCK_NAME, OutputLock
-from pipeline.verify import verify
+from pipeline.job.run import run
+from pipeline.output.verify import verify
+from pipeline.storage import filesystem
+from pipeline.storage.lock import LOCK_NAME, OutputLock
 
 
 @pytest.mark.ray
@@ -42,7 +42,7 @@ def test_two_runs_at_once_on_one_output_the_second_is_refused(ray_cluster, make_
 
 
 def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
-    fs, root = storage.open_url(str(tmp_path))
+    fs, root = filesystem.open_url(str(tmp_path))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
     stale = {"run_id": "crashed", "host": os.uname().nodename, "pid": int(dead), "expires_at": time.time() + 999}
     (tmp_path / LOCK_NAME).write_text(json.dumps(stale))
@@ -53,7 +53,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
 
 
 def test_an_expired_lease_from_another_host_is_taken_over_a_live_one_is_not(tmp_path):
-    fs, root = storage.open_url(str(tmp_path))
+    fs, root = filesystem.open_url(str(tmp_path))
     other = {"run_id": "elsewhere", "host": "another-host", "pid": 1, "expires_at": time.time() + 60}
     (tmp_path / LOCK_NAME).write_text(json.dumps(other))
     with pytest.raises(RunConflict, match="elsewhere"):
@@ -86,7 +86,7 @@ def _fill_racer(target: str, log: str, arrived, first_started, announce: bool) -
         # Without the lock, this process would find the folder unfilled and fill it too:
         # the first one is still parked inside `fill`, waiting for this very signal.
         arrived.set()
-    storage.fill_folder_once(target, fill, "done")
+    filesystem.fill_folder_once(target, fill, "done")
 
 
 def test_two_processes_fill_a_folder_once(tmp_path):

@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import schema as S
-from pipeline.catalog import build_catalog
-from pipeline.models import build_tiny_lora
-from pipeline.validate import Validator
+from pipeline.engine.resolve import build_catalog
+from pipeline.engine.tiny_models import build_tiny_lora
+from pipeline.spec import schema as S
+from pipeline.spec.validate import Validator
 
-PARTI = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts" / "partiprompts" / "PartiPrompts.tsv"
+PARTI = Path(__file__).resolve().parent / "data" / "prompts" / "partiprompts" / "PartiPrompts.tsv"
 
 
 def parti(n):
@@ -72,7 +72,7 @@ def test_lora_columns_are_checked_and_the_digest_is_in_the_request_id(make_spec,
 
 @pytest.mark.ray
 def test_one_job_four_families_and_adapters_local_and_on_s3(ray_cluster, make_spec, model_cache, loras, s3, tmp_path):
-    from pipeline.batch import run
+    from pipeline.job.run import run
 
     fs, bucket, options = s3
     fs.put(loras["sd_b"], f"{bucket}/adapters/b.safetensors")
@@ -118,8 +118,9 @@ def test_one_job_four_families_and_adapters_local_and_on_s3(ray_cluster, make_sp
 
 
 def test_adapter_is_switched_off_and_on_between_calls(model_cache, loras):
-    from pipeline.config import LoraConfig, ModelConfig
-    from pipeline.engine import Engine, GenerationRequest
+    from pipeline.engine.engine import Engine
+    from pipeline.engine.requests import GenerationRequest
+    from pipeline.spec.model_config import LoraConfig, ModelConfig
 
     digest = hashlib.sha256(Path(loras["sd_a"]).read_bytes()).hexdigest()[:16]
     engine = Engine(ModelConfig(ref="tiny", cache_dir=model_cache), adapters={digest: LoraConfig(url=loras["sd_a"])})
@@ -137,8 +138,8 @@ def test_adapter_is_switched_off_and_on_between_calls(model_cache, loras):
 
 
 def test_the_families_example_spec_plans_every_row_onto_its_model(tmp_path):
-    from pipeline.config import load_spec
-    from pipeline.plan import make_plan
+    from pipeline.job.plan import make_plan
+    from pipeline.spec.load import load_spec
 
     repo = Path(__file__).resolve().parents[1]
     spec = load_spec(repo / "jobs" / "models.yaml", [f"output.url={tmp_path}/out"])

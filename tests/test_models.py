@@ -7,12 +7,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.catalog import build_catalog
-from pipeline.model_cache import ModelCache
+from pipeline.engine.model_cache import ModelCache
+from pipeline.engine.resolve import build_catalog
 
 pytestmark = pytest.mark.ray
 
-PARTI = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts" / "partiprompts" / "PartiPrompts.tsv"
+PARTI = Path(__file__).resolve().parent / "data" / "prompts" / "partiprompts" / "PartiPrompts.tsv"
 
 
 def parti(n):
@@ -29,7 +29,7 @@ def two_models(model_cache):
 
 
 def test_rows_pick_their_model_and_one_slot_cache_swaps_once(ray_cluster, make_spec, model_cache, tmp_path):
-    from pipeline.batch import run
+    from pipeline.job.run import run
 
     prompts = parti(24)
     # Interleaved models: unsorted, every batch of 4 would hold both and swap twice.
@@ -52,8 +52,8 @@ def test_rows_pick_their_model_and_one_slot_cache_swaps_once(ray_cluster, make_s
 
 
 def test_a_model_that_cannot_load_fails_its_rows_not_the_job(ray_cluster, make_spec, model_cache, tmp_path):
-    from pipeline.batch import run
-    from pipeline.models import ensure_tiny
+    from pipeline.engine.tiny_models import ensure_tiny
+    from pipeline.job.run import run
 
     broken = tmp_path / "broken"
     shutil.copytree(ensure_tiny(model_cache), broken)
@@ -73,8 +73,8 @@ def test_a_model_that_cannot_load_fails_its_rows_not_the_job(ray_cluster, make_s
 
 
 def test_unknown_model_name_is_a_row_error_naming_the_models(make_spec, model_cache, tmp_path):
-    from pipeline import schema as S
-    from pipeline.validate import Validator
+    from pipeline.spec import schema as S
+    from pipeline.spec.validate import Validator
 
     spec = make_spec({"url": str(tmp_path / "p.csv")}, models=two_models(model_cache), defaults={"model": "ddim"})
     validator = Validator(spec, build_catalog(spec))

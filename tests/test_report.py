@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageStat
 
 from pipeline.cli import main
-from pipeline.report import read_output, render_html, write_report
+from pipeline.output.report import read_output, render_html, write_report
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -22,8 +22,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def output(ray_cluster, model_cache, prompts, tmp_path_factory) -> Path:
     """A finished output of two runs: 12 prompts (one making 3 images) and 2 bad rows,
     then 3 more prompts."""
-    from pipeline.batch import run
-    from pipeline.config import parse_spec
+    from pipeline.job.run import run
+    from pipeline.spec.load import parse_spec
 
     work = tmp_path_factory.mktemp("report")
     lines = (prompts / "partiprompts" / "PartiPrompts.tsv").read_text().splitlines()[1:16]

@@ -25,9 +25,10 @@ import requests
 from PIL import Image
 from ray import serve
 
-from pipeline.batch import run as run_batch
-from pipeline.config import parse_spec
-from pipeline.serve import default_id, start
+from pipeline.job.run import run as run_batch
+from pipeline.serve.app import start
+from pipeline.serve.http_api import default_id
+from pipeline.spec.load import parse_spec
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 
@@ -257,7 +258,7 @@ def test_overload_is_a_503_with_retry_after(app, workdir):
 
 
 def test_requests_pick_a_model_and_an_adapter(app, workdir):
-    from pipeline.models import build_tiny_lora
+    from pipeline.engine.tiny_models import build_tiny_lora
 
     url, main_spec = app
     data = _spec_data(workdir, main_spec.serve.port, route_prefix="/variations")

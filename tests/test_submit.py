@@ -31,13 +31,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import _free_port
 from polling import wait_for
 
-from conftest import _free_port
-from pipeline import submit
 from pipeline.cli import _parser
-from pipeline.config import load_spec, parse_spec
+from pipeline.cluster import dashboard, submit
 from pipeline.errors import ClusterError, SpecError
+from pipeline.spec.load import load_spec, parse_spec
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -297,7 +297,7 @@ def test_bad_addresses_fail_within_seconds_with_one_message(tmp_path):
     cases = {
         f"http://127.0.0.1:{closed}": "cannot reach the Ray dashboard",
         f"http://127.0.0.1:{web.server_address[1]}": "answered HTTP 404",
-        f"http://127.0.0.1:{silent.getsockname()[1]}": f"no answer within {submit.PROBE_TIMEOUT_S:g} s",
+        f"http://127.0.0.1:{silent.getsockname()[1]}": f"no answer within {dashboard.PROBE_TIMEOUT_S:g} s",
         "ray://127.0.0.1:10001": "is not a Ray dashboard URL",
         "127.0.0.1:6379": "is not a Ray dashboard URL",
     }
@@ -305,7 +305,7 @@ def test_bad_addresses_fail_within_seconds_with_one_message(tmp_path):
         for address, message in cases.items():
             started = time.monotonic()
             result = imagegen("status", "raysubmit_x", "--address", address, env=env, timeout=60)
-            assert time.monotonic() - started < submit.PROBE_TIMEOUT_S + 10, address
+            assert time.monotonic() - started < dashboard.PROBE_TIMEOUT_S + 10, address
             assert result.returncode == 2 and message in result.stderr, (address, result.stderr)
             assert "Traceback" not in result.stderr
         result = imagegen("submit", "jobs/demo.yaml", env=env, timeout=60)
@@ -335,9 +335,9 @@ def test_job_request_carries_the_repository_and_a_spec_under_it(tmp_path):
 
 def test_dashboard_address_comes_from_the_flag_or_an_http_runtime_address():
     spec = parse_spec({"input": {"url": "x.csv"}, "runtime": {"address": "http://head:8265/"}})
-    assert submit.dashboard_address(None, spec) == "http://head:8265"
-    assert submit.dashboard_address("https://ray.example.com/", spec) == "https://ray.example.com"
+    assert dashboard.dashboard_address(None, spec) == "http://head:8265"
+    assert dashboard.dashboard_address("https://ray.example.com/", spec) == "https://ray.example.com"
     for address in ("auto", "ray://head:10001", None):
         other = parse_spec({"input": {"url": "x.csv"}, "runtime": {"address": address}})
         with pytest.raises(ClusterError, match="pass --address http://HEAD:8265"):
-            submit.dashboard_address(None, other)
+            dashboard.dashboard_address(None, other)

@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import InputError
-from pipeline.schema import INPUT_ROW, INPUT_SOURCE
-from pipeline.tables import READ_ERROR, read_file
+from pipeline.spec.schema import INPUT_ROW, INPUT_SOURCE, READ_ERROR
+from pipeline.storage.tables import read_file
 
 
 def read(data: bytes, fmt: str, chunk_rows=4096) -> pa.Table:

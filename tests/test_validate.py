@@ -1,14 +1,14 @@
 """Rows -> requests: per-row parameters, seeds, request ids, and the reasons bad rows get."""
 
+import dataclasses
+
 import pyarrow as pa
 import pytest
 
-import dataclasses
-
-from pipeline import schema as S
-from pipeline.catalog import build_catalog
-from pipeline.config import parse_spec
-from pipeline.validate import Validator, derive_seed
+from pipeline.engine.resolve import build_catalog
+from pipeline.spec import schema as S
+from pipeline.spec.load import parse_spec
+from pipeline.spec.validate import Validator, derive_seed
 
 
 def with_fingerprint(v, fingerprint):
@@ -147,7 +147,7 @@ def test_committed_requests_are_skipped():
 
 
 def test_repeated_ids_are_rejected_after_their_first_row():
-    from pipeline.validate import find_duplicate_ids
+    from pipeline.spec.validate import find_duplicate_ids
 
     table = pa.table({
         "key": ["a", "b", "a", None, "a"],

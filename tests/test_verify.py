@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.batch import run
-from pipeline.verify import verify
+from pipeline.job.run import run
+from pipeline.output.verify import verify
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 

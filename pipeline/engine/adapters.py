@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import os
 
-from pipeline import storage
-from pipeline.config import LoraConfig
 from pipeline.errors import ModelError
+from pipeline.spec.model_config import LoraConfig
+from pipeline.storage import filesystem
 
 ADAPTER_FILE = "adapter.safetensors"
 
@@ -25,10 +25,10 @@ def digest(name: str, config: LoraConfig) -> str:
             f"loras.{name}.url {config.url!r} is not a .safetensors file; point it at a LoRA saved in diffusers' format "
             "(save_lora_weights writes pytorch_lora_weights.safetensors)"
         )
-    fs, path = storage.open_url(config.url, config.storage_options)
+    fs, path = filesystem.open_url(config.url, config.storage_options)
     h = hashlib.sha256()
     try:
-        with storage.storage_errors(config.url, "read"), fs.open(path, "rb") as f:
+        with filesystem.storage_errors(config.url, "read"), fs.open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     except FileNotFoundError:
@@ -39,14 +39,14 @@ def digest(name: str, config: LoraConfig) -> str:
 def materialize(config: LoraConfig, adapter_digest: str, cache_dir: str) -> str:
     """A local path of the adapter: the file itself when local, else a copy made once per
     node under ``cache_dir`` (named by digest, so a changed file is fetched again)."""
-    fs, path = storage.open_url(config.url, config.storage_options)
-    if storage.is_local(fs):
+    fs, path = filesystem.open_url(config.url, config.storage_options)
+    if filesystem.is_local(fs):
         return path
 
     def download(staging: str) -> None:
         os.makedirs(staging)
-        with storage.storage_errors(config.url, "download"):
+        with filesystem.storage_errors(config.url, "download"):
             fs.get(path, os.path.join(staging, ADAPTER_FILE))
 
-    folder = storage.fill_folder_once(os.path.join(cache_dir, "loras", adapter_digest), download, ADAPTER_FILE)
+    folder = filesystem.fill_folder_once(os.path.join(cache_dir, "loras", adapter_digest), download, ADAPTER_FILE)
     return os.path.join(folder, ADAPTER_FILE)

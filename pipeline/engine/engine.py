@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from pipeline import family_calls, model_ref
-from pipeline.batching import group_by_bucket, halves
-from pipeline.config import LoraConfig, ModelConfig
+from pipeline.engine import family_calls, model_ref
+from pipeline.engine.kernels import decode_in_chunks, input_shapes, is_out_of_memory, set_attention, use_compile_cache
+from pipeline.engine.requests import AdapterError, GenerationRequest, GenerationResult, ImageIsNaN
+from pipeline.spec.batching import group_by_bucket, halves
+from pipeline.spec.model_config import LoraConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,48 +45,6 @@ SCHEDULERS = {
     "lms": "LMSDiscreteScheduler",
     "unipc": "UniPCMultistepScheduler",
 }
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """Everything that decides one image's pixels, given the engine's model and scheduler."""
-
-    prompt: str
-    negative_prompt: str
-    seed: int
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    # T5 tokens (SD3, FLUX); None takes the family's default.
-    max_sequence_length: Optional[int] = None
-    # The LoRA adapter (its digest names it in the pipeline) and its weight; None: no adapter.
-    lora: Optional[str] = None
-    lora_scale: float = 1.0
-
-
-@dataclass
-class GenerationResult:
-    """One image (``HxWx3`` uint8) or the error that stopped it."""
-
-    pixels: Optional[np.ndarray] = None
-    seconds: float = 0.0
-    prompt_tokens: Optional[int] = None
-    prompt_truncated: Optional[bool] = None
-    error_type: Optional[str] = None
-    error_message: Optional[str] = None
-
-    @property
-    def ok(self) -> bool:
-        return self.pixels is not None
-
-
-class ImageIsNaN(RuntimeError):
-    """The pipeline produced NaN pixels (often float16 overflow in the VAE)."""
-
-
-class AdapterError(RuntimeError):
-    """A LoRA adapter that cannot be used with this engine's model."""
 
 
 def resolve_device(config: ModelConfig) -> str:
@@ -112,7 +71,7 @@ def _load_pipeline(location: str, kwargs: dict):
     import diffusers
 
     from pipeline.errors import ModelError
-    from pipeline.families import UnknownFamily, family_of_class
+    from pipeline.spec.families import UnknownFamily, family_of_class
 
     def family(class_name: str):
         try:
@@ -138,8 +97,8 @@ class Engine:
     """
 
     def __init__(self, config: ModelConfig, adapters: Optional[Mapping[str, LoraConfig]] = None):
-        import torch
         import diffusers
+        import torch
         import transformers
 
         # Load-time bars and notices are noise in a job log of many actors.
@@ -178,16 +137,16 @@ class Engine:
         if options.fuse_qkv and hasattr(self.pipe, "fuse_qkv_projections"):
             self.pipe.fuse_qkv_projections()
             self._qkv_fused = True
-        _set_attention(denoiser, options.attention, self.device)
+        set_attention(denoiser, options.attention, self.device)
         if options.channels_last:
             for module in (denoiser, self.pipe.vae):
                 module.to(memory_format=torch.channels_last)
         if options.vae_chunk_size is not None:
-            self.pipe.vae.decode = _decode_in_chunks(self.pipe.vae.decode, options.vae_chunk_size)
+            self.pipe.vae.decode = decode_in_chunks(self.pipe.vae.decode, options.vae_chunk_size)
         # Seconds spent compiling the denoiser so far; stays 0 without `compile`.
         self.compile_seconds = 0.0
         if options.compile:
-            _use_compile_cache(config.cache_dir)
+            use_compile_cache(config.cache_dir)
             compiled = torch.compile(denoiser)
             self._time_compiles(compiled, type(denoiser).__name__)
             setattr(self.pipe, denoiser_name, compiled)
@@ -204,7 +163,7 @@ class Engine:
         started: list[float] = []
 
         def before(module, args, kwargs):
-            key = _input_shapes((args, kwargs))
+            key = input_shapes((args, kwargs))
             if key not in seen:
                 seen.add(key)
                 started.append(time.perf_counter())
@@ -320,7 +279,7 @@ class Engine:
     def _load_adapter(self, digest: str) -> None:
         from safetensors.torch import load_file
 
-        from pipeline import adapters
+        from pipeline.engine import adapters
 
         config = self.adapters.get(digest)
         if config is None:
@@ -352,126 +311,6 @@ class Engine:
 
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             torch.cuda.empty_cache()
-
-
-# The SDPA kernels a spec may pin, by their EngineOptions.attention names.
-_PINNED_KERNELS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
-
-
-def _set_attention(denoiser, name: str, device: str) -> None:
-    """Route the denoiser's attention through ``name`` (see ``EngineOptions.attention``).
-    Raises :class:`ModelError` when that kernel cannot run this model on ``device``."""
-    from pipeline.errors import ModelError
-
-    if name == "sdpa":
-        return  # diffusers' default processors call torch's SDPA, which picks the kernel per call
-    if name == "eager":
-        try:
-            denoiser.set_default_attn_processor()
-        except (AttributeError, ValueError):
-            raise ModelError(
-                f"attention: eager works for UNet models (Stable Diffusion 1.x/2.x, XL) only, not {type(denoiser).__name__}; use attention: sdpa"
-            ) from None
-        return
-    import functools
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backend = getattr(SDPBackend, _PINNED_KERNELS[name])
-    _try_kernel(denoiser, backend, name, device)
-    forward = denoiser.forward
-
-    # The whole forward runs under the pin: diffusers' UNet processors do not go through
-    # its attention dispatcher, so its set_attention_backend would leave them alone.
-    # torch.compile traces through sdpa_kernel (the compile test runs with flash pinned).
-    @functools.wraps(forward)
-    def pinned(*args, **kwargs):
-        with sdpa_kernel([backend]):
-            return forward(*args, **kwargs)
-
-    denoiser.forward = pinned
-
-
-def _try_kernel(denoiser, backend, name: str, device: str) -> None:
-    """Run ``backend`` once at every head size of the denoiser's attention, in its dtype,
-    so that a kernel that cannot serve this model fails at load, not on the first batch."""
-    import warnings
-
-    import torch
-    import torch.nn.functional as F
-    from torch.nn.attention import sdpa_kernel
-
-    from pipeline.errors import ModelError
-
-    dtype = denoiser.dtype
-    head_sizes = {m.to_q.out_features // m.heads for m in denoiser.modules() if hasattr(m, "heads") and hasattr(m, "to_q")}
-    for head_size in sorted(head_sizes) or [64]:
-        query = torch.randn(1, 2, 64, head_size, device=device, dtype=dtype)
-        key = torch.randn(1, 2, 77, head_size, device=device, dtype=dtype)  # 77: CLIP's text length
-        try:
-            with warnings.catch_warnings(), sdpa_kernel([backend]):
-                warnings.simplefilter("ignore")  # torch warns once per reason a kernel was skipped
-                F.scaled_dot_product_attention(query, key, key)
-        except RuntimeError as exc:
-            reason = str(exc).splitlines()[0].rstrip(".")
-            raise ModelError(
-                f"attention: {name} cannot run this model on {device} in {str(dtype).removeprefix('torch.')} "
-                f"(head size {head_size}): {reason}. Use attention: sdpa, which lets torch pick a kernel that can"
-                + ("; flash on CUDA needs model.dtype float16 or bfloat16" if name == "flash" and device == "cuda" else "")
-            ) from None
-
-
-def _decode_in_chunks(decode, size: int):
-    """``vae.decode`` that decodes at most ``size`` latents at a time: peak VAE memory is
-    that of ``size`` images, at the cost of one VAE call per chunk."""
-    import functools
-
-    import torch
-    from diffusers.models.autoencoders.vae import DecoderOutput
-
-    @functools.wraps(decode)
-    def chunked(z, return_dict: bool = True, **kwargs):
-        if z.shape[0] <= size:
-            return decode(z, return_dict=return_dict, **kwargs)
-        sample = torch.cat([decode(part, return_dict=False, **kwargs)[0] for part in z.split(size)])
-        return DecoderOutput(sample=sample) if return_dict else (sample,)
-
-    return chunked
-
-
-def _use_compile_cache(cache_dir: str) -> None:
-    """Keep inductor's compiled graphs (and Triton's kernels) under ``cache_dir``/inductor,
-    so a restarted actor loads them instead of compiling again.
-
-    torch 2.13 reads the location from ``TORCHINDUCTOR_CACHE_DIR`` only
-    (``torch._inductor.runtime.cache_dir_utils.cache_dir``; ``torch._inductor.config`` has
-    no setting for it), so that variable is set here, for this process and the compile
-    workers it starts. It is overwritten, not defaulted: torch writes its own default
-    (under /tmp) into it the first time it looks, and the spec is where the cache lives.
-    The FX graph cache itself is on by default (``torch._inductor.config.fx_graph_cache``)."""
-    import os
-
-    location = os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(cache_dir, "inductor")
-    log.info("torch.compile: compiled graphs cached in %s", location)
-
-
-def _input_shapes(value) -> tuple:
-    """Shapes and dtypes of the tensors in nested call arguments: what makes torch.compile
-    build a new graph (scalars and flags are constant across the engine's calls)."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return (tuple(value.shape), str(value.dtype))
-    if isinstance(value, dict):
-        return tuple((k, _input_shapes(v)) for k, v in sorted(value.items()))
-    if isinstance(value, (list, tuple)):
-        return tuple(_input_shapes(v) for v in value)
-    return ()
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a plain RuntimeError)."""
-    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower() or "can't allocate memory" in str(exc)
 
 
 def _adapter_name(digest: str) -> str:

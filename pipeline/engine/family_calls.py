@@ -1,4 +1,4 @@
-"""How each family's pipeline is called: the torch side of :mod:`pipeline.families`.
+"""How each family's pipeline is called: the torch side of :mod:`pipeline.spec.families`.
 
 The engine hands a uniform group of requests (one size, step count, guidance scale,
 sequence length and adapter) to :func:`call_kwargs` and calls the pipeline with what it
@@ -29,10 +29,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Optional
 
-from pipeline.families import Family
+from pipeline.spec.families import Family
 
 if TYPE_CHECKING:  # the engine imports this module
-    from pipeline.engine import GenerationRequest
+    from pipeline.engine.requests import GenerationRequest
 
 # The tokenizer whose truncation bounds what a prompt can say: the longest one.
 _PRIMARY_TOKENIZER = {"sd": "tokenizer", "sdxl": "tokenizer", "sd3": "tokenizer_3", "flux": "tokenizer_2"}
@@ -40,7 +40,7 @@ _PRIMARY_TOKENIZER = {"sd": "tokenizer", "sdxl": "tokenizer", "sd3": "tokenizer_
 
 def call_kwargs(pipe, family: Family, batch: list[GenerationRequest], encode_once: bool) -> dict:
     """Keyword arguments for ``pipe(**kwargs, generator=..., output_type="np")`` for
-    ``batch``, a uniform group (see :data:`pipeline.batching.BUCKET_FIELDS`).
+    ``batch``, a uniform group (see :data:`pipeline.spec.batching.BUCKET_FIELDS`).
 
     With ``encode_once`` the texts come as embeddings, each distinct text encoded once
     (made under ``torch.inference_mode``: fit for the call, not for autograd); otherwise

@@ -4,7 +4,7 @@ A job with several models gives each engine actor a :class:`ModelCache`. Loading
 is the slowest thing an actor does (seconds to minutes for real weights), so the cache
 keeps every model that fits in its memory budget and evicts the least recently used
 only when the next one would not fit. Rows reach actors sorted by model (see
-:func:`pipeline.batching.order_for_engine`), so an actor whose budget holds fewer models
+:func:`pipeline.spec.batching.order_for_engine`), so an actor whose budget holds fewer models
 than the job uses still swaps rarely; ``swaps`` counts the loads that had to evict.
 
 Knows nothing of Ray. The size of a model before loading is estimated from its weight
@@ -21,8 +21,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from pipeline.catalog import Catalog, ModelEntry
-from pipeline.engine import is_out_of_memory
+from pipeline.engine.kernels import is_out_of_memory
+from pipeline.spec.catalog import Catalog, ModelEntry
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class CacheStats:
 class ModelCache:
     """Engines by model name within ``budget_bytes``.
 
-    ``load(entry)`` builds an engine (by default :class:`pipeline.engine.Engine` of the
+    ``load(entry)`` builds an engine (by default :class:`pipeline.engine.engine.Engine` of the
     entry's config, with the catalog's adapters); ``size(engine)`` is its resident bytes.
     A model that fails to load is remembered, and its rows fail with the same error,
     instead of being retried batch after batch.
@@ -123,7 +123,7 @@ class ModelCache:
 def estimated_bytes(entry: ModelEntry) -> int:
     """The model's weight files' total size: what loading it will take, roughly. Zero
     when the files are not local yet (a hub model before its first download)."""
-    from pipeline import model_ref
+    from pipeline.engine import model_ref
 
     try:
         location = model_ref.materialize(entry.config)
@@ -167,7 +167,7 @@ def default_budget(device: str) -> int:
 
 def _load_engine(catalog: Catalog) -> Callable[[ModelEntry], object]:
     def load(entry: ModelEntry):
-        from pipeline.engine import Engine
+        from pipeline.engine.engine import Engine
 
         return Engine(entry.config, adapters=catalog.by_digest())
 

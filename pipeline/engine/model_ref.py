@@ -3,7 +3,7 @@
 Four kinds, all ending in the same ``from_pretrained`` call:
 
 - ``tiny`` (also ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``): a random-weight pipeline
-  of :mod:`pipeline.models`, built into the cache;
+  of :mod:`pipeline.engine.tiny_models`, built into the cache;
 - a local diffusers folder;
 - a remote prefix (``s3://bucket/prefix/`` or any fsspec URL), copied once into the cache;
 - a Hugging Face hub id (``org/name``), at ``model.revision``.
@@ -22,10 +22,10 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline import storage
-from pipeline.config import ModelConfig
+from pipeline.engine.tiny_models import TINY_MODELS
 from pipeline.errors import ModelError
-from pipeline.models import TINY_MODELS
+from pipeline.spec.model_config import ModelConfig
+from pipeline.storage import filesystem
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -89,8 +89,8 @@ def fingerprint(config: ModelConfig) -> str:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     h.update(block)
     else:
-        fs, root = storage.open_url(ref.location, config.storage_options)
-        with storage.storage_errors(ref.location, "list"):
+        fs, root = filesystem.open_url(ref.location, config.storage_options)
+        with filesystem.storage_errors(ref.location, "list"):
             listing = fs.find(root, detail=True)
         if not listing:
             raise ModelError(f"model.ref {ref.location!r} holds no files; upload a diffusers folder there first")
@@ -105,15 +105,15 @@ def materialize(config: ModelConfig) -> str:
     """A location ``from_pretrained`` can load: a local folder, or the hub id itself."""
     ref = parse_ref(config.ref)
     if ref.kind == "tiny":
-        from pipeline.models import ensure_tiny
+        from pipeline.engine.tiny_models import ensure_tiny
 
         return ensure_tiny(config.cache_dir, ref.location)
     if ref.kind in ("local", "hub"):
         return ref.location
-    fs, root = storage.open_url(ref.location, config.storage_options)
+    fs, root = filesystem.open_url(ref.location, config.storage_options)
 
     def download(staging: str) -> None:
-        with storage.storage_errors(ref.location, "download"):
+        with filesystem.storage_errors(ref.location, "download"):
             listing = fs.find(root, detail=True)
             fs.get(root + "/", staging + "/", recursive=True)
         # A truncated copy would load as corrupt weights, or not at all, on one node only.
@@ -124,7 +124,7 @@ def materialize(config: ModelConfig) -> str:
                 raise ModelError(f"downloading {ref.location}: {name} came out {size} bytes, the store says {info.get('size')}; retry the job")
 
     target = os.path.join(config.cache_dir, "remote", fingerprint(config))
-    return storage.fill_folder_once(target, download, "model_index.json")
+    return filesystem.fill_folder_once(target, download, "model_index.json")
 
 
 def _files_below(root: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""The job's models and LoRA adapters, resolved once on the driver before any work.
+"""Resolving the job's models and LoRA adapters, once on the driver before any work.
 
 For each model: its fingerprint (weights), its family and pipeline class (which row
 parameters it takes), checked to load from safetensors unless pickles are allowed. For
@@ -10,15 +10,17 @@ names), so nothing is looked up twice or differently in two places.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Optional
 
-from pipeline import adapters, model_ref, storage
-from pipeline.config import JobSpec, LoraConfig, ModelConfig
+from pipeline.engine import adapters, model_ref
 from pipeline.errors import ModelError
-from pipeline.families import FAMILIES, Family, UnknownFamily, family_of_class
+from pipeline.spec.catalog import AdapterEntry, Catalog, ModelEntry
+from pipeline.spec.config import JobSpec
+from pipeline.spec.families import FAMILIES, UnknownFamily, family_of_class
+from pipeline.spec.model_config import ModelConfig
+from pipeline.storage import filesystem
 
-# The pipeline class each tiny model is built as (pipeline.models); read from here so the
+# The pipeline class each tiny model is built as (pipeline.engine.tiny_models); read from here so the
 # driver need not build a model to learn its family.
 TINY_CLASSES = {
     "tiny": "StableDiffusionPipeline",
@@ -26,39 +28,6 @@ TINY_CLASSES = {
     "tiny-sd3": "StableDiffusion3Pipeline",
     "tiny-flux": "FluxPipeline",
 }
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    """One named model: its config and what the driver learnt about it."""
-
-    name: str
-    config: ModelConfig
-    fingerprint: str
-    family: Family
-    pipeline_class: str
-
-
-@dataclass(frozen=True)
-class AdapterEntry:
-    """One named LoRA adapter and the digest of its file."""
-
-    name: str
-    config: LoraConfig
-    digest: str
-
-
-@dataclass(frozen=True)
-class Catalog:
-    """Every model and adapter of a spec, by name; ``default_model`` is the rows' default."""
-
-    models: dict[str, ModelEntry]
-    default_model: str
-    loras: dict[str, AdapterEntry]
-
-    def by_digest(self) -> dict[str, LoraConfig]:
-        """Adapter configs by digest: what a generation request names."""
-        return {entry.digest: entry.config for entry in self.loras.values()}
 
 
 def build_catalog(spec: JobSpec) -> Catalog:
@@ -98,8 +67,8 @@ def read_pipeline_class(config: ModelConfig, required: bool = True) -> Optional[
         if ref.kind == "hub":
             index = _hub_model_index(ref.location, config.revision)
         else:
-            fs, root = storage.open_url(ref.location, config.storage_options)
-            index = json.loads(storage.read_bytes(fs, storage.join(root, "model_index.json")))
+            fs, root = filesystem.open_url(ref.location, config.storage_options)
+            index = json.loads(filesystem.read_bytes(fs, filesystem.join(root, "model_index.json")))
     except Exception as exc:  # noqa: BLE001 - any failure means the same advice
         if not required:
             return None

@@ -1,5 +1,5 @@
 """The per-batch work of the generate and encode stages, on Arrow tables. Pure: the Ray
-wiring in :mod:`pipeline.batch` (and the Serve deployment) call these.
+wiring in :mod:`pipeline.job.run` (and the Serve deployment) call these.
 
 Every function takes the stream's table and returns it with its own columns added.
 Rows already carrying an error pass through untouched, and a failure here marks rows,
@@ -17,11 +17,11 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from pipeline import schema as S
-from pipeline.batching import group_by_bucket
-from pipeline.encode import encode_image, sha256_hex
-from pipeline.engine import GenerationRequest
-from pipeline.model_cache import ModelCache
+from pipeline.engine.encode import encode_image, sha256_hex
+from pipeline.engine.model_cache import ModelCache
+from pipeline.engine.requests import GenerationRequest
+from pipeline.spec import schema as S
+from pipeline.spec.batching import group_by_bucket
 
 _EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
 
@@ -106,7 +106,7 @@ def generate_table(
 
     Rows go to their model one model at a time (first-seen order: the block arrives sorted,
     so an actor switches models at most once per model per block), in diffusers calls of
-    at most the engine's :meth:`~pipeline.engine.Engine.call_size`. Each call's images are
+    at most the engine's :meth:`~pipeline.engine.engine.Engine.call_size`. Each call's images are
     handed to ``encoder``'s threads as soon as the call returns, so PNG compression runs
     while the next call computes (PIL and zlib release the GIL) and raw pixels never
     travel through the object store. A model that cannot load fails its rows, not the

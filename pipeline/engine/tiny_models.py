@@ -335,7 +335,7 @@ def ensure_tiny(cache_dir: str, name: str = "tiny") -> str:
     """The folder holding the saved tiny pipeline ``name`` (a key of :data:`TINY_MODELS`),
     building it on first use (safe when several processes race for it). The folder is
     named by the builder's version, so a new version is built beside an old one."""
-    from pipeline.storage import fill_folder_once
+    from pipeline.storage.filesystem import fill_folder_once
 
     build = _builder(name)
     target = os.path.join(cache_dir, "models", TINY_MODELS[name])

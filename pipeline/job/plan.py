@@ -1,7 +1,7 @@
 """``imagegen validate``: the plan of a job before any work, from the spec and the whole input.
 
 Reads the table and validates every row exactly as the job would (same
-:class:`~pipeline.validate.Validator`, same duplicate-id scan, same model fingerprint, so
+:class:`~pipeline.spec.validate.Validator`, same duplicate-id scan, same model fingerprint, so
 the same request ids), then counts: valid and rejected rows with the most common reasons,
 the buckets (model, width x height, steps) with their rows and images, the images still
 to make (an incremental output skips what it already holds), and an estimate of
@@ -18,11 +18,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pipeline import sink, storage, tables
-from pipeline.catalog import build_catalog
-from pipeline import schema as S
-from pipeline.config import JobSpec, PlanConfig, ThroughputEntry
-from pipeline.validate import PROBLEMS, Validator, find_duplicate_ids
+from pipeline.engine.resolve import build_catalog
+from pipeline.spec import schema as S
+from pipeline.spec.config import JobSpec, PlanConfig, ThroughputEntry
+from pipeline.spec.validate import PROBLEMS, Validator, find_duplicate_ids
+from pipeline.storage import filesystem, sink, tables
 
 # Images per second of ONE engine actor, per bucket. The only measured figures so far are
 # in BENCHMARKS.md, on a 2-core x86_64 VM without GPU, torch 2.13.0 CPU, the tiny model:
@@ -187,8 +187,8 @@ def _committed_ids(spec: JobSpec, plan: Plan) -> set[str]:
     """Request ids the job would skip: those an incremental output already holds."""
     if spec.output.mode == "overwrite":
         return set()
-    fs, root = storage.open_url(spec.output.url, spec.output.storage_options)
-    with storage.storage_errors(spec.output.url, "read"):
+    fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
+    with filesystem.storage_errors(spec.output.url, "read"):
         committed = sink.read_committed(fs, root)
     if committed.runs and spec.output.mode == "error_if_exists":
         plan.warnings.append(

@@ -1,7 +1,7 @@
 """Progress of a running job: counts, rate, ETA, and the line a user reads.
 
 The counts come from the job itself: the stages add what they finish to a
-:class:`ProgressCounter` (a small Ray actor in :mod:`pipeline.batch`), and a
+:class:`ProgressCounter` (a small Ray actor in :mod:`pipeline.job.run`), and a
 :class:`ProgressPrinter` thread on the driver polls it while the job runs. On a terminal
 the line is a bar redrawn in place; elsewhere (logs, CI) one line every
 ``runtime.progress_interval_s`` seconds. Either way a last line is printed at the end.
@@ -22,7 +22,7 @@ from typing import Callable, Optional, TextIO
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import schema as S
+from pipeline.spec import schema as S
 
 # Rates are measured over this trailing window, so start-up (cluster, model load) stops
 # weighing on the ETA once the job is under way.
@@ -66,7 +66,7 @@ class Counts:
 
 
 class ProgressCounter:
-    """Running totals the stages add to. Plain Python: :mod:`pipeline.batch` makes it an actor."""
+    """Running totals the stages add to. Plain Python: :mod:`pipeline.job.run` makes it an actor."""
 
     def __init__(self) -> None:
         self._counts = Counts()

@@ -1,8 +1,43 @@
-"""The one-screen summary printed at the end of a run."""
+"""What a finished run did (:class:`RunSummary`, also what its manifest records) and the
+one-screen summary printed at its end."""
 
 from __future__ import annotations
 
-from pipeline.batch import RunSummary
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSummary:
+    """What a finished run did; also what its manifest records."""
+
+    run_id: str
+    output: str
+    input_rows: int
+    images: int
+    errors: int
+    errors_by_stage: dict[str, int]
+    wall_seconds: float
+    engine_utilization: Optional[float] = None  # share of the engine actors' time up spent generating
+    startup_seconds: Optional[float] = None  # from the run's start until its last engine actor was ready
+    block_rows: int = 0  # rows per engine-actor block (runtime.batch_size, or what auto chose)
+    model_loads: int = 0
+    model_swaps: int = 0
+    engine_seconds: float = 0.0  # summed over engine actors: in diffusers calls and model loads
+    encode_wait_seconds: float = 0.0  # summed over engine actors: idle, waiting for encoding
+    parts: list[dict[str, Any]] = field(repr=False, default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    @property
+    def swaps_per_1000_images(self) -> float:
+        """Model loads that evicted another model, per 1000 images generated."""
+        return 1000 * self.model_swaps / self.images if self.images else 0.0
 
 
 def format_summary(s: RunSummary) -> str:

@@ -5,7 +5,7 @@ its ``data_files`` and its features, so ``datasets.load_dataset(OUTPUT, "images"
 the Hub's viewer) reads the right files with the image column as PIL images. The body
 says how the data was made: model, parameters, counts over all runs, and dates.
 
-Pure: reads the manifests and one part's schema through :mod:`pipeline.storage`.
+Pure: reads the manifests and one part's schema through :mod:`pipeline.storage.filesystem`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import fsspec
 import pyarrow as pa
 import yaml
 
-from pipeline import schema as S
-from pipeline import sink, storage
+from pipeline.spec import schema as S
+from pipeline.storage import filesystem, sink
 
 CARD_NAME = "README.md"
 
@@ -29,8 +29,8 @@ def write_card(fs: fsspec.AbstractFileSystem, root: str) -> str:
     after each run's manifest, so the card always describes what is committed."""
     manifests = sink.read_manifests(fs, root)
     images_schema = sink.newest_part_schema(fs, root, manifests, sink.IMAGES_DIR)
-    path = storage.join(root, CARD_NAME)
-    storage.atomic_write(fs, path, card_text(manifests, images_schema, name=posixpath.basename(root.rstrip("/"))).encode())
+    path = filesystem.join(root, CARD_NAME)
+    filesystem.atomic_write(fs, path, card_text(manifests, images_schema, name=posixpath.basename(root.rstrip("/"))).encode())
     return path
 
 

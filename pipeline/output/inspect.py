@@ -5,7 +5,7 @@ size on disk, and a few rows (prompt, seed, size, sha256 prefix). Named
 ``inspect_output`` because a module named ``inspect`` would shadow the standard library's.
 
 Pure: reads the manifests, one part's schema and the first rows of one part through
-:mod:`pipeline.storage`; never starts Ray.
+:mod:`pipeline.storage.filesystem`; never starts Ray.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import schema as S
-from pipeline import sink, storage
+from pipeline.spec import schema as S
+from pipeline.storage import filesystem, sink
 
 _ROW_COLUMNS = [S.PROMPT, S.SEED, S.WIDTH, S.HEIGHT, S.SHA256]
 
@@ -40,9 +40,9 @@ class Inspection:
 def inspect_output(url: str, storage_options: dict | None = None, rows: int = 5) -> Inspection:
     """Read what the output at ``url`` holds; ``rows`` sample rows from its newest images part.
     An output with no committed run gives an empty :class:`Inspection`, not an error."""
-    fs, root = storage.open_url(url, storage_options)
+    fs, root = filesystem.open_url(url, storage_options)
     found = Inspection(url)
-    with storage.storage_errors(url, "read"):
+    with filesystem.storage_errors(url, "read"):
         if not fs.exists(root):
             raise FileNotFoundError(root)
         manifests = sink.read_manifests(fs, root)
@@ -58,7 +58,7 @@ def inspect_output(url: str, storage_options: dict | None = None, rows: int = 5)
                     found.errors += part["rows"]
         newest = next((p["path"] for m in reversed(manifests) for p in m["parts"] if p["path"].startswith(sink.IMAGES_DIR + "/")), None)
         if newest is not None and rows > 0:
-            with fs.open(storage.join(root, newest), "rb") as f:
+            with fs.open(filesystem.join(root, newest), "rb") as f:
                 found.rows = pq.ParquetFile(f).read_row_group(0, columns=_ROW_COLUMNS).slice(0, rows).to_pylist()
     return found
 

@@ -7,7 +7,7 @@ error breakdown with examples, and the latest run's spec. It references nothing 
 itself, so it can be mailed, attached to a ticket or opened offline.
 
 Only committed parts (those a manifest lists) are read. The image bytes are read only for
-the parts holding a sampled image. Pure: reads through :mod:`pipeline.storage`, no Ray.
+the parts holding a sampled image. Pure: reads through :mod:`pipeline.storage.filesystem`, no Ray.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ import pyarrow.parquet as pq
 import yaml
 from PIL import Image
 
-from pipeline import schema as S
-from pipeline import sink, storage
+from pipeline.spec import schema as S
+from pipeline.spec.section import absolute_if_local
+from pipeline.storage import filesystem, sink
 
 DEFAULT_SAMPLE = 48
 THUMBNAIL_PX = 256
@@ -55,15 +56,15 @@ class OutputData:
 def read_output(url: str, storage_options: dict | None = None, sample: int = DEFAULT_SAMPLE) -> OutputData:
     """Read the committed runs of the output at ``url`` and a sample of up to ``sample``
     images spread evenly over them."""
-    fs, root = storage.open_url(url, storage_options)
-    with storage.storage_errors(url, "read"):
+    fs, root = filesystem.open_url(url, storage_options)
+    with filesystem.storage_errors(url, "read"):
         if not fs.exists(root):
             raise FileNotFoundError(root)
         manifests = sink.read_manifests(fs, root)
         images, errors, where = [], [], []
         for manifest in manifests:
             for part in sorted(manifest["parts"], key=lambda p: p["path"]):
-                path = storage.join(root, part["path"])
+                path = filesystem.join(root, part["path"])
                 if part["path"].startswith(sink.IMAGES_DIR + "/"):
                     rows = _read(fs, path, _META_COLUMNS).to_pylist()
                     where += [(path, i) for i in range(len(rows))]
@@ -116,8 +117,8 @@ def write_report(url: str, html_path: str, storage_options: dict | None = None, 
     """Read the output at ``url`` and write its report page to ``html_path`` (any storage
     URL, written atomically). Returns what was read, for the caller's summary line."""
     data = read_output(url, storage_options, sample)
-    fs, path = storage.open_url(storage.absolute_if_local(html_path))
-    storage.atomic_write(fs, path, render_html(data).encode())
+    fs, path = filesystem.open_url(absolute_if_local(html_path))
+    filesystem.atomic_write(fs, path, render_html(data).encode())
     return data
 
 

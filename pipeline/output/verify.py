@@ -9,7 +9,7 @@ Checks, each a list of violations in the report:
 - with the job spec: every input row is accounted for, in the images (each of its images)
   or in the errors, as the spec's validator decides the row's request ids today.
 
-Pure: reads through :mod:`pipeline.storage`, never starts Ray. It reads every part, so it
+Pure: reads through :mod:`pipeline.storage.filesystem`, never starts Ray. It reads every part, so it
 costs about one pass over the dataset.
 """
 
@@ -23,11 +23,11 @@ from typing import Optional
 
 import pyarrow.parquet as pq
 
-from pipeline import schema as S
-from pipeline import sink, storage, tables
-from pipeline.config import JobSpec
-from pipeline.catalog import build_catalog
-from pipeline.validate import Validator, find_duplicate_ids
+from pipeline.engine.resolve import build_catalog
+from pipeline.spec import schema as S
+from pipeline.spec.config import JobSpec
+from pipeline.spec.validate import Validator, find_duplicate_ids
+from pipeline.storage import filesystem, sink, tables
 
 _MAX_LISTED = 10
 
@@ -62,14 +62,14 @@ class VerifyReport:
 
 def verify(url: str, storage_options: dict | None = None, spec: JobSpec | None = None) -> VerifyReport:
     """Check the output at ``url`` (see module docstring); never raises for a violation."""
-    fs, root = storage.open_url(url, storage_options)
+    fs, root = filesystem.open_url(url, storage_options)
     report = VerifyReport()
     listed: set[str] = set()
     broken_manifests = []
-    runs_dir = storage.join(root, sink.RUNS_DIR)
+    runs_dir = filesystem.join(root, sink.RUNS_DIR)
     for path in sorted(fs.find(runs_dir)) if fs.isdir(runs_dir) else []:
         try:
-            manifest = json.loads(storage.read_bytes(fs, path))
+            manifest = json.loads(filesystem.read_bytes(fs, path))
             listed.update(part["path"] for part in manifest["parts"])
             report.runs += 1
         except (ValueError, KeyError, TypeError):
@@ -78,7 +78,7 @@ def verify(url: str, storage_options: dict | None = None, spec: JobSpec | None =
 
     present = set()
     for kind in (sink.IMAGES_DIR, sink.ERRORS_DIR):
-        folder = storage.join(root, kind)
+        folder = filesystem.join(root, kind)
         if fs.isdir(folder):
             present.update(f"{kind}/{p.rsplit('/', 1)[-1]}" for p in fs.find(folder))
     report.parts = len(present)
@@ -91,7 +91,7 @@ def verify(url: str, storage_options: dict | None = None, spec: JobSpec | None =
     # Every part present, listed or not: readers (pandas, datasets, DuckDB) see them all.
     for relative in sorted(present):
         try:
-            with fs.open(storage.join(root, relative), "rb") as f:
+            with fs.open(filesystem.join(root, relative), "rb") as f:
                 table = pq.read_table(f)
         except Exception as exc:  # noqa: BLE001 - any unreadable part is a finding, not a crash
             unreadable.append(f"{relative} ({type(exc).__name__})")

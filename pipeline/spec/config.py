@@ -1,6 +1,6 @@
-"""The job spec: pydantic models, YAML loading with ``--set`` overrides, cross-field checks.
+"""The job spec: pydantic models of its sections and the cross-field checks.
 
-A spec is built once (:func:`load_spec`) and passed around whole; nothing reads options
+A spec is built once (:func:`pipeline.spec.load.load_spec`) and passed around whole; nothing reads options
 from the environment. Every section forbids unknown fields, so a typo is an error that
 names the field and lists the allowed ones instead of being silently ignored.
 """
@@ -9,21 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
-import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from pipeline.errors import SpecError
-from pipeline.families import FamilyName
-from pipeline.storage import absolute_if_local
+from pipeline.spec.model_config import LoraConfig, ModelConfig
+from pipeline.spec.section import Section, StorageURL
 
 InputFormat = Literal["parquet", "csv", "tsv", "jsonl", "json"]
 ImageFormat = Literal["png", "webp", "jpeg"]
-SchedulerName = Literal["ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "lms", "unipc"]
 
 # File name endings that decide the input format when `input.format` is not given.
 _FORMAT_BY_SUFFIX: dict[str, InputFormat] = {
@@ -54,15 +49,7 @@ ROW_PARAMETERS = (
 )
 
 
-# Local paths become absolute: Ray workers do not share the driver's working directory.
-StorageURL = Annotated[str, AfterValidator(absolute_if_local)]
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class InputConfig(_Section):
+class InputConfig(Section):
     """Where the prompt table is and how its columns map to requests.
 
     ``url`` is a file or a folder of files (local path, ``s3://``, or any fsspec URL).
@@ -105,124 +92,7 @@ class InputConfig(_Section):
         return self.columns.get(parameter, parameter)
 
 
-AttentionKernel = Literal["sdpa", "flash", "efficient", "cudnn", "eager"]
-
-
-class EngineOptions(_Section):
-    """How the engine runs its model: speed and memory, never what an image is, so none
-    enters the request id. Precision is not here: ``model.dtype`` changes pixels by more
-    than these options may.
-
-    **Tolerance.** Each option, and all of them together, keeps every image within 2/255
-    (largest absolute difference of a pixel channel) of the plain path (``attention:
-    sdpa``, every other option off), checked by tests/test_engine_options.py on the tiny
-    model on CPU in float32. On CUDA in float16/bfloat16 the check has not been run yet:
-    benchmarks/gpu_engine.py reports the same largest difference for each variant it
-    times, and is where it gets measured.
-
-    **Defaults** are what is safe and no slower on CPU, where the test suite runs. The GPU
-    defaults are not measured yet (BENCHMARKS.md, "GPU engine"); after a GPU run we expect
-    ``channels_last`` and ``fuse_qkv`` to become true, and ``compile`` for long jobs.
-
-    ``encode_prompts_once``: each distinct prompt and negative prompt of a call goes
-    through the text encoders once (every family; see ``pipeline/family_calls.py``).
-
-    ``attention``: the denoiser's attention kernel. ``sdpa``: torch's
-    ``scaled_dot_product_attention`` picks a kernel per call (diffusers' default). ``flash``,
-    ``efficient``, ``cudnn``: SDPA held to that one kernel (FlashAttention-2, memory-efficient,
-    cuDNN); the engine tries it on the model's head sizes at load and raises
-    :class:`~pipeline.errors.ModelError` if it cannot run here (``efficient`` and ``cudnn``
-    need CUDA; ``flash`` on CUDA needs float16/bfloat16). ``eager``: diffusers' plain
-    matmul-softmax processor (UNet models only), the slow reference.
-
-    ``channels_last``: UNet and VAE in channels-last memory format (pays on CUDA tensor
-    cores). ``fuse_qkv``: fused query/key/value projections (diffusers'
-    ``fuse_qkv_projections``; needs an SDPA kernel).
-
-    ``vae_chunk_size``: decode the latents of a call N images at a time, bounding VAE
-    memory at large batch sizes (the VAE decode at 1024x1024 can take more memory than the
-    denoiser); unset decodes the whole call at once. 1 is what diffusers calls VAE slicing.
-
-    ``compile``: ``torch.compile`` of the denoiser. The first call at each new input shape
-    pays the compile time (``Engine.compile_seconds`` adds it up, and it is logged);
-    compiled graphs are cached under ``model.cache_dir``/inductor, so a restarted actor
-    loads them instead of compiling again.
-
-    ``max_batch_pixels``: the most pixels (images x width x height) one diffusers call
-    takes, so each size gets its own batch from one memory budget (``4194304`` is 16
-    images at 512x512, 4 at 1024x1024); set it from ``benchmarks/gpu_engine.py``'s best
-    batch size. Unset, a call takes every row of its bucket in the actor's batch
-    (``runtime.batch_size``). Either way a call that runs out of memory is retried in
-    halves, and that size's calls stay at most half as large from then on.
-    """
-
-    encode_prompts_once: bool = True
-    attention: AttentionKernel = "sdpa"
-    channels_last: bool = False
-    fuse_qkv: bool = False
-    vae_chunk_size: Optional[int] = Field(None, ge=1)
-    compile: bool = False
-    max_batch_pixels: Optional[int] = Field(None, ge=1)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "vae_slicing" in data:
-            raise ValueError("vae_slicing is now vae_chunk_size: write vae_chunk_size: 1 for what vae_slicing: true did, or drop the line")
-        return data
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "EngineOptions":
-        if self.fuse_qkv and self.attention == "eager":
-            raise ValueError("fuse_qkv needs an SDPA attention kernel (the eager processor ignores fused projections); use attention: sdpa or fuse_qkv: false")
-        return self
-
-
-class ModelConfig(_Section):
-    """The diffusers pipeline each engine actor keeps resident.
-
-    ``ref`` is ``tiny`` (a random-weight Stable Diffusion built offline, for tests and the
-    demo; ``tiny-sdxl``, ``tiny-sd3`` and ``tiny-flux`` are the same for the other
-    families), a local diffusers folder, an ``s3://`` (or other fsspec) prefix holding one,
-    or a Hugging Face hub id (``org/name`` at ``revision``). All go through the same
-    ``from_pretrained`` path. ``family`` (sd, sdxl, sd3, flux) decides which row parameters
-    the model takes; unset, it is read from the model's ``model_index.json`` before the job
-    starts (set it for a hub model when the driver has no network access).
-    ``dtype: auto`` is float16 on CUDA and float32 on CPU.
-    ``scheduler`` swaps the pipeline's scheduler for a named one; unset keeps the model's.
-    Weights load from safetensors only unless ``allow_pickle`` is set. ``storage_options``
-    reach the remote prefix (credentials, ``endpoint_url``); remote weights are copied once
-    into ``cache_dir`` per node.
-    """
-
-    ref: str = "tiny"
-    revision: str = "main"
-    family: Optional[FamilyName] = None
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    scheduler: Optional[SchedulerName] = None
-    allow_pickle: bool = False
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-    engine: EngineOptions = Field(default_factory=EngineOptions)
-    cache_dir: str = Field(default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "imagegen"))
-
-
-class LoraConfig(_Section):
-    """A LoRA adapter rows can name in their ``lora`` column.
-
-    ``url`` is a ``.safetensors`` file in diffusers' LoRA format (what
-    ``load_lora_weights`` reads), local or remote (``s3://``...; copied once per node into
-    the model cache). ``scale`` is the weight of rows that give no ``lora_scale``. The
-    file's content digest enters the request id of every image made with it, so replacing
-    the file makes new images instead of reusing old ones.
-    """
-
-    url: StorageURL
-    scale: float = Field(1.0, ge=-10, le=10)
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-
-
-class Defaults(_Section):
+class Defaults(Section):
     """Generation parameters for rows that do not carry their own.
 
     ``seed`` is the job seed: a row without a ``seed`` column value gets a seed derived
@@ -251,7 +121,7 @@ class Defaults(_Section):
     lora: Optional[str] = None
 
 
-class Limits(_Section):
+class Limits(Section):
     """Bounds every row is checked against; a row outside them becomes an error row."""
 
     max_width: int = Field(2048, ge=8)
@@ -263,7 +133,7 @@ class Limits(_Section):
     size_multiple: int = Field(8, ge=1)
 
 
-class OutputConfig(_Section):
+class OutputConfig(Section):
     """Where and how the image dataset is written.
 
     ``mode``: ``incremental`` (default) adds to what earlier runs committed and skips
@@ -289,7 +159,7 @@ class OutputConfig(_Section):
     license: str = "other"
 
 
-class RuntimeConfig(_Section):
+class RuntimeConfig(Section):
     """How the job is laid out on Ray.
 
     ``address``: unset starts a local Ray; ``auto`` joins the running cluster; or a
@@ -303,7 +173,7 @@ class RuntimeConfig(_Section):
     once (one Ray Data block); the engine splits them into uniform diffusers calls of at
     most ``model.engine.max_batch_pixels``. ``auto`` (the default) sizes blocks from the
     table's row count so that each actor gets about 8, within 64-256 rows
-    (:func:`pipeline.batching.block_rows`): Ray's overhead is per block, so tiny blocks put
+    (:func:`pipeline.spec.batching.block_rows`): Ray's overhead is per block, so tiny blocks put
     it on the GPUs' path, while big ones make a long tail of the last blocks with most
     actors idle, and more rows lost to a crash. ``model_memory_gb`` bounds the models one engine
     actor keeps loaded when the spec has several (least recently used out first); unset,
@@ -327,7 +197,7 @@ class RuntimeConfig(_Section):
         raise ValueError("should be auto or a whole number of rows >= 1")
 
 
-class ServeConfig(_Section):
+class ServeConfig(Section):
     """The online front (``imagegen serve``): where it listens, how it batches, how it sheds load.
 
     ``host`` is loopback unless set: listening on any other address must be a choice
@@ -363,7 +233,7 @@ class ServeConfig(_Section):
         return self
 
 
-class ThroughputEntry(_Section):
+class ThroughputEntry(Section):
     """Measured speed of one bucket: images per second of one engine actor (one GPU when
     the model runs on CUDA) at this size and step count. ``model`` is a ``model.ref``;
     unset, the entry applies to any model without an entry of its own."""
@@ -375,10 +245,10 @@ class ThroughputEntry(_Section):
     model: Optional[str] = None
 
 
-class PlanConfig(_Section):
+class PlanConfig(Section):
     """Inputs of ``imagegen validate``'s estimate of GPU-hours and cost.
 
-    ``throughput`` entries add to the built-in table of :mod:`pipeline.plan` (an entry for
+    ``throughput`` entries add to the built-in table of :mod:`pipeline.job.plan` (an entry for
     the same model, size and steps replaces the built-in one); a bucket without an entry
     is scaled from the nearest entry of its model by pixels x steps. ``price_per_gpu_hour``
     (in your currency) turns GPU-hours into a cost; unset, no cost is shown.
@@ -388,7 +258,7 @@ class PlanConfig(_Section):
     price_per_gpu_hour: Optional[float] = Field(None, ge=0)
 
 
-class JobSpec(_Section):
+class JobSpec(Section):
     """A whole job: input, model (or several ``models``), LoRA adapters, defaults, limits,
     output, runtime, the online front (serve), and the inputs of the estimate ``imagegen
     validate`` prints (plan).
@@ -465,83 +335,3 @@ class JobSpec(_Section):
         """A digest of everything in the spec but credentials: two runs of one spec share it."""
         canonical = json.dumps(self.redacted(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def parse_spec(data: Any, source: str = "spec") -> JobSpec:
-    """Validate plain data as a :class:`JobSpec`, turning pydantic's errors into one
-    :class:`SpecError` that names each bad field, what was given, and what is allowed."""
-    if not isinstance(data, dict):
-        raise SpecError(f"{source}: a job spec is a YAML mapping with sections input, model, defaults, limits, output, runtime")
-    try:
-        return JobSpec.model_validate(data)
-    except ValidationError as exc:
-        lines = [_describe(err) for err in exc.errors()]
-        raise SpecError(f"{source} is not a valid job spec:\n" + "\n".join(f"  - {line}" for line in lines)) from None
-
-
-def _describe(err: dict[str, Any]) -> str:
-    loc = ".".join(str(part) for part in err["loc"]) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        parent, _, name = loc.rpartition(".")
-        allowed = _fields_at(parent)
-        return f"{loc}: unknown field {name!r}; allowed here: {', '.join(allowed)}"
-    if err["type"] == "missing":
-        return f"{loc}: required field is missing"
-    message = err["msg"].removeprefix("Value error, ")
-    given = err.get("input")
-    if isinstance(given, (str, int, float, bool)) and not (err["type"] == "value_error" and loc.count(".") == 0):
-        return f"{loc}: {message} (got {given!r})"
-    return f"{loc}: {message}"
-
-
-def _fields_at(path: str) -> list[str]:
-    model: type[BaseModel] = JobSpec
-    for part in filter(None, path.split(".")):
-        if part.isdigit():  # an index into a list of sections (plan.throughput.0)
-            continue
-        annotation = model.model_fields[part].annotation
-        if typing.get_origin(annotation) is list:
-            (annotation,) = typing.get_args(annotation)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        model = annotation
-    return list(model.model_fields)
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.path=value`` overrides; values are parsed as YAML (``8`` is an int)."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise SpecError(f"--set {item!r}: expected key.path=value, for example --set runtime.num_actors=2")
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise SpecError(f"--set {item!r}: {part!r} is a value, not a section")
-            node = child
-        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
-    return data
-
-
-def load_spec(path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
-    """Read a YAML job spec, apply ``--set`` overrides, and validate it.
-
-    Raises :class:`SpecError` for a missing file, bad YAML, or any invalid field.
-    """
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise SpecError(f"job spec {str(path)!r} does not exist; pass the path of a YAML file such as jobs/demo.yaml") from None
-    except OSError as exc:
-        raise SpecError(f"job spec {str(path)!r} cannot be read: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        raise SpecError(f"job spec {str(path)!r} is not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
-    if isinstance(data, dict):
-        data = apply_overrides(data, list(overrides))
-    return parse_spec(data, source=str(path))

@@ -3,7 +3,7 @@
 Pure: no torch, no Ray. The validator asks a family which parameters a row may set (a
 parameter the family does not take is a row error, never silently dropped); the engine
 asks it nothing here but reaches the family's own call conventions through
-:mod:`pipeline.family_calls`.
+:mod:`pipeline.engine.family_calls`.
 
 A family is recognised from the pipeline class named in the model's ``model_index.json``
 (``_class_name``), or set explicitly with ``model.family`` when that file cannot be read

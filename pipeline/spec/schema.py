@@ -62,6 +62,8 @@ STAGE_ENCODE = "encode"
 # Columns the reader adds to every input row: the row's identity when no id column is given.
 INPUT_SOURCE = "__source"
 INPUT_ROW = "__row"
+# Set by the reader on a row it could not parse (a bad JSONL line): the validator makes it an error row.
+READ_ERROR = "__read_error"
 
 IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
 

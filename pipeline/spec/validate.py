@@ -27,10 +27,10 @@ from typing import Any, Iterable, Mapping, Optional
 
 import pyarrow as pa
 
-from pipeline import schema as S
-from pipeline.catalog import AdapterEntry, Catalog, ModelEntry
-from pipeline.config import ROW_PARAMETERS, JobSpec
-from pipeline.tables import READ_ERROR
+from pipeline.spec import schema as S
+from pipeline.spec.catalog import AdapterEntry, Catalog, ModelEntry
+from pipeline.spec.config import ROW_PARAMETERS, JobSpec
+from pipeline.spec.schema import READ_ERROR
 
 SEED_SPACE = 2**63
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -81,7 +81,7 @@ class Validator:
     """Checks rows against one job spec. Build once per job (or per actor) and reuse.
 
     ``catalog`` holds the spec's models and adapters as resolved on the driver (see
-    :mod:`pipeline.catalog`): a row's model decides which parameters it may set (its
+    :mod:`pipeline.engine.resolve`): a row's model decides which parameters it may set (its
     family), and the model's fingerprint and the adapter's digest go into every request
     id, so a different model or adapter never reuses an image. Requests whose id is in
     ``skip`` (committed by an earlier run) are dropped from the stream. ``duplicates``

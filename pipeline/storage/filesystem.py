@@ -26,13 +26,6 @@ except ImportError:  # no s3fs, so no S3 to ask: nothing to catch
     NoCredentialsError = ()
 
 
-def absolute_if_local(url: str) -> str:
-    """A local path made absolute (``~`` expanded); URLs with a scheme unchanged."""
-    if "://" in url:
-        return url
-    return os.path.abspath(os.path.expanduser(url))
-
-
 def open_url(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """Resolve ``url`` to ``(filesystem, path)``. ``storage_options`` go to the filesystem
     (for s3fs: ``key``, ``secret``, ``endpoint_url``, ``client_kwargs``...)."""

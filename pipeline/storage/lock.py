@@ -22,8 +22,8 @@ from typing import Any, Optional
 
 import fsspec
 
-from pipeline import storage
 from pipeline.errors import RunConflict
+from pipeline.storage import filesystem
 
 LOCK_NAME = "_lock.json"
 LEASE_SECONDS = 120.0
@@ -57,8 +57,8 @@ class OutputLock:
     def acquire(cls, fs: fsspec.AbstractFileSystem, root: str, run_id: str, url: str, lease_s: float = LEASE_SECONDS) -> "OutputLock":
         """Take the output's lock, or raise :class:`RunConflict` if a live run holds it.
         A heartbeat thread keeps the lease until :meth:`release`."""
-        lock = cls(fs, storage.join(root, LOCK_NAME), run_id, url)
-        if not storage.create_exclusive(fs, lock.path, lock._body(lease_s)):
+        lock = cls(fs, filesystem.join(root, LOCK_NAME), run_id, url)
+        if not filesystem.create_exclusive(fs, lock.path, lock._body(lease_s)):
             holder = lock._read()
             if holder is not None and not _holder_gone(holder, time.time()):
                 raise RunConflict(
@@ -67,9 +67,9 @@ class OutputLock:
                     f"expires within {lease_s:.0f} s of its last heartbeat."
                 )
             # Stale: remove it and race for it like anyone else.
-            with storage.storage_errors(lock.path, "remove the stale lock"):
+            with filesystem.storage_errors(lock.path, "remove the stale lock"):
                 fs.rm(lock.path)
-            if not storage.create_exclusive(fs, lock.path, lock._body(lease_s)):
+            if not filesystem.create_exclusive(fs, lock.path, lock._body(lease_s)):
                 raise RunConflict(f"another run took the lock on {url} at the same moment; wait for it to finish")
         lock._start_heartbeat(lease_s)
         return lock
@@ -103,6 +103,6 @@ class OutputLock:
                 holder = self._read()
                 if holder is None or holder.get("run_id") != self.run_id:
                     return  # taken over after we stalled: nothing to refresh
-                storage.atomic_write(self.fs, self.path, self._body(lease_s))
+                filesystem.atomic_write(self.fs, self.path, self._body(lease_s))
 
         threading.Thread(target=beat, name=f"lock-heartbeat-{self.run_id}", daemon=True).start()

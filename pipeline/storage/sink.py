@@ -8,7 +8,7 @@ Layout of an output (one dataset, many runs)::
 
 A part's name is a digest of the request ids it holds, so a write that Ray retries
 rewrites the same file instead of adding a duplicate. Pure: no Ray import; the Ray
-datasink in :mod:`pipeline.batch` calls these functions.
+datasink in :mod:`pipeline.job.run` calls these functions.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import schema as S
-from pipeline import storage
+from pipeline.spec import schema as S
+from pipeline.storage import filesystem
 
 IMAGES_DIR = "images"
 ERRORS_DIR = "errors"
@@ -101,7 +101,7 @@ def write_part(fs: fsspec.AbstractFileSystem, root: str, kind: str, run_id: str,
     pq.write_table(table, buffer, compression="zstd")
     data = buffer.getvalue()
     relative = f"{kind}/{part_name(run_id, table)}"
-    storage.atomic_write(fs, storage.join(root, relative), data)
+    filesystem.atomic_write(fs, filesystem.join(root, relative), data)
     return {"path": relative, "rows": table.num_rows, "bytes": len(data)}
 
 
@@ -132,8 +132,8 @@ def library_versions() -> dict[str, str]:
 
 def write_manifest(fs: fsspec.AbstractFileSystem, root: str, run_id: str, manifest: dict[str, Any]) -> str:
     """Write the run's manifest last: its presence is what says the run committed."""
-    path = storage.join(root, RUNS_DIR, f"{run_id}.json")
-    storage.atomic_write(fs, path, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
+    path = filesystem.join(root, RUNS_DIR, f"{run_id}.json")
+    filesystem.atomic_write(fs, path, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
     return path
 
 
@@ -150,11 +150,11 @@ class Committed:
 
 def read_manifests(fs: fsspec.AbstractFileSystem, root: str) -> list[dict[str, Any]]:
     """The manifests of the runs committed into ``root``, oldest first (run ids sort by start)."""
-    runs_dir = storage.join(root, RUNS_DIR)
+    runs_dir = filesystem.join(root, RUNS_DIR)
     if not fs.isdir(runs_dir):
         return []
     paths = sorted(p for p in fs.find(runs_dir) if p.endswith(".json"))
-    return [json.loads(storage.read_bytes(fs, path)) for path in paths]
+    return [json.loads(filesystem.read_bytes(fs, path)) for path in paths]
 
 
 def newest_part_schema(fs: fsspec.AbstractFileSystem, root: str, manifests: list[dict[str, Any]], kind: str) -> pa.Schema | None:
@@ -162,7 +162,7 @@ def newest_part_schema(fs: fsspec.AbstractFileSystem, root: str, manifests: list
     for manifest in reversed(manifests):
         for part in manifest["parts"]:
             if part["path"].startswith(kind + "/"):
-                with storage.storage_errors(part["path"], "read"), fs.open(storage.join(root, part["path"]), "rb") as f:
+                with filesystem.storage_errors(part["path"], "read"), fs.open(filesystem.join(root, part["path"]), "rb") as f:
                     return pq.read_schema(f)
     return None
 
@@ -173,7 +173,7 @@ def read_committed(fs: fsspec.AbstractFileSystem, root: str) -> Committed:
         committed.runs.append(manifest["run_id"])
         for part in manifest["parts"]:
             committed.parts.add(part["path"])
-            with fs.open(storage.join(root, part["path"]), "rb") as f:
+            with fs.open(filesystem.join(root, part["path"]), "rb") as f:
                 table = pq.read_table(f, columns=[S.REQUEST_ID, *([S.ERROR_STAGE] if part["path"].startswith(ERRORS_DIR) else [])])
             if S.ERROR_STAGE in table.column_names:
                 final = pc.is_in(table.column(S.ERROR_STAGE), pa.array([S.STAGE_READ, S.STAGE_VALIDATE]))
@@ -187,7 +187,7 @@ def remove_uncommitted(fs: fsspec.AbstractFileSystem, root: str, committed: Comm
     rows are made again by this run, so keeping them would duplicate those rows."""
     removed = []
     for kind in (IMAGES_DIR, ERRORS_DIR):
-        folder = storage.join(root, kind)
+        folder = filesystem.join(root, kind)
         if not fs.isdir(folder):
             continue
         for path in fs.find(folder):
@@ -201,6 +201,6 @@ def remove_uncommitted(fs: fsspec.AbstractFileSystem, root: str, committed: Comm
 def clear_output(fs: fsspec.AbstractFileSystem, root: str) -> None:
     """``output.mode: overwrite``: remove what this package writes, nothing else."""
     for name in (IMAGES_DIR, ERRORS_DIR, RUNS_DIR, "README.md"):
-        path = storage.join(root, name)
+        path = filesystem.join(root, name)
         if fs.exists(path):
             fs.rm(path, recursive=True)

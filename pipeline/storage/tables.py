@@ -22,12 +22,11 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipeline import storage
-from pipeline.config import InputConfig
 from pipeline.errors import InputError
-from pipeline.schema import INPUT_ROW, INPUT_SOURCE
+from pipeline.spec.config import InputConfig
+from pipeline.spec.schema import INPUT_ROW, INPUT_SOURCE, READ_ERROR
+from pipeline.storage import filesystem
 
-READ_ERROR = "__read_error"
 CHUNK_ROWS = 4096
 
 
@@ -37,13 +36,13 @@ def read_input(inp: InputConfig, chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.Ta
     For checks that need the whole table before work starts (and for ``verify``); the
     job itself reads through Ray, file by file in parallel.
     """
-    fs, base, files = storage.list_table(inp.url, inp.storage_options)
+    fs, base, files = filesystem.list_table(inp.url, inp.storage_options)
     if not files:
         raise InputError(f"no prompt-table files at {inp.url!r}")
     for path in files:
-        with storage.storage_errors(path, "read"), fs.open(path, "rb") as f:
+        with filesystem.storage_errors(path, "read"), fs.open(path, "rb") as f:
             try:
-                yield from read_file(f, inp.format, storage.relative_name(path, base), chunk_rows)
+                yield from read_file(f, inp.format, filesystem.relative_name(path, base), chunk_rows)
             except InputError as exc:
                 raise InputError(f"{inp.url}: {path}: {exc}") from None
 
@@ -72,17 +71,17 @@ def count_rows(inp: InputConfig, max_text_bytes: int = 64 << 20) -> int | None:
     """The number of rows in the table ``inp`` names, or None where counting would mean
     reading a large table whole: Parquet is counted from its footers; text formats are
     read (and counted as the job reads them) only up to ``max_text_bytes`` in all."""
-    fs, _, files = storage.list_table(inp.url, inp.storage_options)
+    fs, _, files = filesystem.list_table(inp.url, inp.storage_options)
     if inp.format == "parquet":
         total = 0
         for path in files:
-            with storage.storage_errors(path, "read"), fs.open(path, "rb") as f:
+            with filesystem.storage_errors(path, "read"), fs.open(path, "rb") as f:
                 try:
                     total += pq.ParquetFile(f).metadata.num_rows
                 except (pa.ArrowInvalid, OSError) as exc:
                     raise InputError(f"{inp.url}: {path}: not a readable Parquet file: {exc}") from None
         return total
-    with storage.storage_errors(inp.url, "read"):
+    with filesystem.storage_errors(inp.url, "read"):
         size = sum(fs.size(path) for path in files)
     if size > max_text_bytes:
         return None

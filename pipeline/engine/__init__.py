@@ -1,0 +1,17 @@
+"""The engine: resident diffusers pipelines turning requests into encoded images.
+
+:mod:`.engine` holds one loaded pipeline and generates (one generator per image, failures
+per row, out-of-memory halving); :mod:`.requests` is what it is asked and answers;
+:mod:`.family_calls` each family's call conventions (encode-once); :mod:`.kernels` the
+attention kernel, VAE chunks and compile cache; :mod:`.model_cache` an LRU of engines per
+process; :mod:`.model_ref` where weights come from (local, ``s3://``, hub, tiny) and
+their fingerprint; :mod:`.resolve` resolving a spec's models and adapters into a
+:class:`~pipeline.spec.catalog.Catalog` on the driver; :mod:`.adapters` LoRA files;
+:mod:`.tiny_models` the random-weight models built offline for tests and the demo;
+:mod:`.encode` pixels -> PNG/WebP/JPEG bytes; :mod:`.stages` the code an engine actor
+runs on a block (Arrow requests in, Arrow image and error rows out).
+
+May import :mod:`pipeline.spec`, :mod:`pipeline.storage` and :mod:`pipeline.errors`.
+Never imports Ray: the batch job's actors and the Serve replicas both wrap it, and it runs
+(and is tested) without a cluster.
+"""

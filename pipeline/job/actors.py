@@ -1,0 +1,124 @@
+"""The engine actors (:class:`GenerateStage`) and what they need from the cluster: GPUs per
+actor, the catalog they get, the progress counter they report to.
+
+Each actor builds its engines in its constructor (weights are loaded on the worker,
+never pickled from the driver) and encodes on a thread pool inside the actor, overlapping
+the next diffusers call, so GPUs do not wait on PNG compression and raw pixels never
+cross the object store (a separate CPU stage costs a task per block and a copy of every
+image's pixels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Optional
+
+import pyarrow as pa
+import ray
+
+from pipeline.engine.stages import BlockTimes, ImageEncoder, generate_table
+from pipeline.job import progress
+from pipeline.spec.catalog import Catalog, ModelEntry
+from pipeline.spec.config import JobSpec
+
+log = logging.getLogger(__name__)
+
+
+class GenerateStage:
+    """An engine actor: generates and encodes block after block.
+
+    Holds a cache of resident engines (see :mod:`pipeline.engine.model_cache`) and an image
+    encoder's thread pool (see :func:`~pipeline.engine.stages.generate_table`). The default model
+    is loaded in the constructor, so a model that cannot load fails the job at start rather
+    than every row; other models load on first use. What each block finishes (rows,
+    images, errors), model loads and swaps, and the engine's busy and encode-wait seconds
+    go to ``counter`` for the progress line and the run summary.
+    """
+
+    def __init__(self, spec: JobSpec, catalog: Catalog, counter: Any = None):
+        import torch
+
+        rt = spec.runtime
+        threads = max(1, int(rt.cpus_per_actor))
+        # Ray gives the actor a CPU share; torch would otherwise spin one thread per core.
+        torch.set_num_threads(threads)
+        from pipeline.engine.model_cache import ModelCache, default_budget
+
+        device = catalog.models[catalog.default_model].config.device
+        budget = int(rt.model_memory_gb * 1e9) if rt.model_memory_gb else default_budget(device)
+        self.models = ModelCache(catalog, budget)
+        self.encoder = ImageEncoder(spec.output.format, spec.output.quality, threads)
+        self._counter = counter
+        self._reported = self.models.stats
+        self.models.get(catalog.default_model)
+        self._ready()
+
+    def _ready(self) -> None:
+        context = ray.get_runtime_context()
+        self.actor_id = context.get_actor_id() or ""
+        self.node_id = context.get_node_id() or ""
+        if self._counter is not None:
+            self._counter.actor_ready.remote(time.time())
+        self._report({})
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        times = BlockTimes()
+        table = generate_table(self.models, batch, self.actor_id, self.node_id, self.encoder, times)
+        self._report({**progress.finished(table), "engine_seconds": times.engine, "encode_wait_seconds": times.encode_wait})
+        return table
+
+    def _report(self, finished: dict[str, Any]) -> None:
+        stats, before = self.models.stats, self._reported
+        self._reported = stats
+        if self._counter is not None:
+            self._counter.add.remote(model_loads=stats.loads - before.loads, model_swaps=stats.swaps - before.swaps, **finished)
+
+
+def actor_gpus(spec: JobSpec) -> float:
+    """GPUs per engine actor: as set, else 1 when the model is to run on CUDA."""
+    if spec.runtime.gpus_per_actor is not None:
+        return spec.runtime.gpus_per_actor
+    device = next(iter(spec.named_models().values())).device  # one device for all (JobSpec checks)
+    if device == "cpu":
+        return 0
+    if device == "cuda":
+        return 1
+    return 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+
+
+def engine_catalog(catalog: Catalog, gpus: float) -> Catalog:
+    """The catalog an engine actor gets: ``device: auto`` follows its GPU reservation; an
+    explicit device is kept (a CPU engine on logical GPUs is how several-GPU layouts are
+    tested on machines without one)."""
+
+    def placed(entry: ModelEntry) -> ModelEntry:
+        device = entry.config.device if entry.config.device != "auto" else ("cuda" if gpus > 0 else "cpu")
+        return dataclasses.replace(entry, config=entry.config.model_copy(update={"device": device}))
+
+    return dataclasses.replace(catalog, models={name: placed(entry) for name, entry in catalog.models.items()})
+
+
+def rows_per_call(spec: JobSpec, catalog: Catalog) -> Optional[int]:
+    """Rows whose images fill one diffusers call of the default model at the spec's default
+    size and image count; None when its calls are unbounded (no ``max_batch_pixels``)."""
+    budget = catalog.models[catalog.default_model].config.engine.max_batch_pixels
+    d = spec.defaults
+    return max(1, budget // (d.width * d.height * d.num_images)) if budget else None
+
+
+# num_cpus=0: a default actor takes a whole CPU, which on a small machine starves the job.
+ProgressActor = ray.remote(num_cpus=0)(progress.ProgressCounter)
+
+
+
+
+def final_counts(counter: Any) -> progress.Counts:
+    """The counter's totals; empty ones if it cannot answer: the counts it keeps (progress,
+    model loads, engine seconds) are reports about the run, never worth failing it for."""
+    try:
+        return ray.get(counter.snapshot.remote(), timeout=30)
+    except (ray.exceptions.RayError, TimeoutError) as exc:
+        log.warning("the progress counter did not answer (%s); model loads and engine times are not recorded for this run", exc)
+        return progress.Counts()

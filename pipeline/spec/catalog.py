@@ -1,0 +1,47 @@
+"""The job's models and adapters as resolved data: :class:`Catalog`.
+
+Built once on the driver by :func:`pipeline.engine.resolve.build_catalog` (which reads
+model indexes and hashes adapter files) and shipped as plain data to the validator
+(request ids, row checks) and the engine actors (which model and adapter a row names), so
+nothing is looked up twice or differently in two places. Pure: no I/O here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.spec.config import LoraConfig, ModelConfig
+from pipeline.spec.families import Family
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One named model: its config and what the driver learnt about it."""
+
+    name: str
+    config: ModelConfig
+    fingerprint: str
+    family: Family
+    pipeline_class: str
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    """One named LoRA adapter and the digest of its file."""
+
+    name: str
+    config: LoraConfig
+    digest: str
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Every model and adapter of a spec, by name; ``default_model`` is the rows' default."""
+
+    models: dict[str, ModelEntry]
+    default_model: str
+    loras: dict[str, AdapterEntry]
+
+    def by_digest(self) -> dict[str, LoraConfig]:
+        """Adapter configs by digest: what a generation request names."""
+        return {entry.digest: entry.config for entry in self.loras.values()}
