@@ -147,7 +147,7 @@ def test_committed_requests_are_skipped():
 
 
 def test_repeated_ids_are_rejected_after_their_first_row():
-    from pipeline.spec.validate import find_duplicate_ids
+    from pipeline.spec.seen_ids import find_duplicate_ids
 
     table = pa.table({
         "key": ["a", "b", "a", None, "a"],

@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 from pipeline.engine.resolve import build_catalog
 from pipeline.spec import schema as S
 from pipeline.spec.config import JobSpec
-from pipeline.spec.validate import Validator, find_duplicate_ids
+from pipeline.spec.seen_ids import find_duplicate_ids
+from pipeline.spec.validate import Validator
 from pipeline.storage import filesystem, sink, tables
 
 _MAX_LISTED = 10
