@@ -68,9 +68,13 @@ class TablePlan:
     text_bytes: dict[str, int]
 
 
-def plan_units(inp: InputConfig, unit_rows: int = UNIT_ROWS, unit_bytes: int = UNIT_BYTES) -> TablePlan:
+def plan_units(inp: InputConfig, unit_rows: Optional[int] = None, unit_bytes: Optional[int] = None) -> TablePlan:
     """Cut the table ``inp`` names into read units from its listing and Parquet footers
-    (read on a few threads: on object stores a footer is a request)."""
+    (read on a few threads: on object stores a footer is a request). A unit holds at most
+    ``unit_rows`` rows (:data:`UNIT_ROWS`) unless one row group is larger, or files of at
+    most ``unit_bytes`` bytes in all (:data:`UNIT_BYTES`) unless one file is larger."""
+    unit_rows = unit_rows or UNIT_ROWS
+    unit_bytes = unit_bytes or UNIT_BYTES
     fs, base, files = filesystem.list_table(inp.url, inp.storage_options)
     if not files:
         raise InputError(f"no prompt-table files at {inp.url!r}")
