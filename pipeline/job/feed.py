@@ -182,6 +182,9 @@ class Feed:
         except RayError as exc:
             self._alive.discard(i)
             if not self._alive:
+                cause = getattr(exc, "cause", None)  # an error in the actor's constructor, as raised there
+                if isinstance(cause, RayTaskError) and isinstance(unwrap(cause), ImagegenError):
+                    raise unwrap(cause) from None
                 raise ClusterError(f"every engine actor has failed; the last one: {exc}") from None
             return
         self._up[i] = True
