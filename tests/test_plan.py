@@ -129,7 +129,7 @@ def test_the_plan_on_the_cluster_counts_what_the_local_pass_counts(ray_cluster, 
     write_csv(folder / "1.csv", ROWS[:5])
     write_csv(folder / "2.csv", ROWS[5:])
     monkeypatch.setattr(units, "UNIT_BYTES", 10)
-    spec = make_spec({"url": str(folder), "id_column": "id"})
+    spec = make_spec({"url": str(folder), "format": "csv", "id_column": "id"})
     local, remote = make_plan(spec, on_cluster=False), make_plan(spec, on_cluster=True)
     assert len(units.plan_units(spec.input).units) == 2
     assert (remote.rows, remote.valid_rows, remote.rejected_rows) == (local.rows, local.valid_rows, local.rejected_rows) == (8, 3, 5)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import ray
-from ray.exceptions import RayActorError, RayError, RayTaskError
+from ray.exceptions import ObjectLostError, RayActorError, RayError, RayTaskError
 
 from pipeline.errors import ClusterError, ImagegenError
 from pipeline.storage.units import ReadUnit
@@ -164,6 +164,11 @@ class Feed:
             return
         except RayTaskError as exc:
             raise unwrap(exc) from None
+        except ObjectLostError as exc:
+            raise ClusterError(
+                f"a validated block was lost with a node and Ray could not read it again ({type(exc).__name__}); "
+                "run the same command again: it keeps what this run committed and makes the rest"
+            ) from None
         block.out, block.remaking = out, False
         if not block.placed:
             block.placed = True
