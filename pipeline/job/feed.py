@@ -28,12 +28,13 @@ written) stops the job with that error.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import ray
-from ray.exceptions import ObjectLostError, RayActorError, RayError, RayTaskError
+from ray.exceptions import ActorUnavailableError, ObjectLostError, RayActorError, RayError, RayTaskError
 
 from pipeline.errors import ClusterError, ImagegenError
 from pipeline.storage.units import ReadUnit
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 MAX_READS = 2  # read tasks at once: the next unit's read overlaps the tail of the last one
 DEPTH = 2  # calls queued per actor
 POLL_S = 1.0
+REPING_S = 1.0  # how often a restarting actor is asked whether it is back
 MAX_REMAKES = 3  # times a part's lost blocks are made again before the job gives up
 
 
@@ -101,7 +103,8 @@ class Feed:
         self._load = [0] * len(self.actors)
         self._up = [True] * len(self.actors)
         self._alive = set(range(len(self.actors)))
-        self._pings: dict[Any, int] = {}
+        self._pings: dict[Any, int] = {}  # ready call -> actor, for actors lost and restarting
+        self._repings: dict[int, float] = {}  # actor -> when to ask it again (monotonic seconds)
         self._queue: deque[Block] = deque()  # generated, not yet all in parts
         self._offset = 0  # rows of _queue[0] already in a part
         self._queued = 0  # rows in _queue not yet in a part
@@ -110,6 +113,10 @@ class Feed:
         while True:
             while pending_units and len(reads) < MAX_READS and len(self._ready) < self.lookahead:
                 reads.append(self.start_read(pending_units.popleft()))
+            for i, due in list(self._repings.items()):
+                if due <= time.monotonic():
+                    del self._repings[i]
+                    self._pings[self.actors[i].ready.remote()] = i
             self._dispatch()
             generating = pending_units or reads or self._ready or self._calls
             if not generating:
@@ -119,9 +126,13 @@ class Feed:
             waitables = [*self._calls, *self._writes, *self._pings]
             if len(self._ready) < self.lookahead:
                 waitables += reads
-            if not waitables:
+            if not waitables and not self._repings:
                 raise ClusterError("no engine actor is running and none is restarting; the job cannot go on")
-            done, _ = ray.wait(waitables, num_returns=1, timeout=POLL_S, fetch_local=False)
+            done = []
+            if waitables:
+                done, _ = ray.wait(waitables, num_returns=1, timeout=POLL_S, fetch_local=False)
+            else:  # only actors to ask again later
+                time.sleep(REPING_S)  # a polling period while every actor restarts, not synchronisation
             if done:
                 done, _ = ray.wait(waitables, num_returns=len(waitables), timeout=0, fetch_local=False)
             for ref in done:
@@ -184,6 +195,9 @@ class Feed:
         i = self._pings.pop(ref)
         try:
             ray.get(ref)
+        except ActorUnavailableError:  # still restarting: ask again in a while
+            self._repings[i] = time.monotonic() + REPING_S
+            return
         except RayError as exc:
             self._alive.discard(i)
             if not self._alive:
