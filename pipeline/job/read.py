@@ -106,6 +106,11 @@ def validated_blocks(spec: JobSpec, unit: ReadUnit, validator: Validator, block_
                 yield order_for_engine(table)
 
     yield from cut(requests(), block_rows)
+    if counter is not None:
+        # Calls from one caller run in order: once this answers, the counter holds every
+        # skip this task reported, before the driver sees the task end (a rerun that skips
+        # everything ends right after its reads, and its last progress line must count them).
+        ray.get(counter.snapshot.remote())
 
 
 @ray.remote
