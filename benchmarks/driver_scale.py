@@ -67,7 +67,9 @@ def child(work: Path, actors: int, call: int, seconds: float) -> dict:
 
     from pipeline.job.run import run
 
-    SleepStage.SECONDS_PER_CALL, SleepStage.CALL_IMAGES = seconds, call
+    # A subclass made here (in __main__) travels to the actors by value, with these settings;
+    # SleepStage itself would be imported there with its defaults.
+    stage = type("SleepingStage", (SleepStage,), {"SECONDS_PER_CALL": seconds, "CALL_IMAGES": call})
     spec = make_spec(work, actors, call)
     ray.init(num_cpus=os.cpu_count(), num_gpus=actors, include_dashboard=False, logging_level="ERROR", _temp_dir=str(work / "ray"))
     images = work / "out" / "images"
@@ -83,7 +85,7 @@ def child(work: Path, actors: int, call: int, seconds: float) -> dict:
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    summary = run(spec, stage=SleepStage)
+    summary = run(spec, stage=stage)
     wall = time.perf_counter() - start
     first["stop"] = True
     ray.shutdown()
