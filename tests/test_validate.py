@@ -327,3 +327,11 @@ def test_scheduler_column_names_the_class_and_the_request_id_keeps_the_spec_name
     assert one(validator(), row(prompt="a"))["scheduler"] == "DDIMScheduler"
     assert one(validator(model={"ref": "tiny-flux"}), row(prompt="a"))["scheduler"] == "FlowMatchEulerDiscreteScheduler"
     assert one(validator(model={"scheduler": "euler"}), row(prompt="a"))["scheduler"] == "EulerDiscreteScheduler"
+
+
+def test_a_default_size_the_model_cannot_make_is_a_spec_error():
+    from pipeline.errors import SpecError
+
+    spec = parse_spec({"input": {"url": "t.csv"}, "model": {"ref": "tiny-flux"}, "defaults": {"width": 64, "height": 34}, "limits": {"size_multiple": 2}})
+    with pytest.raises(SpecError, match=r"^defaults\.height=34 is not a multiple of 4, which model 'tiny-flux' needs \(FLUX\.1 packs"):
+        build_catalog(spec)

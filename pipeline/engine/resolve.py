@@ -13,7 +13,7 @@ import json
 from typing import Optional
 
 from pipeline.engine import adapters, model_ref
-from pipeline.errors import ModelError
+from pipeline.errors import ModelError, SpecError
 from pipeline.spec.catalog import AdapterEntry, Catalog, ModelEntry
 from pipeline.spec.config import JobSpec
 from pipeline.spec.families import FAMILIES, SCHEDULER_CLASSES, Family, UnknownFamily, family_of_class
@@ -40,8 +40,22 @@ def build_catalog(spec: JobSpec) -> Catalog:
     that cannot be used and says what to do."""
     setting = (lambda name: f"models.{name}") if spec.models else (lambda name: "model")
     models = {name: _model_entry(name, config, setting(name)) for name, config in spec.named_models().items()}
+    _check_default_size(spec, models)
     loras = {name: AdapterEntry(name, config, adapters.digest(name, config)) for name, config in spec.loras.items()}
     return Catalog(models, spec.default_model(), loras)
+
+
+def _check_default_size(spec: JobSpec, models: dict[str, ModelEntry]) -> None:
+    """A default width or height that a model cannot make would reject every row of that
+    model that does not set its own: a spec error before any work, not a table of errors."""
+    for name, entry in models.items():
+        for field in ("width", "height"):
+            value = getattr(spec.defaults, field)
+            if value % entry.size_multiple:
+                raise SpecError(
+                    f"defaults.{field}={value} is not a multiple of {entry.size_multiple}, which model {name!r} needs "
+                    f"({entry.size_rule}); set defaults.{field} to a multiple of {entry.size_multiple}"
+                )
 
 
 def _model_entry(name: str, config: ModelConfig, setting: str) -> ModelEntry:
