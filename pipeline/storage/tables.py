@@ -75,19 +75,33 @@ def count_rows(inp: InputConfig, max_text_bytes: int = 64 << 20) -> int | None:
     read (and counted as the job reads them) only up to ``max_text_bytes`` in all."""
     fs, _, files = filesystem.list_table(inp.url, inp.storage_options)
     if inp.format == "parquet":
-        total = 0
-        for path in files:
-            with filesystem.storage_errors(path, "read"), fs.open(path, "rb") as f:
-                try:
-                    total += pq.ParquetFile(f).metadata.num_rows
-                except (pa.ArrowInvalid, OSError) as exc:
-                    raise InputError(f"{inp.url}: {path}: not a readable Parquet file: {exc}") from None
-        return total
+        return sum(_footer_rows(fs, path, inp.url) for path in files)
     with filesystem.storage_errors(inp.url, "read"):
         size = sum(fs.size(path) for path in files)
     if size > max_text_bytes:
         return None
     return sum(chunk.num_rows for chunk in read_input(inp))
+
+
+def rows_per_file(inp: InputConfig) -> dict[str, int]:
+    """Rows in each file of the table ``inp`` names, by the file's name in row identities
+    (``__source``): Parquet from the footers, text formats by reading them."""
+    fs, base, files = filesystem.list_table(inp.url, inp.storage_options)
+    if inp.format == "parquet":
+        return {filesystem.relative_name(path, base): _footer_rows(fs, path, inp.url) for path in files}
+    rows: dict[str, int] = {}
+    for chunk in read_input(inp):
+        for source, n in zip(*pc.value_counts(chunk.column(INPUT_SOURCE)).flatten()):
+            rows[source.as_py()] = rows.get(source.as_py(), 0) + n.as_py()
+    return rows
+
+
+def _footer_rows(fs, path: str, url: str) -> int:
+    with filesystem.storage_errors(path, "read"), fs.open(path, "rb") as f:
+        try:
+            return pq.ParquetFile(f).metadata.num_rows
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(f"{url}: {path}: not a readable Parquet file: {exc}") from None
 
 
 def read_file(stream: BinaryIO, fmt: str, source: str, chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
