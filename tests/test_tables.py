@@ -121,3 +121,10 @@ def test_pandas_index_column_is_not_data():
     named = io.BytesIO()
     frame.rename_axis("key").to_parquet(named)  # a named index is the user's column
     assert read(named.getvalue(), "parquet").column("key").to_pylist() == [5, 9]
+
+
+def test_quoted_tsv_keeps_invalid_utf8_to_its_row():
+    data = b'prompt\tn\n"a ""red"" car"\t1\nbad \xff bytes\t2\n'
+    table = read(data, "tsv")
+    assert table.column("prompt").to_pylist()[0] == 'a "red" car'
+    assert table.column(READ_ERROR).to_pylist() == [None, "column 'prompt' is not valid UTF-8 text"]
