@@ -207,7 +207,7 @@ def test_float_seeds_that_may_have_been_rounded_are_error_rows():
     table = _read(_parquet_bytes(pa.Table.from_pandas(frame, preserve_index=False)), "parquet", "t.parquet")
     out = validator().validate_table(table)
     messages = out.column("error_message").to_pylist()
-    assert "seed 1.2345678901234568e+18 is a float above 2**53" in messages[0]
+    assert "seed 1.2345678901234568e+18 is a float at or above 2**53" in messages[0]
     assert messages[1] is None and messages[2] is None  # null: derived; 12.0: exactly 12
     assert out.column("seed").to_pylist()[2] == 12
     assert out.column("seed").to_pylist()[1] == derive_seed(11, "row:t.parquet#1")
@@ -240,7 +240,7 @@ def test_float_ids_read_as_csv_does_and_nan_ids_are_empty():
     from_float = one(v, row(0, prompt="a cat", key=1.0))
     assert from_float["id"] == "1" and from_float["request_id"] == from_csv["request_id"]
     assert one(v, row(0, prompt="a", key=2.5))["id"] == "2.5"
-    assert "float above 2**53" in one(v, row(0, prompt="a", key=2.0**60))["error_message"]
+    assert "float at or above 2**53" in one(v, row(0, prompt="a", key=2.0**60))["error_message"]
     # NaN ids are empty ids: rejected, each row its own request id.
     table = pa.table({
         "key": pa.array([1.0, float("nan"), float("nan"), 1.0]),

@@ -301,7 +301,7 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
-# Above this a float64 no longer holds every whole number: 2**53 + 1 reads back as 2**53.
+# From here on a float64 no longer holds every whole number: 2**53 + 1 reads back as 2**53.
 _EXACT_FLOAT = 2**53
 
 
@@ -328,15 +328,15 @@ def _whole(value: Any, name: str) -> int:
 def _whole_float(number: float, value: Any, name: str) -> int:
     """A float that stands for a whole number exactly, as that number; RowError otherwise.
     pandas stores an integer column with a missing value as float64, which rounds numbers
-    above 2**53 (1234567890123456789 becomes ...768): such a value is refused rather than
+    from 2**53 on (1234567890123456789 becomes ...768): such a value is refused rather than
     used as some other number."""
     if math.isnan(number):
         raise RowError(f"{name} is NaN (not a number); leave the cell empty (null) for the default")
     if not number.is_integer():
         raise RowError(f"{name} must be a whole number, got {value!r}")
-    if abs(number) > _EXACT_FLOAT:
+    if abs(number) >= _EXACT_FLOAT:  # 2**53 itself may be a rounded 2**53 + 1
         raise RowError(
-            f"{name} {value!r} is a float above 2**53, where floats skip whole numbers: it may have been rounded "
+            f"{name} {value!r} is a float at or above 2**53, where floats skip whole numbers: it may have been rounded "
             "(pandas turns an integer column with a missing value into float64); store it as an integer or as text"
         )
     return int(number)
