@@ -182,7 +182,7 @@ def test_mixed_sizes_in_one_burst(app):
         ({"prompt": "x", "size": "4096x64"}, "size"),
         ({"prompt": "x", "response_format": "url"}, "response_format"),
         ({"prompt": "x", "quality": "ultra"}, "quality"),
-        ({"prompt": "x", "quality": "high", "steps": 3}, "quality"),
+        ({"prompt": "x", "quality": "standard", "steps": 3}, "quality"),
         ({"prompt": "x", "output_format": "gif"}, "output_format"),
         ({"prompt": "x", "output_compression": 101}, "output_compression"),
         ({"prompt": "x", "background": "transparent"}, "background"),
