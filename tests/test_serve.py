@@ -351,7 +351,7 @@ def test_openai_sdk_generate_with_every_field(app):
     "kwargs, param, text",
     [
         ({"response_format": "url"}, "response_format", "use 'b64_json'"),
-        ({"size": "4096x64"}, "size", "max_width"),
+        ({"size": "4096x64"}, "size", "between 1 and 128"),
         ({"model": "dall-e-3"}, "model", "allowed: tiny"),
         ({"extra_body": {"stepz": 3}}, "stepz", "unknown field"),
     ],
