@@ -133,8 +133,8 @@ def test_sigterm_finishes_requests_in_flight_refuses_new_ones_and_exits_0(tmp_pa
                 server.process.send_signal(signal.SIGTERM)
             else:
                 os.killpg(server.process.pid, signal.SIGTERM)
-            draining = _wait_for(lambda: server.health().status_code == 503 and server.health(), "/healthz to say draining")
-            assert draining.json()["status"] == "draining"
+            draining = _wait_for(lambda: server.health().status_code == 503 and server.health().json(), "/healthz to say draining")
+            assert draining["status"] == "draining"
             late = server.generate({"prompt": "too late"})
             assert late.status_code == 503 and late.json()["error"]["code"] == "server_shutting_down", late.text
             assert late.headers.get("Retry-After")

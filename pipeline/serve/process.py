@@ -100,10 +100,11 @@ def serve_until_interrupted(spec: JobSpec, announce: Callable[[str], None] = pri
     if spec.runtime.address is None:
         _check_port_free(sv.host, sv.port)
     check_exposure(sv.host, sv, load_key_digests(sv))  # before Ray starts: a refusal costs nothing
+    connect(spec.runtime)
+    # After ray.init, which installs a SIGTERM handler of its own (exit at once) in the driver.
     signals = StopSignals()
     cut_off = 0
     try:
-        connect(spec.runtime)
         drain = DrainState.options(name=actor_name(APP_NAME), namespace=NAMESPACE).remote()
         url = start(spec, drain=actor_name(APP_NAME))
         announce(f"serving {', '.join(spec.named_models())} at {url}/v1/images/generations (Ctrl-C or SIGTERM to stop)")
