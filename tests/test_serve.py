@@ -28,7 +28,7 @@ from ray import serve
 
 from pipeline.job.run import run as run_batch
 from pipeline.errors import SpecError
-from pipeline.serve.app import start
+from pipeline.serve.app import _serve_http_host, build_app, start
 from pipeline.serve.auth import KeyCheck, check_exposure, digest, load_key_digests
 from pipeline.serve.http_api import default_id
 from pipeline.spec.load import parse_spec
@@ -395,6 +395,7 @@ def test_api_keys_bearer_401_healthz_open_and_keys_never_logged(app, workdir):
         answer = _client(base, good).images.generate(prompt="a red fox", size="32x32")
         assert len(answer.data) == 1
         assert [m.id for m in _client(base, "sk-another-key").models.list()] == ["tiny"]
+        assert _serve_http_host() == "127.0.0.1"  # what app_builder checks exposure against
     finally:
         serve.delete("keyed")
     # Neither key, nor the wrong one sent, is in any of Ray's logs (Serve's access logs included).
@@ -428,6 +429,10 @@ def test_keys_from_an_environment_variable_and_exposure_rules(tmp_path):
     check_exposure("0.0.0.0", open_spec.serve, digests)
     allowed = parse_spec(_spec_data(tmp_path, 8000, host="0.0.0.0", allow_unauthenticated=True), source="open on purpose")
     check_exposure("0.0.0.0", allowed.serve, ())
+    # `serve deploy` / a RayService: where Serve listens is unknown to the builder until it
+    # asks the controller; unknown counts as reachable, so keys are needed.
+    with pytest.raises(SpecError, match="without API keys"):
+        build_app(parse_spec(_spec_data(tmp_path, 8000), source="no keys"), None)
 
 
 def _descendants(root: int) -> list[int]:

@@ -166,3 +166,16 @@ def test_sigint_stops_waiting_at_the_grace_period(tmp_path):
             assert not answered, "the request outlived the grace period, so the server did not stop at it"
     finally:
         server.stop()
+
+
+def test_listening_beyond_loopback_without_keys_is_refused_before_ray_starts(tmp_path):
+    (tmp_path / "serve.yaml").write_text(
+        yaml.safe_dump({"input": {"url": "unused.jsonl"}, "model": {"ref": "tiny"}, "serve": {"host": "0.0.0.0", "port": _free_port()}})
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "serve", str(tmp_path / "serve.yaml")],
+        cwd=REPO, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "serve.allow_unauthenticated: true" in result.stderr and "serve.api_keys_file" in result.stderr
+    assert "Traceback" not in result.stderr and "Started a local Ray" not in result.stderr
