@@ -119,7 +119,7 @@ def _parent(pid: int) -> int:
         return -1
 
 
-@pytest.mark.parametrize("target", ["process", "process group"])
+@pytest.mark.parametrize("target", ["process", "process group", "supervisor killed"])
 def test_sigterm_finishes_requests_in_flight_refuses_new_ones_and_exits_0(tmp_path, target):
     server = Server(tmp_path, grace_s=300)
     try:
@@ -131,8 +131,10 @@ def test_sigterm_finishes_requests_in_flight_refuses_new_ones_and_exits_0(tmp_pa
             _wait_for(lambda: server.health().json().get("in_flight") == len(bodies), "the requests to be in flight")
             if target == "process":
                 server.process.send_signal(signal.SIGTERM)
-            else:
+            elif target == "process group":
                 os.killpg(server.process.pid, signal.SIGTERM)
+            else:  # SIGKILL the command itself: the kernel sends its server SIGTERM
+                server.process.kill()
             draining = _wait_for(lambda: server.health().status_code == 503 and server.health().json(), "/healthz to say draining")
             assert draining["status"] == "draining"
             late = server.generate({"prompt": "too late"})
@@ -141,7 +143,9 @@ def test_sigterm_finishes_requests_in_flight_refuses_new_ones_and_exits_0(tmp_pa
             answers = [future.result() for future in futures]
         assert [a.status_code for a in answers] == [200, 200, 200], [a.text[:300] for a in answers]
         assert all(len(a.json()["data"]) == 1 for a in answers)
-        assert server.process.wait(timeout=120) == 0, server.output()
+        expected = -signal.SIGKILL if target == "supervisor killed" else 0
+        assert server.process.wait(timeout=120) == expected, server.output()
+        _wait_for(lambda: "imagegen: shutting down" in server.output(), "the server to shut down", timeout=120)
         assert "for 3 in flight" in server.output() and "no request in flight" in server.output()
         # Nothing of the server's Ray is left behind.
         _wait_for(lambda: not any(_alive(pid) for pid in ray_processes), "Ray's processes to exit", timeout=60)

@@ -72,10 +72,12 @@ class StopSignals:
     def __init__(self) -> None:
         self.received = threading.Event()
         self.name = ""
+        self.second = ""
         self._previous = {signum: signal.signal(signum, self._handle) for signum in FORWARDED}
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.received.is_set():
+            self.second = signal.Signals(signum).name
             raise KeyboardInterrupt
         self.name = signal.Signals(signum).name
         self.received.set()
@@ -111,7 +113,12 @@ def serve_until_interrupted(spec: JobSpec, announce: Callable[[str], None] = pri
         signals.wait()
         cut_off = _drain(drain, sv.shutdown_grace_s, signals.name, announce)
     except KeyboardInterrupt:
-        cut_off = -1  # a second signal: stop now
+        announce(f"{signals.second or 'a second signal'}: stopping now, without waiting for requests in flight")
+        cut_off = -1
+    except BaseException as exc:  # SystemExit too: say why before Ray goes down
+        # Said before the shutdown, in case the shutdown itself cannot finish.
+        announce(f"stopping on {type(exc).__name__}: {exc}")
+        raise
     finally:
         announce("shutting down")
         try:
@@ -131,8 +138,12 @@ def _drain(drain: "ray.actor.ActorHandle", grace_s: float, why: str, announce: C
         if left <= 0:
             announce(f"grace period (serve.shutdown_grace_s={grace_s:g}) over with {in_flight} request(s) still in flight: they are cut off")
             return in_flight
-        # One-second slices: the main thread stays free to take a second signal.
-        in_flight = ray.get(drain.wait_idle.remote(min(left, 1.0)), timeout=30)
+        # One-second slices: the main thread stays free to take a second signal. A slow
+        # answer (a loaded machine) is no reason to cut requests off: ask again.
+        try:
+            in_flight = ray.get(drain.wait_idle.remote(min(left, 1.0)), timeout=min(left, 1.0) + 30)
+        except ray.exceptions.GetTimeoutError:
+            continue
     announce("no request in flight")
     return 0
 
