@@ -1,8 +1,9 @@
 """Resolving the job's models and LoRA adapters, once on the driver before any work.
 
 For each model: its fingerprint (weights), its family and pipeline class (which row
-parameters it takes), checked to load from safetensors unless pickles are allowed. For
-each adapter: its content digest. The :class:`Catalog` is plain data, shipped to the
+parameters it takes), whether it ships a safety checker, checked to load from
+safetensors unless pickles are allowed. For each adapter: its content digest. For the
+CLIP scorer, if any: its fingerprint. The :class:`Catalog` is plain data, shipped to the
 validator (request ids, row checks) and the engine actors (which model and adapter a row
 names), so nothing is looked up twice or differently in two places.
 """
@@ -14,7 +15,7 @@ from typing import Optional
 
 from pipeline.engine import adapters, model_ref
 from pipeline.errors import ModelError
-from pipeline.spec.catalog import AdapterEntry, Catalog, ModelEntry
+from pipeline.spec.catalog import AdapterEntry, Catalog, ModelEntry, ScorerEntry
 from pipeline.spec.config import JobSpec
 from pipeline.spec.families import FAMILIES, UnknownFamily, family_of_class
 from pipeline.spec.model_config import ModelConfig
@@ -35,16 +36,22 @@ def build_catalog(spec: JobSpec) -> Catalog:
     that cannot be used and says what to do."""
     models = {name: _model_entry(name, config) for name, config in spec.named_models().items()}
     loras = {name: AdapterEntry(name, config, adapters.digest(name, config)) for name, config in spec.loras.items()}
-    return Catalog(models, spec.default_model(), loras)
+    scorer = None
+    if spec.scoring is not None:
+        from pipeline.engine.scoring import scorer_fingerprint
+
+        scorer = ScorerEntry(spec.scoring, scorer_fingerprint(spec.scoring))
+    return Catalog(models, spec.default_model(), loras, scorer)
 
 
 def _model_entry(name: str, config: ModelConfig) -> ModelEntry:
     model_ref.check_weights_format(config)
     fingerprint = model_ref.fingerprint(config)
     declared = FAMILIES[config.family] if config.family else None
-    class_name = read_pipeline_class(config, required=declared is None)
-    if class_name is None:
-        return ModelEntry(name, config, fingerprint, declared, declared.pipeline_classes[0])
+    index = read_model_index(config, required=declared is None)
+    if index is None:
+        return ModelEntry(name, config, fingerprint, declared, declared.pipeline_classes[0], has_safety_checker=None)
+    class_name = _class_name(config, index)
     try:
         family = family_of_class(class_name)
     except UnknownFamily as exc:
@@ -54,15 +61,20 @@ def _model_entry(name: str, config: ModelConfig) -> ModelEntry:
             f"model {name!r} ({config.ref}) is a {class_name} ({family.name}), but its family is set to {declared.name}; "
             f"remove model.family or set it to {family.name}"
         )
-    return ModelEntry(name, config, fingerprint, family, class_name)
+    # SD 1.x indexes name the checker as ["stable_diffusion", "StableDiffusionSafetyChecker"];
+    # a pipeline saved without one has [null, null] there.
+    checker = index.get("safety_checker")
+    has_checker = isinstance(checker, list) and any(part is not None for part in checker)
+    return ModelEntry(name, config, fingerprint, family, class_name, has_safety_checker=has_checker)
 
 
-def read_pipeline_class(config: ModelConfig, required: bool = True) -> Optional[str]:
-    """``_class_name`` of the model's ``model_index.json``. When it cannot be read (a hub
-    id without network access): :class:`ModelError` if ``required``, else None."""
+def read_model_index(config: ModelConfig, required: bool = True) -> Optional[dict]:
+    """The model's ``model_index.json`` (for a tiny model, the parts of it the driver
+    needs). When it cannot be read (a hub id without network access): :class:`ModelError`
+    if ``required``, else None."""
     ref = model_ref.parse_ref(config.ref)
     if ref.kind == "tiny":
-        return TINY_CLASSES[ref.location]
+        return {"_class_name": TINY_CLASSES[ref.location]}
     try:
         if ref.kind == "hub":
             index = _hub_model_index(ref.location, config.revision)
@@ -76,7 +88,13 @@ def read_pipeline_class(config: ModelConfig, required: bool = True) -> Optional[
             f"cannot read model_index.json of model {config.ref!r} ({type(exc).__name__}: {exc}); "
             f"set model.family to one of {', '.join(FAMILIES)} to run it without reading it first"
         ) from None
-    class_name = index.get("_class_name") if isinstance(index, dict) else None
+    if not isinstance(index, dict):
+        raise ModelError(f"model_index.json of model {config.ref!r} is not a JSON object; is it a diffusers pipeline folder?")
+    return index
+
+
+def _class_name(config: ModelConfig, index: dict) -> str:
+    class_name = index.get("_class_name")
     if not isinstance(class_name, str):
         raise ModelError(f"model_index.json of model {config.ref!r} names no _class_name; is it a diffusers pipeline folder?")
     return class_name

@@ -9,8 +9,10 @@ nothing is looked up twice or differently in two places. Pure: no I/O here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from pipeline.spec.config import LoraConfig, ModelConfig
+from pipeline.spec.model_config import ScoringConfig
 from pipeline.spec.families import Family
 
 
@@ -23,6 +25,9 @@ class ModelEntry:
     fingerprint: str
     family: Family
     pipeline_class: str
+    # Whether the model ships a safety checker (model_index.json names one); None: unknown
+    # (a hub model whose index the driver could not read).
+    has_safety_checker: Optional[bool] = False
 
 
 @dataclass(frozen=True)
@@ -35,12 +40,22 @@ class AdapterEntry:
 
 
 @dataclass(frozen=True)
+class ScorerEntry:
+    """The spec's CLIP scorer and the fingerprint of its weights."""
+
+    config: ScoringConfig
+    fingerprint: str
+
+
+@dataclass(frozen=True)
 class Catalog:
-    """Every model and adapter of a spec, by name; ``default_model`` is the rows' default."""
+    """Every model and adapter of a spec, by name; ``default_model`` is the rows' default;
+    ``scorer`` the CLIP model that scores images (None without a scoring section)."""
 
     models: dict[str, ModelEntry]
     default_model: str
     loras: dict[str, AdapterEntry]
+    scorer: Optional[ScorerEntry] = None
 
     def by_digest(self) -> dict[str, LoraConfig]:
         """Adapter configs by digest: what a generation request names."""
