@@ -182,6 +182,7 @@ def _quality_section(manifests: list[dict[str, Any]]) -> list[str]:
         "| `clip_score` | 100 x the cosine of the CLIP embeddings of the image and its prompt (not clipped at 0) | "
         + _cell(scoring)
         + "; the score of each row is made by the scorer its `clip_scorer` names |",
+        "| `clip_scorer` | the fingerprint of the scorer that made the row's `clip_score` | changes when the scorer's weights do |",
         "| `clip_prompt_truncated` | the prompt was longer than the scorer's 77 tokens and was cut for scoring | the scorer's tokenizer |",
         "| `phash` | 64-bit perceptual hash (DCT) of the generated pixels, as an unsigned integer | `imagehash.phash` (8x8 bits); "
         f"near duplicates differ in at most {DEFAULT_DISTANCE} bits (`imagegen inspect --near-distance N`) |",
