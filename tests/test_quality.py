@@ -184,3 +184,50 @@ def test_near_groups_are_the_components_of_close_pairs():
         # Random 64-bit hashes are ~32 bits apart: the pairs are the only links.
         assert (brute.sum() - len(many)) // 2 == 200
         assert all(labels[i] == labels[i + 1] == i for i in range(0, 400, 2))
+
+
+def test_outputs_from_before_the_quality_columns_still_inspect_and_report(tmp_path, plain):
+    """Parts written before these columns existed: inspect counts exact duplicates and says
+    near ones were not computed; the report reads them as nulls; the card says so."""
+    import hashlib
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.engine.encode import encode_image
+    from pipeline.output.card import card_text
+    from pipeline.output.inspect import format_inspection, inspect_output
+    from pipeline.output.report import read_output, render_html
+    from pipeline.spec import schema as S
+
+    old = pa.schema([f for f in S.images_schema([]) if f.name not in {q.name for q in S.QUALITY_FIELDS}])
+    data = [encode_image(plain[0], "png")] * 2 + [encode_image(plain[1], "png")]
+    rows = [
+        {f.name: None for f in old}
+        | {S.IMAGE: {"bytes": d, "path": f"r{i}.png"}, S.REQUEST_ID: f"r{i}", S.ID: f"p.csv#{i}", S.SOURCE: "p.csv", S.ROW_INDEX: i,
+           S.IMAGE_INDEX: 0, S.PROMPT: f"prompt {i}", S.NEGATIVE_PROMPT: "", S.SEED: i, S.WIDTH: 32, S.HEIGHT: 32, S.STEPS: 2,
+           S.GUIDANCE_SCALE: 7.5, S.MODEL: "tiny", S.IMAGE_FORMAT: "png", S.SHA256: hashlib.sha256(d).hexdigest(),
+           S.RUN_ID: "r1"}
+        for i, d in enumerate(data)
+    ]  # fmt: skip
+    (tmp_path / "images").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, old), tmp_path / "images" / "part-old.parquet")
+    manifest = {
+        "run_id": "r1", "started_at": 0, "finished_at": 1, "wall_seconds": 1.0, "model_fingerprint": "tiny-x",
+        "spec": {"model": {"ref": "tiny"}, "defaults": {}, "output": {}},
+        "counts": {"input_rows": 3, "images": 3, "errors": 0, "errors_by_stage": {}},
+        "parts": [{"path": "images/part-old.parquet", "rows": 3, "bytes": 1}],
+    }  # fmt: skip
+    (tmp_path / "_runs").mkdir()
+    (tmp_path / "_runs" / "r1.json").write_text(json.dumps(manifest))
+
+    found = inspect_output(str(tmp_path))
+    assert (found.duplicates.exact_groups, found.duplicates.exact_redundant, found.duplicates.hashed) == (1, 1, 0)
+    text = format_inspection(found)
+    assert "near                       not computed: no image has a phash" in text and "2 images, identical files:" in text
+    report = read_output(str(tmp_path), order="score")
+    assert report.order == "spread" and all(r[S.CLIP_SCORE] is None for r in report.images)
+    assert "No image has a clip_score or a safety verdict" in render_html(report)
+    card = card_text([manifest], old)
+    assert "no run recorded its models" in card and "none: no run had a `scoring` section" in card
