@@ -13,6 +13,7 @@ from PIL import Image
 from pipeline.engine.engine import Engine
 from pipeline.engine.requests import GenerationRequest
 from pipeline.engine.tiny_clip import save_tiny_sd_with_safety_checker, tiny_safety_checker
+from pipeline.spec import schema as S
 from pipeline.spec.model_config import ModelConfig, ScoringConfig
 
 EVERY, NONE = -2.0, 2.0  # checker thresholds: every image flagged, none
@@ -199,7 +200,6 @@ def test_outputs_from_before_the_quality_columns_still_inspect_and_report(tmp_pa
     from pipeline.output.card import card_text
     from pipeline.output.inspect import format_inspection, inspect_output
     from pipeline.output.report import read_output, render_html
-    from pipeline.spec import schema as S
 
     old = pa.schema([f for f in S.images_schema([]) if f.name not in {q.name for q in S.QUALITY_FIELDS}])
     data = [encode_image(plain[0], "png")] * 2 + [encode_image(plain[1], "png")]
@@ -231,3 +231,60 @@ def test_outputs_from_before_the_quality_columns_still_inspect_and_report(tmp_pa
     assert "No image has a clip_score or a safety verdict" in render_html(report)
     card = card_text([manifest], old)
     assert "no run recorded its models" in card and "none: no run had a `scoring` section" in card
+
+
+def test_scoring_overlaps_the_next_diffusers_call(tmp_path, model_cache):
+    """A call's images are scored on the encoder's threads: the next diffusers call starts
+    while the last one is still being scored, and the block waits for scores only at its end.
+    The scorer below holds its first call until the engine's second call has started (an
+    event, not a sleep): inline scoring would never see it and fail."""
+    import threading
+
+    import pandas as pd
+
+    from pipeline.engine.requests import GenerationResult
+    from pipeline.engine.resolve import build_catalog
+    from pipeline.engine.scoring import Scores
+    from pipeline.engine.stages import BlockTimes, ImageEncoder, generate_table
+    from pipeline.spec.load import parse_spec
+    from pipeline.spec.validate import Validator
+    from pipeline.storage.tables import read_input
+
+    pd.DataFrame({"prompt": [f"p{i}" for i in range(4)]}).to_csv(tmp_path / "p.csv", index=False)
+    spec = parse_spec({
+        "input": {"url": str(tmp_path / "p.csv")},
+        "model": {"ref": "tiny", "cache_dir": model_cache, "engine": {"max_batch_pixels": 2 * 32 * 32}},
+        "defaults": {"width": 32, "height": 32, "steps": 1},
+    })  # fmt: skip
+    catalog = build_catalog(spec)
+    table = Validator(spec, catalog).validate_table(next(read_input(spec.input)))
+    second_call_started = threading.Event()
+    calls: list[int] = []
+
+    class Engine:
+        def call_size(self, request):
+            return 2
+
+        def generate(self, requests):
+            calls.append(len(requests))
+            if len(calls) == 2:
+                second_call_started.set()
+            return [GenerationResult(pixels=np.full((32, 32, 3), 40 * len(calls), np.uint8), seconds=0.1) for _ in requests]
+
+    class Models:
+        def get(self, name):
+            return Engine()
+
+    class Scorer:
+        fingerprint = "test-scorer"
+        overlapped: list[bool] = []
+
+        def score(self, images, prompts):
+            self.overlapped.append(second_call_started.wait(timeout=60))
+            return Scores([float(len(p)) for p in prompts], [False] * len(prompts), 0.5)
+
+    times = BlockTimes()
+    out = generate_table(Models(), table, "actor", "node", ImageEncoder("png", 95, threads=1, scorer=Scorer()), times)
+    assert calls == [2, 2] and Scorer.overlapped == [True, True]
+    assert out.column(S.CLIP_SCORE).to_pylist() == [2.0] * 4 and set(out.column(S.CLIP_SCORER).to_pylist()) == {"test-scorer"}
+    assert times.scoring == 1.0
