@@ -34,7 +34,7 @@ import numpy as np
 
 from pipeline.engine import family_calls, model_ref
 from pipeline.engine.kernels import decode_in_chunks, input_shapes, is_out_of_memory, set_attention, use_compile_cache
-from pipeline.engine.requests import AdapterError, GenerationRequest, GenerationResult, ImageIsNaN, ImageFlagged
+from pipeline.engine.requests import AdapterError, GenerationRequest, GenerationResult, ImageFlagged, ImageIsNaN
 from pipeline.spec.batching import group_by_bucket, halves
 from pipeline.spec.model_config import LoraConfig, ModelConfig
 
