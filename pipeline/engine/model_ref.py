@@ -23,12 +23,16 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable, Literal, Mapping
+from typing import Callable, Literal, Mapping, Union
 
-from pipeline.engine.tiny_models import TINY_MODELS
+from pipeline.engine.tiny_models import TINY_MODELS, ensure_tiny
 from pipeline.errors import ModelError
-from pipeline.spec.model_config import ModelConfig
+from pipeline.spec.model_config import ModelConfig, ScoringConfig
 from pipeline.storage import filesystem
+
+# What names weights: ref, revision, storage_options and cache_dir (and allow_pickle for a pipeline).
+WeightsConfig = Union[ModelConfig, ScoringConfig]
+
 
 @dataclass(frozen=True)
 class WeightsKind:
@@ -43,13 +47,7 @@ class WeightsKind:
     build_tiny: Callable[[str, str], str]
 
 
-def _ensure_tiny_pipeline(cache_dir: str, name: str) -> str:
-    from pipeline.engine.tiny_models import ensure_tiny
-
-    return ensure_tiny(cache_dir, name)
-
-
-PIPELINE = WeightsKind("model.ref", "model_index.json", "a diffusers pipeline saved with save_pretrained", TINY_MODELS, _ensure_tiny_pipeline)
+PIPELINE = WeightsKind("model.ref", "model_index.json", "a diffusers pipeline saved with save_pretrained", TINY_MODELS, ensure_tiny)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -83,7 +81,7 @@ def parse_ref(ref: str, kind: WeightsKind = PIPELINE) -> ModelRef:
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def check_weights_format(config: ModelConfig, kind: WeightsKind = PIPELINE) -> None:
+def check_weights_format(config: WeightsConfig, kind: WeightsKind = PIPELINE) -> None:
     """Refuse a local folder whose weights are pickles unless ``model.allow_pickle`` is set
     (a kind without that field, the scorer, never allows them): unpickling runs code from
     the file. Checked on the driver, before any actor loads it."""
@@ -100,7 +98,7 @@ def check_weights_format(config: ModelConfig, kind: WeightsKind = PIPELINE) -> N
         )
 
 
-def fingerprint(config: ModelConfig, kind: WeightsKind = PIPELINE) -> str:
+def fingerprint(config: WeightsConfig, kind: WeightsKind = PIPELINE) -> str:
     """A short digest that changes whenever the weights do (see module docstring)."""
     ref = parse_ref(config.ref, kind)
     h = hashlib.sha256()
@@ -127,7 +125,7 @@ def fingerprint(config: ModelConfig, kind: WeightsKind = PIPELINE) -> str:
     return f"{ref.kind}-{h.hexdigest()[:16]}"
 
 
-def materialize(config: ModelConfig, kind: WeightsKind = PIPELINE) -> str:
+def materialize(config: WeightsConfig, kind: WeightsKind = PIPELINE) -> str:
     """A location ``from_pretrained`` can load: a local folder, or the hub id itself."""
     ref = parse_ref(config.ref, kind)
     if ref.kind == "tiny":
