@@ -18,19 +18,13 @@ Pure: numpy only; the job puts one in a Ray actor (:mod:`pipeline.job.read`).
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline.spec import schema as S
-from pipeline.spec.validate import _missing
-
-
-def id_text(value: Any) -> Optional[str]:
-    """The text an id cell is compared by, or None when the cell is empty (an empty id is
-    rejected on its own, never as a repeat)."""
-    return None if _missing(value) else str(value)
+from pipeline.spec.validate import RowError, id_text
 
 
 def id_hash(text: str) -> int:
@@ -51,7 +45,10 @@ def unit_ids(chunks: Iterable[pa.Table], id_column: str) -> tuple[list[str], np.
             continue
         columns = (chunk.column(c).to_pylist() for c in (id_column, S.INPUT_SOURCE, S.INPUT_ROW))
         for value, source, row in zip(*columns):
-            text = id_text(value)
+            try:
+                text = id_text(value)  # the id text the Validator names a row by
+            except RowError:
+                continue  # a bad id is rejected on its own, never as a repeat
             if text is None:
                 continue
             if source not in index:
