@@ -18,7 +18,7 @@ from pipeline.job.actors import final_counts
 from pipeline.output import card
 from pipeline.spec.catalog import Catalog
 from pipeline.spec.config import JobSpec
-from pipeline.storage import filesystem, sink
+from pipeline.storage import filesystem, lock, sink
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class DatasetSink(Datasink[sink.WriteReport]):
         for block in blocks:
             table = BlockAccessor.for_block(block).to_arrow()
             if table.num_rows:
+                lock.check_lease(fs, root, self._run_id, self._output.url)  # no part after a lost lease
                 report.add(sink.write_block(fs, root, self._run_id, table))
         return report
 
@@ -52,6 +53,7 @@ class DatasetSink(Datasink[sink.WriteReport]):
         finished = time.time()
         counts = final_counts(self._counter)
         fs, root = filesystem.open_url(self._output.url, self._output.storage_options)
+        lock.check_lease(fs, root, self._run_id, self._output.url)  # a run that lost its lease commits nothing
         sink.write_manifest(
             fs,
             root,

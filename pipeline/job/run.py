@@ -66,11 +66,16 @@ def run(spec: JobSpec, stage: type[GenerateStage] = GenerateStage) -> RunSummary
     # The lock comes before anything touches the output: cleaning up uncommitted parts
     # must never delete the parts of a run still in flight.
     fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
-    lock = OutputLock.acquire(fs, root, run_id, spec.output.url)
+    lock = OutputLock.acquire(fs, root, run_id, spec.output.url, lease_s=spec.output.lock_lease_s)
     try:
         committed = prepare_output(spec)
         validator = Validator(spec, catalog, skip=frozenset(committed.request_ids), duplicates=duplicates)
         return _execute(spec, run_id, catalog, validator, started, stage)
+    except Exception:
+        # However the job failed (a writer's LeaseLost arrives wrapped by Ray), a lost
+        # lease is the reason to report: the user must know the output was given up.
+        lock.raise_if_lost()
+        raise
     finally:
         lock.release()
 
