@@ -18,7 +18,7 @@ from pipeline.job.actors import final_counts
 from pipeline.output import card
 from pipeline.spec.catalog import Catalog
 from pipeline.spec.config import JobSpec
-from pipeline.storage import filesystem, lock, sink
+from pipeline.storage import filesystem, lock, sink, supersede
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ class DatasetSink(Datasink[sink.WriteReport]):
                 "parts": sorted(report.parts, key=lambda p: p["path"]),
             },
         )
+        supersede.supersede_errors(fs, root)  # retried and fixed rows leave errors/
         card.write_card(fs, root)
         self.report = report
 

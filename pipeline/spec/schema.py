@@ -53,6 +53,10 @@ IMAGE_FORMAT = "image_format"
 SHA256 = "sha256"
 RUN_ID = "run_id"
 
+# The error type of a row rejected because its id repeats an earlier row's: its identity
+# is that other row's, so it is told apart by its position (see pipeline.storage.supersede).
+ERROR_TYPE_DUPLICATE_ID = "DuplicateId"
+
 # Where rows are rejected.
 STAGE_READ = "read"
 STAGE_VALIDATE = "validate"

@@ -109,6 +109,7 @@ class Validator:
         if raw.get(READ_ERROR):
             return [self._reject(base, raw, f"{source}#{row}", S.STAGE_READ, "ReadError", [(None, raw[READ_ERROR])])]
 
+        repeated = False
         if inp.id_column:
             raw_id = raw.get(inp.id_column)
             if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
@@ -118,6 +119,7 @@ class Validator:
                 display_id = str(raw_id)
                 first = self.duplicates.get(f"{source}#{row}")
                 if first is not None:
+                    repeated = True
                     problems.append(("id", f"id {display_id!r} repeats the id of row {first}; ids must be unique"))
             identity = f"id:{display_id}"
         else:
@@ -128,7 +130,10 @@ class Validator:
         params = self._params(raw, model, problems)
         adapter, lora_scale = self._adapter(raw, problems)
         if problems:
-            return [self._reject(base, raw, identity, S.STAGE_VALIDATE, "InvalidRow", problems)]
+            # A repeated id names another row's identity, not this row's: superseding
+            # (pipeline.storage.supersede) keys such rejections on their position instead.
+            error_type = S.ERROR_TYPE_DUPLICATE_ID if repeated else "InvalidRow"
+            return [self._reject(base, raw, identity, S.STAGE_VALIDATE, error_type, problems)]
 
         num_images = params.pop("num_images")
         seed = params.pop("seed")
