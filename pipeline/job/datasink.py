@@ -18,7 +18,7 @@ from pipeline.job.actors import final_counts
 from pipeline.output import card
 from pipeline.spec.catalog import Catalog
 from pipeline.spec.config import JobSpec
-from pipeline.storage import filesystem, lock, sink, supersede
+from pipeline.storage import dataset_schema, filesystem, lock, sink, supersede
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ class DatasetSink(Datasink[sink.WriteReport]):
                     "model_swaps": counts.model_swaps,
                 },
                 "parts": sorted(report.parts, key=lambda p: p["path"]),
+                "schemas": dataset_schema.promote(fs, root, sink.read_manifests(fs, root), report.parts),
             },
         )
         supersede.supersede_errors(fs, root)  # retried and fixed rows leave errors/
