@@ -9,6 +9,7 @@ names), so nothing is looked up twice or differently in two places.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Optional
 
@@ -40,11 +41,13 @@ def build_catalog(spec: JobSpec) -> Catalog:
 
 def _model_entry(name: str, config: ModelConfig) -> ModelEntry:
     model_ref.check_weights_format(config)
-    fingerprint = model_ref.fingerprint(config)
+    ref = model_ref.parse_ref(config.ref)
+    commit = model_ref.hub_commit(ref.location, config.revision) if ref.kind == "hub" else None
+    fingerprint = model_ref.fingerprint(config, commit)
     declared = FAMILIES[config.family] if config.family else None
-    class_name = read_pipeline_class(config, required=declared is None)
+    class_name = read_pipeline_class(config.model_copy(update={"revision": commit}) if commit else config, required=declared is None)
     if class_name is None:
-        return ModelEntry(name, config, fingerprint, declared, declared.pipeline_classes[0])
+        return ModelEntry(name, config, fingerprint, declared, declared.pipeline_classes[0], commit)
     try:
         family = family_of_class(class_name)
     except UnknownFamily as exc:
@@ -54,7 +57,32 @@ def _model_entry(name: str, config: ModelConfig) -> ModelEntry:
             f"model {name!r} ({config.ref}) is a {class_name} ({family.name}), but its family is set to {declared.name}; "
             f"remove model.family or set it to {family.name}"
         )
-    return ModelEntry(name, config, fingerprint, family, class_name)
+    return ModelEntry(name, config, fingerprint, family, class_name, commit)
+
+
+def place(catalog: Catalog, gpus: float, recorded: Optional[dict[str, dict]] = None) -> Catalog:
+    """The catalog with each model's ``device`` and ``dtype`` made concrete, as the engine
+    will run it; both decide pixels, so they enter every request id (and every image row).
+
+    ``device: auto`` follows the engine actors' GPU reservation (``gpus`` > 0: cuda), or,
+    when ``gpus`` is None (``imagegen verify`` and ``validate``, which start no actors),
+    the device the output's latest run recorded for that model (``recorded``: the
+    manifest's ``models``), else cpu. ``dtype: auto`` is float16 on cuda and float32 on
+    cpu, the engine's rule. An explicit device is kept (a CPU engine on logical GPUs is how
+    several-GPU layouts are tested on machines without one)."""
+
+    def placed(entry: ModelEntry) -> ModelEntry:
+        config = entry.config
+        device = config.device
+        if device == "auto":
+            if gpus is not None:
+                device = "cuda" if gpus > 0 else "cpu"
+            else:
+                device = (recorded or {}).get(entry.name, {}).get("device") or "cpu"
+        dtype = config.dtype if config.dtype != "auto" else ("float16" if device == "cuda" else "float32")
+        return dataclasses.replace(entry, config=config.model_copy(update={"device": device, "dtype": dtype}))
+
+    return dataclasses.replace(catalog, models={name: placed(entry) for name, entry in catalog.models.items()})
 
 
 def read_pipeline_class(config: ModelConfig, required: bool = True) -> Optional[str]:

@@ -10,7 +10,6 @@ image's pixels).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from typing import Any, Optional
@@ -18,9 +17,10 @@ from typing import Any, Optional
 import pyarrow as pa
 import ray
 
+from pipeline.engine.resolve import place
 from pipeline.engine.stages import BlockTimes, ImageEncoder, generate_table
 from pipeline.job import progress
-from pipeline.spec.catalog import Catalog, ModelEntry
+from pipeline.spec.catalog import Catalog
 from pipeline.spec.config import JobSpec
 
 log = logging.getLogger(__name__)
@@ -89,15 +89,10 @@ def actor_gpus(spec: JobSpec) -> float:
 
 
 def engine_catalog(catalog: Catalog, gpus: float) -> Catalog:
-    """The catalog an engine actor gets: ``device: auto`` follows its GPU reservation; an
-    explicit device is kept (a CPU engine on logical GPUs is how several-GPU layouts are
-    tested on machines without one)."""
+    """The catalog an engine actor gets: devices and dtypes made concrete for its GPU
+    reservation (:func:`pipeline.engine.resolve.place`)."""
 
-    def placed(entry: ModelEntry) -> ModelEntry:
-        device = entry.config.device if entry.config.device != "auto" else ("cuda" if gpus > 0 else "cpu")
-        return dataclasses.replace(entry, config=entry.config.model_copy(update={"device": device}))
-
-    return dataclasses.replace(catalog, models={name: placed(entry) for name, entry in catalog.models.items()})
+    return place(catalog, gpus)
 
 
 def rows_per_call(spec: JobSpec, catalog: Catalog) -> Optional[int]:

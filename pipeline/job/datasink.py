@@ -16,8 +16,9 @@ from ray.data.datasource.datasink import WriteResult
 from pipeline.errors import ImagegenError
 from pipeline.job.actors import final_counts
 from pipeline.output import card
-from pipeline.spec.catalog import Catalog
+from pipeline.spec.catalog import Catalog, ModelEntry
 from pipeline.spec.config import JobSpec
+from pipeline.spec.validate import REQUEST_ID_SCHEME, scheme_warning
 from pipeline.storage import dataset_schema, filesystem, lock, sink, supersede
 
 log = logging.getLogger(__name__)
@@ -67,10 +68,8 @@ class DatasetSink(Datasink[sink.WriteReport]):
                 "spec": self._spec.redacted(),
                 "spec_fingerprint": self._spec.fingerprint(),
                 "model_fingerprint": self._catalog.models[self._catalog.default_model].fingerprint,
-                "models": {
-                    name: {"ref": m.config.ref, "fingerprint": m.fingerprint, "family": m.family.name, "pipeline_class": m.pipeline_class}
-                    for name, m in self._catalog.models.items()
-                },
+                "models": {name: model_record(m) for name, m in self._catalog.models.items()},
+                "request_id_scheme": REQUEST_ID_SCHEME,
                 "loras": {name: {"url": a.config.url, "digest": a.digest} for name, a in self._catalog.loras.items()},
                 "versions": sink.library_versions(),
                 "counts": {
@@ -90,6 +89,19 @@ class DatasetSink(Datasink[sink.WriteReport]):
         self.report = report
 
 
+def model_record(m: ModelEntry) -> dict[str, Any]:
+    """What a manifest records of one model: how it was resolved and run."""
+    return {
+        "ref": m.config.ref,
+        "fingerprint": m.fingerprint,
+        "family": m.family.name,
+        "pipeline_class": m.pipeline_class,
+        "dtype": m.config.dtype,
+        "device": m.config.device,
+        **({"revision": m.config.revision, "commit": m.commit} if m.commit else {}),
+    }
+
+
 def prepare_output(spec: JobSpec) -> sink.Committed:
     """Apply ``output.mode`` and return what earlier runs committed there."""
     fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
@@ -103,6 +115,9 @@ def prepare_output(spec: JobSpec) -> sink.Committed:
                 "choose another output.url, or set output.mode to incremental or overwrite"
             )
         removed = sink.remove_uncommitted(fs, root, committed)
+        older_ids = scheme_warning(sink.read_manifests(fs, root)) if spec.output.mode == "incremental" else None
+    if older_ids:
+        log.warning("%s: %s", spec.output.url, older_ids)
     if removed:
         log.warning("removed %d part(s) left uncommitted by an interrupted run", len(removed))
     return committed

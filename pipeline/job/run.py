@@ -29,7 +29,7 @@ import ray
 from ray.data import ActorPoolStrategy
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pipeline.engine.resolve import build_catalog
+from pipeline.engine.resolve import build_catalog, place
 from pipeline.job import progress
 from pipeline.job.actors import GenerateStage, ProgressActor, actor_gpus, engine_catalog, final_counts, rows_per_call
 from pipeline.job.connect import connect, require_gpus
@@ -63,6 +63,8 @@ def run(spec: JobSpec, stage: type[GenerateStage] = GenerateStage) -> RunSummary
     # clear an output (mode: overwrite) or take its lock.
     connect(spec.runtime)
     require_gpus(spec)
+    # Device and dtype made concrete before any request id is made: both decide pixels.
+    catalog = place(catalog, actor_gpus(spec))
     # The lock comes before anything touches the output: cleaning up uncommitted parts
     # must never delete the parts of a run still in flight.
     fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)

@@ -28,7 +28,7 @@ from typing import Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.engine.resolve import build_catalog
+from pipeline.engine.resolve import build_catalog, place
 from pipeline.spec import schema as S
 from pipeline.spec.config import JobSpec
 from pipeline.spec.validate import Validator, find_duplicate_ids
@@ -147,7 +147,10 @@ def _in_two_places(keys: dict[str, list[pa.Table]], report: VerifyReport) -> Non
 
 def _unaccounted(spec: JobSpec, committed: set[str], report: VerifyReport) -> list[str]:
     duplicates = find_duplicate_ids(tables.read_input(spec.input), spec.input.id_column) if spec.input.id_column else {}
-    validator = Validator(spec, build_catalog(spec), duplicates=duplicates)
+    # device: auto is taken as the output's latest run ran it (no actors here to decide).
+    fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
+    recorded = next((m.get("models") for m in reversed(sink.read_manifests(fs, root)) if m.get("models")), None)
+    validator = Validator(spec, place(build_catalog(spec), None, recorded), duplicates=duplicates)
     missing, rows = [], 0
     for chunk in tables.read_input(spec.input):
         for raw in chunk.to_pylist():

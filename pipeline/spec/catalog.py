@@ -9,6 +9,7 @@ nothing is looked up twice or differently in two places. Pure: no I/O here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from pipeline.spec.config import LoraConfig, ModelConfig
 from pipeline.spec.families import Family
@@ -23,6 +24,13 @@ class ModelEntry:
     fingerprint: str
     family: Family
     pipeline_class: str
+    # A hub model's revision resolved to its commit hash (None for other kinds): what the
+    # fingerprint names and what the engine loads, so a moving branch cannot mix weights.
+    commit: Optional[str] = None
+
+    def loading_config(self) -> ModelConfig:
+        """The config the engine loads: a hub model pinned to its resolved commit."""
+        return self.config.model_copy(update={"revision": self.commit}) if self.commit else self.config
 
 
 @dataclass(frozen=True)

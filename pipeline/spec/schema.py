@@ -30,6 +30,8 @@ MODEL = "model"  # the model's name in the spec (its ref when the spec has one m
 MODEL_FINGERPRINT = "model_fingerprint"
 MODEL_FAMILY = "model_family"
 PIPELINE_CLASS = "pipeline_class"
+DTYPE = "dtype"  # the precision the model ran in (model.dtype resolved: float32, float16, bfloat16)
+DEVICE = "device"  # the device class it ran on (cpu, cuda)
 LORA = "lora"  # the adapter's name in the spec's loras; null without one
 LORA_SCALE = "lora_scale"
 LORA_DIGEST = "lora_digest"
@@ -95,6 +97,8 @@ REQUEST_FIELDS = [
     pa.field(MODEL_FINGERPRINT, pa.string()),
     pa.field(MODEL_FAMILY, pa.string()),
     pa.field(PIPELINE_CLASS, pa.string()),
+    pa.field(DTYPE, pa.string()),
+    pa.field(DEVICE, pa.string()),
     pa.field(LORA, pa.string()),
     pa.field(LORA_SCALE, pa.float64()),
     pa.field(LORA_DIGEST, pa.string()),

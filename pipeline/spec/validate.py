@@ -12,8 +12,11 @@ Contracts (see ARCHITECTURE.md):
   the identity, never from batch position. Image ``k`` of a row uses ``base + k``.
 - **Request id**: a digest of the identity, the image index and everything that decides
   the pixels (prompt, negative prompt, seed, size, steps, guidance, scheduler, model
-  fingerprint, and when set the T5 sequence length and the LoRA digest and scale).
-  Change any of them and the id changes; rerun the same spec and it does not.
+  fingerprint (a hub model's at its resolved commit), the model's resolved dtype and
+  device class, and when set the T5 sequence length and the LoRA digest and scale).
+  Change any of them and the id changes; rerun the same spec and it does not. How ids
+  are made is versioned (:data:`REQUEST_ID_SCHEME`, in every manifest): an output made
+  under an older scheme gets new ids, and a run into it says so (:func:`scheme_warning`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ from pipeline.spec.config import ROW_PARAMETERS, JobSpec
 from pipeline.spec.schema import READ_ERROR
 
 SEED_SPACE = 2**63
+# How request ids are made. 1: until dtype, device class and the hub commit entered them;
+# 2: with them. Recorded in every run manifest as ``request_id_scheme``.
+REQUEST_ID_SCHEME = 2
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 REQUEST_SCHEMA = pa.schema([*S.REQUEST_FIELDS, *S.ERROR_FIELDS])
 # Key of a rejected row's (parameter, message) pairs; parameter is None for a read error.
@@ -54,6 +60,23 @@ def request_id(identity: str, image_index: int, params: dict[str, Any], model_fi
     payload = {"identity": identity, "image_index": image_index, "model": model_fingerprint, **params}
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def scheme_warning(manifests: list[dict[str, Any]]) -> Optional[str]:
+    """What to tell a run into an output whose latest run made its ids under an older
+    :data:`REQUEST_ID_SCHEME` (None when they agree or the output is new): its images
+    will not be recognised, so every row is made again beside them."""
+    if not manifests:
+        return None
+    old = manifests[-1].get("request_id_scheme", 1)
+    if old == REQUEST_ID_SCHEME:
+        return None
+    return (
+        f"this output's images were made under request-id scheme {old}, this version makes scheme {REQUEST_ID_SCHEME} "
+        "ids (the model's dtype, device class and a hub model's commit now enter them): its rows are not recognised "
+        "as made and will be generated again beside the old images. To keep the datasets apart, set output.url to a "
+        "new output (or output.mode: overwrite); see the README's upgrade notes"
+    )
 
 
 def find_duplicate_ids(chunks: Iterable[pa.Table], id_column: str) -> dict[str, str]:
@@ -145,6 +168,7 @@ class Validator:
             extra[S.MAX_SEQUENCE_LENGTH] = params[S.MAX_SEQUENCE_LENGTH]
         if adapter is not None:
             extra.update({"lora": adapter.digest, S.LORA_SCALE: lora_scale})
+        extra.update({S.DTYPE: base[S.DTYPE], S.DEVICE: base[S.DEVICE]})  # resolved: see resolve.place
         columns = {
             S.LORA: adapter.name if adapter else None,
             S.LORA_SCALE: lora_scale,
@@ -382,6 +406,8 @@ def _model_columns(model: ModelEntry) -> dict[str, Any]:
         S.MODEL_FINGERPRINT: model.fingerprint,
         S.MODEL_FAMILY: model.family.name,
         S.PIPELINE_CLASS: model.pipeline_class,
+        S.DTYPE: model.config.dtype,
+        S.DEVICE: model.config.device,
         S.SCHEDULER: model.config.scheduler or "default",
     }
 
