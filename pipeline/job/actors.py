@@ -19,6 +19,7 @@ import ray
 
 from pipeline.engine.resolve import place
 from pipeline.engine.stages import BlockTimes, ImageEncoder, generate_table
+from pipeline.errors import ModelError
 from pipeline.job import progress
 from pipeline.spec.catalog import Catalog
 from pipeline.spec.config import JobSpec
@@ -52,7 +53,16 @@ class GenerateStage:
         self.encoder = ImageEncoder(spec.output.format, spec.output.quality, threads)
         self._counter = counter
         self._reported = self.models.stats
-        self.models.get(catalog.default_model)
+        try:
+            self.models.get(catalog.default_model)
+        except Exception as exc:  # noqa: BLE001 - one message for the whole job (see startup_failure)
+            entry = catalog.models[catalog.default_model]
+            raise ModelError(
+                f"{_DEFAULT_MODEL_FAILED} {entry.name!r}{'' if entry.name == entry.config.ref else f' ({entry.config.ref})'} "
+                "cannot be loaded on the engine actors: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} -- check model.ref and that the "
+                "weights are complete (a partial download or copy fails like this), then rerun"
+            ) from None
         self._ready()
 
     def _ready(self) -> None:
@@ -74,6 +84,24 @@ class GenerateStage:
         self._reported = stats
         if self._counter is not None:
             self._counter.add.remote(model_loads=stats.loads - before.loads, model_swaps=stats.swaps - before.swaps, **finished)
+
+
+_DEFAULT_MODEL_FAILED = "the default model"
+
+
+def startup_failure(exc: BaseException) -> Optional[ModelError]:
+    """The :class:`ModelError` an engine actor raised because the default model cannot be
+    loaded, recovered from the error Ray raised on the driver (an actor's creation-task
+    exception reaches the driver only as text inside ``ActorDiedError``); None otherwise."""
+    marker = f"ModelError: {_DEFAULT_MODEL_FAILED} "
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc)
+        if marker in text:
+            return ModelError(text[text.rindex(marker) + len("ModelError: ") :].split("\n", 1)[0].strip())
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def actor_gpus(spec: JobSpec) -> float:

@@ -31,7 +31,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.engine.resolve import build_catalog, place
 from pipeline.job import progress
-from pipeline.job.actors import GenerateStage, ProgressActor, actor_gpus, engine_catalog, final_counts, rows_per_call
+from pipeline.job.actors import GenerateStage, ProgressActor, actor_gpus, engine_catalog, final_counts, rows_per_call, startup_failure
 from pipeline.job.connect import connect, require_gpus
 from pipeline.job.datasink import DatasetSink, prepare_output
 from pipeline.job.read import read_requests
@@ -73,10 +73,13 @@ def run(spec: JobSpec, stage: type[GenerateStage] = GenerateStage) -> RunSummary
         committed = prepare_output(spec)
         validator = Validator(spec, catalog, skip=frozenset(committed.request_ids), duplicates=duplicates)
         return _execute(spec, run_id, catalog, validator, started, stage)
-    except Exception:
+    except Exception as exc:
         # However the job failed (a writer's LeaseLost arrives wrapped by Ray), a lost
         # lease is the reason to report: the user must know the output was given up.
         lock.raise_if_lost()
+        failure = startup_failure(exc)  # a default model that cannot load: one message
+        if failure is not None:
+            raise failure from None
         raise
     finally:
         lock.release()
