@@ -118,5 +118,7 @@ def test_columns_that_differ_between_runs_read_everywhere(ray_cluster, make_spec
     assert len(frame) == 4 and wanted <= set(frame.columns) and sorted(frame["extra"].dropna()) == ["x", "y"]
     table = pads.dataset(out / "images", schema=schema).to_table()
     assert table.num_rows == 4 and wanted <= set(table.column_names)
+    through_ray = ray_cluster.data.read_parquet(str(out / "images"), schema=schema).to_pandas()
+    assert len(through_ray) == 4 and wanted <= set(through_ray.columns)
     rows = duckdb.sql(f"select tag, score, extra from read_parquet('{out}/images/*.parquet', union_by_name=true) order by prompt").fetchall()
     assert sorted(rows, key=str) == sorted([("sky", 1, None), ("sea", 2, None), (None, None, "x"), (None, None, "y")], key=str)
