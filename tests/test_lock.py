@@ -27,8 +27,8 @@ from s3_proxy import S3Proxy
 def test_two_runs_at_once_on_one_output_the_second_is_refused(ray_cluster, make_spec, prompts, tmp_path, wait_for):
     lines = (prompts / "partiprompts" / "PartiPrompts.tsv").read_text().splitlines()[1:41]
     pd.DataFrame({"prompt": [line.split("\t")[0] for line in lines]}).to_csv(tmp_path / "p.csv", index=False)
-    # A one-second lease, far shorter than the run: the run lives on its renewals.
-    spec = make_spec({"url": str(tmp_path / "p.csv")}, defaults={"width": 64, "height": 64, "steps": 4}, output={"lock_lease_s": 1})
+    # A lease far shorter than the run: the run lives on its renewals.
+    spec = make_spec({"url": str(tmp_path / "p.csv")}, defaults={"width": 64, "height": 64, "steps": 4}, output={"lock_lease_s": 5})
     lock_file = Path(spec.output.url) / LOCK_NAME
     result: dict = {}
     first = threading.Thread(target=lambda: result.update(summary=run(spec)))
