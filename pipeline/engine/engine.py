@@ -31,20 +31,10 @@ from pipeline.engine import family_calls, model_ref
 from pipeline.engine.kernels import decode_in_chunks, input_shapes, is_out_of_memory, set_attention, use_compile_cache
 from pipeline.engine.requests import AdapterError, GenerationRequest, GenerationResult, ImageIsNaN
 from pipeline.spec.batching import group_by_bucket, halves
+from pipeline.spec.families import SCHEDULER_CLASSES
 from pipeline.spec.model_config import LoraConfig, ModelConfig
 
 log = logging.getLogger(__name__)
-
-# The spec's scheduler names -> diffusers classes.
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "lms": "LMSDiscreteScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
 
 
 def resolve_device(config: ModelConfig) -> str:
@@ -121,7 +111,8 @@ class Engine:
             kwargs["revision"] = config.revision
         self.pipe, self.family = _load_pipeline(location, kwargs)
         if config.scheduler:
-            scheduler_class = getattr(diffusers, SCHEDULERS[config.scheduler])
+            self.family.check_scheduler(config.scheduler, "model.scheduler", config.ref)
+            scheduler_class = getattr(diffusers, SCHEDULER_CLASSES[config.scheduler])
             self.pipe.scheduler = scheduler_class.from_config(self.pipe.scheduler.config)
         self.pipe.to(self.device)
         self._apply_options(config)

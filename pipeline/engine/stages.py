@@ -116,6 +116,7 @@ def generate_table(
     seconds: list = [None] * n
     tokens: list = [None] * n
     truncated: list = [None] * n
+    schedulers = table.column(S.SCHEDULER).to_pylist()
     errors: dict[int, tuple[str, str]] = {}
     encodings: dict[int, Future] = {}
     times = times if times is not None else BlockTimes()
@@ -146,7 +147,11 @@ def generate_table(
                 i = pending[p]
                 seconds[i] = result.seconds
                 tokens[i], truncated[i] = result.prompt_tokens, result.prompt_truncated
-                if result.ok:
+                schedulers[i] = engine.scheduler_name
+                wrong_size = _size_mismatch(requests[p], result.pixels) if result.ok else None
+                if wrong_size:
+                    errors[i] = ("SizeMismatch", wrong_size)
+                elif result.ok:
                     encodings[i] = encoder.submit(result.pixels)
                 else:
                     errors[i] = (result.error_type or "Error", result.error_message or "")
@@ -158,11 +163,25 @@ def generate_table(
         (S.GENERATION_SECONDS, seconds, pa.float64()),
         (S.PROMPT_TOKENS, tokens, pa.int32()),
         (S.PROMPT_TRUNCATED, truncated, pa.bool_()),
+        (S.SCHEDULER, schedulers, pa.string()),
         (S.ACTOR_ID, [actor_id] * n, pa.string()),
         (S.NODE_ID, [node_id] * n, pa.string()),
     ):
         table = _set(table, column, values, type_)
     return table
+
+
+def _size_mismatch(request: GenerationRequest, pixels: np.ndarray) -> Optional[str]:
+    """Why an image does not have the size its row records, or None. Validation holds
+    each family to its size multiple; this catches any model that still resizes (FLUX
+    rounds a size off its multiple down with only a warning)."""
+    height, width = pixels.shape[:2]
+    if (width, height) == (request.width, request.height):
+        return None
+    return (
+        f"the model made a {width}x{height} image for a {request.width}x{request.height} request; "
+        "the image was not stored. Use a width and height the model takes as they are"
+    )
 
 
 def _calls(engine, requests: list[GenerationRequest]) -> list[list[int]]:

@@ -29,6 +29,8 @@ class RunSummary:
     engine_seconds: float = 0.0  # summed over engine actors: in diffusers calls and model loads
     encode_wait_seconds: float = 0.0  # summed over engine actors: idle, waiting for encoding
     parts: list[dict[str, Any]] = field(repr=False, default_factory=list)
+    # Found before any work, worth a user's attention (images no current input row owns).
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def images_per_second(self) -> float:
@@ -61,4 +63,5 @@ def format_summary(s: RunSummary) -> str:
         "  read it with  pandas.read_parquet(OUTPUT + '/images')  or",
         "                datasets.load_dataset('parquet', data_dir=OUTPUT + '/images')",
     ]
+    lines += [f"  warning      {w}" for w in s.warnings]
     return "\n".join(lines)

@@ -84,7 +84,7 @@ def _run_models(manifest: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]
 def _body(manifests: list[dict[str, Any]], spec: dict[str, Any], in_parts: dict[str, int], name: str) -> str:
     if not manifests:
         return f"# {name}\n\nNo run has committed into this output yet.\n"
-    model, defaults, out = spec.get("model", {}), spec.get("defaults", {}), spec.get("output", {})
+    defaults, out = spec.get("defaults", {}), spec.get("output", {})
     models = sorted(
         {
             (ref, fp, info.get("family") or "?")
@@ -122,7 +122,7 @@ def _body(manifests: list[dict[str, Any]], spec: dict[str, Any], in_parts: dict[
         "|---|---|",
         "| model | " + "; ".join(f"`{ref}` ({family}, fingerprint `{fp}`)" for ref, fp, family in models) + " |",
         *([("| LoRA adapters | " + "; ".join(f"`{n}` (digest `{d}`)" for n, d in loras) + " |")] if loras else []),
-        f"| revision, dtype, scheduler | {model.get('revision')}, {model.get('dtype')}, {model.get('scheduler') or 'the model default'} |",
+        f"| revision, dtype, scheduler | {_model_settings(spec)} |",
         f"| default size | {defaults.get('width')}x{defaults.get('height')} |",
         f"| default steps, guidance scale | {defaults.get('steps')}, {defaults.get('guidance_scale')} |",
         f"| default negative prompt | {_cell(defaults.get('negative_prompt') or '(none)')} |",
@@ -146,6 +146,18 @@ def _body(manifests: list[dict[str, Any]], spec: dict[str, Any], in_parts: dict[
         lines.append(f"| `{m['run_id']}` | {_date(m.get('finished_at'), time_of_day=True)} | {c['input_rows']} | {c['images']} | {c['errors']} | {m.get('wall_seconds', 0):.1f} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _model_settings(spec: dict[str, Any]) -> str:
+    """Revision, dtype and scheduler of the spec's model, or of each of its ``models`` by
+    name: with ``models`` the ``model`` section is unused (its defaults say nothing)."""
+
+    def settings(model: dict[str, Any]) -> str:
+        return f"{model.get('revision')}, {model.get('dtype')}, {model.get('scheduler') or 'the model default'}"
+
+    if spec.get("models"):
+        return "; ".join(f"`{name}`: {settings(model)}" for name, model in spec["models"].items())
+    return settings(spec.get("model", {}))
 
 
 def _cell(text: str) -> str:

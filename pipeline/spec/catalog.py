@@ -17,13 +17,22 @@ from pipeline.spec.families import Family
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One named model: its config and what the driver learnt about it."""
+    """One named model: its config and what the driver learnt about it.
+
+    ``size_multiple``: what every width and height must be a multiple of for this model,
+    and ``size_rule`` why (see :meth:`Family.size_multiple`). ``scheduler_class``: the
+    diffusers scheduler class it runs with (``model.scheduler``'s, else the one it was
+    saved with; None when that cannot be read before the job).
+    """
 
     name: str
     config: ModelConfig
     fingerprint: str
     family: Family
     pipeline_class: str
+    size_multiple: int = 8
+    size_rule: str = ""
+    scheduler_class: Optional[str] = None
     # A hub model's revision resolved to its commit hash (None for other kinds): what the
     # fingerprint names and what the engine loads, so a moving branch cannot mix weights.
     commit: Optional[str] = None

@@ -12,7 +12,8 @@ from pydantic import Field, model_validator
 from pipeline.spec.families import FamilyName
 from pipeline.spec.section import Section, StorageURL
 
-SchedulerName = Literal["ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "lms", "unipc"]
+# Which of these a model can use depends on its family (families.Family.schedulers).
+SchedulerName = Literal["ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "lms", "unipc", "flow_euler"]
 
 AttentionKernel = Literal["sdpa", "flash", "efficient", "cudnn", "eager"]
 
@@ -99,6 +100,8 @@ class ModelConfig(Section):
     starts (set it for a hub model when the driver has no network access).
     ``dtype: auto`` is float16 on CUDA and float32 on CPU.
     ``scheduler`` swaps the pipeline's scheduler for a named one; unset keeps the model's.
+    Which names a model takes is its family's (SD, SDXL: ddim, pndm, euler, euler_a,
+    dpmpp_2m, lms, unipc; SD3, FLUX: flow_euler): another is a spec error before any work.
     Weights load from safetensors only unless ``allow_pickle`` is set. ``storage_options``
     reach the remote prefix (credentials, ``endpoint_url``); remote weights are copied once
     into ``cache_dir`` per node.

@@ -70,6 +70,9 @@ INPUT_SOURCE = "__source"
 INPUT_ROW = "__row"
 # Set by the reader on a row it could not parse (a bad JSONL line): the validator makes it an error row.
 READ_ERROR = "__read_error"
+# With READ_ERROR where the reader has no columns for the row: the text it could not parse
+# (a JSONL line), kept as the error row's raw and never passed through as a column.
+READ_TEXT = "__read_text"
 
 IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
 
