@@ -24,12 +24,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pipeline.engine.resolve import build_catalog
+from pipeline.engine.resolve import build_catalog, place
 from pipeline.output.ownership import unowned_images
 from pipeline.spec import schema as S
 from pipeline.spec.config import JobSpec, PlanConfig, ThroughputEntry
 from pipeline.spec.seen_ids import SeenIds, unit_ids
-from pipeline.spec.validate import PROBLEMS, Validator
+from pipeline.spec.validate import PROBLEMS, Validator, scheme_warning
 from pipeline.storage import filesystem, sink, tables
 from pipeline.storage.units import ReadUnit, plan_units, read_unit, text_advice
 
@@ -220,7 +220,7 @@ def make_plan(spec: JobSpec, on_cluster: Optional[bool] = None) -> Plan:
     table = plan_units(inp)
     plan = Plan(input_url=inp.url, num_actors=spec.runtime.num_actors, price_per_gpu_hour=spec.plan.price_per_gpu_hour)
     committed = _committed_ids(spec, plan)
-    validator = Validator(spec, catalog)
+    validator = Validator(spec, place(catalog, None, _recorded_models(spec, plan)))
     if on_cluster is None:
         on_cluster = table.rows is None or table.rows > LOCAL_ROWS
     tally = Tally()
@@ -278,6 +278,20 @@ def _tally_unit(spec: JobSpec, unit: ReadUnit, validator: Validator, committed, 
         repeats = ray.get(registry.register.remote(unit.seq, unit_ids(chunks, spec.input.id_column)))
         validator = dataclasses.replace(validator, duplicates=repeats)
     return tally_rows(validator, chunks, committed)
+
+
+def _recorded_models(spec: JobSpec, plan: Plan) -> Optional[dict]:
+    """The models of the output's latest run (how ``device: auto`` ran there; see
+    :func:`~pipeline.engine.resolve.place`); warns when its request ids are of an older scheme."""
+    if spec.output.mode == "overwrite":
+        return None
+    fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
+    with filesystem.storage_errors(spec.output.url, "read"):
+        manifests = sink.read_manifests(fs, root)
+    older_ids = scheme_warning(manifests)
+    if older_ids:
+        plan.warnings.append(older_ids)
+    return manifests[-1].get("models") if manifests else None
 
 
 def _committed_ids(spec: JobSpec, plan: Plan) -> set[str]:
