@@ -1,12 +1,15 @@
 """The write side of the batch job: a Ray Data datasink that writes each block as atomic
-parts (:mod:`pipeline.storage.sink`), then the run manifest and the dataset card; and
-preparing the output (``output.mode``) before a run."""
+parts and commits it with a record at once (:mod:`pipeline.storage.sink`); at the end,
+folds the run's records into one, writes the run manifest and the dataset card. And
+preparing the output before a run: ``output.mode``, adopting what interrupted runs
+committed, removing what they left half-done (:func:`prepare_output`)."""
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
 
 import pyarrow as pa
 from ray.data.block import BlockAccessor
@@ -18,7 +21,7 @@ from pipeline.job.actors import final_counts
 from pipeline.output import card
 from pipeline.spec.catalog import Catalog
 from pipeline.spec.config import JobSpec
-from pipeline.storage import filesystem, sink
+from pipeline.storage import commits, filesystem, sink
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +30,8 @@ class DatasetSink(Datasink[sink.WriteReport]):
     """Writes each block as atomic parts; on completion writes the run manifest, then
     regenerates the dataset card (README.md) over all the output's runs."""
 
-    def __init__(self, spec: JobSpec, run_id: str, catalog: Catalog, started: float, counter: Any):
+    def __init__(self, spec: JobSpec, run_id: str, catalog: Catalog, started: float, counter: Any, prepared: Optional["Prepared"] = None):
+        self._prepared = prepared or Prepared()
         self._output = spec.output
         self._spec = spec
         self._run_id = run_id
@@ -52,12 +56,17 @@ class DatasetSink(Datasink[sink.WriteReport]):
         finished = time.time()
         counts = final_counts(self._counter)
         fs, root = filesystem.open_url(self._output.url, self._output.storage_options)
+        # Few records: the blocks' records become one (and retried writes' leftovers go).
+        commits.compact(fs, root, self._run_id, report.records)
+        prepared = self._prepared
         sink.write_manifest(
             fs,
             root,
             self._run_id,
             {
                 "run_id": self._run_id,
+                "adopted": {"requests": counts.adopted, "from_runs": prepared.interrupted},
+                "recovery": prepared.recovery.as_dict(),
                 "status": "complete",
                 "started_at": self._started,
                 "finished_at": finished,
@@ -86,19 +95,44 @@ class DatasetSink(Datasink[sink.WriteReport]):
         self.report = report
 
 
-def prepare_output(spec: JobSpec) -> sink.Committed:
-    """Apply ``output.mode`` and return what earlier runs committed there."""
+@dataclass
+class Prepared:
+    """What :func:`prepare_output` found and did: the ids this run skips, the interrupted
+    runs whose committed parts it adopts, and what it removed."""
+
+    skip: commits.SkipFilter = field(default_factory=commits.SkipFilter)
+    interrupted: list[str] = field(default_factory=list)
+    recovery: commits.Recovery = field(default_factory=commits.Recovery)
+
+
+def prepare_output(spec: JobSpec, run_id: str = "", started: float = 0.0) -> Prepared:
+    """Apply ``output.mode``; adopt what earlier runs committed (see
+    :mod:`pipeline.storage.commits`): remove parts without a record, records whose parts are
+    damaged or that a retried write superseded; mark runs that never finished as
+    interrupted; then write this run's "running" manifest. The caller holds the lock."""
     fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
     with filesystem.storage_errors(spec.output.url, "prepare"):
         if spec.output.mode == "overwrite":
             sink.clear_output(fs, root)
-        committed = sink.read_committed(fs, root)
-        if committed.runs and spec.output.mode == "error_if_exists":
+        found = commits.read_commits(fs, root)
+        manifests = sink.read_manifests(fs, root)
+        runs = {m.get("run_id") for m in manifests} | set(found.runs())
+        if runs and spec.output.mode == "error_if_exists":
             raise ImagegenError(
-                f"{spec.output.url} already holds {len(committed.runs)} run(s) and output.mode is error_if_exists; "
+                f"{spec.output.url} already holds {len(runs)} run(s) and output.mode is error_if_exists; "
                 "choose another output.url, or set output.mode to incremental or overwrite"
             )
-        removed = sink.remove_uncommitted(fs, root, committed)
-    if removed:
-        log.warning("removed %d part(s) left uncommitted by an interrupted run", len(removed))
-    return committed
+        recovery = commits.repair(fs, root, found)
+        interrupted = sink.interrupted_runs(manifests, found)
+        if interrupted:
+            sink.adopt_interrupted(fs, root, found, interrupted, adopted_by=run_id)
+        if run_id:
+            sink.write_manifest(fs, root, run_id, sink.start_manifest(run_id, started, spec.redacted(), spec.fingerprint()))
+    if recovery.removed_parts:
+        log.warning("removed %d part(s) without a commit record, left by an interrupted run", len(recovery.removed_parts))
+    for name, why in recovery.dropped_records:
+        log.warning("dropped commit record %s: %s; its rows are made again", name, why)
+    if interrupted:
+        log.warning("adopting what interrupted run(s) %s committed", ", ".join(interrupted))
+    skip = commits.SkipFilter(found.ids(), found.ids(runs=interrupted))
+    return Prepared(skip, interrupted, recovery)

@@ -1,0 +1,593 @@
+"""Commit records: what makes a part of an output durable, and what a rerun adopts.
+
+Every block the job writes becomes its Parquet part(s) first, then one small commit
+record under ``<output>/_commits/<run-id>/``. A part counts (is committed) exactly when
+an accepted record lists it with its size; so a driver killed at any moment loses at most
+the blocks in flight, and the next run into the output adopts everything else.
+
+A record is one file: a header line (JSON: run id, time, the parts with path, rows,
+bytes and sha256, the block's counts) and the 8-byte hashes of the parts' request ids
+(see :func:`id_hashes`) as raw little-endian uint64, the whole guarded by a sha256. The
+ids stay out of the JSON: reading the records of a 10M-image output is reading ~80 MB of
+numbers, not parsing 10M strings. At the end of a run (or a window) the driver folds the
+run's block records into one compacted record (:func:`compact`), so records stay few.
+
+Reading (:func:`read_commits`) decides, deterministically and without writing:
+
+- a record that cannot be read (truncated, digest mismatch) is *dropped*;
+- a record one of whose parts is missing, or whose size differs from the record's
+  (a truncated Parquet file), is *dropped* whole: a part is adopted whole or not at all;
+- records are taken in order (run id, which sorts by start time; compacted records
+  first; then name). A record holding a request id an earlier accepted record already
+  holds is *superseded* whole (a write Ray retried with another block composition): the
+  first one wins, so no request id is counted twice;
+- a part file no accepted record lists is an *orphan* (a part written just before a
+  crash, or the parts of dropped and superseded records).
+
+:func:`repair` then makes the files match (removes orphans and the records that were not
+accepted); only a run holding the output's lock calls it. The sha256 of a part's bytes is
+checked by ``imagegen verify`` (which reads every part anyway), not at adoption: reading
+every byte of a large output before a rerun would cost as much as the rerun saves;
+adoption checks presence and size, which is what a crash damages.
+
+Pure: no Ray. Outputs written before commit records existed are read through their run
+manifests (each listed part's ids are read once); :func:`repair` writes their records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.spec import schema as S
+from pipeline.storage import filesystem
+
+COMMITS_DIR = "_commits"
+IMAGES_DIR = "images"
+ERRORS_DIR = "errors"
+RUNS_DIR = "_runs"
+SUFFIX = ".commit"
+_MAGIC = b"IGCOMMIT1 "
+_COMPACTED = "compacted-"
+# Error stages whose verdict is final (the same input gets the same verdict): their ids are
+# skipped by a rerun. Rows that failed in generation or encoding are tried again.
+FINAL_ERROR_STAGES = (S.STAGE_READ, S.STAGE_VALIDATE)
+
+# -- request id -> 8-byte hash ------------------------------------------------------------
+
+_HEX = np.full(256, 255, dtype=np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _HEX[_c] = _i
+
+
+def id_hashes(ids: Any) -> np.ndarray:
+    """Request ids -> their 8-byte hashes (uint64), vectorised.
+
+    A request id is the first 32 hex digits of a sha256 (:func:`pipeline.spec.validate.request_id`),
+    so its first 16 digits already are a uniform 64-bit hash: they are parsed, not hashed
+    again. Any other string gets an 8-byte blake2b. Two different ids share a hash with odds
+    of about n_new * n_committed / 2**64 (5e-4 for 10^8 against 10^8), in which case the new
+    one would be skipped as made; ``imagegen verify`` with the spec finds such a row.
+    """
+    if isinstance(ids, np.ndarray) and ids.dtype == np.uint64:
+        return ids
+    array = ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(list(ids), pa.string())
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks() if array.num_chunks else pa.array([], pa.string())
+    if array.type != pa.string():
+        array = array.cast(pa.string())
+    n = len(array)
+    if n == 0:
+        return np.empty(0, np.uint64)
+    _, offsets_buf, data_buf = array.buffers()
+    offsets = np.frombuffer(offsets_buf, np.int32)[array.offset : array.offset + n + 1]
+    data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.empty(0, np.uint8)
+    hexed = (np.diff(offsets) == 32) & np.asarray(array.is_valid())
+    out = np.zeros(n, np.uint64)
+    rows = np.flatnonzero(hexed)
+    if rows.size == n and offsets[-1] - offsets[0] == 32 * n:  # the usual case: every id is 32 digits
+        digits = _HEX[data[offsets[0] : offsets[-1]].reshape(n, 32)]
+    elif rows.size:
+        digits = _HEX[data[offsets[rows, None] + np.arange(32)]]
+    if rows.size:
+        clean = digits.max(axis=1) < 16
+        if not clean.all():
+            hexed[rows[~clean]] = False
+            rows, digits = rows[clean], digits[clean]
+        pairs = (digits[:, 0:16:2] << 4) | digits[:, 1:16:2]  # the first 8 bytes of the digest
+        out[rows] = np.ascontiguousarray(pairs).view(">u8").ravel().astype(np.uint64)
+    for i in np.flatnonzero(~hexed):
+        value = array[int(i)].as_py() or ""
+        out[i] = int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8).digest(), "big")
+    return out
+
+
+class CommittedIds:
+    """A set of request ids held as a sorted uint64 array of their hashes (8 bytes an id,
+    no Python object per id). :meth:`contains` is a vectorised ``np.searchsorted``.
+
+    The array may be a read-only view (Ray's object store hands numpy arrays out
+    zero-copy); nothing here writes to it.
+    """
+
+    def __init__(self, hashes: Optional[np.ndarray] = None, *, sorted_unique: bool = False):
+        hashes = np.empty(0, np.uint64) if hashes is None else np.asarray(hashes, dtype=np.uint64)
+        self.hashes = hashes if sorted_unique else np.unique(hashes)
+
+    @classmethod
+    def from_ids(cls, ids: Iterable[str] | pa.Array) -> "CommittedIds":
+        return cls(id_hashes(ids))
+
+    def contains(self, ids: pa.Array | pa.ChunkedArray | np.ndarray | list[str]) -> np.ndarray:
+        """A bool array: for each id (strings, or hashes from :func:`id_hashes`), whether it is held."""
+        h = id_hashes(ids)
+        if not len(self.hashes) or not len(h):
+            return np.zeros(len(h), dtype=bool)
+        at = np.minimum(np.searchsorted(self.hashes, h), len(self.hashes) - 1)
+        return self.hashes[at] == h
+
+    def __contains__(self, request_id: str) -> bool:
+        return bool(self.contains([request_id])[0])
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.hashes.nbytes)
+
+
+@dataclass
+class SkipFilter:
+    """What a run skips: ``committed`` (every committed final id), and among them those
+    ``adoptable`` (committed by interrupted runs: a skip of one of those is an adoption,
+    counted in the run's summary). The Validator calls :meth:`contains`; the job's read
+    tasks count :meth:`adopted` among the ids it skipped."""
+
+    committed: CommittedIds = field(default_factory=CommittedIds)
+    adoptable: CommittedIds = field(default_factory=CommittedIds)
+
+    def contains(self, ids: Any) -> np.ndarray:
+        return self.committed.contains(ids)
+
+    def adopted(self, ids: Any) -> int:
+        return int(self.adoptable.contains(ids).sum()) if len(self.adoptable) else 0
+
+    def __len__(self) -> int:
+        return len(self.committed)
+
+
+# -- records ------------------------------------------------------------------------------
+
+
+@dataclass
+class PartEntry:
+    """One Parquet part as its commit record describes it. ``final``: hashes of the ids a
+    rerun skips (images; rows rejected at read or validation); ``retry``: of error rows a
+    rerun tries again (failed in generation or encoding)."""
+
+    path: str  # relative to the output root: images/part-....parquet
+    rows: int
+    bytes: int
+    sha256: str
+    final: np.ndarray
+    retry: np.ndarray
+
+    @property
+    def kind(self) -> str:
+        return self.path.split("/", 1)[0]
+
+    def header(self) -> dict[str, Any]:
+        return {"path": self.path, "rows": self.rows, "bytes": self.bytes, "sha256": self.sha256, "final": len(self.final), "retry": len(self.retry)}
+
+
+@dataclass
+class Record:
+    """One commit record: a block's parts (or, compacted, a run's), and their counts."""
+
+    name: str  # relative to the output root: _commits/<run>/<...>.commit
+    run_id: str
+    written_at: float
+    parts: list[PartEntry]
+    counts: dict[str, Any] = field(default_factory=dict)  # images, errors, input_rows, errors_by_stage
+    legacy: bool = False  # read from a manifest of an output older than commit records
+
+    @property
+    def compacted(self) -> bool:
+        return self.name.rsplit("/", 1)[-1].startswith(_COMPACTED) or self.legacy
+
+    def order(self) -> tuple:
+        return (self.run_id, not self.compacted, self.name)
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.parts)
+
+
+def part_entry(path: str, data: bytes, table: pa.Table) -> PartEntry:
+    """The entry of a part just serialised to ``data`` from ``table`` (images or errors)."""
+    if S.ERROR_STAGE in table.column_names and table.num_rows:
+        final_rows = pc.is_in(table.column(S.ERROR_STAGE), pa.array(FINAL_ERROR_STAGES))
+        final = id_hashes(table.filter(final_rows).column(S.REQUEST_ID))
+        retry = id_hashes(table.filter(pc.invert(final_rows)).column(S.REQUEST_ID))
+    else:
+        final, retry = id_hashes(table.column(S.REQUEST_ID)), np.empty(0, np.uint64)
+    return PartEntry(path, table.num_rows, len(data), hashlib.sha256(data).hexdigest(), final, retry)
+
+
+def encode_record(record: Record) -> bytes:
+    header = {"run_id": record.run_id, "written_at": record.written_at, "parts": [p.header() for p in record.parts], "counts": record.counts}
+    ids = b"".join(np.ascontiguousarray(a, dtype="<u8").tobytes() for p in record.parts for a in (p.final, p.retry))
+    body = json.dumps(header, sort_keys=True, separators=(",", ":")).encode() + b"\n" + ids
+    return _MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body
+
+
+class CorruptRecord(ValueError):
+    """A commit record that cannot be read: truncated, or its digest does not match."""
+
+
+def decode_record(name: str, data: bytes) -> Record:
+    if not data.startswith(_MAGIC):
+        raise CorruptRecord("not a commit record (no header)")
+    digest, _, body = data[len(_MAGIC) :].partition(b"\n")
+    if hashlib.sha256(body).hexdigest().encode() != digest:
+        raise CorruptRecord("its digest does not match its content (truncated or damaged)")
+    line, _, ids = body.partition(b"\n")
+    try:
+        header = json.loads(line)
+        hashes = np.frombuffer(ids, dtype="<u8")
+        parts, at = [], 0
+        for p in header["parts"]:
+            final, retry = hashes[at : at + p["final"]], hashes[at + p["final"] : at + p["final"] + p["retry"]]
+            at += p["final"] + p["retry"]
+            parts.append(PartEntry(p["path"], int(p["rows"]), int(p["bytes"]), p["sha256"], final, retry))
+        if at != len(hashes):
+            raise CorruptRecord(f"it holds {len(hashes)} request ids, its header {at}")
+        return Record(name, header["run_id"], float(header["written_at"]), parts, header.get("counts", {}))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptRecord(f"its header cannot be read ({exc})") from None
+
+
+def record_name(run_id: str, parts: list[PartEntry], compacted: bool = False) -> str:
+    """Named after its parts (their paths carry the ids' and the bytes' digests): a write
+    repeated with the same block and bytes rewrites the same record."""
+    digest = hashlib.sha256("\n".join(p.path for p in parts).encode()).hexdigest()[:16]
+    return f"{COMMITS_DIR}/{run_id}/{_COMPACTED if compacted else ''}{digest}{SUFFIX}"
+
+
+def write_record(fs: fsspec.AbstractFileSystem, root: str, run_id: str, parts: list[PartEntry], counts: dict[str, Any]) -> Record:
+    """Commit ``parts`` (already written in full): write their record atomically. From
+    this moment they are durable and a later run adopts them."""
+    record = Record(record_name(run_id, parts), run_id, time.time(), parts, counts)
+    filesystem.atomic_write(fs, filesystem.join(root, record.name), encode_record(record))
+    return record
+
+
+def compact(fs: fsspec.AbstractFileSystem, root: str, run_id: str, names: list[str]) -> Optional[Record]:
+    """Fold the block records ``names`` of ``run_id`` (those its successful writes returned)
+    into one compacted record, then remove them and any other block record of the run
+    holding their request ids (the leftovers of writes Ray retried). Returns the compacted
+    record, or None when there was nothing to fold.
+
+    Crash-safe in any order: the compacted record is written before anything is removed,
+    and a block record whose parts a compacted one lists is redundant on read.
+    """
+    if not names:
+        return None
+    wanted = set(names)
+    mine = [r for r in _read_records(fs, root, filesystem.join(root, COMMITS_DIR, run_id))[0] if not r.compacted]
+    kept = [r for r in mine if r.name in wanted]
+    if not kept:
+        return None
+    parts = {p.path: p for r in sorted(kept, key=Record.order) for p in r.parts}
+    counts = _sum_counts(r.counts for r in kept)
+    merged = Record(record_name(run_id, list(parts.values()), compacted=True), run_id, max(r.written_at for r in kept), list(parts.values()), counts)
+    filesystem.atomic_write(fs, filesystem.join(root, merged.name), encode_record(merged))
+    held = CommittedIds(np.concatenate([p.final for p in parts.values()] or [np.empty(0, np.uint64)]))
+    for record in mine:
+        if record.name in wanted:
+            _remove(fs, root, record.name)
+        elif any(p.path not in parts and held.contains(p.final).any() for p in record.parts):
+            # A retried write's other attempt: its ids are in the parts that count.
+            _remove(fs, root, record.name)
+            for p in record.parts:
+                if p.path not in parts:
+                    _remove(fs, root, p.path)
+    return merged
+
+
+def _sum_counts(counts: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    total: dict[str, Any] = {"images": 0, "errors": 0, "input_rows": 0, "errors_by_stage": {}}
+    for c in counts:
+        for key in ("images", "errors", "input_rows"):
+            total[key] += int(c.get(key, 0))
+        for stage, n in c.get("errors_by_stage", {}).items():
+            total["errors_by_stage"][stage] = total["errors_by_stage"].get(stage, 0) + n
+    return total
+
+
+def _remove(fs: fsspec.AbstractFileSystem, root: str, relative: str) -> None:
+    try:
+        fs.rm(filesystem.join(root, relative))
+    except FileNotFoundError:
+        pass
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+@dataclass
+class RunCommits:
+    """What one run has committed, summed from its accepted records."""
+
+    run_id: str
+    images: int = 0
+    errors: int = 0
+    input_rows: int = 0
+    parts: int = 0
+    records: int = 0
+    first_written_at: Optional[float] = None
+    last_written_at: Optional[float] = None
+    errors_by_stage: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Commits:
+    """An output's commit state as :func:`read_commits` decided it (see the module docstring)."""
+
+    records: list[Record] = field(default_factory=list)  # accepted, in order
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (record, reason)
+    dropped_rows: int = 0  # rows of the parts of dropped records: made again
+    superseded: list[str] = field(default_factory=list)
+    redundant: list[str] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
+    present: dict[str, int] = field(default_factory=dict)  # part files on disk -> size
+
+    @property
+    def parts(self) -> dict[str, PartEntry]:
+        """The committed parts by path (each once)."""
+        return {p.path: p for r in self.records for p in r.parts}
+
+    def ids(self, runs: Optional[Iterable[str]] = None) -> CommittedIds:
+        """The ids a rerun skips: images and final error rows of the accepted records
+        (of ``runs`` only, when given)."""
+        wanted = None if runs is None else set(runs)
+        seen: set[str] = set()
+        arrays = []
+        for r in self.records:
+            if wanted is not None and r.run_id not in wanted:
+                continue
+            for p in r.parts:
+                if p.path not in seen:
+                    seen.add(p.path)
+                    arrays.append(p.final)
+        return CommittedIds(np.concatenate(arrays) if arrays else None)
+
+    def runs(self) -> dict[str, RunCommits]:
+        """Per run, what its accepted records hold (runs in id order)."""
+        out: dict[str, RunCommits] = {}
+        seen: set[str] = set()
+        for r in self.records:
+            run = out.setdefault(r.run_id, RunCommits(r.run_id))
+            run.records += 1
+            run.first_written_at = min(run.first_written_at or r.written_at, r.written_at)
+            run.last_written_at = max(run.last_written_at or r.written_at, r.written_at)
+            fresh = [p for p in r.parts if p.path not in seen]
+            seen.update(p.path for p in fresh)
+            if len(fresh) == len(r.parts) and r.counts:
+                run.input_rows += int(r.counts.get("input_rows", 0))
+                for stage, n in r.counts.get("errors_by_stage", {}).items():
+                    run.errors_by_stage[stage] = run.errors_by_stage.get(stage, 0) + n
+            for p in fresh:
+                run.parts += 1
+                if p.kind == IMAGES_DIR:
+                    run.images += p.rows
+                else:
+                    run.errors += p.rows
+        return dict(sorted(out.items()))
+
+    @property
+    def legacy(self) -> list[Record]:
+        return [r for r in self.records if r.legacy]
+
+
+def read_commits(fs: fsspec.AbstractFileSystem, root: str) -> Commits:
+    """Read the commit records and part files of the output at ``root`` and decide what is
+    committed (see the module docstring). Reads only; :func:`repair` applies the decision."""
+    commits = Commits(present=_present_parts(fs, root))
+    records, unreadable = _read_records(fs, root, filesystem.join(root, COMMITS_DIR))
+    commits.dropped += unreadable
+    covered = {p.path for r in records for p in r.parts}
+    records += _legacy_records(fs, root, covered, commits.present)
+    records.sort(key=Record.order)
+
+    candidates: list[Record] = []
+    taken: set[str] = set()
+    for record in records:
+        if all(p.path in taken for p in record.parts):
+            commits.redundant.append(record.name)
+            continue
+        problem = _part_problem(record, commits.present)
+        if problem:
+            commits.dropped.append((record.name, problem))
+            commits.dropped_rows += record.rows
+            continue
+        candidates.append(record)
+        taken.update(p.path for p in record.parts)
+
+    losers = _superseded(candidates)
+    commits.records = [r for i, r in enumerate(candidates) if i not in losers]
+    commits.superseded = [candidates[i].name for i in sorted(losers)]
+    accepted = {p.path for r in commits.records for p in r.parts}
+    commits.orphans = sorted(path for path in commits.present if path not in accepted)
+    return commits
+
+
+def _present_parts(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int]:
+    present: dict[str, int] = {}
+    for kind in (IMAGES_DIR, ERRORS_DIR):
+        folder = filesystem.join(root, kind)
+        if fs.isdir(folder):
+            for path, info in fs.find(folder, detail=True).items():
+                present[f"{kind}/{path.rsplit('/', 1)[-1]}"] = int(info.get("size") or 0)
+    return present
+
+
+def _read_records(fs: fsspec.AbstractFileSystem, root: str, folder: str) -> tuple[list[Record], list[tuple[str, str]]]:
+    if not fs.isdir(folder):
+        return [], []
+    paths = sorted(p for p in fs.find(folder) if p.endswith(SUFFIX))
+    contents = fs.cat(paths, on_error="return") if paths else {}
+    records, bad = [], []
+    prefix = root.rstrip("/") + "/"
+    for path in paths:
+        name = path[len(prefix) :] if path.startswith(prefix) else path
+        data = contents.get(path)
+        if data is None:  # some filesystems key the answer by the path as given
+            data = next((v for k, v in contents.items() if k.endswith(name)), None)
+        try:
+            if isinstance(data, Exception) or data is None:
+                raise CorruptRecord(f"it cannot be read ({data})")
+            records.append(decode_record(name, data))
+        except CorruptRecord as exc:
+            bad.append((name, str(exc)))
+    return records, bad
+
+
+def _part_problem(record: Record, present: dict[str, int]) -> Optional[str]:
+    for p in record.parts:
+        size = present.get(p.path)
+        if size is None:
+            return f"its part {p.path} is missing"
+        if size != p.bytes:
+            return f"its part {p.path} has {size} bytes, the record says {p.bytes} (truncated or replaced)"
+    return None
+
+
+def _superseded(candidates: list[Record]) -> set[int]:
+    """Indices of candidates that hold a request id an earlier kept candidate holds.
+
+    Vectorised: all final ids (and retry ids, within their run) are sorted once to find
+    the few records involved in any repeat; only those are resolved one by one, in order.
+    """
+    owners, hashes, retry_owners, retry_hashes, runs = [], [], [], [], []
+    seen: set[str] = set()
+    run_index = {run: i for i, run in enumerate(sorted({r.run_id for r in candidates}))}
+    for i, r in enumerate(candidates):
+        for p in r.parts:
+            if p.path in seen:
+                continue
+            seen.add(p.path)
+            owners.append(np.full(len(p.final), i, np.int64))
+            hashes.append(p.final)
+            retry_owners.append(np.full(len(p.retry), i, np.int64))
+            retry_hashes.append(p.retry)
+            runs.append(np.full(len(p.retry), run_index[r.run_id], np.uint64))
+    involved: set[int] = set()
+    for own, key in ((owners, [hashes]), (retry_owners, [retry_hashes, runs])):
+        if not own:
+            continue
+        o = np.concatenate(own)
+        keys = [np.concatenate(k) for k in key]
+        order = np.lexsort(keys[::-1])
+        same = np.ones(len(o) - 1, dtype=bool) if len(o) > 1 else np.zeros(0, bool)
+        for k in keys:
+            ks = k[order]
+            same &= ks[1:] == ks[:-1]
+        repeats = np.flatnonzero(same)
+        involved.update(o[order][repeats].tolist())
+        involved.update(o[order][repeats + 1].tolist())
+    losers: set[int] = set()
+    held: set[tuple[int, int]] = set()
+    for i in sorted(involved):
+        r = candidates[i]
+        mine = {(0, int(h)) for p in r.parts for h in p.final} | {(1 + run_index[r.run_id], int(h)) for p in r.parts for h in p.retry}
+        if mine & held:
+            losers.add(i)
+        else:
+            held |= mine
+    return losers
+
+
+def _legacy_records(fs: fsspec.AbstractFileSystem, root: str, covered: set[str], present: dict[str, int]) -> list[Record]:
+    """Records for the parts that run manifests of an output older than commit records
+    list and no record covers: each such part's ids are read once (see :func:`repair`)."""
+    records = []
+    for manifest in read_manifests(fs, root):
+        listed = [p for p in manifest.get("parts", []) if p["path"] not in covered and p["path"] in present]
+        if not listed:
+            continue
+        parts = []
+        for p in listed:
+            with fs.open(filesystem.join(root, p["path"]), "rb") as f:
+                data = f.read()
+            table = pq.read_table(pa.BufferReader(data), columns=[S.REQUEST_ID, *([S.ERROR_STAGE] if p["path"].startswith(ERRORS_DIR) else [])])
+            parts.append(part_entry(p["path"], data, table))
+        counts = {k: v for k, v in manifest.get("counts", {}).items() if k in ("images", "errors", "input_rows", "errors_by_stage")}
+        run_id = manifest["run_id"]
+        name = record_name(run_id, parts, compacted=True)
+        records.append(Record(name, run_id, float(manifest.get("finished_at") or 0.0), parts, counts, legacy=True))
+    return records
+
+
+def read_manifests(fs: fsspec.AbstractFileSystem, root: str) -> list[dict[str, Any]]:
+    """The run manifests in ``root``, oldest first (run ids sort by start); unreadable ones skipped."""
+    runs_dir = filesystem.join(root, RUNS_DIR)
+    if not fs.isdir(runs_dir):
+        return []
+    manifests = []
+    for path in sorted(p for p in fs.find(runs_dir) if p.endswith(".json")):
+        try:
+            manifests.append(json.loads(filesystem.read_bytes(fs, path)))
+        except ValueError:
+            continue
+    return manifests
+
+
+@dataclass
+class Recovery:
+    """What :func:`repair` did to an output before a run: for the summary and the manifest."""
+
+    removed_parts: list[str] = field(default_factory=list)
+    dropped_records: list[tuple[str, str]] = field(default_factory=list)
+    rows_made_again: int = 0
+    superseded_records: list[str] = field(default_factory=list)
+    migrated_runs: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "removed_parts": self.removed_parts,
+            "dropped_records": [{"record": n, "reason": why} for n, why in self.dropped_records],
+            "rows_made_again": self.rows_made_again,
+            "superseded_records": self.superseded_records,
+            "migrated_runs": self.migrated_runs,
+        }
+
+    def __bool__(self) -> bool:
+        return bool(self.removed_parts or self.dropped_records or self.superseded_records)
+
+
+def repair(fs: fsspec.AbstractFileSystem, root: str, commits: Commits) -> Recovery:
+    """Make the output's files what ``commits`` decided: write the records of legacy
+    outputs, remove records not accepted, then orphan parts. Only a run holding the
+    output's lock may call it (it would remove the parts of a run in flight)."""
+    recovery = Recovery(dropped_records=list(commits.dropped), rows_made_again=commits.dropped_rows, superseded_records=list(commits.superseded))
+    for record in commits.legacy:
+        filesystem.atomic_write(fs, filesystem.join(root, record.name), encode_record(record))
+        record.legacy = False
+        recovery.migrated_runs.append(record.run_id)
+    for name in [*(n for n, _ in commits.dropped), *commits.superseded, *commits.redundant]:
+        _remove(fs, root, name)
+    for path in commits.orphans:
+        _remove(fs, root, path)
+    recovery.removed_parts = list(commits.orphans)
+    return recovery

@@ -1,0 +1,218 @@
+"""Durable progress, on the storage side: each block committed by a record as it lands,
+and what a rerun adopts, drops or removes. Real files, real Parquet; no Ray except where a
+Ray task reads the shared skip filter."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from pipeline.spec import schema as S
+from pipeline.storage import commits, filesystem, sink
+from pipeline.storage.commits import CommittedIds, SkipFilter, read_commits, repair
+
+RUN = "20260101T000000Z-aaaaaaaa"
+
+
+def rid(i: int) -> str:
+    return hashlib.sha256(f"request {i}".encode()).hexdigest()[:32]
+
+
+def stream_block(ids: range, failed: set[int] = frozenset(), stage: str = S.STAGE_GENERATE) -> pa.Table:
+    """A block as the datasink receives it: request, error, encode and generation columns."""
+    n = len(ids)
+    fields = [*S.REQUEST_FIELDS, *S.ERROR_FIELDS, *S.ENCODE_FIELDS, *S.GENERATION_FIELDS]
+    columns = {f.name: pa.nulls(n, f.type) for f in fields}
+    columns[S.REQUEST_ID] = pa.array([rid(i) for i in ids])
+    columns[S.ID] = pa.array([str(i) for i in ids])
+    columns[S.IMAGE_INDEX] = pa.array([0] * n, pa.int32())
+    columns[S.PROMPT] = pa.array([f"prompt {i}" for i in ids])
+    columns[S.ERROR_STAGE] = pa.array([stage if i in failed else None for i in ids], pa.string())
+    images = [None if i in failed else {"bytes": f"png {i}".encode(), "path": None} for i in ids]
+    columns[S.IMAGE] = pa.array(images, S.IMAGE_TYPE)
+    columns[S.SHA256] = pa.array([None if i in failed else hashlib.sha256(f"png {i}".encode()).hexdigest() for i in ids])
+    return pa.table(columns, schema=pa.schema(fields))
+
+
+@pytest.fixture
+def out(tmp_path):
+    fs, root = filesystem.open_url(str(tmp_path / "out"))
+    return fs, root
+
+
+def images_on_disk(root: str) -> pd.DataFrame:
+    return pd.read_parquet(Path(root) / "images")
+
+
+def test_a_block_is_committed_by_its_record_and_read_back(out):
+    fs, root = out
+    report = sink.write_block(fs, root, RUN, stream_block(range(0, 16), failed={3}))
+    assert len(report.records) == 1 and len(report.parts) == 2
+    found = read_commits(fs, root)
+    assert [r.name for r in found.records] == report.records
+    assert not (found.orphans or found.dropped or found.superseded)
+    assert found.runs()[RUN].images == 15 and found.runs()[RUN].errors == 1
+    ids = found.ids()
+    # Images are skipped by a rerun; a row that failed in generation is tried again.
+    assert ids.contains([rid(0), rid(3), rid(15), rid(16)]).tolist() == [True, False, True, False]
+
+
+def test_a_part_written_without_its_record_is_removed_and_made_again(out):
+    """A kill between a part and its record: the part is an orphan, never adopted."""
+    fs, root = out
+    sink.write_block(fs, root, RUN, stream_block(range(0, 16)))
+    images, _ = sink.split(stream_block(range(16, 32)), RUN)
+    orphan = sink.write_part(fs, root, sink.IMAGES_DIR, RUN, images)  # the kill lands here
+    found = read_commits(fs, root)
+    assert found.orphans == [orphan.path]
+    assert not found.ids().contains([rid(20)])[0]
+    recovery = repair(fs, root, found)
+    assert recovery.removed_parts == [orphan.path]
+    assert len(images_on_disk(root)) == 16
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_a_record_whose_part_is_damaged_is_dropped_whole(out, damage):
+    fs, root = out
+    sink.write_block(fs, root, RUN, stream_block(range(0, 16)))
+    hurt = sink.write_block(fs, root, RUN, stream_block(range(16, 32), failed={20}))
+    path = Path(root) / hurt.parts[0]["path"]
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        path.unlink()
+    found = read_commits(fs, root)
+    ((name, reason),) = found.dropped
+    assert name == hurt.records[0]
+    assert ("has 100 bytes" if damage == "truncate" else "is missing") in reason
+    assert found.dropped_rows == 16
+    recovery = repair(fs, root, found)
+    # The record goes, and with it the record's other part (its errors part): never half.
+    assert recovery.rows_made_again == 16
+    assert not (Path(root) / hurt.parts[1]["path"]).exists()
+    assert not (Path(root) / hurt.records[0]).exists()
+    again = read_commits(fs, root)
+    assert not (again.dropped or again.orphans) and len(again.ids()) == 16
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty"])
+def test_a_corrupt_record_is_dropped_and_its_parts_removed(out, damage):
+    fs, root = out
+    good = sink.write_block(fs, root, RUN, stream_block(range(0, 16)))
+    bad = sink.write_block(fs, root, RUN, stream_block(range(16, 32)))
+    path = Path(root) / bad.records[0]
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) - 9], "flip": data[:-1] + bytes([data[-1] ^ 1]), "empty": b""}[damage])
+    found = read_commits(fs, root)
+    assert [n for n, _ in found.dropped] == bad.records
+    assert [r.name for r in found.records] == good.records
+    assert sorted(found.orphans) == sorted(p["path"] for p in bad.parts)
+    repair(fs, root, found)
+    assert len(images_on_disk(root)) == 16
+    assert read_commits(fs, root).dropped == []
+
+
+def test_a_retried_write_with_another_block_composition_counts_once(out):
+    """Ray retried a write and the retry's blocks hold other rows: the records overlap. On
+    read the first record wins whole; the end of the run keeps the one that succeeded."""
+    fs, root = out
+    first = sink.write_block(fs, root, RUN, stream_block(range(0, 16)))
+    retry = sink.write_block(fs, root, RUN, stream_block(range(8, 24)))
+    other = sink.write_block(fs, root, RUN, stream_block(range(24, 40)))
+    found = read_commits(fs, root)
+    winner = min(first.records + retry.records, key=lambda n: (n.rsplit("/", 1)[-1]))
+    loser = ({*first.records, *retry.records} - {winner}).pop()
+    assert found.superseded == [loser]
+    committed = [p for r in found.records for p in r.parts]
+    assert sum(p.rows for p in committed) == 32  # 16 of the winner, 16 of the other block
+    all_ids = np.concatenate([p.final for p in committed])
+    assert len(np.unique(all_ids)) == len(all_ids)
+    repair(fs, root, found)
+    on_disk = images_on_disk(root)
+    assert on_disk["request_id"].is_unique and len(on_disk) == 32  # pandas sees each id once
+
+    # The same state, but the run finished: the writes Ray reported (retry, other) count.
+    fs2, root2 = filesystem.open_url(root + "-finished")
+    first = sink.write_block(fs2, root2, RUN, stream_block(range(0, 16)))
+    retry = sink.write_block(fs2, root2, RUN, stream_block(range(8, 24)))
+    other = sink.write_block(fs2, root2, RUN, stream_block(range(24, 40)))
+    merged = commits.compact(fs2, root2, RUN, retry.records + other.records)
+    assert {p.path for p in merged.parts} == {p["path"] for p in retry.parts + other.parts}
+    found = read_commits(fs2, root2)
+    assert [r.name for r in found.records] == [merged.name] and not found.orphans
+    on_disk = images_on_disk(root2)
+    assert sorted(on_disk["id"].astype(int)) == list(range(8, 40))
+
+
+def test_a_crash_during_compaction_leaves_redundant_records_only(out):
+    fs, root = out
+    blocks = [sink.write_block(fs, root, RUN, stream_block(range(k, k + 16))) for k in (0, 16)]
+    names = [n for b in blocks for n in b.records]
+    merged = commits.compact(fs, root, RUN, names)
+    # Put a block record back: as if the driver died between the compacted record and the removals.
+    fs.pipe_file(filesystem.join(root, names[0]), commits.encode_record(commits.Record(names[0], RUN, 0.0, merged.parts[:1], {})))
+    found = read_commits(fs, root)
+    assert found.redundant == [names[0]] and [r.name for r in found.records] == [merged.name]
+    assert len(found.ids()) == 32 and not found.orphans
+
+
+def test_an_output_from_before_commit_records_is_adopted_not_deleted(out):
+    """Parts listed only by a run manifest (the old layout) stay committed, and get records."""
+    fs, root = out
+    report = sink.write_block(fs, root, RUN, stream_block(range(0, 16)))
+    for name in report.records:
+        fs.rm(filesystem.join(root, name))
+    sink.write_manifest(fs, root, RUN, {"run_id": RUN, "status": "complete", "parts": report.parts, "counts": {"images": 16}})
+    found = read_commits(fs, root)
+    assert not found.orphans and len(found.ids()) == 16 and found.legacy
+    recovery = repair(fs, root, found)
+    assert recovery.migrated_runs == [RUN] and not recovery.removed_parts
+    again = read_commits(fs, root)
+    assert not again.legacy and len(again.ids()) == 16
+
+
+def test_the_skip_filter_holds_100k_committed_ids_in_8_bytes_each(out):
+    fs, root = out
+    for start in range(0, 100_000, 25_000):
+        sink.write_block(fs, root, RUN, stream_block(range(start, start + 25_000)))
+    found = read_commits(fs, root)
+    skip = found.ids()
+    assert len(skip) == 100_000 and skip.nbytes == 800_000 and skip.hashes.dtype == np.uint64
+    probe = pa.array([rid(i) for i in range(50_000, 150_000)])
+    held = skip.contains(probe)
+    assert held[:50_000].all() and not held[50_000:].any()
+    assert rid(99_999) in skip and rid(100_000) not in skip
+
+
+def test_id_hashes_are_the_request_ids_own_digest_and_other_strings_are_hashed():
+    ids = pa.array([rid(1), "not-a-request-id", None, rid(2)])
+    hashes = commits.id_hashes(ids)
+    assert hashes[0] == int(rid(1)[:16], 16) and hashes[3] == int(rid(2)[:16], 16)
+    assert len(set(hashes.tolist())) == 4
+    assert (commits.id_hashes(pa.chunked_array([ids.slice(0, 2), ids.slice(2)])) == hashes).all()
+
+
+def test_the_shared_skip_filter_reaches_ray_tasks_as_a_reference(ray_cluster):
+    import pickle
+
+    import ray
+
+    from pipeline.job.skip import SharedSkipFilter
+
+    committed = CommittedIds.from_ids([rid(i) for i in range(100_000)])
+    shared = SharedSkipFilter(SkipFilter(committed, CommittedIds.from_ids([rid(7)])))
+    assert len(pickle.dumps(shared)) < 2_000  # two object refs, not 800 kB of ids
+
+    @ray.remote(num_cpus=0.1)
+    def probe(skip, ids):
+        return skip.contains(ids).tolist(), skip.adopted(ids), skip.committed.hashes.flags.writeable
+
+    held, adopted, writeable = ray.get(probe.remote(shared, [rid(7), rid(99_999), rid(100_000)]))
+    assert held == [True, True, False] and adopted == 1
+    assert not writeable  # a read-only view of the object store's copy
