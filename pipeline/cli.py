@@ -50,10 +50,16 @@ def _output_commands(commands: argparse._SubParsersAction) -> None:
     report.add_argument("output", help="the output URL (a folder, s3://bucket/prefix, ...)")
     report.add_argument("--html", metavar="FILE", default="report.html", help="where to write the page (default: report.html)")
     report.add_argument("--sample", metavar="N", type=int, default=48, help="images on the contact sheet (default: 48)")
-    inspect = commands.add_parser("inspect", help="show what an output holds: runs, counts, schema, size, a few rows")
+    inspect = commands.add_parser(
+        "inspect",
+        help="show what an output holds: runs (running, interrupted, adopted), counts, schema, size, a few rows; "
+        "with --spec, what that spec has left to make and the running run's ETA",
+    )
     inspect.add_argument("output", help="the output URL (a folder, s3://bucket/prefix, ...)")
     for command in (report, inspect):
-        command.add_argument("--spec", metavar="SPEC", help="a job spec whose output.storage_options reach OUTPUT (for s3:// outputs)")
+        command.add_argument(
+            "--spec", metavar="SPEC", help="a job spec whose output.storage_options reach OUTPUT (for s3:// outputs); inspect also counts what it has left to make"
+        )
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a field of --spec")
 
 
@@ -158,8 +164,8 @@ def _report(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from pipeline.output.inspect import format_inspection, inspect_output
 
-    url, options, _ = _output_location(args.output, args.spec, args.overrides)
-    print(format_inspection(inspect_output(url, options)))
+    url, options, spec = _output_location(args.output, args.spec, args.overrides)
+    print(format_inspection(inspect_output(url, options, spec=spec)))
     return 0
 
 

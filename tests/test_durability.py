@@ -216,3 +216,64 @@ def test_the_shared_skip_filter_reaches_ray_tasks_as_a_reference(ray_cluster):
     held, adopted, writeable = ray.get(probe.remote(shared, [rid(7), rid(99_999), rid(100_000)]))
     assert held == [True, True, False] and adopted == 1
     assert not writeable  # a read-only view of the object store's copy
+
+
+def test_inspect_shows_runs_running_and_interrupted_from_their_commit_records(out):
+    from pipeline.output.inspect import format_inspection, inspect_output
+
+    fs, root = out
+    dead, live = "20260101T000000Z-dead0000", "20260101T010000Z-live0000"
+    sink.write_manifest(fs, root, dead, sink.start_manifest(dead, 1000.0, {}, "f"))
+    sink.write_block(fs, root, dead, stream_block(range(0, 16)))
+    sink.write_manifest(fs, root, live, sink.start_manifest(live, 2000.0, {}, "f"))
+    for start in (16, 32):
+        sink.write_block(fs, root, live, stream_block(range(start, start + 16), failed={start}))
+    images, _ = sink.split(stream_block(range(48, 64)), live)
+    sink.write_part(fs, root, sink.IMAGES_DIR, live, images)  # in flight: no record yet
+    lock = {"run_id": live, "host": "elsewhere", "pid": 1, "acquired_at": 2000.0, "expires_at": 9e12}
+    fs.pipe_file(filesystem.join(root, "_lock.json"), json.dumps(lock).encode())
+
+    found = inspect_output(root)
+    assert [(r.run_id, r.status, r.images, r.errors) for r in found.runs] == [(dead, "interrupted", 16, 0), (live, "running", 30, 2)]
+    assert (found.images, found.errors, found.uncommitted_parts) == (46, 2, 1)
+    running = found.running
+    assert running.images_per_second() == pytest.approx(30 / (running.last_commit_at - 2000.0))
+    text = format_inspection(found)
+    assert "runs       2 (1 running, 1 interrupted)" in text
+    assert "the next run into this output adopts its committed parts" in text
+    assert f"running    {live}: " in text and "images/s committed" in text and "ETA: give --spec SPEC" in text
+    assert "1 without a commit record" in text
+
+
+def test_verify_names_what_a_crash_left_and_is_clean_once_a_run_repaired_it(out):
+    from pipeline.output.verify import verify
+
+    fs, root = out
+    sink.write_block(fs, root, RUN, stream_block(range(0, 16)))
+    sink.write_block(fs, root, RUN, stream_block(range(8, 24)))  # a retried write, other composition
+    images, _ = sink.split(stream_block(range(24, 40)), RUN)
+    sink.write_part(fs, root, sink.IMAGES_DIR, RUN, images)  # killed before its record
+    report = verify(root)
+    problems = " | ".join(report.violations)
+    assert "commit records superseded by an earlier one" in problems
+    assert "parts without a commit record" in problems
+    assert "request ids with more than one image" in problems  # what pandas would read now
+
+    repair(fs, root, read_commits(fs, root))
+    report = verify(root)
+    assert report.ok, report.format()
+    assert report.images == 16
+
+
+def test_verify_finds_a_committed_part_whose_bytes_changed_at_the_same_size(out):
+    """Adoption checks a part's size (what a crash damages); verify also checks its digest."""
+    from pipeline.output.verify import verify
+
+    fs, root = out
+    block = sink.write_block(fs, root, RUN, stream_block(range(0, 16)))
+    path = Path(root) / block.parts[0]["path"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert not read_commits(fs, root).dropped  # same size: adopted as it is
+    assert "parts whose bytes do not match their commit record's sha256" in " ".join(verify(root).violations)

@@ -74,10 +74,7 @@ class DatasetSink(Datasink[sink.WriteReport]):
                 "spec": self._spec.redacted(),
                 "spec_fingerprint": self._spec.fingerprint(),
                 "model_fingerprint": self._catalog.models[self._catalog.default_model].fingerprint,
-                "models": {
-                    name: {"ref": m.config.ref, "fingerprint": m.fingerprint, "family": m.family.name, "pipeline_class": m.pipeline_class}
-                    for name, m in self._catalog.models.items()
-                },
+                "models": model_details(self._catalog),
                 "loras": {name: {"url": a.config.url, "digest": a.digest} for name, a in self._catalog.loras.items()},
                 "versions": sink.library_versions(),
                 "counts": {
@@ -95,6 +92,14 @@ class DatasetSink(Datasink[sink.WriteReport]):
         self.report = report
 
 
+def model_details(catalog: Catalog) -> dict[str, dict[str, Any]]:
+    """What a manifest records of each model a run uses."""
+    return {
+        name: {"ref": m.config.ref, "fingerprint": m.fingerprint, "family": m.family.name, "pipeline_class": m.pipeline_class}
+        for name, m in catalog.models.items()
+    }
+
+
 @dataclass
 class Prepared:
     """What :func:`prepare_output` found and did: the ids this run skips, the interrupted
@@ -105,7 +110,7 @@ class Prepared:
     recovery: commits.Recovery = field(default_factory=commits.Recovery)
 
 
-def prepare_output(spec: JobSpec, run_id: str = "", started: float = 0.0) -> Prepared:
+def prepare_output(spec: JobSpec, run_id: str = "", started: float = 0.0, catalog: Optional[Catalog] = None) -> Prepared:
     """Apply ``output.mode``; adopt what earlier runs committed (see
     :mod:`pipeline.storage.commits`): remove parts without a record, records whose parts are
     damaged or that a retried write superseded; mark runs that never finished as
@@ -127,7 +132,10 @@ def prepare_output(spec: JobSpec, run_id: str = "", started: float = 0.0) -> Pre
         if interrupted:
             sink.adopt_interrupted(fs, root, found, interrupted, adopted_by=run_id)
         if run_id:
-            sink.write_manifest(fs, root, run_id, sink.start_manifest(run_id, started, spec.redacted(), spec.fingerprint()))
+            start = sink.start_manifest(run_id, started, spec.redacted(), spec.fingerprint())
+            if catalog is not None:
+                start.update(models=model_details(catalog), model_fingerprint=catalog.models[catalog.default_model].fingerprint)
+            sink.write_manifest(fs, root, run_id, start)
     if recovery.removed_parts:
         log.warning("removed %d part(s) without a commit record, left by an interrupted run", len(recovery.removed_parts))
     for name, why in recovery.dropped_records:

@@ -70,7 +70,7 @@ def run(spec: JobSpec, stage: type[GenerateStage] = GenerateStage) -> RunSummary
     fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
     lock = OutputLock.acquire(fs, root, run_id, spec.output.url)
     try:
-        prepared = prepare_output(spec, run_id, started)  # adopts what interrupted runs committed
+        prepared = prepare_output(spec, run_id, started, catalog)  # adopts what interrupted runs committed
         validator = Validator(spec, catalog, skip=SharedSkipFilter(prepared.skip), duplicates=duplicates)
         return _execute(spec, run_id, catalog, validator, started, stage, prepared)
     finally:

@@ -196,7 +196,7 @@ def adopt_interrupted(fs: fsspec.AbstractFileSystem, root: str, found: commits.C
                 parts.setdefault(record.run_id, []).append({"path": part.path, "rows": part.rows, "bytes": part.bytes, "sha256": part.sha256})
     for run in runs:
         done = per_run.get(run) or commits.RunCommits(run)
-        manifest = manifests.get(run) or {"run_id": run, "started_at": None, "spec": None}
+        manifest = manifests.get(run) or {"run_id": run, "started_at": done.first_written_at, "spec": {}}
         manifest.update(
             status="interrupted",
             interrupted_after=done.last_written_at,
