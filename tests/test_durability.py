@@ -277,3 +277,39 @@ def test_verify_finds_a_committed_part_whose_bytes_changed_at_the_same_size(out)
     path.write_bytes(bytes(data))
     assert not read_commits(fs, root).dropped  # same size: adopted as it is
     assert "parts whose bytes do not match their commit record's sha256" in " ".join(verify(root).violations)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_spec_changed_after_a_crash_adopts_only_what_it_would_make(ray_cluster, make_spec, tmp_path):
+    """Rows 0-3 set their own steps, rows 4-7 take the default. The first run committed all
+    eight and died before finishing; the rerun's spec changes the default steps: it adopts
+    rows 0-3 (same request ids), makes 4-7 anew, and the first run's 4-7 stay its data."""
+    from pipeline.job.run import run
+    from pipeline.output.inspect import inspect_output
+    from pipeline.output.verify import verify
+
+    rows = [{"prompt": f"a lighthouse number {i}", "steps": 2 if i < 4 else None} for i in range(8)]
+    pd.DataFrame(rows).to_csv(tmp_path / "t.csv", index=False)
+    first = make_spec({"url": str(tmp_path / "t.csv")}, output={"rows_per_part": 2, "mode": "incremental"})
+    crashed = run(first)
+    out = Path(first.output.url)
+    manifest_path = out / "_runs" / f"{crashed.run_id}.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "status": "running"}))  # as a killed run leaves it
+
+    changed = make_spec({"url": str(tmp_path / "t.csv")}, defaults={"steps": 3}, output={"rows_per_part": 2, "mode": "incremental"})
+    rerun = run(changed)
+    assert (rerun.images, rerun.adopted, rerun.adopted_from) == (4, 4, [crashed.run_id])
+    manifests = {p.stem: json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")}
+    assert manifests[crashed.run_id]["status"] == "interrupted" and manifests[crashed.run_id]["adopted_by"] == rerun.run_id
+    assert manifests[crashed.run_id]["counts"]["images"] == 8  # its data, kept as its own
+    assert manifests[rerun.run_id]["counts"]["images"] == 4
+    assert manifests[rerun.run_id]["adopted"] == {"requests": 4, "from_runs": [crashed.run_id]}
+    report = verify(str(out), spec=changed)
+    assert report.ok, report.format()
+    on_disk = images_on_disk(str(out))
+    assert len(on_disk) == 12 and on_disk["request_id"].is_unique
+    assert inspect_output(str(out), spec=changed).spec_left == 0
+    # A later run finds nothing to adopt: the rerun completed and took the crashed run over.
+    assert run(changed).adopted_from == []

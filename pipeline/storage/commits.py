@@ -111,6 +111,17 @@ def id_hashes(ids: Any) -> np.ndarray:
     return out
 
 
+def sorted_unique_of(hashes: np.ndarray) -> np.ndarray:
+    """``np.unique`` by one sort: numpy 2's ``np.unique`` hashes instead, ~40x slower on 10M uint64."""
+    ordered = np.sort(hashes)
+    if len(ordered) < 2:
+        return ordered
+    keep = np.empty(len(ordered), dtype=bool)
+    keep[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
+    return ordered if keep.all() else ordered[keep]
+
+
 class CommittedIds:
     """A set of request ids held as a sorted uint64 array of their hashes (8 bytes an id,
     no Python object per id). :meth:`contains` is a vectorised ``np.searchsorted``.
@@ -121,7 +132,7 @@ class CommittedIds:
 
     def __init__(self, hashes: Optional[np.ndarray] = None, *, sorted_unique: bool = False):
         hashes = np.empty(0, np.uint64) if hashes is None else np.asarray(hashes, dtype=np.uint64)
-        self.hashes = hashes if sorted_unique else np.unique(hashes)
+        self.hashes = hashes if sorted_unique else sorted_unique_of(hashes)
 
     @classmethod
     def from_ids(cls, ids: Iterable[str] | pa.Array) -> "CommittedIds":
@@ -132,8 +143,13 @@ class CommittedIds:
         h = id_hashes(ids)
         if not len(self.hashes) or not len(h):
             return np.zeros(len(h), dtype=bool)
-        at = np.minimum(np.searchsorted(self.hashes, h), len(self.hashes) - 1)
-        return self.hashes[at] == h
+        # Sorted needles walk the array in order (10x faster than random ones on 10M ids).
+        order = np.argsort(h, kind="stable")
+        needles = h[order]
+        at = np.minimum(np.searchsorted(self.hashes, needles), len(self.hashes) - 1)
+        held = np.empty(len(h), dtype=bool)
+        held[order] = self.hashes[at] == needles
+        return held
 
     def __contains__(self, request_id: str) -> bool:
         return bool(self.contains([request_id])[0])
@@ -351,6 +367,7 @@ class Commits:
     redundant: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
     present: dict[str, int] = field(default_factory=dict)  # part files on disk -> size
+    _sorted_finals: Optional[np.ndarray] = field(default=None, repr=False)  # every final id, sorted, once
 
     @property
     def parts(self) -> dict[str, PartEntry]:
@@ -360,6 +377,8 @@ class Commits:
     def ids(self, runs: Optional[Iterable[str]] = None) -> CommittedIds:
         """The ids a rerun skips: images and final error rows of the accepted records
         (of ``runs`` only, when given)."""
+        if runs is None and self._sorted_finals is not None:
+            return CommittedIds(self._sorted_finals, sorted_unique=True)
         wanted = None if runs is None else set(runs)
         seen: set[str] = set()
         arrays = []
@@ -424,7 +443,9 @@ def read_commits(fs: fsspec.AbstractFileSystem, root: str) -> Commits:
         candidates.append(record)
         taken.update(p.path for p in record.parts)
 
-    losers = _superseded(candidates)
+    sorted_finals: list[Optional[np.ndarray]] = [None]
+    losers = _superseded(candidates, sorted_finals)
+    commits._sorted_finals = sorted_finals[0] if not losers else None
     commits.records = [r for i, r in enumerate(candidates) if i not in losers]
     commits.superseded = [candidates[i].name for i in sorted(losers)]
     accepted = {p.path for r in commits.records for p in r.parts}
@@ -473,44 +494,46 @@ def _part_problem(record: Record, present: dict[str, int]) -> Optional[str]:
     return None
 
 
-def _superseded(candidates: list[Record]) -> set[int]:
+def _superseded(candidates: list[Record], sorted_finals: list[Optional[np.ndarray]]) -> set[int]:
     """Indices of candidates that hold a request id an earlier kept candidate holds.
 
-    Vectorised: all final ids (and retry ids, within their run) are sorted once to find
-    the few records involved in any repeat; only those are resolved one by one, in order.
+    One sort of all final ids (and one of the retry ids, which repeat only within a run)
+    finds whether anything repeats at all; only then are the owners of the repeats looked
+    up, and those few records resolved one by one, in order. When no final id repeats,
+    their sorted array is left in ``sorted_finals[0]``: the skip filter, at no extra cost.
     """
-    owners, hashes, retry_owners, retry_hashes, runs = [], [], [], [], []
     seen: set[str] = set()
-    run_index = {run: i for i, run in enumerate(sorted({r.run_id for r in candidates}))}
+    finals: list[tuple[int, np.ndarray]] = []
+    retries: list[tuple[int, np.ndarray]] = []
     for i, r in enumerate(candidates):
         for p in r.parts:
-            if p.path in seen:
-                continue
-            seen.add(p.path)
-            owners.append(np.full(len(p.final), i, np.int64))
-            hashes.append(p.final)
-            retry_owners.append(np.full(len(p.retry), i, np.int64))
-            retry_hashes.append(p.retry)
-            runs.append(np.full(len(p.retry), run_index[r.run_id], np.uint64))
+            if p.path not in seen:
+                seen.add(p.path)
+                finals.append((i, p.final))
+                if len(p.retry):
+                    # A retry id repeats harmlessly across runs (each run tried it once):
+                    # salt it with the run so only repeats within one run collide.
+                    salt = np.uint64(int(hashlib.blake2b(r.run_id.encode(), digest_size=8).hexdigest(), 16))
+                    retries.append((i, p.retry ^ salt))
     involved: set[int] = set()
-    for own, key in ((owners, [hashes]), (retry_owners, [retry_hashes, runs])):
-        if not own:
+    for group in (finals, retries):
+        if not group:
             continue
-        o = np.concatenate(own)
-        keys = [np.concatenate(k) for k in key]
-        order = np.lexsort(keys[::-1])
-        same = np.ones(len(o) - 1, dtype=bool) if len(o) > 1 else np.zeros(0, bool)
-        for k in keys:
-            ks = k[order]
-            same &= ks[1:] == ks[:-1]
-        repeats = np.flatnonzero(same)
-        involved.update(o[order][repeats].tolist())
-        involved.update(o[order][repeats + 1].tolist())
+        ordered = np.sort(np.concatenate([a for _, a in group]))
+        repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+        if group is finals and not len(repeated):
+            sorted_finals[0] = ordered  # no repeats: already the skip filter's array
+        if not len(repeated):
+            continue
+        for i, a in group:
+            if np.isin(a, repeated).any():
+                involved.add(i)
     losers: set[int] = set()
-    held: set[tuple[int, int]] = set()
+    held: set[tuple] = set()
     for i in sorted(involved):
         r = candidates[i]
-        mine = {(0, int(h)) for p in r.parts for h in p.final} | {(1 + run_index[r.run_id], int(h)) for p in r.parts for h in p.retry}
+        mine: set[tuple] = {(int(h),) for p in r.parts for h in p.final}
+        mine |= {(r.run_id, int(h)) for p in r.parts for h in p.retry}
         if mine & held:
             losers.add(i)
         else:
