@@ -81,6 +81,7 @@ def commit_records(out: Path) -> list[Path]:
     return sorted(folder.rglob("*.commit")) if folder.is_dir() else []
 
 
+@pytest.mark.timeout(600)  # two cold starts of a local Ray in subprocesses
 def test_driver_killed_mid_job_then_same_command_again(model_cache, prompts, tmp_path, wait_for):
     """The driver SIGKILLed once some blocks are committed: the same command adopts them
     (generates fewer images than the table asks for), and the output is exactly once."""
@@ -107,8 +108,14 @@ def test_driver_killed_mid_job_then_same_command_again(model_cache, prompts, tmp
     assert killed["status"] == "running", "the killed run must not have finished"
     on_disk = pd.read_parquet(out / "images")
     assert 0 < len(on_disk) < n, "the kill should land mid-job"
+    from pipeline.output.inspect import inspect_output
+    from pipeline.spec.load import load_spec
 
-    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    seen = inspect_output(str(out), spec=load_spec(spec_path))
+    assert [(r.run_id, r.status) for r in seen.runs] == [(killed["run_id"], "interrupted")]
+    assert seen.spec_left == n - seen.images and seen.images >= 12
+
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "adopted" in again.stdout and killed["run_id"] in again.stdout
     manifests = {m["run_id"]: m for m in (json.loads(p.read_text()) for p in (out / "_runs").glob("*.json"))}
@@ -118,8 +125,6 @@ def test_driver_killed_mid_job_then_same_command_again(model_cache, prompts, tmp
     assert committed_before >= 12  # at least the three blocks seen committed
     assert rerun["counts"]["images"] == n - committed_before < n  # made only the rest
     assert rerun["adopted"] == {"requests": committed_before, "from_runs": [killed["run_id"]]}
-    from pipeline.spec.load import load_spec
-
     assert_exactly_once(load_spec(spec_path), n)
 
 
