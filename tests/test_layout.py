@@ -117,3 +117,20 @@ def test_the_ray_check_can_fail():
     )
     done = subprocess.run([sys.executable, "-c", script], cwd=PACKAGE.parent, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "blocked" in done.stderr
+
+
+def test_nothing_reads_or_links_a_path_outside_the_repository():
+    """A clone stands on its own: no tracked file names the team's ../shared folder."""
+    root = PACKAGE.parent
+    listed = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    offenders = []
+    for name in listed.stdout.splitlines():
+        path = root / name
+        if name == "tests/test_layout.py" or not path.is_file() or path.stat().st_size > 2_000_000:
+            continue
+        text = path.read_text(errors="ignore")
+        if "../shared" in text or '"shared" / "data"' in text or "parents[2]" in text:
+            offenders.append(name)
+    assert not offenders, f"these files read or link a path outside the repository: {offenders}"

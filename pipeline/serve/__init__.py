@@ -7,3 +7,13 @@ its replicas (the batch job's engine actor class) and ``imagegen serve``.
 May import every layer below and :mod:`pipeline.job` (the engine actor and cluster
 connection it shares with the batch job). Imports Ray.
 """
+
+
+def __getattr__(name: str):
+    # `pipeline.serve:app_builder` is the import path users' Serve configs and the RayService
+    # manifest name: kept working without importing Ray for those who only read this package.
+    if name == "app_builder":
+        from pipeline.serve.app import app_builder
+
+        return app_builder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
