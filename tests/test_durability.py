@@ -69,12 +69,14 @@ def test_a_part_written_without_its_record_is_removed_and_made_again(out):
     sink.write_block(fs, root, RUN, stream_block(range(0, 16)))
     images, _ = sink.split(stream_block(range(16, 32)), RUN)
     orphan = sink.write_part(fs, root, sink.IMAGES_DIR, RUN, images)  # the kill lands here
+    half = Path(root) / "_commits" / RUN / ".record.commit.0123.tmp"  # or here, mid-record
+    half.write_bytes(b"IGCOMMIT1 ")
     found = read_commits(fs, root)
     assert found.orphans == [orphan.path]
     assert not found.ids().contains([rid(20)])[0]
     recovery = repair(fs, root, found)
     assert recovery.removed_parts == [orphan.path]
-    assert len(images_on_disk(root)) == 16
+    assert len(images_on_disk(root)) == 16 and not half.exists()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete"])

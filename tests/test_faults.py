@@ -121,6 +121,7 @@ def test_driver_killed_mid_job_then_same_command_again(model_cache, prompts, tmp
     manifests = {m["run_id"]: m for m in (json.loads(p.read_text()) for p in (out / "_runs").glob("*.json"))}
     rerun = next(m for run_id, m in manifests.items() if run_id != killed["run_id"])
     assert manifests[killed["run_id"]]["status"] == "interrupted"
+    assert len(list((out / "_commits" / killed["run_id"]).glob("*.commit"))) == 1  # compacted on adoption
     committed_before = manifests[killed["run_id"]]["counts"]["images"]
     assert committed_before >= 12  # at least the three blocks seen committed
     assert rerun["counts"]["images"] == n - committed_before < n  # made only the rest

@@ -131,6 +131,8 @@ def prepare_output(spec: JobSpec, run_id: str = "", started: float = 0.0, catalo
         interrupted = sink.interrupted_runs(manifests, found)
         if interrupted:
             sink.adopt_interrupted(fs, root, found, interrupted, adopted_by=run_id)
+            for run in interrupted:  # their block records become one each, as a finished run's
+                commits.compact(fs, root, run, [r.name for r in found.records if r.run_id == run and not r.compacted])
         if run_id:
             start = sink.start_manifest(run_id, started, spec.redacted(), spec.fingerprint())
             if catalog is not None:

@@ -5,11 +5,8 @@ record under ``<output>/_commits/<run-id>/``. A part counts (is committed) exact
 an accepted record lists it with its size; so a driver killed at any moment loses at most
 the blocks in flight, and the next run into the output adopts everything else.
 
-A record is one file: a header line (JSON: run id, time, the parts with path, rows,
-bytes and sha256, the block's counts) and the 8-byte hashes of the parts' request ids
-(see :func:`id_hashes`) as raw little-endian uint64, the whole guarded by a sha256. The
-ids stay out of the JSON: reading the records of a 10M-image output is reading ~80 MB of
-numbers, not parsing 10M strings. At the end of a run (or a window) the driver folds the
+A record is one small file (its format: :mod:`.commit_records`) listing a block's parts
+and their request ids as 8-byte hashes (:mod:`.committed_ids`). At the end of a run (or a window) the driver folds the
 run's block records into one compacted record (:func:`compact`), so records stay few.
 
 Reading (:func:`read_commits`) decides, deterministically and without writing:
@@ -38,255 +35,33 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.spec import schema as S
 from pipeline.storage import filesystem
-
-COMMITS_DIR = "_commits"
-IMAGES_DIR = "images"
-ERRORS_DIR = "errors"
-RUNS_DIR = "_runs"
-SUFFIX = ".commit"
-_MAGIC = b"IGCOMMIT1 "
-_COMPACTED = "compacted-"
-# Error stages whose verdict is final (the same input gets the same verdict): their ids are
-# skipped by a rerun. Rows that failed in generation or encoding are tried again.
-FINAL_ERROR_STAGES = (S.STAGE_READ, S.STAGE_VALIDATE)
-
-# -- request id -> 8-byte hash ------------------------------------------------------------
-
-_HEX = np.full(256, 255, dtype=np.uint8)
-for _i, _c in enumerate(b"0123456789abcdef"):
-    _HEX[_c] = _i
-
-
-def id_hashes(ids: Any) -> np.ndarray:
-    """Request ids -> their 8-byte hashes (uint64), vectorised.
-
-    A request id is the first 32 hex digits of a sha256 (:func:`pipeline.spec.validate.request_id`),
-    so its first 16 digits already are a uniform 64-bit hash: they are parsed, not hashed
-    again. Any other string gets an 8-byte blake2b. Two different ids share a hash with odds
-    of about n_new * n_committed / 2**64 (5e-4 for 10^8 against 10^8), in which case the new
-    one would be skipped as made; ``imagegen verify`` with the spec finds such a row.
-    """
-    if isinstance(ids, np.ndarray) and ids.dtype == np.uint64:
-        return ids
-    array = ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(list(ids), pa.string())
-    if isinstance(array, pa.ChunkedArray):
-        array = array.combine_chunks() if array.num_chunks else pa.array([], pa.string())
-    if array.type != pa.string():
-        array = array.cast(pa.string())
-    n = len(array)
-    if n == 0:
-        return np.empty(0, np.uint64)
-    _, offsets_buf, data_buf = array.buffers()
-    offsets = np.frombuffer(offsets_buf, np.int32)[array.offset : array.offset + n + 1]
-    data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.empty(0, np.uint8)
-    hexed = (np.diff(offsets) == 32) & np.asarray(array.is_valid())
-    out = np.zeros(n, np.uint64)
-    rows = np.flatnonzero(hexed)
-    if rows.size == n and offsets[-1] - offsets[0] == 32 * n:  # the usual case: every id is 32 digits
-        digits = _HEX[data[offsets[0] : offsets[-1]].reshape(n, 32)]
-    elif rows.size:
-        digits = _HEX[data[offsets[rows, None] + np.arange(32)]]
-    if rows.size:
-        clean = digits.max(axis=1) < 16
-        if not clean.all():
-            hexed[rows[~clean]] = False
-            rows, digits = rows[clean], digits[clean]
-        pairs = (digits[:, 0:16:2] << 4) | digits[:, 1:16:2]  # the first 8 bytes of the digest
-        out[rows] = np.ascontiguousarray(pairs).view(">u8").ravel().astype(np.uint64)
-    for i in np.flatnonzero(~hexed):
-        value = array[int(i)].as_py() or ""
-        out[i] = int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8).digest(), "big")
-    return out
-
-
-def sorted_unique_of(hashes: np.ndarray) -> np.ndarray:
-    """``np.unique`` by one sort: numpy 2's ``np.unique`` hashes instead, ~40x slower on 10M uint64."""
-    ordered = np.sort(hashes)
-    if len(ordered) < 2:
-        return ordered
-    keep = np.empty(len(ordered), dtype=bool)
-    keep[0] = True
-    np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
-    return ordered if keep.all() else ordered[keep]
-
-
-class CommittedIds:
-    """A set of request ids held as a sorted uint64 array of their hashes (8 bytes an id,
-    no Python object per id). :meth:`contains` is a vectorised ``np.searchsorted``.
-
-    The array may be a read-only view (Ray's object store hands numpy arrays out
-    zero-copy); nothing here writes to it.
-    """
-
-    def __init__(self, hashes: Optional[np.ndarray] = None, *, sorted_unique: bool = False):
-        hashes = np.empty(0, np.uint64) if hashes is None else np.asarray(hashes, dtype=np.uint64)
-        self.hashes = hashes if sorted_unique else sorted_unique_of(hashes)
-
-    @classmethod
-    def from_ids(cls, ids: Iterable[str] | pa.Array) -> "CommittedIds":
-        return cls(id_hashes(ids))
-
-    def contains(self, ids: pa.Array | pa.ChunkedArray | np.ndarray | list[str]) -> np.ndarray:
-        """A bool array: for each id (strings, or hashes from :func:`id_hashes`), whether it is held."""
-        h = id_hashes(ids)
-        if not len(self.hashes) or not len(h):
-            return np.zeros(len(h), dtype=bool)
-        # Sorted needles walk the array in order (10x faster than random ones on 10M ids).
-        order = np.argsort(h, kind="stable")
-        needles = h[order]
-        at = np.minimum(np.searchsorted(self.hashes, needles), len(self.hashes) - 1)
-        held = np.empty(len(h), dtype=bool)
-        held[order] = self.hashes[at] == needles
-        return held
-
-    def __contains__(self, request_id: str) -> bool:
-        return bool(self.contains([request_id])[0])
-
-    def __len__(self) -> int:
-        return len(self.hashes)
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.hashes.nbytes)
-
-
-@dataclass
-class SkipFilter:
-    """What a run skips: ``committed`` (every committed final id), and among them those
-    ``adoptable`` (committed by interrupted runs: a skip of one of those is an adoption,
-    counted in the run's summary). The Validator calls :meth:`contains`; the job's read
-    tasks count :meth:`adopted` among the ids it skipped."""
-
-    committed: CommittedIds = field(default_factory=CommittedIds)
-    adoptable: CommittedIds = field(default_factory=CommittedIds)
-
-    def contains(self, ids: Any) -> np.ndarray:
-        return self.committed.contains(ids)
-
-    def adopted(self, ids: Any) -> int:
-        return int(self.adoptable.contains(ids).sum()) if len(self.adoptable) else 0
-
-    def __len__(self) -> int:
-        return len(self.committed)
-
-
-# -- records ------------------------------------------------------------------------------
-
-
-@dataclass
-class PartEntry:
-    """One Parquet part as its commit record describes it. ``final``: hashes of the ids a
-    rerun skips (images; rows rejected at read or validation); ``retry``: of error rows a
-    rerun tries again (failed in generation or encoding)."""
-
-    path: str  # relative to the output root: images/part-....parquet
-    rows: int
-    bytes: int
-    sha256: str
-    final: np.ndarray
-    retry: np.ndarray
-
-    @property
-    def kind(self) -> str:
-        return self.path.split("/", 1)[0]
-
-    def header(self) -> dict[str, Any]:
-        return {"path": self.path, "rows": self.rows, "bytes": self.bytes, "sha256": self.sha256, "final": len(self.final), "retry": len(self.retry)}
-
-
-@dataclass
-class Record:
-    """One commit record: a block's parts (or, compacted, a run's), and their counts."""
-
-    name: str  # relative to the output root: _commits/<run>/<...>.commit
-    run_id: str
-    written_at: float
-    parts: list[PartEntry]
-    counts: dict[str, Any] = field(default_factory=dict)  # images, errors, input_rows, errors_by_stage
-    legacy: bool = False  # read from a manifest of an output older than commit records
-
-    @property
-    def compacted(self) -> bool:
-        return self.name.rsplit("/", 1)[-1].startswith(_COMPACTED) or self.legacy
-
-    def order(self) -> tuple:
-        return (self.run_id, not self.compacted, self.name)
-
-    @property
-    def rows(self) -> int:
-        return sum(p.rows for p in self.parts)
-
-
-def part_entry(path: str, data: bytes, table: pa.Table) -> PartEntry:
-    """The entry of a part just serialised to ``data`` from ``table`` (images or errors)."""
-    if S.ERROR_STAGE in table.column_names and table.num_rows:
-        final_rows = pc.is_in(table.column(S.ERROR_STAGE), pa.array(FINAL_ERROR_STAGES))
-        final = id_hashes(table.filter(final_rows).column(S.REQUEST_ID))
-        retry = id_hashes(table.filter(pc.invert(final_rows)).column(S.REQUEST_ID))
-    else:
-        final, retry = id_hashes(table.column(S.REQUEST_ID)), np.empty(0, np.uint64)
-    return PartEntry(path, table.num_rows, len(data), hashlib.sha256(data).hexdigest(), final, retry)
-
-
-def encode_record(record: Record) -> bytes:
-    header = {"run_id": record.run_id, "written_at": record.written_at, "parts": [p.header() for p in record.parts], "counts": record.counts}
-    ids = b"".join(np.ascontiguousarray(a, dtype="<u8").tobytes() for p in record.parts for a in (p.final, p.retry))
-    body = json.dumps(header, sort_keys=True, separators=(",", ":")).encode() + b"\n" + ids
-    return _MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body
-
-
-class CorruptRecord(ValueError):
-    """A commit record that cannot be read: truncated, or its digest does not match."""
-
-
-def decode_record(name: str, data: bytes) -> Record:
-    if not data.startswith(_MAGIC):
-        raise CorruptRecord("not a commit record (no header)")
-    digest, _, body = data[len(_MAGIC) :].partition(b"\n")
-    if hashlib.sha256(body).hexdigest().encode() != digest:
-        raise CorruptRecord("its digest does not match its content (truncated or damaged)")
-    line, _, ids = body.partition(b"\n")
-    try:
-        header = json.loads(line)
-        hashes = np.frombuffer(ids, dtype="<u8")
-        parts, at = [], 0
-        for p in header["parts"]:
-            final, retry = hashes[at : at + p["final"]], hashes[at + p["final"] : at + p["final"] + p["retry"]]
-            at += p["final"] + p["retry"]
-            parts.append(PartEntry(p["path"], int(p["rows"]), int(p["bytes"]), p["sha256"], final, retry))
-        if at != len(hashes):
-            raise CorruptRecord(f"it holds {len(hashes)} request ids, its header {at}")
-        return Record(name, header["run_id"], float(header["written_at"]), parts, header.get("counts", {}))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CorruptRecord(f"its header cannot be read ({exc})") from None
-
-
-def record_name(run_id: str, parts: list[PartEntry], compacted: bool = False) -> str:
-    """Named after its parts (their paths carry the ids' and the bytes' digests): a write
-    repeated with the same block and bytes rewrites the same record."""
-    digest = hashlib.sha256("\n".join(p.path for p in parts).encode()).hexdigest()[:16]
-    return f"{COMMITS_DIR}/{run_id}/{_COMPACTED if compacted else ''}{digest}{SUFFIX}"
-
-
-def write_record(fs: fsspec.AbstractFileSystem, root: str, run_id: str, parts: list[PartEntry], counts: dict[str, Any]) -> Record:
-    """Commit ``parts`` (already written in full): write their record atomically. From
-    this moment they are durable and a later run adopts them."""
-    record = Record(record_name(run_id, parts), run_id, time.time(), parts, counts)
-    filesystem.atomic_write(fs, filesystem.join(root, record.name), encode_record(record))
-    return record
-
+from pipeline.storage.commit_records import (  # noqa: F401 - the interface, re-exported
+    COMMITS_DIR,
+    ERRORS_DIR,
+    FINAL_ERROR_STAGES,
+    IMAGES_DIR,
+    RUNS_DIR,
+    SUFFIX,
+    CorruptRecord,
+    PartEntry,
+    Record,
+    decode_record,
+    encode_record,
+    part_entry,
+    record_name,
+    write_record,
+)
+from pipeline.storage.committed_ids import CommittedIds, SkipFilter, id_hashes, sorted_unique_of  # noqa: F401
 
 def compact(fs: fsspec.AbstractFileSystem, root: str, run_id: str, names: list[str]) -> Optional[Record]:
     """Fold the block records ``names`` of ``run_id`` (those its successful writes returned)
@@ -366,6 +141,7 @@ class Commits:
     superseded: list[str] = field(default_factory=list)
     redundant: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
+    stray: list[str] = field(default_factory=list)  # temporary files under _commits/ left by a crash mid-write
     present: dict[str, int] = field(default_factory=dict)  # part files on disk -> size
     _sorted_finals: Optional[np.ndarray] = field(default=None, repr=False)  # every final id, sorted, once
 
@@ -423,7 +199,7 @@ def read_commits(fs: fsspec.AbstractFileSystem, root: str) -> Commits:
     """Read the commit records and part files of the output at ``root`` and decide what is
     committed (see the module docstring). Reads only; :func:`repair` applies the decision."""
     commits = Commits(present=_present_parts(fs, root))
-    records, unreadable = _read_records(fs, root, filesystem.join(root, COMMITS_DIR))
+    records, unreadable, commits.stray = _read_records(fs, root, filesystem.join(root, COMMITS_DIR))
     commits.dropped += unreadable
     covered = {p.path for r in records for p in r.parts}
     records += _legacy_records(fs, root, covered, commits.present)
@@ -463,13 +239,16 @@ def _present_parts(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int]:
     return present
 
 
-def _read_records(fs: fsspec.AbstractFileSystem, root: str, folder: str) -> tuple[list[Record], list[tuple[str, str]]]:
+def _read_records(fs: fsspec.AbstractFileSystem, root: str, folder: str) -> tuple[list[Record], list[tuple[str, str]], list[str]]:
+    """The records under ``folder``, the ones that do not read (name, why), and other files."""
     if not fs.isdir(folder):
-        return [], []
-    paths = sorted(p for p in fs.find(folder) if p.endswith(SUFFIX))
+        return [], [], []
+    prefix = root.rstrip("/") + "/"
+    found = sorted(fs.find(folder))
+    stray = [p[len(prefix) :] if p.startswith(prefix) else p for p in found if not p.endswith(SUFFIX)]
+    paths = [p for p in found if p.endswith(SUFFIX)]
     contents = fs.cat(paths, on_error="return") if paths else {}
     records, bad = [], []
-    prefix = root.rstrip("/") + "/"
     for path in paths:
         name = path[len(prefix) :] if path.startswith(prefix) else path
         data = contents.get(path)
@@ -481,7 +260,7 @@ def _read_records(fs: fsspec.AbstractFileSystem, root: str, folder: str) -> tupl
             records.append(decode_record(name, data))
         except CorruptRecord as exc:
             bad.append((name, str(exc)))
-    return records, bad
+    return records, bad, stray
 
 
 def _part_problem(record: Record, present: dict[str, int]) -> Optional[str]:
@@ -610,7 +389,7 @@ def repair(fs: fsspec.AbstractFileSystem, root: str, commits: Commits) -> Recove
         recovery.migrated_runs.append(record.run_id)
     for name in [*(n for n, _ in commits.dropped), *commits.superseded, *commits.redundant]:
         _remove(fs, root, name)
-    for path in commits.orphans:
+    for path in [*commits.orphans, *commits.stray]:
         _remove(fs, root, path)
     recovery.removed_parts = list(commits.orphans)
     return recovery
