@@ -63,6 +63,7 @@ from pipeline.storage.commit_records import (  # noqa: F401 - the interface, re-
 )
 from pipeline.storage.committed_ids import CommittedIds, SkipFilter, id_hashes, sorted_unique_of  # noqa: F401
 
+
 def compact(fs: fsspec.AbstractFileSystem, root: str, run_id: str, names: list[str]) -> Optional[Record]:
     """Fold the block records ``names`` of ``run_id`` (those its successful writes returned)
     into one compacted record, then remove them and any other block record of the run
