@@ -15,7 +15,6 @@ never starts Ray.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -28,7 +27,7 @@ from pipeline.spec import schema as S
 from pipeline.spec.config import JobSpec
 from pipeline.spec.validate import Validator
 from pipeline.storage import commits, filesystem, sink, tables
-from pipeline.storage.lock import LOCK_NAME
+from pipeline.storage.lock import live_holder
 
 _ROW_COLUMNS = [S.PROMPT, S.SEED, S.WIDTH, S.HEIGHT, S.SHA256]
 
@@ -100,7 +99,8 @@ def inspect_output(url: str, storage_options: dict | None = None, rows: int = 5,
         manifests = sink.read_manifests(fs, root)
         found.size_bytes = int(fs.du(root, total=True))
         found.schema = sink.newest_part_schema(fs, root, manifests, sink.IMAGES_DIR)
-        found.runs = _runs(state, manifests, _lock_holder(fs, root, found.now))
+        holder = live_holder(fs, root)
+        found.runs = _runs(state, manifests, holder.get("run_id") if holder else None)
         for part in state.parts.values():
             found.parts += 1
             if part.kind == sink.IMAGES_DIR:
@@ -117,15 +117,6 @@ def inspect_output(url: str, storage_options: dict | None = None, rows: int = 5,
     if spec is not None:
         found.spec_requests, found.spec_left = left_to_make(spec, state.ids())
     return found
-
-
-def _lock_holder(fs: Any, root: str, now: float) -> Optional[str]:
-    """The run id holding the output's lease, if the lease has not expired."""
-    try:
-        holder = json.loads(fs.cat_file(filesystem.join(root, LOCK_NAME)))
-    except (FileNotFoundError, ValueError):
-        return None
-    return holder.get("run_id") if holder.get("expires_at", 0) >= now else None
 
 
 def _runs(state: commits.Commits, manifests: list[dict[str, Any]], holder: Optional[str]) -> list[RunView]:

@@ -43,6 +43,16 @@ def _holder_gone(holder: dict[str, Any], now: float) -> bool:
     return False
 
 
+def live_holder(fs: fsspec.AbstractFileSystem, root: str) -> Optional[dict[str, Any]]:
+    """Who holds the output's lock (run id, host, pid...), or None when no live run does:
+    no lock, an unreadable one, or a stale one (see the module docstring)."""
+    try:
+        holder = json.loads(fs.cat_file(filesystem.join(root, LOCK_NAME)))
+    except (FileNotFoundError, ValueError):
+        return None
+    return None if _holder_gone(holder, time.time()) else holder
+
+
 @dataclass
 class OutputLock:
     """A held lock on one output. Use :meth:`acquire`, then :meth:`release` when done."""
