@@ -27,7 +27,7 @@ def rid(i: int) -> str:
 def stream_block(ids: range, failed: set[int] = frozenset(), stage: str = S.STAGE_GENERATE) -> pa.Table:
     """A block as the datasink receives it: request, error, encode and generation columns."""
     n = len(ids)
-    fields = [*S.REQUEST_FIELDS, *S.ERROR_FIELDS, *S.ENCODE_FIELDS, *S.GENERATION_FIELDS]
+    fields = [*S.REQUEST_FIELDS, *S.ERROR_FIELDS, *S.ENCODE_FIELDS, *S.GENERATION_FIELDS, *S.QUALITY_FIELDS]
     columns = {f.name: pa.nulls(n, f.type) for f in fields}
     columns[S.REQUEST_ID] = pa.array([rid(i) for i in ids])
     columns[S.ID] = pa.array([str(i) for i in ids])

@@ -75,6 +75,7 @@ class DatasetSink(Datasink[sink.WriteReport]):
                 "spec_fingerprint": self._spec.fingerprint(),
                 "model_fingerprint": self._catalog.models[self._catalog.default_model].fingerprint,
                 "models": model_details(self._catalog),
+                "scoring": _scoring(self._catalog, counts),
                 "loras": {name: {"url": a.config.url, "digest": a.digest} for name, a in self._catalog.loras.items()},
                 "versions": sink.library_versions(),
                 "counts": {
@@ -95,9 +96,24 @@ class DatasetSink(Datasink[sink.WriteReport]):
 def model_details(catalog: Catalog) -> dict[str, dict[str, Any]]:
     """What a manifest records of each model a run uses."""
     return {
-        name: {"ref": m.config.ref, "fingerprint": m.fingerprint, "family": m.family.name, "pipeline_class": m.pipeline_class}
+        name: {
+            "ref": m.config.ref,
+            "fingerprint": m.fingerprint,
+            "family": m.family.name,
+            "pipeline_class": m.pipeline_class,
+            # flag | error | off, and whether the model ships a checker (null: unknown)
+            "safety_checker": m.config.safety_checker,
+            "has_safety_checker": m.has_safety_checker,
+        }
         for name, m in catalog.models.items()
     }
+
+
+def _scoring(catalog: Catalog, counts) -> Optional[dict[str, Any]]:
+    """The manifest's record of the CLIP scorer: what made ``clip_score`` and what it cost."""
+    if catalog.scorer is None:
+        return None
+    return {"ref": catalog.scorer.config.ref, "fingerprint": catalog.scorer.fingerprint, "seconds": counts.scoring_seconds}
 
 
 @dataclass

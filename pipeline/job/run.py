@@ -38,6 +38,7 @@ from pipeline.job.datasink import DatasetSink, Prepared, prepare_output
 from pipeline.job.read import read_requests
 from pipeline.job.skip import SharedSkipFilter
 from pipeline.job.summary import RunSummary
+from pipeline.output.ownership import unowned_images
 from pipeline.spec.batching import block_rows
 from pipeline.spec.catalog import Catalog
 from pipeline.spec.config import JobSpec
@@ -71,10 +72,24 @@ def run(spec: JobSpec, stage: type[GenerateStage] = GenerateStage) -> RunSummary
     lock = OutputLock.acquire(fs, root, run_id, spec.output.url)
     try:
         prepared = prepare_output(spec, run_id, started, catalog)  # adopts what interrupted runs committed
+        warnings = _ownership_warnings(spec, fs, root)
         validator = Validator(spec, catalog, skip=SharedSkipFilter(prepared.skip), duplicates=duplicates)
-        return _execute(spec, run_id, catalog, validator, started, stage, prepared)
+        summary = _execute(spec, run_id, catalog, validator, started, stage, prepared)
+        summary.warnings.extend(warnings)
+        return summary
     finally:
         lock.release()
+
+
+def _ownership_warnings(spec: JobSpec, fs, root: str) -> list[str]:
+    """Warn, before any work, when the output holds images no current input row owns
+    (a renamed or converted input without an id column: this run would make them again)."""
+    unowned = unowned_images(spec, fs, root)
+    if not unowned.images:
+        return []
+    message = unowned.message(spec)
+    log.warning("%s", message)
+    return [message]
 
 
 def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator, started: float, stage: type, prepared: Prepared) -> RunSummary:
@@ -123,6 +138,7 @@ def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator,
         model_swaps=counts.model_swaps,
         engine_seconds=counts.engine_seconds,
         encode_wait_seconds=counts.encode_wait_seconds,
+        scoring_seconds=counts.scoring_seconds if catalog.scorer is not None else None,
         parts=report.parts,
         adopted=counts.adopted,
         adopted_from=prepared.interrupted,

@@ -6,7 +6,8 @@ the commit records, :mod:`pipeline.storage.commits`), totals, what a crash left 
 next run to remove, the images table's schema, the size on disk, and a few rows. For a
 run still going: its throughput and, with ``--spec``, an ETA, both from its commit
 records' times. With ``--spec``: how many of the requests that spec makes are not in
-the output yet.
+the output yet. Exact and near duplicates among the images (:mod:`pipeline.output.duplicates`). Named
+``inspect_output`` because a module named ``inspect`` would shadow the standard library's.
 
 Pure: reads commit records, manifests, the lock, one part's schema and the first rows of
 one part through :mod:`pipeline.storage.filesystem`, and with a spec the prompt table;
@@ -23,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.engine.resolve import build_catalog
+from pipeline.output.duplicates import DEFAULT_DISTANCE, Duplicates, find_duplicates, format_duplicates
 from pipeline.spec import schema as S
 from pipeline.spec.config import JobSpec
 from pipeline.spec.validate import Validator
@@ -72,6 +74,7 @@ class Inspection:
     spec_requests: Optional[int] = None  # with a spec: requests it makes (images and rejected rows)
     spec_left: Optional[int] = None  # ... of which the output does not hold yet
     now: float = field(default_factory=time.time)
+    duplicates: Optional[Duplicates] = None
 
     @property
     def running(self) -> Optional[RunView]:
@@ -86,8 +89,11 @@ class Inspection:
         return self.spec_left / rate
 
 
-def inspect_output(url: str, storage_options: dict | None = None, rows: int = 5, spec: Optional[JobSpec] = None) -> Inspection:
-    """Read what the output at ``url`` holds; ``rows`` sample rows from its newest images part.
+def inspect_output(
+    url: str, storage_options: dict | None = None, rows: int = 5, spec: Optional[JobSpec] = None, near_distance: int = DEFAULT_DISTANCE
+) -> Inspection:
+    """Read what the output at ``url`` holds; ``rows`` sample rows from its newest images part;
+    duplicates (perceptual hashes within ``near_distance`` bits count as near duplicates).
     With ``spec``, also count what that spec would still make (a pass over its table).
     An output with no run gives an empty :class:`Inspection`, not an error."""
     fs, root = filesystem.open_url(url, storage_options)
@@ -114,6 +120,8 @@ def inspect_output(url: str, storage_options: dict | None = None, rows: int = 5,
         if newest is not None and rows > 0:
             with fs.open(filesystem.join(root, newest), "rb") as f:
                 found.rows = pq.ParquetFile(f).read_row_group(0, columns=_ROW_COLUMNS).slice(0, rows).to_pylist()
+        if manifests:
+            found.duplicates = find_duplicates(fs, root, manifests, near_distance)
     if spec is not None:
         found.spec_requests, found.spec_left = left_to_make(spec, state.ids())
     return found
@@ -205,6 +213,8 @@ def format_inspection(found: Inspection) -> str:
         for row in found.rows:
             prompt = row[S.PROMPT] if len(row[S.PROMPT]) <= 60 else row[S.PROMPT][:57] + "..."
             lines.append(f"  {row[S.SHA256][:12]}  seed {row[S.SEED]:<20} {row[S.WIDTH]}x{row[S.HEIGHT]:<5} {prompt}")
+    if found.duplicates is not None:
+        lines += format_duplicates(found.duplicates)
     return "\n".join(lines)
 
 
