@@ -50,8 +50,10 @@ def read_requests(spec: JobSpec, validator: Validator, counter: Any) -> ray.data
 
 
 def validate_counting(table: pa.Table, validator: Validator, counter: Any) -> pa.Table:
-    """Validation that also reports rows skipped as already committed; the block leaves
-    sorted for the engine (by model, adapter and bucket: see :func:`order_for_engine`)."""
-    requests = validator.validate_table(table)
-    counter.add.remote(skipped=progress.skipped(table, requests))
+    """Validation that also reports rows skipped as already committed (and the requests
+    among them adopted from an interrupted run); the block leaves sorted for the engine
+    (by model, adapter and bucket: see :func:`order_for_engine`)."""
+    requests, skipped_ids = validator.validate_table_skipping(table)
+    adopted = validator.skip.adopted(skipped_ids) if validator.skip is not None and len(skipped_ids) else 0
+    counter.add.remote(skipped=progress.skipped(table, requests), adopted=adopted)
     return order_for_engine(requests)

@@ -13,8 +13,9 @@ stage lives in pure modules (:mod:`pipeline.spec.validate`, :mod:`pipeline.engin
 - encoding runs on a thread pool inside each actor, overlapping the next diffusers call,
   so GPUs do not wait on PNG compression and raw pixels never cross the object store
   (a separate CPU stage costs a task per block and a copy of every image's pixels);
-- the datasink writes each block as atomic parts and the manifest once, at the end, then
-  the dataset card;
+- the datasink writes each block as atomic parts and commits it with a record at once
+  (a crash loses only the blocks in flight; the next run adopts the rest), and at the end
+  the manifest and the dataset card;
 - validation and the engine actors report what they finish to a counter actor (``num_cpus=0``)
   that the driver polls for the progress line while the job runs.
 """
@@ -33,8 +34,9 @@ from pipeline.engine.resolve import build_catalog, place
 from pipeline.job import progress
 from pipeline.job.actors import GenerateStage, ProgressActor, actor_gpus, engine_catalog, final_counts, rows_per_call, startup_failure
 from pipeline.job.connect import connect, require_gpus
-from pipeline.job.datasink import DatasetSink, prepare_output
+from pipeline.job.datasink import DatasetSink, Prepared, prepare_output
 from pipeline.job.read import read_requests
+from pipeline.job.skip import SharedSkipFilter
 from pipeline.job.summary import RunSummary
 from pipeline.output.ownership import unowned_images
 from pipeline.spec.batching import block_rows
@@ -71,10 +73,10 @@ def run(spec: JobSpec, stage: type[GenerateStage] = GenerateStage) -> RunSummary
     fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
     lock = OutputLock.acquire(fs, root, run_id, spec.output.url, lease_s=spec.output.lock_lease_s)
     try:
-        committed = prepare_output(spec)
+        prepared = prepare_output(spec, run_id, started, catalog)  # adopts what interrupted runs committed
         warnings = _ownership_warnings(spec, fs, root)
-        validator = Validator(spec, catalog, skip=frozenset(committed.request_ids), duplicates=duplicates)
-        summary = _execute(spec, run_id, catalog, validator, started, stage)
+        validator = Validator(spec, catalog, skip=SharedSkipFilter(prepared.skip), duplicates=duplicates)
+        summary = _execute(spec, run_id, catalog, validator, started, stage, prepared)
         summary.warnings.extend(warnings)
         return summary
     except Exception as exc:
@@ -100,7 +102,7 @@ def _ownership_warnings(spec: JobSpec, fs, root: str) -> list[str]:
     return [message]
 
 
-def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator, started: float, stage: type) -> RunSummary:
+def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator, started: float, stage: type, prepared: Prepared) -> RunSummary:
     """The Ray Data pipeline itself; the caller holds the output's lock."""
     rt = spec.runtime
     gpus = actor_gpus(spec)
@@ -123,7 +125,7 @@ def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator,
         zero_copy_batch=True,
     )
     ds = ds.repartition(target_num_rows_per_block=spec.output.rows_per_part, strict=True)
-    datasink = DatasetSink(spec, run_id, catalog, started, counter)
+    datasink = DatasetSink(spec, run_id, catalog, started, counter, prepared)
     poll = lambda: ray.get(counter.snapshot.remote(), timeout=5)  # noqa: E731
     with progress.ProgressPrinter(poll, total_rows, rt.progress_interval_s, sys.stderr) as printer:
         if printer.live:  # Ray Data's own bars would be redrawn over ours
@@ -148,4 +150,7 @@ def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator,
         encode_wait_seconds=counts.encode_wait_seconds,
         scoring_seconds=counts.scoring_seconds if catalog.scorer is not None else None,
         parts=report.parts,
+        adopted=counts.adopted,
+        adopted_from=prepared.interrupted,
+        recovery=prepared.recovery,
     )
