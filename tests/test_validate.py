@@ -165,9 +165,12 @@ def test_table_keeps_passthrough_columns_with_types_and_renames_collisions():
 def test_committed_requests_are_skipped():
     v = validator()
     done = one(v, row(0, prompt="a"))["request_id"]
-    skipping = dataclasses.replace(v, skip=frozenset({done}))
-    out = skipping.validate_table(pa.Table.from_pylist([row(0, prompt="a"), row(1, prompt="b")]))
+    from pipeline.storage.commits import CommittedIds
+
+    skipping = dataclasses.replace(v, skip=CommittedIds.from_ids([done]))
+    out, skipped = skipping.validate_table_skipping(pa.Table.from_pylist([row(0, prompt="a"), row(1, prompt="b")]))
     assert out.column("row_index").to_pylist() == [1]
+    assert skipped.to_pylist() == [done]
 
 
 def test_repeated_ids_are_rejected_after_their_first_row():

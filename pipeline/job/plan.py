@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pipeline.engine.resolve import build_catalog, place
+from pipeline.engine.resolve import build_catalog, place, recorded_models
 from pipeline.output.ownership import unowned_images
 from pipeline.spec import schema as S
 from pipeline.spec.config import JobSpec, PlanConfig, ThroughputEntry
@@ -291,7 +291,7 @@ def _recorded_models(spec: JobSpec, plan: Plan) -> Optional[dict]:
     older_ids = scheme_warning(manifests)
     if older_ids:
         plan.warnings.append(older_ids)
-    return manifests[-1].get("models") if manifests else None
+    return recorded_models(manifests)
 
 
 def _committed_ids(spec: JobSpec, plan: Plan) -> set[str]:

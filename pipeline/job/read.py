@@ -99,9 +99,11 @@ def validated_blocks(spec: JobSpec, unit: ReadUnit, validator: Validator, block_
     def requests() -> Iterator[pa.Table]:
         while chunks:
             chunk = chunks.pop(0)  # let each raw chunk go once validated
-            table = validator.validate_table(chunk)
+            table, skipped_ids = validator.validate_table_skipping(chunk)
             if counter is not None:
-                counter.add.remote(skipped=progress.skipped(chunk, table))
+                # Skipped requests adopted from an interrupted run are counted apart.
+                adopted = validator.skip.adopted(skipped_ids) if validator.skip is not None and len(skipped_ids) else 0
+                counter.add.remote(skipped=progress.skipped(chunk, table), adopted=adopted)
             if table.num_rows:
                 yield order_for_engine(table)
 

@@ -16,7 +16,9 @@ stage lives in pure modules (:mod:`pipeline.spec.validate`, :mod:`pipeline.engin
 - the driver feeds blocks to the actors and generated rows to part writes, holding object
   refs only, a bounded number of them (:mod:`pipeline.job.feed`);
 - each part is written by a task through the datasink (atomic parts), and the manifest
-  once, at the end, then the dataset card (:mod:`pipeline.job.datasink`);
+  at once with a commit record (a crash loses only the blocks in flight; the next run
+  adopts the rest), and at the end the manifest and the dataset card
+  (:mod:`pipeline.job.datasink`);
 - validation and the engine actors report what they finish to a counter actor (``num_cpus=0``)
   that the driver polls for the progress line while the job runs.
 """
@@ -36,9 +38,10 @@ from pipeline.engine.resolve import build_catalog, place
 from pipeline.job import progress
 from pipeline.job.actors import GenerateStage, ProgressActor, actor_gpus, final_counts, rows_per_call, start_engines, startup_failure
 from pipeline.job.connect import connect, require_gpus
-from pipeline.job.datasink import DatasetSink, prepare_output
+from pipeline.job.datasink import DatasetSink, Prepared, prepare_output
 from pipeline.job.feed import Feed
 from pipeline.job.read import start_read, start_registry
+from pipeline.job.skip import SharedSkipFilter
 from pipeline.job.summary import RunSummary
 from pipeline.output.ownership import unowned_images
 from pipeline.spec.batching import block_rows
@@ -75,10 +78,10 @@ def run(spec: JobSpec, stage: type[GenerateStage] = GenerateStage) -> RunSummary
     fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
     lock = OutputLock.acquire(fs, root, run_id, spec.output.url, lease_s=spec.output.lock_lease_s)
     try:
-        committed = prepare_output(spec)
+        prepared = prepare_output(spec, run_id, started, catalog)  # adopts what interrupted runs committed
         warnings = _ownership_warnings(spec, fs, root)
-        validator = Validator(spec, catalog, skip=skip_filter(committed))
-        summary = _execute(spec, run_id, catalog, validator, started, stage)
+        validator = Validator(spec, catalog, skip=skip_filter(prepared))
+        summary = _execute(spec, run_id, catalog, validator, started, stage, prepared)
         summary.warnings.extend(warnings)
         return summary
     except Exception as exc:
@@ -93,10 +96,11 @@ def run(spec: JobSpec, stage: type[GenerateStage] = GenerateStage) -> RunSummary
         lock.release()
 
 
-def skip_filter(committed: sink.Committed):
+def skip_filter(prepared: Prepared) -> SharedSkipFilter:
     """What read tasks skip: the request ids earlier runs committed (see
-    :class:`~pipeline.spec.validate.Validator`'s ``skip``). The one place the job builds it."""
-    return frozenset(committed.request_ids)
+    :class:`~pipeline.spec.validate.Validator`'s ``skip``), as 8-byte hashes put into the
+    object store once and read zero-copy by every read task. The one place the job builds it."""
+    return SharedSkipFilter(prepared.skip)
 
 
 def _ownership_warnings(spec: JobSpec, fs, root: str) -> list[str]:
@@ -110,7 +114,7 @@ def _ownership_warnings(spec: JobSpec, fs, root: str) -> list[str]:
     return [message]
 
 
-def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator, started: float, stage: type) -> RunSummary:
+def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator, started: float, stage: type, prepared: Prepared) -> RunSummary:
     """The pipeline itself; the caller holds the output's lock."""
     rt = spec.runtime
     # On the driver's node: a counter on a worker that is lost would take the counts with
@@ -122,7 +126,7 @@ def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator,
     registry = start_registry() if spec.input.id_column else None
     actors = start_engines(spec, catalog, counter, stage)
     shared = ray.put(validator)  # once: every read task reads the same copy
-    datasink = DatasetSink(spec, run_id, catalog, started, counter)
+    datasink = DatasetSink(spec, run_id, catalog, started, counter, prepared)
     writer = write_part.options(num_cpus=rt.task_cpus)
     sink_ref = ray.put(datasink)
 
@@ -167,6 +171,9 @@ def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator,
         encode_wait_seconds=counts.encode_wait_seconds,
         scoring_seconds=counts.scoring_seconds if catalog.scorer is not None else None,
         parts=report.parts,
+        adopted=counts.adopted,
+        adopted_from=prepared.interrupted,
+        recovery=prepared.recovery,
     )
 
 
