@@ -48,6 +48,8 @@ class SleepEngine:
     """Generates nothing: sleeps ``seconds_per_call`` per diffusers-sized call of at most
     ``call_images`` images, returns black images."""
 
+    scheduler_name = "sleep"  # the scheduler class an engine records per image
+
     def __init__(self, seconds_per_call: float, call_images: int):
         self.seconds_per_call = seconds_per_call
         self.call_images = call_images
