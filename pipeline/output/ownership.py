@@ -59,6 +59,8 @@ def unowned_images(spec: JobSpec, fs: fsspec.AbstractFileSystem, root: str) -> U
         return found
     owns = _owner(spec)
     for relative in parts:
+        if not fs.exists(filesystem.join(root, relative)):
+            continue  # a listed part that is gone: verify reports it as missing, not as unowned
         with filesystem.storage_errors(relative, "read"), fs.open(filesystem.join(root, relative), "rb") as f:
             table = pq.read_table(f, columns=[S.ID, S.SOURCE, S.ROW_INDEX])
         for image_id, source, row in zip(*(table.column(c).to_pylist() for c in (S.ID, S.SOURCE, S.ROW_INDEX))):
