@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import pyarrow as pa
 from ray.data.block import BlockAccessor
@@ -70,6 +70,7 @@ class DatasetSink(Datasink[sink.WriteReport]):
                 "model_fingerprint": self._catalog.models[self._catalog.default_model].fingerprint,
                 "models": {name: model_record(m) for name, m in self._catalog.models.items()},
                 "request_id_scheme": REQUEST_ID_SCHEME,
+                "scoring": _scoring(self._catalog, counts),
                 "loras": {name: {"url": a.config.url, "digest": a.digest} for name, a in self._catalog.loras.items()},
                 "versions": sink.library_versions(),
                 "counts": {
@@ -89,6 +90,13 @@ class DatasetSink(Datasink[sink.WriteReport]):
         self.report = report
 
 
+def _scoring(catalog: Catalog, counts) -> Optional[dict[str, Any]]:
+    """The manifest's record of the CLIP scorer: what made ``clip_score`` and what it cost."""
+    if catalog.scorer is None:
+        return None
+    return {"ref": catalog.scorer.config.ref, "fingerprint": catalog.scorer.fingerprint, "seconds": counts.scoring_seconds}
+
+
 def model_record(m: ModelEntry) -> dict[str, Any]:
     """What a manifest records of one model: how it was resolved and run."""
     return {
@@ -99,6 +107,9 @@ def model_record(m: ModelEntry) -> dict[str, Any]:
         "dtype": m.config.dtype,
         "device": m.config.device,
         **({"revision": m.config.revision, "commit": m.commit} if m.commit else {}),
+        # flag | error | off, and whether the model ships a checker (null: unknown)
+        "safety_checker": m.config.safety_checker,
+        "has_safety_checker": m.has_safety_checker,
     }
 
 

@@ -13,7 +13,8 @@ Contracts (see ARCHITECTURE.md):
 - **Request id**: a digest of the identity, the image index and everything that decides
   the pixels (prompt, negative prompt, seed, size, steps, guidance, scheduler, model
   fingerprint (a hub model's at its resolved commit), the model's resolved dtype and
-  device class, and when set the T5 sequence length and the LoRA digest and scale).
+  device class, and when set the T5 sequence length, the LoRA digest and scale, and
+  ``model.safety_checker: off``, which keeps pixels a checker would black out).
   Change any of them and the id changes; rerun the same spec and it does not. How ids
   are made is versioned (:data:`REQUEST_ID_SCHEME`, in every manifest): an output made
   under an older scheme gets new ids, and a run into it says so (:func:`scheme_warning`).
@@ -179,6 +180,8 @@ class Validator:
             extra[S.MAX_SEQUENCE_LENGTH] = params[S.MAX_SEQUENCE_LENGTH]
         if adapter is not None:
             extra.update({"lora": adapter.digest, S.LORA_SCALE: lora_scale})
+        if model.config.safety_checker == "off":
+            extra["safety_checker"] = "off"
         extra.update({S.DTYPE: base[S.DTYPE], S.DEVICE: base[S.DEVICE]})  # resolved: see resolve.place
         columns = {
             S.LORA: adapter.name if adapter else None,
