@@ -53,8 +53,17 @@ def _output_commands(commands: argparse._SubParsersAction) -> None:
     report.add_argument("output", help="the output URL (a folder, s3://bucket/prefix, ...)")
     report.add_argument("--html", metavar="FILE", default="report.html", help="where to write the page (default: report.html)")
     report.add_argument("--sample", metavar="N", type=int, default=48, help="images on the contact sheet (default: 48)")
+    report.add_argument(
+        "--sort", choices=("spread", "score"), default="spread",
+        help="contact sheet order: spread evenly over the runs (default), or score: the lowest clip_score first, where failures are",
+    )  # fmt: skip
     inspect = commands.add_parser("inspect", help="show what an output holds: runs, counts, schema, size, a few rows")
     inspect.add_argument("output", help="the output URL (a folder, s3://bucket/prefix, ...)")
+    inspect.add_argument(
+        # 6: pipeline.output.duplicates.DEFAULT_DISTANCE, spelled here to keep the command's start-up light
+        "--near-distance", metavar="BITS", type=int, default=6, choices=range(0, 65),
+        help="perceptual hashes (phash) at most this many bits apart count as near duplicates (default: 6)",
+    )  # fmt: skip
     for command in (report, inspect):
         command.add_argument("--spec", metavar="SPEC", help="a job spec whose output.storage_options reach OUTPUT (for s3:// outputs)")
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a field of --spec")
@@ -157,7 +166,7 @@ def _report(args: argparse.Namespace) -> int:
     from pipeline.output.report import write_report
 
     url, options, _ = _output_location(args.output, args.spec, args.overrides)
-    data = write_report(url, args.html, options, sample=args.sample)
+    data = write_report(url, args.html, options, sample=args.sample, order=args.sort)
     print(f"wrote {args.html}: {len(data.samples)} of {len(data.images)} images, {len(data.manifests)} run(s), {len(data.errors)} error rows")
     return 0
 
@@ -166,7 +175,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from pipeline.output.inspect import format_inspection, inspect_output
 
     url, options, _ = _output_location(args.output, args.spec, args.overrides)
-    print(format_inspection(inspect_output(url, options)))
+    print(format_inspection(inspect_output(url, options, near_distance=args.near_distance)))
     return 0
 
 

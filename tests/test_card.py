@@ -80,3 +80,22 @@ def test_card_of_an_output_without_errors_names_only_images():
     assert header["license"] == "other"
     # A type the card cannot describe leaves features to the files rather than guess.
     assert hf_features(pa.schema([pa.field("x", pa.month_day_nano_interval())])) is None
+
+
+def test_card_of_a_models_spec_shows_each_model_not_the_unused_model_section():
+    manifest = {
+        "run_id": "r1", "started_at": 0, "finished_at": 60, "wall_seconds": 60.0,
+        "spec": {
+            "model": {"ref": "tiny", "revision": "main", "dtype": "auto", "scheduler": None},  # the unused default section
+            "models": {
+                "sd": {"ref": "tiny", "revision": "main", "dtype": "float32", "scheduler": "euler"},
+                "flux": {"ref": "tiny-flux", "revision": "main", "dtype": "bfloat16", "scheduler": "flow_euler"},
+            },
+            "defaults": {"width": 64, "height": 64}, "output": {"license": "other"},
+        },
+        "models": {"sd": {"ref": "tiny", "fingerprint": "a", "family": "sd"}, "flux": {"ref": "tiny-flux", "fingerprint": "b", "family": "flux"}},
+        "counts": {"input_rows": 2, "images": 2, "errors": 0, "errors_by_stage": {}},
+        "parts": [{"path": "images/part-a.parquet", "rows": 2, "bytes": 10}],
+    }  # fmt: skip
+    (line,) = [line for line in card_text([manifest], None).splitlines() if line.startswith("| revision, dtype, scheduler |")]
+    assert line == "| revision, dtype, scheduler | `sd`: main, float32, euler; `flux`: main, bfloat16, flow_euler |"

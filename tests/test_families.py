@@ -184,3 +184,52 @@ def test_tiny_lora_loads_and_changes_images(cache, tmp_path, name):
     engine.pipe.load_lora_weights(path, adapter_name="tiny")
     after = engine.generate(rows)
     assert all(np.abs(a.pixels.astype(int) - b.pixels.astype(int)).mean() > 1 for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_the_driver_table_of_tiny_models_is_what_loads(engines, name):
+    # The catalog learns a tiny model's scheduler and size rule without building it.
+    from pipeline.engine.resolve import TINY_MODELS as KNOWN
+
+    pipe = engines(name).pipe
+    transformer = getattr(pipe, "transformer", None)
+    patch_size = transformer.config.patch_size if transformer is not None else 1
+    assert KNOWN[name] == (type(pipe).__name__, type(pipe.scheduler).__name__, pipe.vae_scale_factor, patch_size)
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_flow_matching_families_run_their_allowed_scheduler(cache, engines, name):
+    engine = Engine(ModelConfig(ref=name, cache_dir=cache, scheduler="flow_euler"))
+    assert engine.scheduler_name == "FlowMatchEulerDiscreteScheduler"
+    (result,) = engine.generate([request()])
+    assert result.ok
+    assert_close(result.pixels, engines(name).generate([request()])[0].pixels)  # the model's own scheduler
+
+
+def test_the_stage_refuses_an_image_whose_size_is_not_its_rows(engines):
+    # Validation that did not know FLUX's rule: tiny-flux makes 12x12 for a 14x14 row.
+    import dataclasses
+
+    import pyarrow as pa
+
+    from pipeline.engine.model_cache import ModelCache
+    from pipeline.engine.resolve import build_catalog
+    from pipeline.engine.stages import ImageEncoder, generate_table
+    from pipeline.spec import schema as S
+    from pipeline.spec.load import parse_spec
+    from pipeline.spec.validate import Validator
+
+    spec = parse_spec({"input": {"url": "t.csv"}, "model": {"ref": "tiny-flux"}, "defaults": {"steps": 2}, "limits": {"size_multiple": 2}})
+    catalog = build_catalog(spec)
+    lax = dataclasses.replace(catalog.models["tiny-flux"], size_multiple=2)
+    catalog = dataclasses.replace(catalog, models={"tiny-flux": lax})
+    rows = [{S.INPUT_SOURCE: "t.csv", S.INPUT_ROW: i, "prompt": "a cat", "width": w, "height": w} for i, w in enumerate((14, 16))]
+    table = Validator(spec, catalog).validate_table(pa.Table.from_pylist(rows))
+    assert table.column(S.ERROR_STAGE).to_pylist() == [None, None]
+    cache = ModelCache(catalog, budget_bytes=0, load=lambda entry: engines("tiny-flux"))
+    out = generate_table(cache, table, "actor", "node", ImageEncoder("png", 95))
+    assert out.column(S.ERROR_STAGE).to_pylist() == ["generate", None]
+    assert out.column(S.ERROR_TYPE).to_pylist()[0] == "SizeMismatch"
+    assert "made a 12x12 image for a 14x14 request" in out.column(S.ERROR_MESSAGE).to_pylist()[0]
+    assert out.column(S.IMAGE).to_pylist()[0] is None and out.column(S.IMAGE).to_pylist()[1] is not None
+    assert out.column(S.SCHEDULER).to_pylist() == ["FlowMatchEulerDiscreteScheduler"] * 2

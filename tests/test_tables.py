@@ -74,3 +74,57 @@ def test_parquet_and_corrupt_parquet():
     assert table.column("seed").to_pylist() == [1, 2]
     with pytest.raises(InputError, match="not a readable Parquet file"):
         read(b"PAR1 this is not parquet", "parquet")
+
+
+def test_text_formats_stay_text_with_a_byte_order_mark():
+    # Excel's "CSV UTF-8" starts with a BOM; the first column must not be type-guessed.
+    csv_table = read(b"\xef\xbb\xbfid,prompt,guidance_scale\n007,a cat,2.50\n7,a dog,1\n", "csv")
+    assert csv_table.column("id").to_pylist() == ["007", "7"]
+    assert csv_table.column("guidance_scale").to_pylist() == ["2.50", "1"]
+    tsv_table = read(b"\xef\xbb\xbfprompt\tid\n1e5\t007\n", "tsv")
+    assert tsv_table.column("prompt").to_pylist() == ["1e5"]
+    assert tsv_table.column("id").to_pylist() == ["007"]
+
+
+def test_tsv_written_by_pandas_and_csv_reads_back_as_written(tmp_path):
+    import csv
+
+    import pandas as pd
+
+    prompts = ['a "red" car', "a tab\there", "two\nlines", '"G I G G L E" painted on a wall', "plain", '"quoted whole"']
+    written = pd.DataFrame({"prompt": prompts, "n": range(len(prompts))}).to_csv(sep="\t", index=False).encode()
+    assert b'"a ""red"" car"' in written  # pandas quotes a field holding a quote
+    table = read(written, "tsv")
+    assert table.column("prompt").to_pylist() == prompts
+    assert table.column("n").to_pylist() == [str(i) for i in range(len(prompts))]
+    with open(tmp_path / "w.tsv", "w", newline="") as f:
+        csv.writer(f, delimiter="\t", lineterminator="\r\n").writerows([["prompt"], *([p] for p in prompts)])
+    assert read((tmp_path / "w.tsv").read_bytes(), "tsv").column("prompt").to_pylist() == prompts
+
+
+def test_tsv_quotes_that_do_not_enclose_a_whole_field_are_text():
+    data = b'prompt\tnote\n"G I G G L E" painted\tDescription of "Dogs Playing Poker"\nsay "hi"\t"x\n'
+    table = read(data, "tsv")
+    assert table.column("prompt").to_pylist() == ['"G I G G L E" painted', 'say "hi"']
+    assert table.column("note").to_pylist() == ['Description of "Dogs Playing Poker"', '"x']
+
+
+def test_pandas_index_column_is_not_data():
+    import pandas as pd
+
+    frame = pd.DataFrame({"prompt": ["a", "b"]}, index=[5, 9])
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer)
+    assert "__index_level_0__" in pq.read_schema(io.BytesIO(buffer.getvalue())).names
+    table = read(buffer.getvalue(), "parquet")
+    assert table.column_names == ["prompt", INPUT_SOURCE, INPUT_ROW]
+    named = io.BytesIO()
+    frame.rename_axis("key").to_parquet(named)  # a named index is the user's column
+    assert read(named.getvalue(), "parquet").column("key").to_pylist() == [5, 9]
+
+
+def test_quoted_tsv_keeps_invalid_utf8_to_its_row():
+    data = b'prompt\tn\n"a ""red"" car"\t1\nbad \xff bytes\t2\n'
+    table = read(data, "tsv")
+    assert table.column("prompt").to_pylist()[0] == 'a "red" car'
+    assert table.column(READ_ERROR).to_pylist() == [None, "column 'prompt' is not valid UTF-8 text"]

@@ -164,3 +164,174 @@ def test_repeated_ids_are_rejected_after_their_first_row():
     assert messages[2] == messages[4] == "id 'a' repeats the id of row t.csv#0; ids must be unique"
     assert messages[3] == "id column 'key' is empty"
     assert len(set(out.column("request_id").to_pylist())) == 5
+
+
+def test_a_bad_jsonl_line_is_an_error_row_without_adding_a_column():
+    import io
+
+    from pipeline.storage.tables import read_file
+
+    data = b'{"prompt": "a cat", "style": "x"}\nnot json {\n{"prompt": "a dog", "style": "y"}\n'
+    (table,) = read_file(io.BytesIO(data), "jsonl", "t.jsonl")
+    out = validator().validate_table(table)
+    assert "line" not in out.column_names and not any(c.startswith("__") for c in out.column_names)
+    assert out.column("style").to_pylist() == ["x", None, "y"]
+    assert out.column("raw").to_pylist()[1] == "not json {\n"
+    assert "line 2 is not valid JSON" in out.column("error_message").to_pylist()[1]
+
+
+def _read(data: bytes, fmt: str, source: str) -> pa.Table:
+    import io
+
+    from pipeline.storage.tables import read_file
+
+    return pa.concat_tables(list(read_file(io.BytesIO(data), fmt, source)))
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    import io
+
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+def test_float_seeds_that_may_have_been_rounded_are_error_rows():
+    import pandas as pd
+
+    # pandas makes an int column with a missing value float64: 1234567890123456789 -> ...768.
+    frame = pd.DataFrame({"prompt": ["a", "b", "c"], "seed": [1234567890123456789, None, 12]})
+    assert frame["seed"].dtype == "float64"
+    table = _read(_parquet_bytes(pa.Table.from_pandas(frame, preserve_index=False)), "parquet", "t.parquet")
+    out = validator().validate_table(table)
+    messages = out.column("error_message").to_pylist()
+    assert "seed 1.2345678901234568e+18 is a float at or above 2**53" in messages[0]
+    assert messages[1] is None and messages[2] is None  # null: derived; 12.0: exactly 12
+    assert out.column("seed").to_pylist()[2] == 12
+    assert out.column("seed").to_pylist()[1] == derive_seed(11, "row:t.parquet#1")
+    # The same number as an integer is taken exactly.
+    assert one(validator(), row(prompt="a", seed=1234567890123456789))["seed"] == 1234567890123456789
+    for bad, reason in ((float("nan"), "seed is NaN"), (float("inf"), "whole number"), (2.5, "whole number"), ("1.2345678901234568e18", "above 2**53")):
+        assert reason in one(validator(), row(prompt="a", seed=bad))["error_message"], bad
+
+
+def test_empty_cells_mean_the_default_in_every_format():
+    # One rule: an empty CSV/TSV cell and a null in Parquet/JSONL both take the default.
+    v = validator(defaults={"negative_prompt": "blurry", "guidance_scale": 5.0})
+    rows = [{"prompt": "a cat", "negative_prompt": None, "guidance_scale": None}, {"prompt": "a dog", "negative_prompt": "dark", "guidance_scale": 2.0}]
+    csv_text = "prompt,negative_prompt,guidance_scale\na cat,,\na dog,dark,2.0\n"
+    tables = {
+        "csv": _read(csv_text.encode(), "csv", "t"),
+        "tsv": _read(csv_text.replace(",", "\t").encode(), "tsv", "t"),
+        "parquet": _read(_parquet_bytes(pa.Table.from_pylist(rows)), "parquet", "t"),
+        "jsonl": _read("\n".join(__import__("json").dumps(r) for r in rows).encode(), "jsonl", "t"),
+    }
+    results = {fmt: v.validate_table(t).select(["request_id", "negative_prompt", "guidance_scale"]).to_pylist() for fmt, t in tables.items()}
+    assert results["csv"][0]["negative_prompt"] == "blurry" and results["csv"][0]["guidance_scale"] == 5.0
+    assert results["csv"][1]["negative_prompt"] == "dark"
+    assert results["csv"] == results["tsv"] == results["parquet"] == results["jsonl"]
+
+
+def test_float_ids_read_as_csv_does_and_nan_ids_are_empty():
+    v = validator(input={"id_column": "key"})
+    from_csv = one(v, row(0, prompt="a cat", key="1"))
+    from_float = one(v, row(0, prompt="a cat", key=1.0))
+    assert from_float["id"] == "1" and from_float["request_id"] == from_csv["request_id"]
+    assert one(v, row(0, prompt="a", key=2.5))["id"] == "2.5"
+    assert "float at or above 2**53" in one(v, row(0, prompt="a", key=2.0**60))["error_message"]
+    # NaN ids are empty ids: rejected, each row its own request id.
+    table = pa.table({
+        "key": pa.array([1.0, float("nan"), float("nan"), 1.0]),
+        "prompt": ["a", "b", "b", "a"],
+        S.INPUT_SOURCE: ["t.parquet"] * 4,
+        S.INPUT_ROW: list(range(4)),
+    })
+    from pipeline.spec.validate import find_duplicate_ids
+
+    duplicates = find_duplicate_ids([table], "key")
+    assert duplicates == {"t.parquet#3": "t.parquet#0"}
+    out = dataclasses.replace(v, duplicates=duplicates).validate_table(table)
+    messages = out.column("error_message").to_pylist()
+    assert messages[0] is None and messages[1] == messages[2] == "id column 'key' is empty"
+    assert messages[3] == "id '1' repeats the id of row t.parquet#0; ids must be unique"
+    assert len(set(out.column("request_id").to_pylist())) == 4
+
+
+def test_identical_repeated_rows_get_their_own_error_row_ids():
+    from pipeline.spec.validate import find_duplicate_ids
+
+    table = pa.table({"key": ["a"] * 3, "prompt": ["p"] * 3, S.INPUT_SOURCE: ["t.csv"] * 3, S.INPUT_ROW: [0, 1, 2]})
+    v = validator(input={"id_column": "key"})
+    out = dataclasses.replace(v, duplicates=find_duplicate_ids([table], "key")).validate_table(table)
+    assert out.column("error_stage").to_pylist() == [None, "validate", "validate"]
+    assert len(set(out.column("request_id").to_pylist())) == 3
+
+
+@pytest.mark.parametrize(
+    "ref, width, reason",
+    [
+        # FLUX would round 14 down to 12 and the row would record 14.
+        ("tiny-flux", 14, "width must be a multiple of 4 for model 'tiny-flux' (FLUX.1 packs latents in 2x2 patches: the VAE's 2x downsampling times 2), got 14"),
+        ("tiny-sd3", 6, "width must be a multiple of 4 for model 'tiny-sd3' (Stable Diffusion 3: the VAE's 2x downsampling times the transformer's patch size 2), got 6"),
+        ("tiny", 36, "width must be a multiple of 8 for model 'tiny' (Stable Diffusion 1.x/2.x pipelines take multiples of 8), got 36"),
+    ],
+)
+def test_each_family_size_rule_is_a_row_error_naming_it(ref, width, reason):
+    v = validator(model={"ref": ref}, limits={"size_multiple": 2})
+    rejected = one(v, row(prompt="a cat", width=width))
+    assert rejected["error_stage"] == "validate" and rejected["error_message"] == reason
+    good = width + 2 if ref != "tiny" else 40
+    assert one(v, row(prompt="a cat", width=good))["width"] == good
+
+
+def test_real_family_size_multiples():
+    from pipeline.spec.families import FAMILIES
+
+    # FLUX.1 and SD3 (VAE 8x, patch 2 / packed 2x2): 1920x1080 is not a size they make.
+    assert FAMILIES["flux"].size_multiple(8, 1)[0] == 16 and 1080 % 16
+    assert FAMILIES["sd3"].size_multiple(8, 2)[0] == 16
+    assert FAMILIES["sdxl"].size_multiple(8, 1)[0] == 8
+
+
+@pytest.mark.parametrize(
+    "model, setting, allowed",
+    [
+        ({"ref": "tiny-sd3", "scheduler": "ddim"}, "model.scheduler", "allowed: flow_euler"),
+        ({"ref": "tiny-flux", "scheduler": "euler"}, "model.scheduler", "allowed: flow_euler"),
+        ({"ref": "tiny", "scheduler": "flow_euler"}, "model.scheduler", "allowed: ddim, pndm, euler, euler_a, dpmpp_2m, lms, unipc"),
+    ],
+)
+def test_a_scheduler_the_family_cannot_use_is_a_spec_error(model, setting, allowed):
+    from pipeline.errors import SpecError
+
+    spec = parse_spec({"input": {"url": "t.csv"}, "model": model})
+    with pytest.raises(SpecError, match=rf"^{setting}: '{model['scheduler']}' cannot run model .*{allowed}"):
+        build_catalog(spec)
+    several = parse_spec({"input": {"url": "t.csv"}, "models": {"m": model}})
+    with pytest.raises(SpecError, match=r"^models\.m\.scheduler: "):
+        build_catalog(several)
+
+
+def test_scheduler_names_are_the_family_table_s():
+    import typing
+
+    from pipeline.spec.families import SCHEDULER_CLASSES
+    from pipeline.spec.model_config import SchedulerName
+
+    assert list(typing.get_args(SchedulerName)) == list(SCHEDULER_CLASSES)
+
+
+def test_scheduler_column_names_the_class_and_the_request_id_keeps_the_spec_name():
+    assert one(validator(), row(prompt="a"))["scheduler"] == "DDIMScheduler"
+    assert one(validator(model={"ref": "tiny-flux"}), row(prompt="a"))["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+    assert one(validator(model={"scheduler": "euler"}), row(prompt="a"))["scheduler"] == "EulerDiscreteScheduler"
+
+
+def test_a_default_size_the_model_cannot_make_is_a_spec_error():
+    from pipeline.errors import SpecError
+
+    spec = parse_spec({"input": {"url": "t.csv"}, "model": {"ref": "tiny-flux"}, "defaults": {"width": 64, "height": 34}, "limits": {"size_multiple": 2}})
+    with pytest.raises(SpecError, match=r"^defaults\.height=34 is not a multiple of 4, which model 'tiny-flux' needs \(FLUX\.1 packs"):
+        build_catalog(spec)

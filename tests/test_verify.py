@@ -88,3 +88,38 @@ def test_verify_command_exit_codes(finished, tmp_path):
     sorted((out / "images").iterdir())[0].unlink()
     bad = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "FAILED" in bad.stdout and "parts listed by a manifest but missing" in bad.stdout
+
+
+def test_a_renamed_input_without_ids_is_reported_before_it_doubles_the_output(finished):
+    from pipeline.job.plan import make_plan
+    from pipeline.job.summary import format_summary
+
+    spec, out = finished
+    renamed = Path(spec.input.url).with_name("renamed.csv")
+    Path(spec.input.url).rename(renamed)
+    moved = spec.model_copy(update={"input": spec.input.model_copy(update={"url": str(renamed)})})
+    expected = f"{out} holds 3 image(s) that no row of the current input owns (made from t.csv (3))."
+    # verify --input: a violation, though every current row is accounted for... once it has run.
+    report = verify(str(out), spec=moved)
+    assert any(v.startswith(expected) and "Set input.id_column" in v for v in report.violations), report.format()
+    # validate: a warning before any work.
+    assert any(w.startswith(expected) for w in make_plan(moved).warnings)
+    # run: the same warning, in the summary; the images are made again beside the old ones.
+    summary = run(moved)
+    assert summary.images == 3 and any(w.startswith(expected) for w in summary.warnings)
+    assert "warning      " + expected in format_summary(summary)
+
+
+def test_images_of_ids_no_longer_in_the_input_are_reported(ray_cluster, make_spec, tmp_path):
+    table = tmp_path / "t.csv"
+    pd.DataFrame({"key": ["a", "b", "c"], "prompt": ["a kite", "a boat", "a fox"]}).to_csv(table, index=False)
+    spec = make_spec({"url": str(table), "id_column": "key"})
+    assert run(spec).images == 3
+    assert verify(spec.output.url, spec=spec).ok
+    # Converted to Parquet: ids keep the identity, nothing is unowned.
+    pd.read_csv(table, dtype=str).to_parquet(tmp_path / "t.parquet")
+    as_parquet = make_spec({"url": str(tmp_path / "t.parquet"), "id_column": "key"})
+    assert verify(spec.output.url, spec=as_parquet).ok
+    pd.DataFrame({"key": ["a", "b"], "prompt": ["a kite", "a boat"]}).to_csv(table, index=False)
+    report = verify(spec.output.url, spec=spec)
+    assert any("holds 1 image(s) that no row of the current input owns" in v and "Their ids are not in column 'key'" in v for v in report.violations)

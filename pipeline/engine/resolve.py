@@ -1,8 +1,9 @@
 """Resolving the job's models and LoRA adapters, once on the driver before any work.
 
 For each model: its fingerprint (weights), its family and pipeline class (which row
-parameters it takes), checked to load from safetensors unless pickles are allowed. For
-each adapter: its content digest. The :class:`Catalog` is plain data, shipped to the
+parameters it takes), whether it ships a safety checker, checked to load from
+safetensors unless pickles are allowed. For each adapter: its content digest. For the
+CLIP scorer, if any: its fingerprint. The :class:`Catalog` is plain data, shipped to the
 validator (request ids, row checks) and the engine actors (which model and adapter a row
 names), so nothing is looked up twice or differently in two places.
 """
@@ -13,38 +14,90 @@ import json
 from typing import Optional
 
 from pipeline.engine import adapters, model_ref
-from pipeline.errors import ModelError
-from pipeline.spec.catalog import AdapterEntry, Catalog, ModelEntry
+from pipeline.errors import ModelError, SpecError
+from pipeline.spec.catalog import AdapterEntry, Catalog, ModelEntry, ScorerEntry
 from pipeline.spec.config import JobSpec
-from pipeline.spec.families import FAMILIES, UnknownFamily, family_of_class
+from pipeline.spec.families import FAMILIES, SCHEDULER_CLASSES, Family, UnknownFamily, family_of_class
 from pipeline.spec.model_config import ModelConfig
 from pipeline.storage import filesystem
 
-# The pipeline class each tiny model is built as (pipeline.engine.tiny_models); read from here so the
-# driver need not build a model to learn its family.
-TINY_CLASSES = {
-    "tiny": "StableDiffusionPipeline",
-    "tiny-sdxl": "StableDiffusionXLPipeline",
-    "tiny-sd3": "StableDiffusion3Pipeline",
-    "tiny-flux": "FluxPipeline",
+# What each tiny model is built as (pipeline.engine.tiny_models), read from here so the
+# driver need not build a model to learn it: pipeline class, scheduler class, the VAE's
+# downsampling and the transformer's patch size (1 for a UNet).
+TINY_MODELS = {
+    "tiny": ("StableDiffusionPipeline", "DDIMScheduler", 2, 1),
+    "tiny-sdxl": ("StableDiffusionXLPipeline", "EulerDiscreteScheduler", 2, 1),
+    "tiny-sd3": ("StableDiffusion3Pipeline", "FlowMatchEulerDiscreteScheduler", 2, 2),
+    "tiny-flux": ("FluxPipeline", "FlowMatchEulerDiscreteScheduler", 2, 1),
 }
+TINY_CLASSES = {name: info[0] for name, info in TINY_MODELS.items()}
+# Real models' VAE downsampling and transformer patch size (SD3, FLUX), for a model whose
+# configs cannot be read before the job (a hub id without network access).
+_USUAL_GEOMETRY = (8, 2)
 
 
 def build_catalog(spec: JobSpec) -> Catalog:
     """Resolve every model and adapter of ``spec``; :class:`ModelError` names the first
     that cannot be used and says what to do."""
-    models = {name: _model_entry(name, config) for name, config in spec.named_models().items()}
+    setting = (lambda name: f"models.{name}") if spec.models else (lambda name: "model")
+    models = {name: _model_entry(name, config, setting(name)) for name, config in spec.named_models().items()}
+    _check_default_size(spec, models)
     loras = {name: AdapterEntry(name, config, adapters.digest(name, config)) for name, config in spec.loras.items()}
-    return Catalog(models, spec.default_model(), loras)
+    scorer = None
+    if spec.scoring is not None:
+        from pipeline.engine.scoring import scorer_fingerprint
+
+        scorer = ScorerEntry(spec.scoring, scorer_fingerprint(spec.scoring))
+    return Catalog(models, spec.default_model(), loras, scorer)
 
 
-def _model_entry(name: str, config: ModelConfig) -> ModelEntry:
+def _check_default_size(spec: JobSpec, models: dict[str, ModelEntry]) -> None:
+    """A default width or height that a model cannot make would reject every row of that
+    model that does not set its own: a spec error before any work, not a table of errors."""
+    for name, entry in models.items():
+        for field in ("width", "height"):
+            value = getattr(spec.defaults, field)
+            if value % entry.size_multiple:
+                raise SpecError(
+                    f"defaults.{field}={value} is not a multiple of {entry.size_multiple}, which model {name!r} needs "
+                    f"({entry.size_rule}); set defaults.{field} to a multiple of {entry.size_multiple}"
+                )
+
+
+def _model_entry(name: str, config: ModelConfig, setting: str) -> ModelEntry:
+    """``setting`` is where the spec sets this model (``model``, ``models.NAME``), for messages."""
     model_ref.check_weights_format(config)
     fingerprint = model_ref.fingerprint(config)
     declared = FAMILIES[config.family] if config.family else None
-    class_name = read_pipeline_class(config, required=declared is None)
-    if class_name is None:
-        return ModelEntry(name, config, fingerprint, declared, declared.pipeline_classes[0])
+    index = read_model_index(config, required=declared is None)
+    class_name = _class_name(config, index) if index is not None else None
+    family = declared if class_name is None else _family(name, config, class_name, declared)
+    family.check_scheduler(config.scheduler, f"{setting}.scheduler", name)
+    multiple, rule = family.size_multiple(*_latent_geometry(config))
+    return ModelEntry(
+        name,
+        config,
+        fingerprint,
+        family,
+        class_name or family.pipeline_classes[0],
+        size_multiple=multiple,
+        size_rule=rule,
+        scheduler_class=SCHEDULER_CLASSES[config.scheduler] if config.scheduler else _saved_scheduler(index),
+        has_safety_checker=_has_safety_checker(index),
+    )
+
+
+def _has_safety_checker(index: Optional[dict]) -> Optional[bool]:
+    """Whether the model ships a safety checker; None when its index could not be read.
+    SD 1.x indexes name it as ["stable_diffusion", "StableDiffusionSafetyChecker"]; a
+    pipeline saved without one has [null, null] there."""
+    if index is None:
+        return None
+    checker = index.get("safety_checker")
+    return isinstance(checker, list) and any(part is not None for part in checker)
+
+
+def _family(name: str, config: ModelConfig, class_name: str, declared: Optional[Family]) -> Family:
     try:
         family = family_of_class(class_name)
     except UnknownFamily as exc:
@@ -54,21 +107,59 @@ def _model_entry(name: str, config: ModelConfig) -> ModelEntry:
             f"model {name!r} ({config.ref}) is a {class_name} ({family.name}), but its family is set to {declared.name}; "
             f"remove model.family or set it to {family.name}"
         )
-    return ModelEntry(name, config, fingerprint, family, class_name)
+    return family
+
+
+def _latent_geometry(config: ModelConfig) -> tuple[int, int]:
+    """(the VAE's downsampling, the transformer's patch size) of the model, as diffusers
+    computes them from the saved configs; the usual (8, 2) where they cannot be read."""
+    ref = model_ref.parse_ref(config.ref)
+    if ref.kind == "tiny":
+        return TINY_MODELS[ref.location][2:]
+    try:
+        vae = _read_model_json(config, "vae/config.json")
+        vae_scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    except Exception:  # noqa: BLE001 - unreadable here; the engine's size check still guards the rows
+        return _USUAL_GEOMETRY
+    try:
+        patch_size = int(_read_model_json(config, "transformer/config.json").get("patch_size", 1))
+    except Exception:  # noqa: BLE001 - no transformer: a UNet model
+        patch_size = 1
+    return vae_scale_factor, patch_size
+
+
+def _saved_scheduler(index: Optional[dict]) -> Optional[str]:
+    """The scheduler class the model was saved with (its ``model_index.json`` says), or None."""
+    library_and_class = index.get("scheduler") if index else None
+    return library_and_class[1] if isinstance(library_and_class, list) and len(library_and_class) == 2 else None
+
+
+def _read_model_json(config: ModelConfig, relative: str) -> dict:
+    """A JSON file of the model's folder (local, remote or on the hub)."""
+    ref = model_ref.parse_ref(config.ref)
+    if ref.kind == "hub":
+        return _hub_model_index(ref.location, config.revision, relative)
+    fs, root = filesystem.open_url(ref.location, config.storage_options)
+    return json.loads(filesystem.read_bytes(fs, filesystem.join(root, relative)))
 
 
 def read_pipeline_class(config: ModelConfig, required: bool = True) -> Optional[str]:
     """``_class_name`` of the model's ``model_index.json``. When it cannot be read (a hub
     id without network access): :class:`ModelError` if ``required``, else None."""
+    index = read_model_index(config, required)
+    return _class_name(config, index) if index is not None else None
+
+
+def read_model_index(config: ModelConfig, required: bool = True) -> Optional[dict]:
+    """The model's ``model_index.json`` (made up from :data:`TINY_MODELS` for a tiny
+    model). When it cannot be read (a hub id without network access):
+    :class:`ModelError` if ``required``, else None."""
     ref = model_ref.parse_ref(config.ref)
     if ref.kind == "tiny":
-        return TINY_CLASSES[ref.location]
+        class_name, scheduler_class = TINY_MODELS[ref.location][:2]
+        return {"_class_name": class_name, "scheduler": ["diffusers", scheduler_class]}
     try:
-        if ref.kind == "hub":
-            index = _hub_model_index(ref.location, config.revision)
-        else:
-            fs, root = filesystem.open_url(ref.location, config.storage_options)
-            index = json.loads(filesystem.read_bytes(fs, filesystem.join(root, "model_index.json")))
+        index = _read_model_json(config, "model_index.json")
     except Exception as exc:  # noqa: BLE001 - any failure means the same advice
         if not required:
             return None
@@ -76,23 +167,30 @@ def read_pipeline_class(config: ModelConfig, required: bool = True) -> Optional[
             f"cannot read model_index.json of model {config.ref!r} ({type(exc).__name__}: {exc}); "
             f"set model.family to one of {', '.join(FAMILIES)} to run it without reading it first"
         ) from None
-    class_name = index.get("_class_name") if isinstance(index, dict) else None
+    if not isinstance(index, dict):
+        raise ModelError(f"model_index.json of model {config.ref!r} is not a JSON object; is it a diffusers pipeline folder?")
+    return index
+
+
+def _class_name(config: ModelConfig, index: dict) -> str:
+    class_name = index.get("_class_name")
     if not isinstance(class_name, str):
         raise ModelError(f"model_index.json of model {config.ref!r} names no _class_name; is it a diffusers pipeline folder?")
     return class_name
 
 
-def _hub_model_index(repo: str, revision: str) -> dict:
-    """The hub model's ``model_index.json``: from the local hub cache when there, else one
-    request (huggingface_hub's own download retries for half a minute when offline)."""
+def _hub_model_index(repo: str, revision: str, filename: str = "model_index.json") -> dict:
+    """The hub model's ``model_index.json`` (or another JSON file of it): from the local hub
+    cache when there, else one request (huggingface_hub's own download retries for half a
+    minute when offline)."""
     from huggingface_hub import get_session, hf_hub_download, hf_hub_url
     from huggingface_hub.utils import build_hf_headers
 
     try:
-        with open(hf_hub_download(repo, "model_index.json", revision=revision, local_files_only=True)) as f:
+        with open(hf_hub_download(repo, filename, revision=revision, local_files_only=True)) as f:
             return json.load(f)
     except Exception:  # noqa: BLE001 - not cached: ask the hub
         pass
-    response = get_session().get(hf_hub_url(repo, "model_index.json", revision=revision), headers=build_hf_headers(), timeout=10)
+    response = get_session().get(hf_hub_url(repo, filename, revision=revision), headers=build_hf_headers(), timeout=10)
     response.raise_for_status()
     return response.json()

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from pipeline.engine.resolve import build_catalog
+from pipeline.output.ownership import unowned_images
 from pipeline.spec import schema as S
 from pipeline.spec.config import JobSpec, PlanConfig, ThroughputEntry
 from pipeline.spec.validate import PROBLEMS, Validator, find_duplicate_ids
@@ -196,6 +197,9 @@ def _committed_ids(spec: JobSpec, plan: Plan) -> set[str]:
             "the job would refuse it; choose another output.url, or set output.mode to incremental or overwrite"
         )
         return set()
+    unowned = unowned_images(spec, fs, root)
+    if unowned.images:
+        plan.warnings.append(unowned.message(spec))
     return committed.request_ids
 
 

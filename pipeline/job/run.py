@@ -36,6 +36,7 @@ from pipeline.job.connect import connect, require_gpus
 from pipeline.job.datasink import DatasetSink, prepare_output
 from pipeline.job.read import read_requests
 from pipeline.job.summary import RunSummary
+from pipeline.output.ownership import unowned_images
 from pipeline.spec.batching import block_rows
 from pipeline.spec.catalog import Catalog
 from pipeline.spec.config import JobSpec
@@ -69,10 +70,24 @@ def run(spec: JobSpec, stage: type[GenerateStage] = GenerateStage) -> RunSummary
     lock = OutputLock.acquire(fs, root, run_id, spec.output.url)
     try:
         committed = prepare_output(spec)
+        warnings = _ownership_warnings(spec, fs, root)
         validator = Validator(spec, catalog, skip=frozenset(committed.request_ids), duplicates=duplicates)
-        return _execute(spec, run_id, catalog, validator, started, stage)
+        summary = _execute(spec, run_id, catalog, validator, started, stage)
+        summary.warnings.extend(warnings)
+        return summary
     finally:
         lock.release()
+
+
+def _ownership_warnings(spec: JobSpec, fs, root: str) -> list[str]:
+    """Warn, before any work, when the output holds images no current input row owns
+    (a renamed or converted input without an id column: this run would make them again)."""
+    unowned = unowned_images(spec, fs, root)
+    if not unowned.images:
+        return []
+    message = unowned.message(spec)
+    log.warning("%s", message)
+    return [message]
 
 
 def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator, started: float, stage: type) -> RunSummary:
@@ -121,5 +136,6 @@ def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator,
         model_swaps=counts.model_swaps,
         engine_seconds=counts.engine_seconds,
         encode_wait_seconds=counts.encode_wait_seconds,
+        scoring_seconds=counts.scoring_seconds if catalog.scorer is not None else None,
         parts=report.parts,
     )

@@ -7,7 +7,9 @@ Checks, each a list of violations in the report:
 - no request id appears twice among the images;
 - every image's ``sha256`` matches its bytes;
 - with the job spec: every input row is accounted for, in the images (each of its images)
-  or in the errors, as the spec's validator decides the row's request ids today.
+  or in the errors, as the spec's validator decides the row's request ids today; and every
+  image belongs to a row of the current input (:mod:`.ownership`: a renamed or converted
+  input without an id column would otherwise double the dataset unnoticed).
 
 Pure: reads through :mod:`pipeline.storage.filesystem`, never starts Ray. It reads every part, so it
 costs about one pass over the dataset.
@@ -24,6 +26,7 @@ from typing import Optional
 import pyarrow.parquet as pq
 
 from pipeline.engine.resolve import build_catalog
+from pipeline.output.ownership import unowned_images
 from pipeline.spec import schema as S
 from pipeline.spec.config import JobSpec
 from pipeline.spec.validate import Validator, find_duplicate_ids
@@ -112,6 +115,7 @@ def verify(url: str, storage_options: dict | None = None, spec: JobSpec | None =
     if spec is not None:
         missing = _unaccounted(spec, set(image_ids) | error_ids, report)
         report.add("input rows with no image and no error row", missing)
+        _report_unowned(spec, fs, root, report)
     return report
 
 
@@ -127,3 +131,11 @@ def _unaccounted(spec: JobSpec, committed: set[str], report: VerifyReport) -> li
                 missing.append(requests[0][S.ID])
     report.input_rows = rows
     return missing
+
+
+def _report_unowned(spec: JobSpec, fs, root: str, report: VerifyReport) -> None:
+    """Images no current input row owns are a violation: a renamed or converted input
+    without an id column doubles the dataset while every input row is still accounted for."""
+    unowned = unowned_images(spec, fs, root)
+    if unowned.images:
+        report.violations.append(unowned.message(spec))

@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.spec.model_config import LoraConfig, ModelConfig
+from pipeline.spec.model_config import LoraConfig, ModelConfig, ScoringConfig
 from pipeline.spec.section import Section, StorageURL
 
 InputFormat = Literal["parquet", "csv", "tsv", "jsonl", "json"]
@@ -287,8 +287,8 @@ class PlanConfig(Section):
 
 class JobSpec(Section):
     """A whole job: input, model (or several ``models``), LoRA adapters, defaults, limits,
-    output, runtime, the online front (serve), and the inputs of the estimate ``imagegen
-    validate`` prints (plan).
+    output, runtime, the online front (serve), the inputs of the estimate ``imagegen
+    validate`` prints (plan), and the CLIP model that scores images (scoring, optional).
 
     One model: the ``model`` section; its name in the output is its ``ref``. Several:
     ``models: {name: {ref, dtype, ...}}``, a ``model`` column picking one per row and
@@ -305,6 +305,8 @@ class JobSpec(Section):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)
+    # Optional: without it no image is scored (clip_score stays null).
+    scoring: Optional[ScoringConfig] = None
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "JobSpec":
@@ -357,6 +359,7 @@ class JobSpec(Section):
         """The spec as plain data with storage credentials removed, for manifests and logs."""
         data = self.model_dump(mode="json")
         sections = [data["input"], data["output"], data["model"], *data["models"].values(), *data["loras"].values()]
+        sections += [data["scoring"]] if data["scoring"] else []
         for section in sections:
             section["storage_options"] = {k: "<redacted>" for k in section["storage_options"]}
         return data

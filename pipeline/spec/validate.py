@@ -12,7 +12,8 @@ Contracts (see ARCHITECTURE.md):
   the identity, never from batch position. Image ``k`` of a row uses ``base + k``.
 - **Request id**: a digest of the identity, the image index and everything that decides
   the pixels (prompt, negative prompt, seed, size, steps, guidance, scheduler, model
-  fingerprint, and when set the T5 sequence length and the LoRA digest and scale).
+  fingerprint, and when set the T5 sequence length, the LoRA digest and scale, and
+  ``model.safety_checker: off``, which keeps pixels a checker would black out).
   Change any of them and the id changes; rerun the same spec and it does not.
 """
 
@@ -30,7 +31,7 @@ import pyarrow as pa
 from pipeline.spec import schema as S
 from pipeline.spec.catalog import AdapterEntry, Catalog, ModelEntry
 from pipeline.spec.config import ROW_PARAMETERS, JobSpec
-from pipeline.spec.schema import READ_ERROR
+from pipeline.spec.schema import READ_ERROR, READ_TEXT
 
 SEED_SPACE = 2**63
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -67,10 +68,14 @@ def find_duplicate_ids(chunks: Iterable[pa.Table], id_column: str) -> dict[str, 
             continue
         columns = (chunk.column(c).to_pylist() for c in (id_column, S.INPUT_SOURCE, S.INPUT_ROW))
         for value, source, row in zip(*columns):
-            if _missing(value):
+            try:
+                key = id_text(value)
+            except RowError:
+                continue  # rejected as a bad id on its own
+            if key is None:
                 continue
             here = f"{source}#{row}"
-            earlier = first.setdefault(str(value), here)
+            earlier = first.setdefault(key, here)
             if earlier != here:
                 repeats[here] = earlier
     return repeats
@@ -109,16 +114,23 @@ class Validator:
         if raw.get(READ_ERROR):
             return [self._reject(base, raw, f"{source}#{row}", S.STAGE_READ, "ReadError", [(None, raw[READ_ERROR])])]
 
+        reject_identity = None
         if inp.id_column:
-            raw_id = raw.get(inp.id_column)
-            if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
-                problems.append(("id", f"id column {inp.id_column!r} is empty"))
+            try:
+                display_id = id_text(raw.get(inp.id_column))
+                if display_id is None:
+                    problems.append(("id", f"id column {inp.id_column!r} is empty"))
+            except RowError as exc:
+                problems.append(("id", str(exc)))
+                display_id = None
+            if display_id is None:
                 display_id = f"{source}#{row}"
             else:
-                display_id = str(raw_id)
                 first = self.duplicates.get(f"{source}#{row}")
                 if first is not None:
                     problems.append(("id", f"id {display_id!r} repeats the id of row {first}; ids must be unique"))
+                    # Repeats of one id share its identity: their error rows need their own ids.
+                    reject_identity = f"id:{display_id}@{source}#{row}"
             identity = f"id:{display_id}"
         else:
             display_id = f"{source}#{row}"
@@ -128,7 +140,7 @@ class Validator:
         params = self._params(raw, model, problems)
         adapter, lora_scale = self._adapter(raw, problems)
         if problems:
-            return [self._reject(base, raw, identity, S.STAGE_VALIDATE, "InvalidRow", problems)]
+            return [self._reject(base, raw, reject_identity or identity, S.STAGE_VALIDATE, "InvalidRow", problems)]
 
         num_images = params.pop("num_images")
         seed = params.pop("seed")
@@ -140,6 +152,8 @@ class Validator:
             extra[S.MAX_SEQUENCE_LENGTH] = params[S.MAX_SEQUENCE_LENGTH]
         if adapter is not None:
             extra.update({"lora": adapter.digest, S.LORA_SCALE: lora_scale})
+        if model.config.safety_checker == "off":
+            extra["safety_checker"] = "off"
         columns = {
             S.LORA: adapter.name if adapter else None,
             S.LORA_SCALE: lora_scale,
@@ -148,8 +162,10 @@ class Validator:
         identifying = {k: v for k, v in params.items() if k != S.MAX_SEQUENCE_LENGTH}
         requests = []
         for k in range(num_images):
-            image = {**identifying, "seed": (seed + k) % SEED_SPACE, "scheduler": base[S.SCHEDULER]}
-            rid = request_id(identity, k, {**image, **extra}, model.fingerprint)
+            image = {**identifying, "seed": (seed + k) % SEED_SPACE}
+            # The spec's scheduler name (or "default"), not the column's class: ids made
+            # before the column named the class stay what they were.
+            rid = request_id(identity, k, {**image, "scheduler": model.config.scheduler or "default", **extra}, model.fingerprint)
             requests.append({**base, **params, **image, **columns, S.REQUEST_ID: rid, S.IMAGE_INDEX: k})
         return requests
 
@@ -228,8 +244,8 @@ class Validator:
         return {
             "prompt": prompt,
             "negative_prompt": negative,
-            "width": check(_size, "width", d.width, lim.max_width, lim.size_multiple),
-            "height": check(_size, "height", d.height, lim.max_height, lim.size_multiple),
+            "width": check(_size, "width", d.width, lim.max_width, lim.size_multiple, model),
+            "height": check(_size, "height", d.height, lim.max_height, lim.size_multiple, model),
             "steps": check(_bounded_int, "steps", d.steps, 1, lim.max_steps),
             "guidance_scale": check(_number, "guidance_scale", d.guidance_scale, 0.0, lim.max_guidance_scale),
             S.MAX_SEQUENCE_LENGTH: max_sequence_length,
@@ -254,7 +270,7 @@ class Validator:
         """Input columns that are carried to the output as they are: all but the prompt,
         the id, the parameter columns and the reader's own."""
         inp = self.spec.input
-        consumed = {inp.prompt_column, S.INPUT_SOURCE, S.INPUT_ROW, READ_ERROR}
+        consumed = {inp.prompt_column, S.INPUT_SOURCE, S.INPUT_ROW, READ_ERROR, READ_TEXT}
         consumed |= {inp.column_for(p) for p in ROW_PARAMETERS}
         if inp.id_column:
             consumed.add(inp.id_column)
@@ -282,7 +298,14 @@ class Validator:
 
 
 def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip())
+    """The one rule for empty cells, the same for every parameter and every format: null
+    (Parquet, JSON) and empty or blank text (an empty CSV/TSV cell) both mean "use the
+    default". NaN is not empty: it is a number that is not one, and rejected as such."""
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+# From here on a float64 no longer holds every whole number: 2**53 + 1 reads back as 2**53.
+_EXACT_FLOAT = 2**53
 
 
 def _whole(value: Any, name: str) -> int:
@@ -290,8 +313,7 @@ def _whole(value: Any, name: str) -> int:
         raise RowError(f"{name} must be a whole number, got {value!r}")
     if isinstance(value, int):
         return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
+    number = value
     if isinstance(value, str):
         text = value.strip()
         try:
@@ -300,10 +322,40 @@ def _whole(value: Any, name: str) -> int:
             try:
                 number = float(text)
             except ValueError:
-                number = math.nan
-            if number.is_integer():
-                return int(number)
+                raise RowError(f"{name} must be a whole number, got {value!r}") from None
+    if isinstance(number, float):
+        return _whole_float(number, value, name)
     raise RowError(f"{name} must be a whole number, got {value!r}")
+
+
+def _whole_float(number: float, value: Any, name: str) -> int:
+    """A float that stands for a whole number exactly, as that number; RowError otherwise.
+    pandas stores an integer column with a missing value as float64, which rounds numbers
+    from 2**53 on (1234567890123456789 becomes ...768): such a value is refused rather than
+    used as some other number."""
+    if math.isnan(number):
+        raise RowError(f"{name} is NaN (not a number); leave the cell empty (null) for the default")
+    if not number.is_integer():
+        raise RowError(f"{name} must be a whole number, got {value!r}")
+    if abs(number) >= _EXACT_FLOAT:  # 2**53 itself may be a rounded 2**53 + 1
+        raise RowError(
+            f"{name} {value!r} is a float at or above 2**53, where floats skip whole numbers: it may have been rounded "
+            "(pandas turns an integer column with a missing value into float64); store it as an integer or as text"
+        )
+    return int(number)
+
+
+def id_text(value: Any) -> Optional[str]:
+    """A row's id as text, or None when the cell is empty; RowError for an id that is not
+    one (NaN, or a float that may have been rounded). Whole floats lose their ``.0``, so an
+    id column that pandas made float64 gives the ids ``1``, ``2`` that CSV gives."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        return str(_whole_float(value, value, "id")) if value.is_integer() else repr(value)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return str(value)
 
 
 def _bounded_int(value: Any, name: str, default: int, low: int, high: int) -> int:
@@ -315,10 +367,14 @@ def _bounded_int(value: Any, name: str, default: int, low: int, high: int) -> in
     return number
 
 
-def _size(value: Any, name: str, default: int, high: int, multiple: int) -> int:
+def _size(value: Any, name: str, default: int, high: int, multiple: int, model: ModelEntry) -> int:
+    """A width or height: within the limits, a multiple of ``limits.size_multiple`` and of
+    what the row's model takes (off it FLUX would round the size down silently)."""
     number = _bounded_int(value, name, default, 1, high)
     if number % multiple:
         raise RowError(f"{name} must be a multiple of {multiple}, got {number}")
+    if number % model.size_multiple:
+        raise RowError(f"{name} must be a multiple of {model.size_multiple} for model {model.name!r} ({model.size_rule}), got {number}")
     return number
 
 
@@ -366,7 +422,7 @@ def _prompt(value: Any, name: str, max_chars: int) -> str:
 
 
 def _optional_text(value: Any, name: str, default: str, max_chars: int) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if _missing(value):
         return default
     return _text(value, name, max_chars)
 
@@ -377,10 +433,13 @@ def _model_columns(model: ModelEntry) -> dict[str, Any]:
         S.MODEL_FINGERPRINT: model.fingerprint,
         S.MODEL_FAMILY: model.family.name,
         S.PIPELINE_CLASS: model.pipeline_class,
-        S.SCHEDULER: model.config.scheduler or "default",
+        # The class the engine runs: a saved model's own when the spec names none.
+        S.SCHEDULER: model.scheduler_class or model.config.scheduler or "default",
     }
 
 
 def _raw_json(raw: dict[str, Any]) -> str:
-    visible = {k: v for k, v in raw.items() if k not in (S.INPUT_SOURCE, S.INPUT_ROW, READ_ERROR)}
+    if raw.get(READ_TEXT) is not None:  # a line the reader could not parse: the line is the row
+        return raw[READ_TEXT]
+    visible = {k: v for k, v in raw.items() if k not in (S.INPUT_SOURCE, S.INPUT_ROW, READ_ERROR, READ_TEXT)}
     return json.dumps(visible, ensure_ascii=False, default=str, sort_keys=True)

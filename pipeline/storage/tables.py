@@ -12,9 +12,11 @@ Text formats are read with every column as a string (CSV carries no types; a pro
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
+import re
 from typing import Any, BinaryIO, Iterator
 
 import pyarrow as pa
@@ -24,7 +26,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
 from pipeline.spec.config import InputConfig
-from pipeline.spec.schema import INPUT_ROW, INPUT_SOURCE, READ_ERROR
+from pipeline.spec.schema import INPUT_ROW, INPUT_SOURCE, READ_ERROR, READ_TEXT
 from pipeline.storage import filesystem
 
 CHUNK_ROWS = 4096
@@ -73,19 +75,33 @@ def count_rows(inp: InputConfig, max_text_bytes: int = 64 << 20) -> int | None:
     read (and counted as the job reads them) only up to ``max_text_bytes`` in all."""
     fs, _, files = filesystem.list_table(inp.url, inp.storage_options)
     if inp.format == "parquet":
-        total = 0
-        for path in files:
-            with filesystem.storage_errors(path, "read"), fs.open(path, "rb") as f:
-                try:
-                    total += pq.ParquetFile(f).metadata.num_rows
-                except (pa.ArrowInvalid, OSError) as exc:
-                    raise InputError(f"{inp.url}: {path}: not a readable Parquet file: {exc}") from None
-        return total
+        return sum(_footer_rows(fs, path, inp.url) for path in files)
     with filesystem.storage_errors(inp.url, "read"):
         size = sum(fs.size(path) for path in files)
     if size > max_text_bytes:
         return None
     return sum(chunk.num_rows for chunk in read_input(inp))
+
+
+def rows_per_file(inp: InputConfig) -> dict[str, int]:
+    """Rows in each file of the table ``inp`` names, by the file's name in row identities
+    (``__source``): Parquet from the footers, text formats by reading them."""
+    fs, base, files = filesystem.list_table(inp.url, inp.storage_options)
+    if inp.format == "parquet":
+        return {filesystem.relative_name(path, base): _footer_rows(fs, path, inp.url) for path in files}
+    rows: dict[str, int] = {}
+    for chunk in read_input(inp):
+        for source, n in zip(*pc.value_counts(chunk.column(INPUT_SOURCE)).flatten()):
+            rows[source.as_py()] = rows.get(source.as_py(), 0) + n.as_py()
+    return rows
+
+
+def _footer_rows(fs, path: str, url: str) -> int:
+    with filesystem.storage_errors(path, "read"), fs.open(path, "rb") as f:
+        try:
+            return pq.ParquetFile(f).metadata.num_rows
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(f"{url}: {path}: not a readable Parquet file: {exc}") from None
 
 
 def read_file(stream: BinaryIO, fmt: str, source: str, chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
@@ -110,22 +126,33 @@ def _parquet(stream: BinaryIO) -> Iterator[pa.Table]:
         # Parquet needs random access (footer first); Ray's file streams are sequential.
         source = stream if getattr(stream, "seekable", lambda: False)() else pa.BufferReader(stream.read())
         parquet = pq.ParquetFile(source)
-        for batch in parquet.iter_batches(batch_size=CHUNK_ROWS):
+        data_columns = [name for name in parquet.schema_arrow.names if not _PANDAS_INDEX.fullmatch(name)]
+        for batch in parquet.iter_batches(batch_size=CHUNK_ROWS, columns=data_columns):
             yield pa.Table.from_batches([batch])
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"not a readable Parquet file: {exc}") from None
 
 
+# pandas stores an unnamed index (any but a plain 0..n-1 range) as a column of this name:
+# row positions of a DataFrame, not data. A named index keeps its name and stays a column.
+_PANDAS_INDEX = re.compile(r"__index_level_\d+__")
+
+
 def _delimited(delimiter: str, quoted: bool):
     def read(stream: BinaryIO) -> Iterator[pa.Table]:
-        data = stream.read()
+        # Excel's "CSV UTF-8" starts with a byte-order mark. pyarrow drops it from the first
+        # column's name, so the text-only column types keyed by the name with the mark would
+        # miss that column and it would be type-guessed (id 007 -> 7): strip it first.
+        data = stream.read().removeprefix(codecs.BOM_UTF8)
         if not data.strip():
+            return
+        if not quoted and b'"' in data:
+            yield _decode_binary_columns(_tsv_with_quotes(data))
             return
         header_line = data.split(b"\n", 1)[0].decode("utf-8", errors="replace").rstrip("\r")
         quoting = csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE
         names = next(csv.reader([header_line], delimiter=delimiter, quoting=quoting))
-        if len(set(names)) != len(names):
-            raise InputError(f"the header has repeated column names: {names}")
+        _check_names(names)
         try:
             table = pacsv.read_csv(
                 pa.BufferReader(data),
@@ -137,9 +164,82 @@ def _delimited(delimiter: str, quoted: bool):
             )
         except pa.ArrowInvalid as exc:
             raise InputError(f"not a readable {'CSV' if quoted else 'TSV'} file: {exc}") from None
+        guessed = [f.name for f in table.schema if f.type != pa.binary()]
+        if guessed:  # every column must come back as text; a type guess changes values
+            raise InputError(f"the header's column names {guessed} could not be matched to its columns; check the first line")
         yield _decode_binary_columns(table)
 
     return read
+
+
+def _check_names(names: list[str]) -> None:
+    if len(set(names)) != len(names):
+        raise InputError(f"the header has repeated column names: {names}")
+
+
+# A TSV field as csv, pandas and Excel write one that holds a quote, tab or newline:
+# enclosed in quotes, inner quotes doubled, the closing quote ending the field.
+_QUOTED_FIELD = re.compile(rb'"((?:[^"]|"")*)"(?=\t|\r?\n|\Z)')
+_PLAIN_FIELD = re.compile(rb"[^\t\n]*")
+
+
+def _tsv_with_quotes(data: bytes) -> pa.Table:
+    """A TSV file that holds quotes -> a table of binary columns.
+
+    A field that is a whole quoted field (``"a ""red"" car"``, as csv, pandas and Excel
+    write a field holding a quote, tab or newline) is unquoted; any other field is taken
+    as it is, quotes and all, as TSV without quoting has it (PartiPrompts' prompt
+    ``"G I G G L E" painted ...`` starts with a quote that does not enclose the field).
+    Only files with a quote come here: the rest take pyarrow's faster path, which the
+    same rule reads identically. A file that Python's csv reader takes in strict mode
+    (every field that starts with a quote is a whole quoted field: what pandas writes)
+    is read by it, at C speed; any other is read field by field here (~1 MB/s).
+    """
+    try:
+        records = _strict_tsv_records(data)
+    except csv.Error:
+        records = _tsv_records(data)
+    names = [name.decode("utf-8", errors="replace") for name in records[0]]
+    _check_names(names)
+    for number, fields in enumerate(records[1:], start=2):
+        if len(fields) != len(names):
+            raise InputError(f"not a readable TSV file: record {number} has {len(fields)} fields, the header {len(names)}")
+    return pa.table({name: pa.array([r[i] for r in records[1:]], pa.binary()) for i, name in enumerate(names)})
+
+
+def _strict_tsv_records(data: bytes) -> list[list[bytes]]:
+    """Records of a TSV whose quotes all enclose whole fields; :class:`csv.Error` otherwise.
+    Bytes travel through text and back unchanged (surrogateescape), so a cell that is not
+    UTF-8 is still marked on its own row."""
+    text = data.decode("utf-8", errors="surrogateescape")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quotechar='"', doublequote=True, strict=True)
+    return [[field.encode("utf-8", errors="surrogateescape") for field in record] for record in reader if record]
+
+
+def _tsv_records(data: bytes) -> list[list[bytes]]:
+    """Records of a TSV, any field that is not wholly enclosed in quotes taken as it is."""
+    records: list[list[bytes]] = []
+    record: list[bytes] = []
+    pos, end = 0, len(data)
+    while True:
+        quoted = _QUOTED_FIELD.match(data, pos)
+        if quoted:
+            record.append(quoted.group(1).replace(b'""', b'"'))
+            pos = quoted.end() + (data[quoted.end() : quoted.end() + 1] == b"\r")
+        else:
+            plain = _PLAIN_FIELD.match(data, pos)
+            pos = plain.end()
+            record.append(plain.group().removesuffix(b"\r") if pos == end or data[pos : pos + 1] == b"\n" else plain.group())
+        if pos < end and data[pos : pos + 1] == b"\t":
+            pos += 1
+            continue
+        if record != [b""]:  # blank lines are skipped, as pyarrow's reader does
+            records.append(record)
+        record = []
+        pos += 1  # past the newline
+        if pos >= end:
+            break
+    return records
 
 
 def _decode_binary_columns(table: pa.Table) -> pa.Table:
@@ -177,9 +277,9 @@ def _jsonl(stream: BinaryIO) -> Iterator[pa.Table]:
             row = json.loads(line)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             reason = "not valid UTF-8" if isinstance(exc, UnicodeDecodeError) else f"not valid JSON ({exc.msg})"
-            row = {READ_ERROR: f"line {number} is {reason}", "line": line.decode("utf-8", errors="replace")}
+            row = {READ_ERROR: f"line {number} is {reason}", READ_TEXT: line.decode("utf-8", errors="replace")}
         if not isinstance(row, dict):
-            row = {READ_ERROR: f"line {number} is a JSON {type(row).__name__}, not an object", "line": line.decode()}
+            row = {READ_ERROR: f"line {number} is a JSON {type(row).__name__}, not an object", READ_TEXT: line.decode()}
         rows.append(row)
     if rows:
         yield rows_to_table(rows)
@@ -219,7 +319,7 @@ def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
 _READERS = {
     "parquet": _parquet,
     "csv": _delimited(",", quoted=True),
-    # TSV prompt tables hold quotes as text (PartiPrompts has a prompt starting with `"`).
+    # Quotes enclose a TSV field only when they enclose all of it (see _tsv_with_quotes).
     "tsv": _delimited("\t", quoted=False),
     "jsonl": _jsonl,
     "json": _json,
