@@ -262,6 +262,8 @@ def test_scoring_overlaps_the_next_diffusers_call(tmp_path, model_cache):
     calls: list[int] = []
 
     class Engine:
+        scheduler_name = "DDIMScheduler"
+
         def call_size(self, request):
             return 2
 
