@@ -119,6 +119,10 @@ def test_a_nan_row_fails_alone_and_the_job_goes_on(ray_cluster, make_spec, tmp_p
     # Generation failures are retried by the next run; validation rejects are not.
     summary = run(spec)
     assert (summary.images, summary.errors) == (0, 1)
+    # The retry's verdict replaces the first one: the row is in errors/ once, not twice.
+    errors = pd.read_parquet(Path(spec.output.url) / "errors")
+    assert len(errors) == 1 and errors.iloc[0]["run_id"] == summary.run_id
+    assert_exactly_once(spec, 2)
 
 
 def test_out_of_memory_halves_the_group_down_to_one(model_cache):

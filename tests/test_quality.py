@@ -262,7 +262,7 @@ def test_scoring_overlaps_the_next_diffusers_call(tmp_path, model_cache):
     calls: list[int] = []
 
     class Engine:
-        scheduler_name = "DDIMScheduler"
+        scheduler_name = "DDIMScheduler"  # recorded on each image row by generate_table
 
         def call_size(self, request):
             return 2

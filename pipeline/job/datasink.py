@@ -16,9 +16,10 @@ from ray.data.datasource.datasink import WriteResult
 from pipeline.errors import ImagegenError
 from pipeline.job.actors import final_counts
 from pipeline.output import card
-from pipeline.spec.catalog import Catalog
+from pipeline.spec.catalog import Catalog, ModelEntry
 from pipeline.spec.config import JobSpec
-from pipeline.storage import filesystem, sink
+from pipeline.spec.validate import REQUEST_ID_SCHEME, scheme_warning
+from pipeline.storage import dataset_schema, filesystem, lock, sink, supersede
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class DatasetSink(Datasink[sink.WriteReport]):
         for block in blocks:
             table = BlockAccessor.for_block(block).to_arrow()
             if table.num_rows:
+                lock.check_lease(fs, root, self._run_id, self._output.url)  # no part after a lost lease
                 report.add(sink.write_block(fs, root, self._run_id, table))
         return report
 
@@ -52,6 +54,7 @@ class DatasetSink(Datasink[sink.WriteReport]):
         finished = time.time()
         counts = final_counts(self._counter)
         fs, root = filesystem.open_url(self._output.url, self._output.storage_options)
+        lock.check_lease(fs, root, self._run_id, self._output.url)  # a run that lost its lease commits nothing
         sink.write_manifest(
             fs,
             root,
@@ -65,18 +68,8 @@ class DatasetSink(Datasink[sink.WriteReport]):
                 "spec": self._spec.redacted(),
                 "spec_fingerprint": self._spec.fingerprint(),
                 "model_fingerprint": self._catalog.models[self._catalog.default_model].fingerprint,
-                "models": {
-                    name: {
-                        "ref": m.config.ref,
-                        "fingerprint": m.fingerprint,
-                        "family": m.family.name,
-                        "pipeline_class": m.pipeline_class,
-                        # flag | error | off, and whether the model ships a checker (null: unknown)
-                        "safety_checker": m.config.safety_checker,
-                        "has_safety_checker": m.has_safety_checker,
-                    }
-                    for name, m in self._catalog.models.items()
-                },
+                "models": {name: model_record(m) for name, m in self._catalog.models.items()},
+                "request_id_scheme": REQUEST_ID_SCHEME,
                 "scoring": _scoring(self._catalog, counts),
                 "loras": {name: {"url": a.config.url, "digest": a.digest} for name, a in self._catalog.loras.items()},
                 "versions": sink.library_versions(),
@@ -89,8 +82,10 @@ class DatasetSink(Datasink[sink.WriteReport]):
                     "model_swaps": counts.model_swaps,
                 },
                 "parts": sorted(report.parts, key=lambda p: p["path"]),
+                "schemas": dataset_schema.promote(fs, root, sink.read_manifests(fs, root), report.parts),
             },
         )
+        supersede.supersede_errors(fs, root)  # retried and fixed rows leave errors/
         card.write_card(fs, root)
         self.report = report
 
@@ -100,6 +95,22 @@ def _scoring(catalog: Catalog, counts) -> Optional[dict[str, Any]]:
     if catalog.scorer is None:
         return None
     return {"ref": catalog.scorer.config.ref, "fingerprint": catalog.scorer.fingerprint, "seconds": counts.scoring_seconds}
+
+
+def model_record(m: ModelEntry) -> dict[str, Any]:
+    """What a manifest records of one model: how it was resolved and run."""
+    return {
+        "ref": m.config.ref,
+        "fingerprint": m.fingerprint,
+        "family": m.family.name,
+        "pipeline_class": m.pipeline_class,
+        "dtype": m.config.dtype,
+        "device": m.config.device,
+        **({"revision": m.config.revision, "commit": m.commit} if m.commit else {}),
+        # flag | error | off, and whether the model ships a checker (null: unknown)
+        "safety_checker": m.config.safety_checker,
+        "has_safety_checker": m.has_safety_checker,
+    }
 
 
 def prepare_output(spec: JobSpec) -> sink.Committed:
@@ -115,6 +126,9 @@ def prepare_output(spec: JobSpec) -> sink.Committed:
                 "choose another output.url, or set output.mode to incremental or overwrite"
             )
         removed = sink.remove_uncommitted(fs, root, committed)
+        older_ids = scheme_warning(sink.read_manifests(fs, root)) if spec.output.mode == "incremental" else None
+    if older_ids:
+        log.warning("%s: %s", spec.output.url, older_ids)
     if removed:
         log.warning("removed %d part(s) left uncommitted by an interrupted run", len(removed))
     return committed

@@ -18,11 +18,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pipeline.engine.resolve import build_catalog
+from pipeline.engine.resolve import build_catalog, place
 from pipeline.output.ownership import unowned_images
 from pipeline.spec import schema as S
 from pipeline.spec.config import JobSpec, PlanConfig, ThroughputEntry
-from pipeline.spec.validate import PROBLEMS, Validator, find_duplicate_ids
+from pipeline.spec.validate import PROBLEMS, Validator, find_duplicate_ids, scheme_warning
 from pipeline.storage import filesystem, sink, tables
 
 # Images per second of ONE engine actor, per bucket. The only measured figures so far are
@@ -148,7 +148,7 @@ def make_plan(spec: JobSpec) -> Plan:
     duplicates = find_duplicate_ids(tables.read_input(inp), inp.id_column) if inp.id_column else {}
     plan = Plan(input_url=inp.url, num_actors=spec.runtime.num_actors, price_per_gpu_hour=spec.plan.price_per_gpu_hour)
     committed = _committed_ids(spec, plan)
-    validator = Validator(spec, catalog, duplicates=duplicates)
+    validator = Validator(spec, place(catalog, None, _recorded_models(spec, plan)), duplicates=duplicates)
     reasons: Counter[str] = Counter()
     examples: dict[str, str] = {}
     buckets: dict[tuple, Bucket] = {}
@@ -182,6 +182,20 @@ def make_plan(spec: JobSpec) -> Plan:
         bucket.rate = rate_for(table, ref, bucket.width, bucket.height, bucket.steps)
         plan.buckets.append(bucket)
     return plan
+
+
+def _recorded_models(spec: JobSpec, plan: Plan) -> Optional[dict]:
+    """The models of the output's latest run (how ``device: auto`` ran there; see
+    :func:`~pipeline.engine.resolve.place`); warns when its request ids are of an older scheme."""
+    if spec.output.mode == "overwrite":
+        return None
+    fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
+    with filesystem.storage_errors(spec.output.url, "read"):
+        manifests = sink.read_manifests(fs, root)
+    older_ids = scheme_warning(manifests)
+    if older_ids:
+        plan.warnings.append(older_ids)
+    return manifests[-1].get("models") if manifests else None
 
 
 def _committed_ids(spec: JobSpec, plan: Plan) -> set[str]:

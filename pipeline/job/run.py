@@ -29,9 +29,9 @@ import ray
 from ray.data import ActorPoolStrategy
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pipeline.engine.resolve import build_catalog
+from pipeline.engine.resolve import build_catalog, place
 from pipeline.job import progress
-from pipeline.job.actors import GenerateStage, ProgressActor, actor_gpus, engine_catalog, final_counts, rows_per_call
+from pipeline.job.actors import GenerateStage, ProgressActor, actor_gpus, engine_catalog, final_counts, rows_per_call, startup_failure
 from pipeline.job.connect import connect, require_gpus
 from pipeline.job.datasink import DatasetSink, prepare_output
 from pipeline.job.read import read_requests
@@ -64,10 +64,12 @@ def run(spec: JobSpec, stage: type[GenerateStage] = GenerateStage) -> RunSummary
     # clear an output (mode: overwrite) or take its lock.
     connect(spec.runtime)
     require_gpus(spec)
+    # Device and dtype made concrete before any request id is made: both decide pixels.
+    catalog = place(catalog, actor_gpus(spec))
     # The lock comes before anything touches the output: cleaning up uncommitted parts
     # must never delete the parts of a run still in flight.
     fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
-    lock = OutputLock.acquire(fs, root, run_id, spec.output.url)
+    lock = OutputLock.acquire(fs, root, run_id, spec.output.url, lease_s=spec.output.lock_lease_s)
     try:
         committed = prepare_output(spec)
         warnings = _ownership_warnings(spec, fs, root)
@@ -75,6 +77,14 @@ def run(spec: JobSpec, stage: type[GenerateStage] = GenerateStage) -> RunSummary
         summary = _execute(spec, run_id, catalog, validator, started, stage)
         summary.warnings.extend(warnings)
         return summary
+    except Exception as exc:
+        # However the job failed (a writer's LeaseLost arrives wrapped by Ray), a lost
+        # lease is the reason to report: the user must know the output was given up.
+        lock.raise_if_lost()
+        failure = startup_failure(exc)  # a default model that cannot load: one message
+        if failure is not None:
+            raise failure from None
+        raise
     finally:
         lock.release()
 

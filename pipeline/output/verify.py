@@ -5,6 +5,10 @@ Checks, each a list of violations in the report:
 - every manifest parses, and every part it lists exists and is readable Parquet;
 - every part in ``images/`` and ``errors/`` is listed by some manifest (no uncommitted parts);
 - no request id appears twice among the images;
+- every request and input row is in exactly one place: no error row that a later run's
+  image or error row for the same request or input row superseded (see
+  :mod:`pipeline.storage.supersede`), no request id both an image and an error row, and
+  none twice among the errors;
 - every image's ``sha256`` matches its bytes;
 - with the job spec: every input row is accounted for, in the images (each of its images)
   or in the errors, as the spec's validator decides the row's request ids today; and every
@@ -23,14 +27,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.engine.resolve import build_catalog
+from pipeline.engine.resolve import build_catalog, place
 from pipeline.output.ownership import unowned_images
 from pipeline.spec import schema as S
 from pipeline.spec.config import JobSpec
 from pipeline.spec.validate import Validator, find_duplicate_ids
-from pipeline.storage import filesystem, sink, tables
+from pipeline.storage import filesystem, sink, supersede, tables
 
 _MAX_LISTED = 10
 
@@ -90,6 +95,7 @@ def verify(url: str, storage_options: dict | None = None, spec: JobSpec | None =
 
     image_ids: Counter[str] = Counter()
     error_ids: set[str] = set()
+    keys: dict[str, list[pa.Table]] = {sink.IMAGES_DIR: [], sink.ERRORS_DIR: []}
     unreadable, bad_digests = [], []
     # Every part present, listed or not: readers (pandas, datasets, DuckDB) see them all.
     for relative in sorted(present):
@@ -99,7 +105,9 @@ def verify(url: str, storage_options: dict | None = None, spec: JobSpec | None =
         except Exception as exc:  # noqa: BLE001 - any unreadable part is a finding, not a crash
             unreadable.append(f"{relative} ({type(exc).__name__})")
             continue
-        if relative.startswith(sink.IMAGES_DIR):
+        kind = relative.split("/", 1)[0]
+        keys[kind].append(table.select([c for c in (*supersede.KEY_COLUMNS, S.ERROR_TYPE) if c in table.column_names]))
+        if kind == sink.IMAGES_DIR:
             report.images += table.num_rows
             for rid, image, digest in zip(*(table.column(c).to_pylist() for c in (S.REQUEST_ID, S.IMAGE, S.SHA256))):
                 image_ids[rid] += 1
@@ -111,6 +119,7 @@ def verify(url: str, storage_options: dict | None = None, spec: JobSpec | None =
     report.add("unreadable parts", unreadable)
     report.add("request ids with more than one image", sorted(r for r, n in image_ids.items() if n > 1))
     report.add("images whose sha256 does not match their bytes", bad_digests)
+    _in_two_places(keys, report)
 
     if spec is not None:
         missing = _unaccounted(spec, set(image_ids) | error_ids, report)
@@ -119,9 +128,33 @@ def verify(url: str, storage_options: dict | None = None, spec: JobSpec | None =
     return report
 
 
+def _in_two_places(keys: dict[str, list[pa.Table]], report: VerifyReport) -> None:
+    """Exactly one place per request and input row: error rows a later verdict superseded
+    but that are still there, request ids both images and errors, error rows twice."""
+    later: dict[tuple, str] = {}
+    for table in (*keys[sink.IMAGES_DIR], *keys[sink.ERRORS_DIR]):
+        for key, run_id in supersede.offers(table):
+            if later.get(key, "") < run_id:
+                later[key] = run_id
+    errors = [t for t in keys[sink.ERRORS_DIR] if t.num_rows]
+    stale, error_ids = [], Counter()
+    for table in errors:
+        for row, superseded in zip(table.select([S.ID, S.REQUEST_ID]).to_pylist(), supersede.superseded_mask(table, later)):
+            error_ids[row[S.REQUEST_ID]] += 1
+            if superseded:
+                stale.append(row[S.ID])
+    image_ids = {rid for t in keys[sink.IMAGES_DIR] for rid in t.column(S.REQUEST_ID).to_pylist()}
+    report.add("input rows both in the images and in the errors (an error row a later run superseded)", stale)
+    report.add("request ids both an image and an error row", sorted(set(error_ids) & image_ids))
+    report.add("request ids with more than one error row", sorted(r for r, n in error_ids.items() if n > 1))
+
+
 def _unaccounted(spec: JobSpec, committed: set[str], report: VerifyReport) -> list[str]:
     duplicates = find_duplicate_ids(tables.read_input(spec.input), spec.input.id_column) if spec.input.id_column else {}
-    validator = Validator(spec, build_catalog(spec), duplicates=duplicates)
+    # device: auto is taken as the output's latest run ran it (no actors here to decide).
+    fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
+    recorded = next((m.get("models") for m in reversed(sink.read_manifests(fs, root)) if m.get("models")), None)
+    validator = Validator(spec, place(build_catalog(spec), None, recorded), duplicates=duplicates)
     missing, rows = [], 0
     for chunk in tables.read_input(spec.input):
         for raw in chunk.to_pylist():

@@ -12,9 +12,12 @@ Contracts (see ARCHITECTURE.md):
   the identity, never from batch position. Image ``k`` of a row uses ``base + k``.
 - **Request id**: a digest of the identity, the image index and everything that decides
   the pixels (prompt, negative prompt, seed, size, steps, guidance, scheduler, model
-  fingerprint, and when set the T5 sequence length, the LoRA digest and scale, and
+  fingerprint (a hub model's at its resolved commit), the model's resolved dtype and
+  device class, and when set the T5 sequence length, the LoRA digest and scale, and
   ``model.safety_checker: off``, which keeps pixels a checker would black out).
-  Change any of them and the id changes; rerun the same spec and it does not.
+  Change any of them and the id changes; rerun the same spec and it does not. How ids
+  are made is versioned (:data:`REQUEST_ID_SCHEME`, in every manifest): an output made
+  under an older scheme gets new ids, and a run into it says so (:func:`scheme_warning`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from pipeline.spec.config import ROW_PARAMETERS, JobSpec
 from pipeline.spec.schema import READ_ERROR, READ_TEXT
 
 SEED_SPACE = 2**63
+# How request ids are made. 1: until dtype, device class and the hub commit entered them;
+# 2: with them. Recorded in every run manifest as ``request_id_scheme``.
+REQUEST_ID_SCHEME = 2
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 REQUEST_SCHEMA = pa.schema([*S.REQUEST_FIELDS, *S.ERROR_FIELDS])
 # Key of a rejected row's (parameter, message) pairs; parameter is None for a read error.
@@ -55,6 +61,23 @@ def request_id(identity: str, image_index: int, params: dict[str, Any], model_fi
     payload = {"identity": identity, "image_index": image_index, "model": model_fingerprint, **params}
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def scheme_warning(manifests: list[dict[str, Any]]) -> Optional[str]:
+    """What to tell a run into an output whose latest run made its ids under an older
+    :data:`REQUEST_ID_SCHEME` (None when they agree or the output is new): its images
+    will not be recognised, so every row is made again beside them."""
+    if not manifests:
+        return None
+    old = manifests[-1].get("request_id_scheme", 1)
+    if old == REQUEST_ID_SCHEME:
+        return None
+    return (
+        f"this output's images were made under request-id scheme {old}, this version makes scheme {REQUEST_ID_SCHEME} "
+        "ids (the model's dtype, device class and a hub model's commit now enter them): its rows are not recognised "
+        "as made and will be generated again beside the old images. To keep the datasets apart, set output.url to a "
+        "new output (or output.mode: overwrite); see the README's upgrade notes"
+    )
 
 
 def find_duplicate_ids(chunks: Iterable[pa.Table], id_column: str) -> dict[str, str]:
@@ -114,6 +137,7 @@ class Validator:
         if raw.get(READ_ERROR):
             return [self._reject(base, raw, f"{source}#{row}", S.STAGE_READ, "ReadError", [(None, raw[READ_ERROR])])]
 
+        repeated = False
         reject_identity = None
         if inp.id_column:
             try:
@@ -128,6 +152,7 @@ class Validator:
             else:
                 first = self.duplicates.get(f"{source}#{row}")
                 if first is not None:
+                    repeated = True
                     problems.append(("id", f"id {display_id!r} repeats the id of row {first}; ids must be unique"))
                     # Repeats of one id share its identity: their error rows need their own ids.
                     reject_identity = f"id:{display_id}@{source}#{row}"
@@ -140,7 +165,10 @@ class Validator:
         params = self._params(raw, model, problems)
         adapter, lora_scale = self._adapter(raw, problems)
         if problems:
-            return [self._reject(base, raw, reject_identity or identity, S.STAGE_VALIDATE, "InvalidRow", problems)]
+            # A repeated id names another row's identity, not this row's: superseding
+            # (pipeline.storage.supersede) keys such rejections on their position instead.
+            error_type = S.ERROR_TYPE_DUPLICATE_ID if repeated else "InvalidRow"
+            return [self._reject(base, raw, reject_identity or identity, S.STAGE_VALIDATE, error_type, problems)]
 
         num_images = params.pop("num_images")
         seed = params.pop("seed")
@@ -154,6 +182,7 @@ class Validator:
             extra.update({"lora": adapter.digest, S.LORA_SCALE: lora_scale})
         if model.config.safety_checker == "off":
             extra["safety_checker"] = "off"
+        extra.update({S.DTYPE: base[S.DTYPE], S.DEVICE: base[S.DEVICE]})  # resolved: see resolve.place
         columns = {
             S.LORA: adapter.name if adapter else None,
             S.LORA_SCALE: lora_scale,
@@ -433,6 +462,8 @@ def _model_columns(model: ModelEntry) -> dict[str, Any]:
         S.MODEL_FINGERPRINT: model.fingerprint,
         S.MODEL_FAMILY: model.family.name,
         S.PIPELINE_CLASS: model.pipeline_class,
+        S.DTYPE: model.config.dtype,
+        S.DEVICE: model.config.device,
         # The class the engine runs: a saved model's own when the spec names none.
         S.SCHEDULER: model.scheduler_class or model.config.scheduler or "default",
     }
