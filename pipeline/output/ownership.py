@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.spec import schema as S
@@ -59,8 +60,11 @@ def unowned_images(spec: JobSpec, fs: fsspec.AbstractFileSystem, root: str) -> U
         return found
     owns = _owner(spec)
     for relative in parts:
-        with filesystem.storage_errors(relative, "read"), fs.open(filesystem.join(root, relative), "rb") as f:
-            table = pq.read_table(f, columns=[S.ID, S.SOURCE, S.ROW_INDEX])
+        try:
+            with fs.open(filesystem.join(root, relative), "rb") as f:
+                table = pq.read_table(f, columns=[S.ID, S.SOURCE, S.ROW_INDEX])
+        except (OSError, pa.ArrowException):
+            continue  # a missing or broken part is verify's finding of its own, not this one
         for image_id, source, row in zip(*(table.column(c).to_pylist() for c in (S.ID, S.SOURCE, S.ROW_INDEX))):
             if not owns(image_id, source, row):
                 found.images += 1
