@@ -30,8 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", help="run a job spec: prompt table in, image dataset out")
     _spec_arguments(run, "jobs/demo.yaml", "runtime.num_actors=4")
-    serve = commands.add_parser("serve", help="serve a job spec's model over HTTP (OpenAI images API) until Ctrl-C")
+    serve = commands.add_parser("serve", help="serve a job spec's model over HTTP (OpenAI images API) until Ctrl-C or SIGTERM")
     _spec_arguments(serve, "jobs/serve.yaml (its serve section sets host, port, batching)", "serve.port=8080")
+    # The server itself, started by `imagegen serve` in a session of its own (pipeline.serve.process).
+    serve.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
+    run.add_argument("--verbose", action="store_true", help="also print Ray Data's operator progress and info logs here (else they go only to Ray's log folder)")
     verify = commands.add_parser("verify", help="check an output against the dataset contract; exit 1 on any violation")
     verify.add_argument("output", help="the output URL (a folder, s3://bucket/prefix, ...)")
     verify.add_argument("--input", metavar="SPEC", help="the job spec: also check every input row is accounted for")
@@ -50,8 +53,17 @@ def _output_commands(commands: argparse._SubParsersAction) -> None:
     report.add_argument("output", help="the output URL (a folder, s3://bucket/prefix, ...)")
     report.add_argument("--html", metavar="FILE", default="report.html", help="where to write the page (default: report.html)")
     report.add_argument("--sample", metavar="N", type=int, default=48, help="images on the contact sheet (default: 48)")
+    report.add_argument(
+        "--sort", choices=("spread", "score"), default="spread",
+        help="contact sheet order: spread evenly over the runs (default), or score: the lowest clip_score first, where failures are",
+    )  # fmt: skip
     inspect = commands.add_parser("inspect", help="show what an output holds: runs, counts, schema, size, a few rows")
     inspect.add_argument("output", help="the output URL (a folder, s3://bucket/prefix, ...)")
+    inspect.add_argument(
+        # 6: pipeline.output.duplicates.DEFAULT_DISTANCE, spelled here to keep the command's start-up light
+        "--near-distance", metavar="BITS", type=int, default=6, choices=range(0, 65),
+        help="perceptual hashes (phash) at most this many bits apart count as near duplicates (default: 6)",
+    )  # fmt: skip
     for command in (report, inspect):
         command.add_argument("--spec", metavar="SPEC", help="a job spec whose output.storage_options reach OUTPUT (for s3:// outputs)")
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a field of --spec")
@@ -76,22 +88,26 @@ def _cluster_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from pipeline.job.logs import route_ray_data_logs
     from pipeline.job.run import run
     from pipeline.job.summary import format_summary
     from pipeline.spec.load import load_spec
 
     spec = load_spec(args.spec, args.overrides)
+    route_ray_data_logs(verbose=args.verbose)
     summary = run(spec)
     print(format_summary(summary))
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from pipeline.serve.app import serve_until_interrupted
+    from pipeline.serve.process import child_argv, serve_until_interrupted, supervise
     from pipeline.spec.load import load_spec
 
-    spec = load_spec(args.spec, args.overrides)
-    serve_until_interrupted(spec, announce=lambda line: print(f"imagegen: {line}", file=sys.stderr, flush=True))
+    spec = load_spec(args.spec, args.overrides)  # a bad spec fails here, before any process starts
+    if not args.in_process:
+        return supervise(child_argv(args.spec, args.overrides))
+    serve_until_interrupted(spec, announce=_announce)
     return 0
 
 
@@ -150,7 +166,7 @@ def _report(args: argparse.Namespace) -> int:
     from pipeline.output.report import write_report
 
     url, options, _ = _output_location(args.output, args.spec, args.overrides)
-    data = write_report(url, args.html, options, sample=args.sample)
+    data = write_report(url, args.html, options, sample=args.sample, order=args.sort)
     print(f"wrote {args.html}: {len(data.samples)} of {len(data.images)} images, {len(data.manifests)} run(s), {len(data.errors)} error rows")
     return 0
 
@@ -159,7 +175,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from pipeline.output.inspect import format_inspection, inspect_output
 
     url, options, _ = _output_location(args.output, args.spec, args.overrides)
-    print(format_inspection(inspect_output(url, options)))
+    print(format_inspection(inspect_output(url, options, near_distance=args.near_distance)))
     return 0
 
 

@@ -340,3 +340,26 @@ def test_cronjob_forbids_overlap_and_waits_for_the_rayjob_it_creates_from_rayjob
     assert binding["subjects"][0]["name"] == pod["serviceAccountName"]
     (rule,) = docs["Role"]["rules"]
     assert rule["apiGroups"] == ["ray.io"] and "rayjobs" in rule["resources"] and {"create", "get"} <= set(rule["verbs"])
+
+
+def test_rayservice_drains_within_its_pods_grace_and_takes_keys_from_a_secret():
+    service = manifest("rayservice.yaml", "RayService")["spec"]
+    (app,) = yaml.safe_load(service["serveConfigV2"])["applications"]
+    from pipeline.serve.app import AppArgs
+
+    args = AppArgs.model_validate(app["args"])
+    spec = load_spec(repo_path(args.spec), args.overrides)
+    grace = spec.serve.shutdown_grace_s
+    cluster = service["rayClusterConfig"]
+    assert service["rayClusterDeletionDelaySeconds"] >= grace, "an upgrade's old cluster must outlive its requests"
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        (container,) = pod["containers"]
+        command = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[0] == "sleep" and grace <= int(command[1]) < pod["terminationGracePeriodSeconds"], container["name"]
+        # The key variable the spec names comes from a Secret, on every node (Serve builds
+        # the app, and reads the keys, on any of them); never a value in the manifest.
+        (variable,) = [e for e in container.get("env", []) if e["name"] == spec.serve.api_keys_env]
+        assert "value" not in variable and variable["valueFrom"]["secretKeyRef"]["name"]
+    # It listens on 0.0.0.0: the spec must bring keys (the app refuses to start otherwise).
+    assert spec.serve.api_keys_env and not spec.serve.allow_unauthenticated

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
+import openai
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -26,7 +27,9 @@ from PIL import Image
 from ray import serve
 
 from pipeline.job.run import run as run_batch
-from pipeline.serve.app import start
+from pipeline.errors import SpecError
+from pipeline.serve.app import _serve_http_host, build_app, start
+from pipeline.serve.auth import KeyCheck, check_exposure, digest, load_key_digests
 from pipeline.serve.http_api import default_id
 from pipeline.spec.load import parse_spec
 
@@ -77,6 +80,7 @@ def _spec_data(root: Path, port: int, **serve: Any) -> dict[str, Any]:
             "min_replicas": 1,
             "max_replicas": 1,
             "target_ongoing_requests": 16,
+            "quality_steps": {"low": 1, "standard": 3, "hd": 4},
             **serve,
         },
     }
@@ -177,6 +181,12 @@ def test_mixed_sizes_in_one_burst(app):
         ({"prompt": "x" * 201}, "prompt"),
         ({"prompt": "x", "size": "4096x64"}, "size"),
         ({"prompt": "x", "response_format": "url"}, "response_format"),
+        ({"prompt": "x", "quality": "ultra"}, "quality"),
+        ({"prompt": "x", "quality": "standard", "steps": 3}, "quality"),
+        ({"prompt": "x", "output_format": "gif"}, "output_format"),
+        ({"prompt": "x", "output_compression": 101}, "output_compression"),
+        ({"prompt": "x", "background": "transparent"}, "background"),
+        ({"prompt": "x", "stream": True}, "stream"),
         ({"prompt": "x", "stepz": 3}, "stepz"),
         ({"prompt": "x", "guidance_scale": "lots"}, "guidance_scale"),
     ],
@@ -288,6 +298,141 @@ def test_requests_pick_a_model_and_an_adapter(app, workdir):
             assert response.status_code == 400 and response.json()["error"]["param"] == param and text in response.text, response.text
     finally:
         serve.delete("variations")
+
+
+# -- the OpenAI SDK, as clients use it ----------------------------------------------------
+
+
+def _client(url: str, key: str = "no-key-needed") -> openai.OpenAI:
+    # No retries: the SDK would otherwise retry 5xx answers and hide what the server said.
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def test_openai_sdk_generate_with_every_field(app):
+    url, spec = app
+    client = _client(url)
+    response = client.images.generate(
+        model="tiny",
+        prompt="a lighthouse at dusk",
+        n=2,
+        size="auto",
+        quality="standard",
+        style="vivid",
+        response_format="b64_json",
+        user="user-123",
+        background="opaque",
+        moderation="low",
+        output_format="jpeg",
+        output_compression=90,
+        partial_images=0,
+        safety_identifier="someone",
+        stream=False,
+    )
+    assert response.output_format == "jpeg" and response.size == "64x64"
+    assert len(response.data) == 2
+    for image in response.data:
+        decoded = Image.open(io.BytesIO(base64.b64decode(image.b64_json)))
+        assert decoded.format == "JPEG" and decoded.size == (spec.defaults.width, spec.defaults.height)
+        extra = image.model_extra
+        assert extra["steps"] == spec.serve.quality_steps["standard"] != spec.defaults.steps
+        assert extra["format"] == "jpeg"
+    # output_compression is honoured for JPEG: lower quality, fewer bytes, same pixels' request.
+    small = client.images.generate(prompt="a lighthouse at dusk", output_format="jpeg", output_compression=5, quality="standard")
+    big = client.images.generate(prompt="a lighthouse at dusk", output_format="jpeg", output_compression=95, quality="standard")
+    assert small.data[0].model_extra["request_id"] == big.data[0].model_extra["request_id"]
+    assert len(base64.b64decode(small.data[0].b64_json)) < len(base64.b64decode(big.data[0].b64_json))
+    webp = client.images.generate(prompt="a lighthouse at dusk", output_format="webp", size="32x32", quality="low")
+    assert Image.open(io.BytesIO(base64.b64decode(webp.data[0].b64_json))).format == "WEBP"
+    assert webp.data[0].model_extra["steps"] == 1 and webp.size == "32x32"
+    assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, param, text",
+    [
+        ({"response_format": "url"}, "response_format", "use 'b64_json'"),
+        ({"size": "4096x64"}, "size", "between 1 and 128"),
+        ({"model": "dall-e-3"}, "model", "allowed: tiny"),
+        ({"extra_body": {"stepz": 3}}, "stepz", "unknown field"),
+    ],
+)
+def test_openai_sdk_shows_our_errors(app, kwargs, param, text):
+    url, _ = app
+    with pytest.raises(openai.BadRequestError) as caught:
+        _client(url).images.generate(prompt="a red fox", **kwargs)
+    assert caught.value.status_code == 400
+    assert caught.value.param == param and text in caught.value.message
+    assert caught.value.type == "invalid_request_error"
+    assert caught.value.code in ("invalid_value", "unknown_parameter")
+
+
+def test_unknown_route_answers_in_openai_shape(app):
+    url, _ = app
+    response = requests.get(f"{url}/v1/images/nowhere", timeout=30)
+    assert response.status_code == 404 and "message" in response.json()["error"]
+
+
+def test_api_keys_bearer_401_healthz_open_and_keys_never_logged(app, workdir):
+    url, main_spec = app
+    keys = workdir / "keys.txt"
+    good, wrong = "sk-imagegen-test-GOOD-0123456789", "sk-imagegen-test-WRONG-9876543210"
+    keys.write_text(f"# the front's keys\n{good}\n\nsk-another-key\n")
+    data = _spec_data(workdir, main_spec.serve.port, route_prefix="/keyed", api_keys_file=str(keys))
+    start(parse_spec(data, source="keyed spec"), name="keyed")
+    base = url.rstrip("/") + "/keyed"
+    try:
+        health = _wait_for(lambda: requests.get(f"{base}/healthz", timeout=5), "the keyed app", timeout=90)
+        assert health.status_code == 200  # probes need no key
+        with pytest.raises(openai.AuthenticationError) as caught:
+            _client(base, wrong).images.generate(prompt="a red fox")
+        assert caught.value.status_code == 401 and caught.value.code == "invalid_api_key"
+        assert wrong not in caught.value.message and good not in caught.value.message
+        bare = requests.post(f"{base}/v1/images/generations", json={"prompt": "a red fox"}, timeout=30)
+        assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
+        assert requests.get(f"{base}/v1/models", timeout=30).status_code == 401
+        with pytest.raises(openai.AuthenticationError):
+            _client(base, wrong).models.list()
+        answer = _client(base, good).images.generate(prompt="a red fox", size="32x32")
+        assert len(answer.data) == 1
+        assert [m.id for m in _client(base, "sk-another-key").models.list()] == ["tiny"]
+        assert _serve_http_host() == "127.0.0.1"  # what app_builder checks exposure against
+    finally:
+        serve.delete("keyed")
+    # Neither key, nor the wrong one sent, is in any of Ray's logs (Serve's access logs included).
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    for path in logs.rglob("*"):
+        if path.is_file():
+            text = path.read_bytes()
+            assert good.encode() not in text and wrong.encode() not in text, path
+
+
+def test_keys_from_an_environment_variable_and_exposure_rules(tmp_path):
+    spec = parse_spec(_spec_data(tmp_path, 8000, api_keys_env="IMAGEGEN_TEST_KEYS"), source="env keys")
+    digests = load_key_digests(spec.serve, {"IMAGEGEN_TEST_KEYS": "sk-one, sk-two\nsk-three"})
+    check = KeyCheck(digests)
+    assert [check.allows(h) for h in ("Bearer sk-two", "bearer sk-three", "Bearer sk-four", "sk-one", None, "Basic sk-one")] == [
+        True, True, False, False, False, False
+    ]
+    assert digest("sk-one") in digests and "sk-one" not in repr(digests)
+    with pytest.raises(SpecError, match="IMAGEGEN_TEST_KEYS, which is not set") as unset:
+        load_key_digests(spec.serve, {})
+    assert "sk-" not in str(unset.value)
+    with pytest.raises(SpecError, match="api_keys_env") as pasted:
+        parse_spec(_spec_data(tmp_path, 8000, api_keys_env="sk-live-abc"), source="a key written in the spec")
+    assert "sk-live-abc" not in str(pasted.value)
+    # Non-loopback without keys: refused unless allow_unauthenticated says so.
+    open_spec = parse_spec(_spec_data(tmp_path, 8000, host="0.0.0.0"), source="open")
+    with pytest.raises(SpecError, match="allow_unauthenticated"):
+        check_exposure("0.0.0.0", open_spec.serve, ())
+    check_exposure("127.0.0.1", open_spec.serve, ())
+    check_exposure("::1", open_spec.serve, ())
+    check_exposure("0.0.0.0", open_spec.serve, digests)
+    allowed = parse_spec(_spec_data(tmp_path, 8000, host="0.0.0.0", allow_unauthenticated=True), source="open on purpose")
+    check_exposure("0.0.0.0", allowed.serve, ())
+    # `serve deploy` / a RayService: where Serve listens is unknown to the builder until it
+    # asks the controller; unknown counts as reachable, so keys are needed.
+    with pytest.raises(SpecError, match="without API keys"):
+        build_app(parse_spec(_spec_data(tmp_path, 8000), source="no keys"), None)
 
 
 def _descendants(root: int) -> list[int]:

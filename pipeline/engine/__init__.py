@@ -7,8 +7,10 @@ attention kernel, VAE chunks and compile cache; :mod:`.model_cache` an LRU of en
 process; :mod:`.model_ref` where weights come from (local, ``s3://``, hub, tiny) and
 their fingerprint; :mod:`.resolve` resolving a spec's models and adapters into a
 :class:`~pipeline.spec.catalog.Catalog` on the driver; :mod:`.adapters` LoRA files;
-:mod:`.tiny_models` the random-weight models built offline for tests and the demo;
-:mod:`.encode` pixels -> PNG/WebP/JPEG bytes; :mod:`.stages` the code an engine actor
+:mod:`.tiny_models` the random-weight models built offline for tests and the demo
+(:mod:`.tiny_clip` the tiny CLIP scorer and safety checker); :mod:`.scoring` the CLIP
+scorer kept resident beside the pipelines (``clip_score``); :mod:`.encode` pixels ->
+PNG/WebP/JPEG bytes and the perceptual hash; :mod:`.stages` the code an engine actor
 runs on a block (Arrow requests in, Arrow image and error rows out).
 
 May import :mod:`pipeline.spec`, :mod:`pipeline.storage` and :mod:`pipeline.errors`.

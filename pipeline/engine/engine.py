@@ -17,6 +17,11 @@ Trade-offs worth knowing:
   on first use under its digest and stays, inactive when a call names no adapter
   (``disable_lora``). An adapter that does not fit the model fails its rows with a
   :class:`AdapterError` and is not retried in halves.
+- **Safety checker verdicts are kept.** A model that ships a safety checker (SD 1.x)
+  has diffusers black out the images it flags; each result says whether its image was
+  flagged (``nsfw_detected``), and ``model.safety_checker`` decides whether a flagged
+  image is kept (``flag``), becomes an error (``error``), or the checker is not loaded
+  at all (``off``).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import numpy as np
 
 from pipeline.engine import family_calls, model_ref
 from pipeline.engine.kernels import decode_in_chunks, input_shapes, is_out_of_memory, set_attention, use_compile_cache
-from pipeline.engine.requests import AdapterError, GenerationRequest, GenerationResult, ImageIsNaN
+from pipeline.engine.requests import AdapterError, GenerationRequest, GenerationResult, ImageFlagged, ImageIsNaN
 from pipeline.spec.batching import group_by_bucket, halves
 from pipeline.spec.families import SCHEDULER_CLASSES
 from pipeline.spec.model_config import LoraConfig, ModelConfig
@@ -109,6 +114,8 @@ class Engine:
         kwargs = {"dtype": self.dtype, "use_safetensors": not config.allow_pickle}
         if model_ref.parse_ref(config.ref).kind == "hub":
             kwargs["revision"] = config.revision
+        if config.safety_checker == "off":
+            kwargs["safety_checker"] = None  # not loaded at all (pipelines without one ignore it)
         self.pipe, self.family = _load_pipeline(location, kwargs)
         if config.scheduler:
             self.family.check_scheduler(config.scheduler, "model.scheduler", config.ref)
@@ -215,7 +222,7 @@ class Engine:
             return
         start = time.perf_counter()
         try:
-            images = self._call(batch)
+            images, flagged = self._call(batch)
         except Exception as exc:  # noqa: BLE001 - one bad row must not take its batch down
             self._after_failure(exc)
             if is_out_of_memory(exc) and len(group) > 1:
@@ -232,26 +239,38 @@ class Engine:
         seconds = (time.perf_counter() - start) / len(group)
         tokens = self.count_tokens([r.prompt for r in batch])
         limit = self.token_limit(batch[0])
-        for index, image, n_tokens in zip(group, images, tokens):
+        # diffusers' verdicts, one per image; None when the pipeline ran no checker.
+        verdicts = [bool(v) for v in flagged] if flagged is not None else [None] * len(group)
+        for index, image, n_tokens, nsfw in zip(group, images, tokens, verdicts):
             if np.isnan(image).any():
                 error = ImageIsNaN("the image came out NaN; try model.dtype float32 or bfloat16")
                 results[index] = GenerationResult(seconds=seconds, error_type=type(error).__name__, error_message=str(error))
+                continue
+            if nsfw and self.config.safety_checker == "error":
+                error = ImageFlagged(
+                    "the model's safety checker flagged this image as possibly NSFW, and model.safety_checker is error, so no pixels "
+                    "are stored; change the prompt or seed, or set model.safety_checker: flag to keep diffusers' black image with nsfw_detected true"
+                )
+                results[index] = GenerationResult(seconds=seconds, nsfw_detected=True, error_type=type(error).__name__, error_message=str(error))
                 continue
             results[index] = GenerationResult(
                 pixels=(image * 255).round().clip(0, 255).astype(np.uint8),
                 seconds=seconds,
                 prompt_tokens=n_tokens,
                 prompt_truncated=n_tokens > limit,
+                nsfw_detected=nsfw,
             )
 
-    def _call(self, batch: list[GenerationRequest]) -> np.ndarray:
+    def _call(self, batch: list[GenerationRequest]) -> tuple[np.ndarray, Optional[list]]:
+        """The call's images (``NxHxWx3`` floats in [0, 1]) and the safety checker's
+        verdict per image (None when the pipeline has no checker, or it is off)."""
         import torch
 
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in batch]
         with torch.inference_mode():
             kwargs = family_calls.call_kwargs(self.pipe, self.family, batch, self._encode_once)
             output = self.pipe(**kwargs, generator=generators, output_type="np")
-        return np.asarray(output.images)
+        return np.asarray(output.images), getattr(output, "nsfw_content_detected", None)
 
     def _use_adapter(self, digest: Optional[str], scale: float) -> None:
         """Make ``digest`` at ``scale`` the pipeline's one active adapter (None: no adapter)."""

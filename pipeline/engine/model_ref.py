@@ -12,6 +12,9 @@ The fingerprint goes into every request id, so it must change whenever the weigh
 file digests for a local folder, the store's listing (names, sizes, ETags) for a remote
 prefix, id and revision for the hub, the builder version for ``tiny``. It is computed
 on the driver without torch.
+
+The same four kinds name the CLIP scorer (``scoring.ref``): every function takes the
+:class:`WeightsKind` a ref is read as, :data:`PIPELINE` unless said otherwise.
 """
 
 from __future__ import annotations
@@ -20,12 +23,31 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal, Mapping, Union
 
-from pipeline.engine.tiny_models import TINY_MODELS
+from pipeline.engine.tiny_models import TINY_MODELS, ensure_tiny
 from pipeline.errors import ModelError
-from pipeline.spec.model_config import ModelConfig
+from pipeline.spec.model_config import ModelConfig, ScoringConfig
 from pipeline.storage import filesystem
+
+# What names weights: ref, revision, storage_options and cache_dir (and allow_pickle for a pipeline).
+WeightsConfig = Union[ModelConfig, ScoringConfig]
+
+
+@dataclass(frozen=True)
+class WeightsKind:
+    """What a ref names: the spec field it comes from, the file that marks a saved folder of
+    this kind, the tiny random-weight ones (name -> builder version) and how one is built
+    into a cache folder (``build_tiny(cache_dir, name) -> folder``)."""
+
+    field: str
+    marker: str
+    saved_by: str  # how such a folder is made, for messages
+    tiny: Mapping[str, str]
+    build_tiny: Callable[[str, str], str]
+
+
+PIPELINE = WeightsKind("model.ref", "model_index.json", "a diffusers pipeline saved with save_pretrained", TINY_MODELS, ensure_tiny)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -36,50 +58,52 @@ class ModelRef:
     location: str
 
 
-def parse_ref(ref: str) -> ModelRef:
-    """Classify ``model.ref``; raise :class:`ModelError` saying which forms are accepted."""
-    if ref in TINY_MODELS:
+def parse_ref(ref: str, kind: WeightsKind = PIPELINE) -> ModelRef:
+    """Classify ``model.ref`` (or the ref of ``kind``); raise :class:`ModelError` saying
+    which forms are accepted."""
+    if ref in kind.tiny:
         return ModelRef("tiny", ref)
     if "://" in ref and not ref.startswith("file://"):
         return ModelRef("remote", ref.rstrip("/"))
     path = os.path.abspath(os.path.expanduser(ref.removeprefix("file://")))
     if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "model_index.json")):
-            raise ModelError(f"model.ref {ref!r} is a folder without model_index.json; point it at a diffusers pipeline saved with save_pretrained")
+        if not os.path.isfile(os.path.join(path, kind.marker)):
+            raise ModelError(f"{kind.field} {ref!r} is a folder without {kind.marker}; point it at {kind.saved_by}")
         return ModelRef("local", path)
     if _HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
         return ModelRef("hub", ref)
     raise ModelError(
-        f"model.ref {ref!r} is not a tiny model ({', '.join(TINY_MODELS)}), an existing local folder, an s3:// prefix, or a hub id like 'org/name'; "
-        "check the path (relative paths are taken from the working directory), or set model.ref to one of those"
+        f"{kind.field} {ref!r} is not a tiny model ({', '.join(kind.tiny)}), an existing local folder, an s3:// prefix, or a hub id like 'org/name'; "
+        f"check the path (relative paths are taken from the working directory), or set {kind.field} to one of those"
     )
 
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def check_weights_format(config: ModelConfig) -> None:
-    """Refuse a local folder whose weights are pickles unless ``model.allow_pickle`` is set:
-    unpickling runs code from the file. Checked on the driver, before any actor loads it."""
-    ref = parse_ref(config.ref)
-    if ref.kind != "local" or config.allow_pickle:
+def check_weights_format(config: WeightsConfig, kind: WeightsKind = PIPELINE) -> None:
+    """Refuse a local folder whose weights are pickles unless ``model.allow_pickle`` is set
+    (a kind without that field, the scorer, never allows them): unpickling runs code from
+    the file. Checked on the driver, before any actor loads it."""
+    ref = parse_ref(config.ref, kind)
+    if ref.kind != "local" or getattr(config, "allow_pickle", False):
         return
     files = _files_below(ref.location)
     safe_folders = {os.path.dirname(f) for f in files if f.endswith(".safetensors")}
     pickled = [f for f in files if f.endswith(_PICKLE_SUFFIXES) and os.path.dirname(f) not in safe_folders]
     if pickled:
         raise ModelError(
-            f"model.ref {config.ref!r} holds pickle weights ({', '.join(pickled[:3])}), which can run code when loaded; "
-            "convert them to safetensors, or set model.allow_pickle: true if you trust their source"
+            f"{kind.field} {config.ref!r} holds pickle weights ({', '.join(pickled[:3])}), which can run code when loaded; convert them to safetensors"
+            + (", or set model.allow_pickle: true if you trust their source" if hasattr(config, "allow_pickle") else "")
         )
 
 
-def fingerprint(config: ModelConfig) -> str:
+def fingerprint(config: WeightsConfig, kind: WeightsKind = PIPELINE) -> str:
     """A short digest that changes whenever the weights do (see module docstring)."""
-    ref = parse_ref(config.ref)
+    ref = parse_ref(config.ref, kind)
     h = hashlib.sha256()
     if ref.kind == "tiny":
-        h.update(TINY_MODELS[ref.location].encode())
+        h.update(kind.tiny[ref.location].encode())
     elif ref.kind == "hub":
         h.update(f"hub:{ref.location}@{config.revision}".encode())
     elif ref.kind == "local":
@@ -93,7 +117,7 @@ def fingerprint(config: ModelConfig) -> str:
         with filesystem.storage_errors(ref.location, "list"):
             listing = fs.find(root, detail=True)
         if not listing:
-            raise ModelError(f"model.ref {ref.location!r} holds no files; upload a diffusers folder there first")
+            raise ModelError(f"{kind.field} {ref.location!r} holds no files; upload {kind.saved_by} there first")
         for name in sorted(listing):
             info = listing[name]
             etag = str(info.get("ETag") or info.get("etag") or info.get("mtime") or "")
@@ -101,13 +125,11 @@ def fingerprint(config: ModelConfig) -> str:
     return f"{ref.kind}-{h.hexdigest()[:16]}"
 
 
-def materialize(config: ModelConfig) -> str:
+def materialize(config: WeightsConfig, kind: WeightsKind = PIPELINE) -> str:
     """A location ``from_pretrained`` can load: a local folder, or the hub id itself."""
-    ref = parse_ref(config.ref)
+    ref = parse_ref(config.ref, kind)
     if ref.kind == "tiny":
-        from pipeline.engine.tiny_models import ensure_tiny
-
-        return ensure_tiny(config.cache_dir, ref.location)
+        return kind.build_tiny(config.cache_dir, ref.location)
     if ref.kind in ("local", "hub"):
         return ref.location
     fs, root = filesystem.open_url(ref.location, config.storage_options)
@@ -123,8 +145,8 @@ def materialize(config: ModelConfig) -> str:
             if size != info.get("size"):
                 raise ModelError(f"downloading {ref.location}: {name} came out {size} bytes, the store says {info.get('size')}; retry the job")
 
-    target = os.path.join(config.cache_dir, "remote", fingerprint(config))
-    return filesystem.fill_folder_once(target, download, "model_index.json")
+    target = os.path.join(config.cache_dir, "remote", fingerprint(config, kind))
+    return filesystem.fill_folder_once(target, download, kind.marker)
 
 
 def _files_below(root: str) -> list[str]:

@@ -37,6 +37,8 @@ class GenerationResult:
     seconds: float = 0.0
     prompt_tokens: Optional[int] = None
     prompt_truncated: Optional[bool] = None
+    # The model's safety checker flagged the image (diffusers blacked it out); None: no checker ran.
+    nsfw_detected: Optional[bool] = None
     error_type: Optional[str] = None
     error_message: Optional[str] = None
 
@@ -47,6 +49,10 @@ class GenerationResult:
 
 class ImageIsNaN(RuntimeError):
     """The pipeline produced NaN pixels (often float16 overflow in the VAE)."""
+
+
+class ImageFlagged(RuntimeError):
+    """The model's safety checker flagged the image and ``model.safety_checker`` is ``error``."""
 
 
 class AdapterError(RuntimeError):

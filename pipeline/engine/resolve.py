@@ -1,8 +1,9 @@
 """Resolving the job's models and LoRA adapters, once on the driver before any work.
 
 For each model: its fingerprint (weights), its family and pipeline class (which row
-parameters it takes), checked to load from safetensors unless pickles are allowed. For
-each adapter: its content digest. The :class:`Catalog` is plain data, shipped to the
+parameters it takes), whether it ships a safety checker, checked to load from
+safetensors unless pickles are allowed. For each adapter: its content digest. For the
+CLIP scorer, if any: its fingerprint. The :class:`Catalog` is plain data, shipped to the
 validator (request ids, row checks) and the engine actors (which model and adapter a row
 names), so nothing is looked up twice or differently in two places.
 """
@@ -14,7 +15,7 @@ from typing import Optional
 
 from pipeline.engine import adapters, model_ref
 from pipeline.errors import ModelError, SpecError
-from pipeline.spec.catalog import AdapterEntry, Catalog, ModelEntry
+from pipeline.spec.catalog import AdapterEntry, Catalog, ModelEntry, ScorerEntry
 from pipeline.spec.config import JobSpec
 from pipeline.spec.families import FAMILIES, SCHEDULER_CLASSES, Family, UnknownFamily, family_of_class
 from pipeline.spec.model_config import ModelConfig
@@ -42,7 +43,12 @@ def build_catalog(spec: JobSpec) -> Catalog:
     models = {name: _model_entry(name, config, setting(name)) for name, config in spec.named_models().items()}
     _check_default_size(spec, models)
     loras = {name: AdapterEntry(name, config, adapters.digest(name, config)) for name, config in spec.loras.items()}
-    return Catalog(models, spec.default_model(), loras)
+    scorer = None
+    if spec.scoring is not None:
+        from pipeline.engine.scoring import scorer_fingerprint
+
+        scorer = ScorerEntry(spec.scoring, scorer_fingerprint(spec.scoring))
+    return Catalog(models, spec.default_model(), loras, scorer)
 
 
 def _check_default_size(spec: JobSpec, models: dict[str, ModelEntry]) -> None:
@@ -77,7 +83,18 @@ def _model_entry(name: str, config: ModelConfig, setting: str) -> ModelEntry:
         size_multiple=multiple,
         size_rule=rule,
         scheduler_class=SCHEDULER_CLASSES[config.scheduler] if config.scheduler else _saved_scheduler(index),
+        has_safety_checker=_has_safety_checker(index),
     )
+
+
+def _has_safety_checker(index: Optional[dict]) -> Optional[bool]:
+    """Whether the model ships a safety checker; None when its index could not be read.
+    SD 1.x indexes name it as ["stable_diffusion", "StableDiffusionSafetyChecker"]; a
+    pipeline saved without one has [null, null] there."""
+    if index is None:
+        return None
+    checker = index.get("safety_checker")
+    return isinstance(checker, list) and any(part is not None for part in checker)
 
 
 def _family(name: str, config: ModelConfig, class_name: str, declared: Optional[Family]) -> Family:
@@ -150,7 +167,9 @@ def read_model_index(config: ModelConfig, required: bool = True) -> Optional[dic
             f"cannot read model_index.json of model {config.ref!r} ({type(exc).__name__}: {exc}); "
             f"set model.family to one of {', '.join(FAMILIES)} to run it without reading it first"
         ) from None
-    return index if isinstance(index, dict) else {}
+    if not isinstance(index, dict):
+        raise ModelError(f"model_index.json of model {config.ref!r} is not a JSON object; is it a diffusers pipeline folder?")
+    return index
 
 
 def _class_name(config: ModelConfig, index: dict) -> str:

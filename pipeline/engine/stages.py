@@ -8,6 +8,7 @@ never raises: in Ray Data one exception would abort the whole job.
 
 from __future__ import annotations
 
+import logging
 import time
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,11 +18,13 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from pipeline.engine.encode import encode_image, sha256_hex
+from pipeline.engine.encode import encode_image, phash64, sha256_hex
 from pipeline.engine.model_cache import ModelCache
 from pipeline.engine.requests import GenerationRequest
 from pipeline.spec import schema as S
 from pipeline.spec.batching import group_by_bucket
+
+log = logging.getLogger(__name__)
 
 _EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
 
@@ -93,10 +96,12 @@ class BlockTimes:
     """Where an engine actor's time on one block went: ``engine`` seconds in diffusers
     calls (model loads included), ``encode_wait`` seconds spent after the last call
     waiting for encodings still running. Encoding overlaps the calls, so the engine sits
-    idle only for the latter."""
+    idle only for the latter. ``scoring`` is the seconds the CLIP scorer ran (on the
+    encoder's threads, overlapping the calls too); zero without a scorer."""
 
     engine: float = 0.0
     encode_wait: float = 0.0
+    scoring: float = 0.0
 
 
 def generate_table(
@@ -110,15 +115,19 @@ def generate_table(
     handed to ``encoder``'s threads as soon as the call returns, so PNG compression runs
     while the next call computes (PIL and zlib release the GIL) and raw pixels never
     travel through the object store. A model that cannot load fails its rows, not the
-    block; a failed encoding fails its row at the encode stage.
+    block; a failed encoding fails its row at the encode stage. With a scorer, each call's
+    images are scored on the same threads (:class:`ImageEncoder`); a scorer that fails
+    leaves its call's scores null (and says why in the log), never the images.
     """
     n = table.num_rows
     seconds: list = [None] * n
     tokens: list = [None] * n
     truncated: list = [None] * n
     schedulers = table.column(S.SCHEDULER).to_pylist()
+    nsfw: list = [None] * n
     errors: dict[int, tuple[str, str]] = {}
     encodings: dict[int, Future] = {}
+    scorings: list[tuple[list[int], Future]] = []
     times = times if times is not None else BlockTimes()
     pending, requests, names = to_generation_requests(table)
     by_model: dict[str, list[int]] = {}
@@ -143,27 +152,33 @@ def generate_table(
                 continue
             finally:
                 times.engine += time.perf_counter() - started
+            made = []
             for p, result in zip(chunk, results):
                 i = pending[p]
                 seconds[i] = result.seconds
-                tokens[i], truncated[i] = result.prompt_tokens, result.prompt_truncated
+                tokens[i], truncated[i], nsfw[i] = result.prompt_tokens, result.prompt_truncated, result.nsfw_detected
                 schedulers[i] = engine.scheduler_name
                 wrong_size = _size_mismatch(requests[p], result.pixels) if result.ok else None
                 if wrong_size:
                     errors[i] = ("SizeMismatch", wrong_size)
                 elif result.ok:
                     encodings[i] = encoder.submit(result.pixels)
+                    made.append((i, result.pixels, requests[p].prompt))
                 else:
                     errors[i] = (result.error_type or "Error", result.error_message or "")
+            if made and encoder.scorer is not None:
+                scorings.append(([i for i, _, _ in made], encoder.score([px for _, px, _ in made], [pr for _, _, pr in made])))
     table = _mark_failed(errors, S.STAGE_GENERATE, table)
     started = time.perf_counter()
     table = _add_images(table, encodings, encoder.format)
+    table = _add_scores(table, scorings, encoder.scorer.fingerprint if encoder.scorer else None, times)
     times.encode_wait += time.perf_counter() - started
     for column, values, type_ in (
         (S.GENERATION_SECONDS, seconds, pa.float64()),
         (S.PROMPT_TOKENS, tokens, pa.int32()),
         (S.PROMPT_TRUNCATED, truncated, pa.bool_()),
         (S.SCHEDULER, schedulers, pa.string()),
+        (S.NSFW_DETECTED, nsfw, pa.bool_()),
         (S.ACTOR_ID, [actor_id] * n, pa.string()),
         (S.NODE_ID, [node_id] * n, pa.string()),
     ):
@@ -195,30 +210,40 @@ def _calls(engine, requests: list[GenerationRequest]) -> list[list[int]]:
 
 class ImageEncoder:
     """Encodes images on a small thread pool: ``submit(pixels)`` returns a future of
-    ``(bytes, sha256)``. One per engine actor (or Serve replica), for its lifetime."""
+    ``(bytes, sha256, phash)``. One per engine actor (or Serve replica), for its lifetime.
 
-    def __init__(self, fmt: str, quality: int, threads: int = 2):
+    With a ``scorer`` (:class:`pipeline.engine.scoring.ClipScorer`), ``score(images,
+    prompts)`` returns a future of the call's :class:`~pipeline.engine.scoring.Scores`,
+    computed on the same threads: like encoding, it runs while the next diffusers call
+    does, and the block waits for it only at its end."""
+
+    def __init__(self, fmt: str, quality: int, threads: int = 2, scorer=None):
         self.format = fmt
         self.quality = quality
+        self.scorer = scorer
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="encode")
 
     def submit(self, pixels: np.ndarray) -> Future:
         return self._pool.submit(self._encode, pixels)
 
-    def _encode(self, pixels: np.ndarray) -> tuple[bytes, str]:
+    def score(self, images: list[np.ndarray], prompts: list[str]) -> Future:
+        return self._pool.submit(self.scorer.score, images, prompts)
+
+    def _encode(self, pixels: np.ndarray) -> tuple[bytes, str, int]:
         data = encode_image(pixels, self.format, self.quality)
-        return data, sha256_hex(data)
+        return data, sha256_hex(data), phash64(pixels)
 
 
 def _add_images(table: pa.Table, encodings: dict[int, Future], fmt: str) -> pa.Table:
     """Wait for the block's encodings; add the image struct, format and digest columns."""
     images: list = [None] * table.num_rows
     digests: list = [None] * table.num_rows
+    hashes: list = [None] * table.num_rows
     errors: dict[int, tuple[str, str]] = {}
     request_ids = table.column(S.REQUEST_ID).to_pylist()
     for i, future in encodings.items():
         try:
-            data, digests[i] = future.result()
+            data, digests[i], hashes[i] = future.result()
         except Exception as exc:  # noqa: BLE001
             errors[i] = (type(exc).__name__, str(exc))
             continue
@@ -226,4 +251,25 @@ def _add_images(table: pa.Table, encodings: dict[int, Future], fmt: str) -> pa.T
     table = _mark_failed(errors, S.STAGE_ENCODE, table)
     table = _set(table, S.IMAGE, images, S.IMAGE_TYPE)
     table = _set(table, S.IMAGE_FORMAT, [fmt if d else None for d in digests], pa.string())
+    table = _set(table, S.PHASH, hashes, pa.uint64())
     return _set(table, S.SHA256, digests, pa.string())
+
+
+def _add_scores(table: pa.Table, scorings: list[tuple[list[int], Future]], fingerprint: Optional[str], times: BlockTimes) -> pa.Table:
+    """Wait for the block's scores; add the CLIP columns (null where not scored)."""
+    n = table.num_rows
+    scores: list = [None] * n
+    cut: list = [None] * n
+    scorer: list = [None] * n
+    for rows, future in scorings:
+        try:
+            result = future.result()
+        except Exception as exc:  # noqa: BLE001 - a scorer failure leaves scores null, never loses the images
+            log.warning("the CLIP scorer failed on a call of %d images (%s: %s); their clip_score stays null", len(rows), type(exc).__name__, exc)
+            continue
+        times.scoring += result.seconds
+        for i, value, truncated in zip(rows, result.clip_scores, result.prompt_truncated):
+            scores[i], cut[i], scorer[i] = value, truncated, fingerprint
+    table = _set(table, S.CLIP_SCORE, scores, pa.float64())
+    table = _set(table, S.CLIP_PROMPT_TRUNCATED, cut, pa.bool_())
+    return _set(table, S.CLIP_SCORER, scorer, pa.string())

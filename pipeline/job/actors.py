@@ -29,12 +29,14 @@ log = logging.getLogger(__name__)
 class GenerateStage:
     """An engine actor: generates and encodes block after block.
 
-    Holds a cache of resident engines (see :mod:`pipeline.engine.model_cache`) and an image
-    encoder's thread pool (see :func:`~pipeline.engine.stages.generate_table`). The default model
+    Holds a cache of resident engines (see :mod:`pipeline.engine.model_cache`), an image
+    encoder's thread pool (see :func:`~pipeline.engine.stages.generate_table`) and, with a
+    ``scoring`` section, the CLIP scorer that pool runs (loaded here, beside the default
+    model, on the same device). The default model
     is loaded in the constructor, so a model that cannot load fails the job at start rather
     than every row; other models load on first use. What each block finishes (rows,
-    images, errors), model loads and swaps, and the engine's busy and encode-wait seconds
-    go to ``counter`` for the progress line and the run summary.
+    images, errors), model loads and swaps, and the engine's busy, encode-wait and scoring
+    seconds go to ``counter`` for the progress line and the run summary.
     """
 
     def __init__(self, spec: JobSpec, catalog: Catalog, counter: Any = None):
@@ -49,7 +51,7 @@ class GenerateStage:
         device = catalog.models[catalog.default_model].config.device
         budget = int(rt.model_memory_gb * 1e9) if rt.model_memory_gb else default_budget(device)
         self.models = ModelCache(catalog, budget)
-        self.encoder = ImageEncoder(spec.output.format, spec.output.quality, threads)
+        self.encoder = ImageEncoder(spec.output.format, spec.output.quality, threads, scorer=_load_scorer(catalog))
         self._counter = counter
         self._reported = self.models.stats
         self.models.get(catalog.default_model)
@@ -66,7 +68,9 @@ class GenerateStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         times = BlockTimes()
         table = generate_table(self.models, batch, self.actor_id, self.node_id, self.encoder, times)
-        self._report({**progress.finished(table), "engine_seconds": times.engine, "encode_wait_seconds": times.encode_wait})
+        self._report(
+            {**progress.finished(table), "engine_seconds": times.engine, "encode_wait_seconds": times.encode_wait, "scoring_seconds": times.scoring}
+        )
         return table
 
     def _report(self, finished: dict[str, Any]) -> None:
@@ -74,6 +78,17 @@ class GenerateStage:
         self._reported = stats
         if self._counter is not None:
             self._counter.add.remote(model_loads=stats.loads - before.loads, model_swaps=stats.swaps - before.swaps, **finished)
+
+
+def _load_scorer(catalog: Catalog):
+    """The catalog's CLIP scorer, loaded on the default model's device; None without one."""
+    if catalog.scorer is None:
+        return None
+    from pipeline.engine.engine import resolve_device
+    from pipeline.engine.scoring import ClipScorer
+
+    device = resolve_device(catalog.models[catalog.default_model].config)
+    return ClipScorer(catalog.scorer.config, device, catalog.scorer.fingerprint)
 
 
 def actor_gpus(spec: JobSpec) -> float:

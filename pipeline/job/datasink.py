@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import pyarrow as pa
 from ray.data.block import BlockAccessor
@@ -66,9 +66,18 @@ class DatasetSink(Datasink[sink.WriteReport]):
                 "spec_fingerprint": self._spec.fingerprint(),
                 "model_fingerprint": self._catalog.models[self._catalog.default_model].fingerprint,
                 "models": {
-                    name: {"ref": m.config.ref, "fingerprint": m.fingerprint, "family": m.family.name, "pipeline_class": m.pipeline_class}
+                    name: {
+                        "ref": m.config.ref,
+                        "fingerprint": m.fingerprint,
+                        "family": m.family.name,
+                        "pipeline_class": m.pipeline_class,
+                        # flag | error | off, and whether the model ships a checker (null: unknown)
+                        "safety_checker": m.config.safety_checker,
+                        "has_safety_checker": m.has_safety_checker,
+                    }
                     for name, m in self._catalog.models.items()
                 },
+                "scoring": _scoring(self._catalog, counts),
                 "loras": {name: {"url": a.config.url, "digest": a.digest} for name, a in self._catalog.loras.items()},
                 "versions": sink.library_versions(),
                 "counts": {
@@ -84,6 +93,13 @@ class DatasetSink(Datasink[sink.WriteReport]):
         )
         card.write_card(fs, root)
         self.report = report
+
+
+def _scoring(catalog: Catalog, counts) -> Optional[dict[str, Any]]:
+    """The manifest's record of the CLIP scorer: what made ``clip_score`` and what it cost."""
+    if catalog.scorer is None:
+        return None
+    return {"ref": catalog.scorer.config.ref, "fingerprint": catalog.scorer.fingerprint, "seconds": counts.scoring_seconds}
 
 
 def prepare_output(spec: JobSpec) -> sink.Committed:

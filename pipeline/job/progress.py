@@ -53,6 +53,7 @@ class Counts:
     model_swaps: int = 0
     engine_seconds: float = 0.0
     encode_wait_seconds: float = 0.0
+    scoring_seconds: float = 0.0  # the CLIP scorer's, on the encoders' threads
     # Engine actors that finished starting (default model loaded), and the sum of the
     # times (epoch seconds) they did so: with the end time, the seconds they were up.
     actors_ready: int = 0

@@ -136,5 +136,6 @@ def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator,
         model_swaps=counts.model_swaps,
         engine_seconds=counts.engine_seconds,
         encode_wait_seconds=counts.encode_wait_seconds,
+        scoring_seconds=counts.scoring_seconds if catalog.scorer is not None else None,
         parts=report.parts,
     )

@@ -28,6 +28,7 @@ class RunSummary:
     model_swaps: int = 0
     engine_seconds: float = 0.0  # summed over engine actors: in diffusers calls and model loads
     encode_wait_seconds: float = 0.0  # summed over engine actors: idle, waiting for encoding
+    scoring_seconds: Optional[float] = None  # summed over engine actors: the CLIP scorer's; None without one
     parts: list[dict[str, Any]] = field(repr=False, default_factory=list)
     # Found before any work, worth a user's attention (images no current input row owns).
     warnings: list[str] = field(default_factory=list)
@@ -55,6 +56,7 @@ def format_summary(s: RunSummary) -> str:
         f"  errors       {s.errors}  ({by_stage})",
         f"  model loads  {s.model_loads}  ({s.model_swaps} swaps, {s.swaps_per_1000_images:.1f} per 1000 images)",
         f"  engines      {s.engine_seconds:.1f} s generating{busy}, {s.encode_wait_seconds:.1f} s waiting on image encoding (all actors), blocks of {s.block_rows} rows",
+        *([f"  scoring      {s.scoring_seconds:.1f} s scoring images with CLIP (all actors; on the encoders' threads, overlapping generation)"] if s.scoring_seconds is not None else []),
         f"  start-up     {ready}",
         f"  output       {s.output}",
         f"                 images/  {images_parts} new part(s)",

@@ -3,13 +3,15 @@
 The YAML header names two configs, ``images`` (the default) and ``errors``, each with
 its ``data_files`` and its features, so ``datasets.load_dataset(OUTPUT, "images")`` (or
 the Hub's viewer) reads the right files with the image column as PIL images. The body
-says how the data was made: model, parameters, counts over all runs, and dates.
+says how the data was made: model, parameters, counts over all runs, dates, and the
+quality columns (safety checker setting per model, CLIP scorer, perceptual hash).
 
 Pure: reads the manifests and one part's schema through :mod:`pipeline.storage.filesystem`.
 """
 
 from __future__ import annotations
 
+import json
 import posixpath
 import time
 from typing import Any, Optional
@@ -18,6 +20,7 @@ import fsspec
 import pyarrow as pa
 import yaml
 
+from pipeline.output.duplicates import DEFAULT_DISTANCE
 from pipeline.spec import schema as S
 from pipeline.storage import filesystem, sink
 
@@ -130,6 +133,7 @@ def _body(manifests: list[dict[str, Any]], spec: dict[str, Any], in_parts: dict[
         "Rows may override the defaults above; each image records the parameters it was made with.",
         "Parameters and defaults are those of the latest run; each run's full spec is in `_runs/<run-id>.json`.",
         "",
+        *_quality_section(manifests),
         "## Runs",
         "",
         "| run | finished (UTC) | input rows | images | errors | seconds |",
@@ -152,6 +156,55 @@ def _model_settings(spec: dict[str, Any]) -> str:
     if spec.get("models"):
         return "; ".join(f"`{name}`: {settings(model)}" for name, model in spec["models"].items())
     return settings(spec.get("model", {}))
+
+
+def _quality_section(manifests: list[dict[str, Any]]) -> list[str]:
+    """The quality columns and how each run made them: the safety checker setting of each
+    model, the CLIP scorer's ref and fingerprint, the phash and its near-duplicate threshold."""
+    safety = []
+    for name, info in sorted({(n, json.dumps(i, sort_keys=True)) for m in manifests for n, i in m.get("models", {}).items()}):
+        info = json.loads(info)
+        ref, mode, has = info.get("ref"), info.get("safety_checker"), info.get("has_safety_checker")
+        if mode is None:
+            verdict = "not recorded (a run from before imagegen kept safety verdicts)"
+        elif mode == "off":
+            verdict = "**off**: the model's safety checker was not run; its images were not checked (`nsfw_detected` null)"
+        elif has is False:
+            verdict = "the model has no safety checker (`nsfw_detected` null)"
+        elif mode == "error":
+            verdict = "error: flagged images became error rows (stage generate), none is in `images`"
+        else:
+            verdict = "flag: flagged images are kept as diffusers' black images, with `nsfw_detected` true"
+        safety.append(f"`{name}`" + (f" (`{ref}`)" if ref != name else "") + f": {verdict}")
+    scorers = sorted({(s["ref"], s["fingerprint"]) for m in manifests if (s := m.get("scoring"))})
+    unscored = sum(1 for m in manifests if not m.get("scoring"))
+    scoring = "; ".join(f"`{ref}` (fingerprint `{fp}`)" for ref, fp in scorers) or "none: no run had a `scoring` section"
+    if scorers and unscored:
+        scoring += f"; {unscored} run(s) without one left it null"
+    return [
+        "## Quality columns",
+        "",
+        "Each image row says what came out, so keeping the good rows is a query; a column is null where it was not computed.",
+        "",
+        "| column | what it holds | how it was made here |",
+        "|---|---|---|",
+        "| `nsfw_detected` | the model's safety checker flagged the image (diffusers replaces a flagged image with a black one) | "
+        + (_cell("; ".join(safety)) or "no run recorded its models")
+        + " |",
+        "| `clip_score` | 100 x the cosine of the CLIP embeddings of the image and its prompt (not clipped at 0) | "
+        + _cell(scoring)
+        + "; the score of each row is made by the scorer its `clip_scorer` names |",
+        "| `clip_scorer` | the fingerprint of the scorer that made the row's `clip_score` | changes when the scorer's weights do |",
+        "| `clip_prompt_truncated` | the prompt was longer than the scorer's 77 tokens and was cut for scoring | the scorer's tokenizer |",
+        "| `phash` | 64-bit perceptual hash (DCT) of the generated pixels, as an unsigned integer | `imagehash.phash` (8x8 bits); "
+        f"near duplicates differ in at most {DEFAULT_DISTANCE} bits (`imagegen inspect --near-distance N`) |",
+        "| `sha256` | digest of the image file | exact duplicates share it |",
+        "",
+        "```python",
+        'good = images.filter(lambda r: not r["nsfw_detected"] and (r["clip_score"] or 0) >= 25)  # pick your own threshold',
+        "```",
+        "",
+    ]
 
 
 def _cell(text: str) -> str:

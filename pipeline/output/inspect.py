@@ -1,7 +1,8 @@
 """``imagegen inspect``: what an output holds, on one screen.
 
 Runs (from the manifests) with their counts, totals, the images table's schema, the
-size on disk, and a few rows (prompt, seed, size, sha256 prefix). Named
+size on disk, a few rows (prompt, seed, size, sha256 prefix), and exact and near
+duplicates among the images (:mod:`pipeline.output.duplicates`). Named
 ``inspect_output`` because a module named ``inspect`` would shadow the standard library's.
 
 Pure: reads the manifests, one part's schema and the first rows of one part through
@@ -17,6 +18,7 @@ from typing import Any, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.output.duplicates import DEFAULT_DISTANCE, Duplicates, find_duplicates, format_duplicates
 from pipeline.spec import schema as S
 from pipeline.storage import filesystem, sink
 
@@ -35,10 +37,12 @@ class Inspection:
     size_bytes: int = 0
     schema: Optional[pa.Schema] = None
     rows: list[dict[str, Any]] = field(default_factory=list)
+    duplicates: Optional[Duplicates] = None
 
 
-def inspect_output(url: str, storage_options: dict | None = None, rows: int = 5) -> Inspection:
-    """Read what the output at ``url`` holds; ``rows`` sample rows from its newest images part.
+def inspect_output(url: str, storage_options: dict | None = None, rows: int = 5, near_distance: int = DEFAULT_DISTANCE) -> Inspection:
+    """Read what the output at ``url`` holds; ``rows`` sample rows from its newest images part;
+    duplicates (perceptual hashes within ``near_distance`` bits count as near duplicates).
     An output with no committed run gives an empty :class:`Inspection`, not an error."""
     fs, root = filesystem.open_url(url, storage_options)
     found = Inspection(url)
@@ -60,6 +64,8 @@ def inspect_output(url: str, storage_options: dict | None = None, rows: int = 5)
         if newest is not None and rows > 0:
             with fs.open(filesystem.join(root, newest), "rb") as f:
                 found.rows = pq.ParquetFile(f).read_row_group(0, columns=_ROW_COLUMNS).slice(0, rows).to_pylist()
+        if manifests:
+            found.duplicates = find_duplicates(fs, root, manifests, near_distance)
     return found
 
 
@@ -89,6 +95,8 @@ def format_inspection(found: Inspection) -> str:
         for row in found.rows:
             prompt = row[S.PROMPT] if len(row[S.PROMPT]) <= 60 else row[S.PROMPT][:57] + "..."
             lines.append(f"  {row[S.SHA256][:12]}  seed {row[S.SEED]:<20} {row[S.WIDTH]}x{row[S.HEIGHT]:<5} {prompt}")
+    if found.duplicates is not None:
+        lines += format_duplicates(found.duplicates)
     return "\n".join(lines)
 
 

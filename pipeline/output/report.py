@@ -1,7 +1,9 @@
 """``imagegen report``: one self-contained HTML page about an output.
 
 The page holds a contact sheet of a sample of the images (thumbnails embedded as data
-URIs, with prompt and parameters), the runs and their counts (from the manifests), a
+URIs, with prompt and parameters; spread evenly over the runs, or the lowest
+``clip_score`` first), the quality of each model (``clip_score`` distribution, share
+flagged by the safety checker: :mod:`pipeline.output.quality`), the runs and their counts (from the manifests), a
 throughput-over-time chart per run with one line per engine actor (inline SVG), the
 error breakdown with examples, and the latest run's spec. It references nothing outside
 itself, so it can be mailed, attached to a ticket or opened offline.
@@ -26,6 +28,7 @@ import pyarrow.parquet as pq
 import yaml
 from PIL import Image
 
+from pipeline.output import quality
 from pipeline.spec import schema as S
 from pipeline.spec.section import absolute_if_local
 from pipeline.storage import filesystem, sink
@@ -39,7 +42,10 @@ _MIME = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 _META_COLUMNS = [
     S.REQUEST_ID, S.ID, S.SOURCE, S.ROW_INDEX, S.IMAGE_INDEX, S.PROMPT, S.NEGATIVE_PROMPT, S.SEED, S.WIDTH,
     S.HEIGHT, S.STEPS, S.GUIDANCE_SCALE, S.SCHEDULER, S.MODEL, S.IMAGE_FORMAT, S.GENERATION_SECONDS, S.ACTOR_ID, S.RUN_ID,
+    S.NSFW_DETECTED, S.CLIP_SCORE,
 ]
+# How the contact sheet picks its images: spread evenly over the runs, or lowest clip_score first.
+ORDERS = ("spread", "score")
 
 
 @dataclass
@@ -51,11 +57,13 @@ class OutputData:
     images: list[dict[str, Any]]  # metadata of every committed image, in part order
     errors: list[dict[str, Any]]
     samples: list[dict[str, Any]] = field(default_factory=list)  # sampled images with "thumbnail" data URIs
+    order: str = "spread"  # how the samples were picked (ORDERS); "spread" when "score" found no scores
 
 
-def read_output(url: str, storage_options: dict | None = None, sample: int = DEFAULT_SAMPLE) -> OutputData:
+def read_output(url: str, storage_options: dict | None = None, sample: int = DEFAULT_SAMPLE, order: str = "spread") -> OutputData:
     """Read the committed runs of the output at ``url`` and a sample of up to ``sample``
-    images spread evenly over them."""
+    images: spread evenly over them (``order="spread"``), or the lowest ``clip_score``
+    first (``"score"``: where the failures are; spread when no image has a score)."""
     fs, root = filesystem.open_url(url, storage_options)
     with filesystem.storage_errors(url, "read"):
         if not fs.exists(root):
@@ -71,7 +79,9 @@ def read_output(url: str, storage_options: dict | None = None, sample: int = DEF
                     images += rows
                 else:
                     errors += _read(fs, path, None).to_pylist()
-        picks = _spread(len(images), sample)
+        picks = quality.lowest_scores(images, sample) if order == "score" else []
+        order = "score" if picks else "spread"
+        picks = picks or _spread(len(images), sample)
         by_part: dict[str, list[int]] = defaultdict(list)
         for index in picks:
             by_part[where[index][0]].append(index)
@@ -81,12 +91,20 @@ def read_output(url: str, storage_options: dict | None = None, sample: int = DEF
             for index in indices:
                 thumbnails[index] = thumbnail(column[where[index][1]].as_py()["bytes"], images[index][S.IMAGE_FORMAT])
     samples = [{**images[index], "thumbnail": thumbnails[index]} for index in picks]
-    return OutputData(url, manifests, images, errors, samples)
+    return OutputData(url, manifests, images, errors, samples, order)
 
 
 def _read(fs: fsspec.AbstractFileSystem, path: str, columns: Optional[list[str]]) -> pa.Table:
+    """``columns`` of the part at ``path`` (all when None); a column the part does not
+    have (it was written before the column existed) comes back as nulls."""
     with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns)
+        parquet = pq.ParquetFile(f)
+        present = None if columns is None else [c for c in columns if c in parquet.schema_arrow.names]
+        table = parquet.read(columns=present)
+    for name in columns or []:
+        if name not in present:
+            table = table.append_column(name, pa.nulls(table.num_rows))
+    return table
 
 
 def _spread(n: int, k: int) -> list[int]:
@@ -113,10 +131,10 @@ def thumbnail(data: bytes, fmt: Optional[str]) -> str:
 # -- the page -------------------------------------------------------------------------------
 
 
-def write_report(url: str, html_path: str, storage_options: dict | None = None, sample: int = DEFAULT_SAMPLE) -> OutputData:
+def write_report(url: str, html_path: str, storage_options: dict | None = None, sample: int = DEFAULT_SAMPLE, order: str = "spread") -> OutputData:
     """Read the output at ``url`` and write its report page to ``html_path`` (any storage
     URL, written atomically). Returns what was read, for the caller's summary line."""
-    data = read_output(url, storage_options, sample)
+    data = read_output(url, storage_options, sample, order)
     fs, path = filesystem.open_url(absolute_if_local(html_path))
     filesystem.atomic_write(fs, path, render_html(data).encode())
     return data
@@ -129,7 +147,8 @@ def render_html(data: OutputData) -> str:
     sections = [
         f"<h1>imagegen output report</h1><p class=meta>{e(data.url)}<br>{len(data.manifests)} run(s), "
         f"{n_images} images, {n_errors} error rows; page made {e(time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()))}</p>",
-        _contact_sheet(data.samples, n_images),
+        _contact_sheet(data.samples, n_images, data.order),
+        quality.quality_section(data.images),
         _runs_table(data.manifests),
         _charts(data.images, data.manifests),
         _errors(data.errors),
@@ -160,7 +179,7 @@ svg{background:#fff;border:1px solid #ddd;margin-bottom:12px}
 """
 
 
-def _contact_sheet(samples: list[dict[str, Any]], total: int) -> str:
+def _contact_sheet(samples: list[dict[str, Any]], total: int, order: str = "spread") -> str:
     e = html.escape
     if not samples:
         return "<h2>Images</h2><p>No images committed yet.</p>"
@@ -173,12 +192,17 @@ def _contact_sheet(samples: list[dict[str, Any]], total: int) -> str:
             f"cfg {s[S.GUIDANCE_SCALE]:g} &middot; {e(str(s[S.MODEL]))}"
         )
         negative = f"<span class=k>negative: {e(s[S.NEGATIVE_PROMPT])}</span><br>" if s[S.NEGATIVE_PROMPT] else ""
+        if s.get(S.CLIP_SCORE) is not None:
+            params += f" &middot; clip {s[S.CLIP_SCORE]:.1f}"
+        if s.get(S.NSFW_DETECTED):
+            params += " &middot; <b>flagged by the safety checker</b>"
         figures.append(
             f'<figure><img src="{s["thumbnail"]}" alt="{e(short)}" title="{e(prompt)}">'
             f'<figcaption><span class=p title="{e(prompt)}">{e(short)}</span>{negative}<span class=k>{params}<br>'
             f"id {e(str(s[S.ID]))} &middot; {e(s[S.REQUEST_ID][:12])}</span></figcaption></figure>"
         )
-    return f"<h2>Images ({len(samples)} of {total}, spread evenly over the runs)</h2><div class=sheet>{''.join(figures)}</div>"
+    how = "lowest clip_score first" if order == "score" else "spread evenly over the runs"
+    return f"<h2>Images ({len(samples)} of {total}, {how})</h2><div class=sheet>{''.join(figures)}</div>"
 
 
 def _runs_table(manifests: list[dict[str, Any]]) -> str:

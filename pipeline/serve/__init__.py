@@ -1,8 +1,10 @@
 """The online front: the batch job's engine behind an OpenAI-shaped images API on Ray Serve.
 
-:mod:`.http_api` turns bodies into the raw rows the batch job would read (then the same
-validator) and rows into response items, without Serve; :mod:`.app` is the deployment,
-its replicas (the batch job's engine actor class) and ``imagegen serve``.
+:mod:`.http_api` turns bodies (every field of OpenAI's ``images.generate``) into the raw
+rows the batch job would read (then the same validator) and rows into response items,
+without Serve; :mod:`.app` is the deployment and its replicas (the batch job's engines);
+:mod:`.auth` the API keys; :mod:`.drain` the app-wide "stop taking requests" of a graceful
+shutdown; :mod:`.process` ``imagegen serve`` itself (supervisor, signals, drain, exit).
 
 May import every layer below and :mod:`pipeline.job` (the engine actor and cluster
 connection it shares with the batch job). Imports Ray.

@@ -8,27 +8,28 @@ images are made and encoded by the same :class:`~pipeline.job.actors.GenerateSta
 it runs :func:`~pipeline.engine.stages.generate_table`). So a request and the equivalent
 prompt-table row get the same request id, seed and image bytes.
 
-HTTP contract (``POST {route_prefix}v1/images/generations``):
+HTTP contract (``POST {route_prefix}v1/images/generations``): every field of OpenAI's
+``images.generate`` is accepted, each honoured or ignored as :mod:`.http_api` says (and
+the README, field by field), plus the extensions ``seed``, ``negative_prompt``, ``steps``,
+``guidance_scale``, ``max_sequence_length``, ``lora``, ``lora_scale`` and ``id``.
 
-- body: ``prompt`` (required), ``n`` (-> ``num_images``), ``size`` (``"WIDTHxHEIGHT"``),
-  ``response_format`` (only ``b64_json``, also the default), and the extensions ``seed``,
-  ``negative_prompt``, ``steps``, ``guidance_scale``, ``max_sequence_length``, ``lora``,
-  ``lora_scale`` and ``id``. ``model`` names one of the spec's models (as a prompt
-  table's ``model`` column does; ``GET /v1/models`` lists them); ``user`` is accepted for
-  OpenAI clients. Any other field is an error. Absent fields take the spec's ``defaults``.
 - identity: with ``id``, the row identity is ``id:<id>``, exactly that of a batch row whose
   ``input.id_column`` holds ``<id>``. Without it, the id is :func:`default_id` of the prompt
   (``prompt-`` + 16 hex digits of its SHA-256): the same prompt always gets the same
   derived seed, so the same request gives the same image (send ``seed`` for another), and
   a batch row with that id reproduces it.
-- answer: ``{"created": unix_seconds, "data": [...]}``, one item per image with
-  ``b64_json`` plus ``request_id``, ``seed`` and the parameters and metadata of the batch
-  job's images table, and ``batch_size`` (the images in the Serve batch this image was
-  made in) and ``bucket_size`` (those sharing its diffusers call).
-- errors: 400 with ``{"error": {"message", "type", "param", "errors": [...]}}`` naming each
-  bad field as the client spelled it (``n``, ``size``...), or a body that is not JSON; 500 when generation fails; 503
-  with ``Retry-After`` from Serve's proxy when more than ``serve.max_queued_requests``
-  requests wait for a replica.
+- answer: OpenAI's ``ImagesResponse``, one item per image with ``b64_json`` plus
+  ``request_id``, ``seed`` and the parameters and metadata of the batch job's images table,
+  and ``batch_size`` (the images in the Serve batch this image was made in) and
+  ``bucket_size`` (those sharing its diffusers call).
+- keys: with ``serve.api_keys_file`` / ``api_keys_env``, every route but ``/healthz``
+  needs ``Authorization: Bearer KEY`` (401 otherwise; see :mod:`.auth`).
+- errors: OpenAI's body ``{"error": {"message", "type", "param", "code", "errors": [...]}}``:
+  400 naming each bad field as the client spelled it (``n``, ``size``...), or a body that
+  is not JSON; 401 without a valid key; 404/405 for other routes; 500 when generation
+  fails; 503 while ``imagegen serve`` shuts down (:mod:`.drain`), and 503 with
+  ``Retry-After`` from Serve's proxy when more than ``serve.max_queued_requests``
+  requests wait for a replica (that body is Serve's).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route methods' annotations
@@ -37,27 +38,26 @@ HTTP contract (``POST {route_prefix}v1/images/generations``):
 
 import asyncio
 import json
-import signal
-import socket
-import threading
 import time
-from typing import Any, Callable
+from typing import Any, Optional
 
 import pyarrow as pa
 import ray
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import AutoscalingConfig, BackpressureConfig
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.engine.resolve import build_catalog
-from pipeline.engine.stages import to_generation_requests
-from pipeline.errors import ImagegenError
+from pipeline.engine.stages import ImageEncoder, generate_table, to_generation_requests
 from pipeline.job.actors import GenerateStage, actor_gpus, engine_catalog
-from pipeline.job.connect import connect
-from pipeline.serve.http_api import RequestError, error, image_item, serving_spec, validate_request
+from pipeline.serve.auth import KeyCheck, check_exposure, load_key_digests
+from pipeline.serve.drain import DrainClient
+from pipeline.serve.http_api import Encoding, RequestError, error, images_response, serving_spec, validate_request
 from pipeline.spec import schema as S
 from pipeline.spec.batching import group_by_bucket
 from pipeline.spec.catalog import Catalog
@@ -67,6 +67,17 @@ from pipeline.spec.validate import REQUEST_SCHEMA, Validator
 
 APP_NAME = "imagegen"
 api = FastAPI(title="imagegen", description="OpenAI-shaped image generation on the imagegen engine.")
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # Unknown routes and methods answer in OpenAI's shape too, so SDKs show the message.
+    return error(exc.status_code, "invalid_request_error", [(None, f"{request.method} {request.url.path}: {exc.detail}")])
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return error(400, "invalid_request_error", [(None, f"{request.method} {request.url.path}: {exc.errors()}")])
 
 
 @serve.deployment(name="ImageServer")
@@ -80,37 +91,77 @@ class ImageServer:
     uniform diffusers calls by bucket key, as in the batch job.
     """
 
-    def __init__(self, spec: JobSpec, catalog: Catalog):
+    def __init__(self, spec: JobSpec, catalog: Catalog, key_digests: tuple[str, ...] = (), drain: Optional[str] = None):
         self.spec = spec
         self.catalog = catalog
         self.validator = Validator(serving_spec(spec), catalog)
         self.stage = GenerateStage(spec, catalog)
+        self.keys = KeyCheck(key_digests)
+        self.drain = DrainClient(drain)
+        self.encoders: dict[Encoding, ImageEncoder] = {Encoding(spec.output.format, spec.output.quality): self.stage.encoder}
         self.started = int(time.time())
         self._generate.set_max_batch_size(spec.serve.max_batch_size)
         self._generate.set_batch_wait_timeout_s(spec.serve.batch_wait_timeout_s)
 
+    def _unauthorized(self, request: Request) -> Optional[JSONResponse]:
+        if self.keys.allows(request.headers.get("authorization")):
+            return None
+        # Never echo what was sent: it may be a key of something else.
+        return error(
+            401,
+            "invalid_request_error",
+            [(None, "a valid API key is needed: send the header 'Authorization: Bearer KEY' (OpenAI clients: api_key=KEY)")],
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    def _shutting_down(self) -> JSONResponse:
+        return error(
+            503,
+            "server_error",
+            [(None, "the server is shutting down and takes no new requests; retry (another instance, or this one once restarted)")],
+            code="server_shutting_down",
+            headers={"Retry-After": f"{self.spec.serve.retry_after_s:g}"},
+        )
+
     @api.post("/v1/images/generations")
     async def generations(self, request: Request) -> JSONResponse:
+        refused = self._unauthorized(request)
+        if refused is not None:
+            return refused
+        if not await self.drain.admit():
+            return self._shutting_down()
+        try:
+            return await self._generations(request)
+        finally:
+            self.drain.done()
+
+    async def _generations(self, request: Request) -> JSONResponse:
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return error(400, "invalid_request_error", [(None, f"the request body is not valid JSON: {exc}")])
         try:
-            requests = validate_request(self.validator, body)
+            requests, parsed = validate_request(self.validator, self.spec, body)
         except RequestError as exc:
-            return error(400, "invalid_request_error", exc.problems)
-        rows = await asyncio.gather(*(self._generate(r) for r in requests))
+            unknown = any(": unknown field;" in message for _, message in exc.problems)
+            return error(400, "invalid_request_error", exc.problems, code="unknown_parameter" if unknown else "invalid_value")
+        rows = await asyncio.gather(*(self._generate((r, parsed.encoding)) for r in requests))
         failed = [r for r in rows if r.get(S.ERROR_STAGE)]
         if failed:
             return error(
                 500,
-                "generation_error",
+                "server_error",
                 [(None, f"image {r[S.IMAGE_INDEX]} ({r[S.REQUEST_ID]}): {r[S.ERROR_TYPE]}: {r[S.ERROR_MESSAGE]}") for r in failed],
+                code="generation_failed",
             )
-        return JSONResponse({"created": int(time.time()), "data": [image_item(r) for r in rows]})
+        return JSONResponse(images_response(rows, parsed, int(time.time())))
 
     @api.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
+    async def models(self, request: Request) -> Any:
+        refused = self._unauthorized(request)
+        if refused is not None:
+            return refused
         return {
             "object": "list",
             "data": [
@@ -131,37 +182,66 @@ class ImageServer:
         }
 
     @api.get("/healthz")
-    async def healthz(self) -> dict[str, str]:
+    async def healthz(self) -> JSONResponse:
+        # Open without a key: load balancers and probes call it. 503 while draining, so
+        # they stop sending requests here.
         default = self.catalog.models[self.catalog.default_model]
-        return {"status": "ok", "model": default.name, "model_fingerprint": default.fingerprint}
+        body: dict[str, Any] = {"status": "ok", "model": default.name, "model_fingerprint": default.fingerprint}
+        drain = await self.drain.status()
+        if drain is not None:
+            body.update(status="draining" if drain["draining"] else "ok", in_flight=drain["in_flight"])
+        return JSONResponse(body, status_code=503 if body["status"] == "draining" else 200)
 
     # The decorator needs literals; __init__ replaces them with the spec's serve settings.
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def _generate(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def _generate(self, items: list[tuple[dict[str, Any], Encoding]]) -> list[dict[str, Any]]:
         # Off the event loop, so requests keep being validated and queued for the next
         # batch while this one is on the engine. One batch at a time (Serve's default).
-        return await asyncio.to_thread(self._generate_now, requests)
+        return await asyncio.to_thread(self._generate_now, items)
 
-    def _generate_now(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        table = pa.Table.from_pylist(requests, schema=REQUEST_SCHEMA)
-        pending, engine_requests, _ = to_generation_requests(table)
-        bucket_size = [0] * len(requests)
-        for group in group_by_bucket(engine_requests):
-            for member in group:
-                bucket_size[pending[member]] = len(group)
-        table = self.stage(table)
-        rows = table.to_pylist()
-        for row, size in zip(rows, bucket_size):
-            row["batch_size"] = len(requests)
-            row["bucket_size"] = size
-        return rows
+    def _generate_now(self, items: list[tuple[dict[str, Any], Encoding]]) -> list[dict[str, Any]]:
+        # One engine pass per encoding in the batch: the encoder is per block (as in the
+        # batch job), and clients rarely mix formats, so this seldom splits a bucket.
+        rows: list[Optional[dict[str, Any]]] = [None] * len(items)
+        by_encoding: dict[Encoding, list[int]] = {}
+        for index, (_, encoding) in enumerate(items):
+            by_encoding.setdefault(encoding, []).append(index)
+        for encoding, members in by_encoding.items():
+            requests = [items[i][0] for i in members]
+            table = pa.Table.from_pylist(requests, schema=REQUEST_SCHEMA)
+            pending, engine_requests, _ = to_generation_requests(table)
+            bucket_size = [0] * len(requests)
+            for group in group_by_bucket(engine_requests):
+                for member in group:
+                    bucket_size[pending[member]] = len(group)
+            encoder = self._encoder(encoding)
+            done = generate_table(self.stage.models, table, self.stage.actor_id, self.stage.node_id, encoder).to_pylist()
+            for i, row, size in zip(members, done, bucket_size):
+                row["batch_size"] = len(items)
+                row["bucket_size"] = size
+                rows[i] = row
+        return rows  # type: ignore[return-value]
+
+    def _encoder(self, encoding: Encoding) -> ImageEncoder:
+        if encoding not in self.encoders:
+            threads = max(1, int(self.spec.runtime.cpus_per_actor))
+            self.encoders[encoding] = ImageEncoder(encoding.format, encoding.quality, threads)
+        return self.encoders[encoding]
 
 
-def build_app(spec: JobSpec) -> Application:
-    """The Serve application for ``spec``: replicas, batching, back-pressure and
-    autoscaling from ``spec.serve``, replica resources from ``spec.runtime`` (as the batch
-    job's engine actors). Needs a connected Ray when ``model.device`` is ``auto``."""
+def build_app(spec: JobSpec, host: Optional[str], drain: Optional[str] = None) -> Application:
+    """The Serve application for ``spec``: replicas, batching, back-pressure, autoscaling
+    and graceful shutdown from ``spec.serve``, replica resources from ``spec.runtime`` (as
+    the batch job's engine actors). Needs a connected Ray when ``model.device`` is ``auto``.
+
+    Reads the API keys here (only their digests go to the replicas) and refuses to serve
+    without keys on a ``host`` other machines reach (None: unknown, so reachable) unless
+    ``serve.allow_unauthenticated``. ``drain`` names the :class:`~.drain.DrainState` actor
+    of ``imagegen serve``, if any.
+    """
     sv, rt = spec.serve, spec.runtime
+    digests = load_key_digests(sv)
+    check_exposure(host, sv, digests)
     gpus = actor_gpus(spec)
     catalog = engine_catalog(build_catalog(spec), gpus)
     deployment = ImageServer.options(
@@ -174,10 +254,13 @@ def build_app(spec: JobSpec) -> Application:
             max_replicas=sv.max_replicas,
             target_ongoing_requests=sv.target_ongoing_requests,
         ),
+        # A replica Serve stops (scale-down, redeploy, node drain) finishes its requests first.
+        graceful_shutdown_timeout_s=sv.shutdown_grace_s,
+        graceful_shutdown_wait_loop_s=min(1.0, sv.shutdown_grace_s),
         ray_actor_options={"num_cpus": rt.cpus_per_actor, "num_gpus": gpus},
     )
     # The batch job's own engine actor class: same thread count, so CPU pixels match exactly.
-    return deployment.bind(spec, catalog)
+    return deployment.bind(spec, catalog, digests, drain)
 
 
 class AppArgs(BaseModel):
@@ -190,17 +273,29 @@ class AppArgs(BaseModel):
 
 
 def app_builder(args: dict[str, Any]) -> Application:
-    """Application builder for ``serve deploy`` / ``serve run``: ``args`` is
+    """Application builder for ``serve deploy`` / ``serve run`` / a RayService: ``args`` is
     ``{"spec": path, "overrides": ["key.path=value", ...]}`` (see ``jobs/serve_config.yaml``).
 
     The config file's ``http_options`` and ``route_prefix`` apply there; the spec's
     ``serve.host``, ``serve.port`` and ``serve.route_prefix`` only apply to ``imagegen serve``.
+    The keys (``serve.api_keys_file`` / ``api_keys_env``) are read where Serve runs this
+    builder, which may be any node of the cluster: mount them on every node.
     """
     parsed = AppArgs.model_validate(args)
-    return build_app(load_spec(parsed.spec, parsed.overrides))
+    return build_app(load_spec(parsed.spec, parsed.overrides), _serve_http_host())
 
 
-def start(spec: JobSpec, name: str = APP_NAME) -> str:
+def _serve_http_host() -> Optional[str]:
+    """The host Serve's proxies listen on, from the running controller; None if unknown."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        return ray.get(_get_global_client()._controller.get_http_config.remote(), timeout=10).host
+    except Exception:  # noqa: BLE001 - unknown means "maybe reachable": keys are then required
+        return None
+
+
+def start(spec: JobSpec, name: str = APP_NAME, drain: Optional[str] = None) -> str:
     """Deploy ``spec``'s app on the connected Ray, listening on ``serve.host:serve.port``
     under ``serve.route_prefix``; return its base URL once the app is running.
 
@@ -208,59 +303,8 @@ def start(spec: JobSpec, name: str = APP_NAME) -> str:
     app shares the first one's proxy.
     """
     sv = spec.serve
+    app = build_app(spec, sv.host, drain)
     serve.start(http_options={"host": sv.host, "port": sv.port})
-    serve.run(build_app(spec), name=name, route_prefix=sv.route_prefix)
+    serve.run(app, name=name, route_prefix=sv.route_prefix)
     host = f"[{sv.host}]" if ":" in sv.host else sv.host
     return f"http://{host}:{sv.port}{sv.route_prefix.rstrip('/')}"
-
-
-def serve_until_interrupted(spec: JobSpec, announce: Callable[[str], None] = print) -> None:
-    """``imagegen serve``: connect to Ray as the batch job does (a new local Ray unless
-    ``runtime.address`` names one), deploy, block until Ctrl-C or SIGTERM, then shut down:
-    this app is deleted, Serve is shut down when no other app is left on it, and the Ray
-    connection is closed (which stops a local Ray this process started).
-    """
-    if spec.runtime.address is None:
-        _check_port_free(spec.serve.host, spec.serve.port)
-    connect(spec.runtime)
-    stop = threading.Event()
-    previous = _on_sigterm(stop.set)
-    try:
-        url = start(spec)
-        announce(f"serving {', '.join(spec.named_models())} at {url}/v1/images/generations (Ctrl-C to stop)")
-        # A bounded wait keeps Ctrl-C responsive: the main thread sees KeyboardInterrupt
-        # between waits on every platform.
-        while not stop.wait(timeout=1.0):
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        announce("shutting down")
-        try:
-            serve.delete(APP_NAME)
-            if not serve.status().applications:
-                serve.shutdown()
-        finally:
-            ray.shutdown()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-
-
-def _on_sigterm(callback: Callable[[], None]):
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, lambda signum, frame: callback())
-
-
-def _check_port_free(host: str, port: int) -> None:
-    # Serve's proxy retries a taken port in the background instead of failing; find out here.
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise ImagegenError(
-                f"cannot listen on {host}:{port}: {exc.strerror}; set serve.port (or serve.host) to a free one, "
-                f"e.g. --set serve.port={port + 1}"
-            ) from None

@@ -1,6 +1,7 @@
 """The images API's HTTP side, without Serve: an OpenAI-shaped body -> the raw row the
-batch job would read for it (then the same Validator), a generated row -> the response
-item, and OpenAI's error body. Kept apart from the deployment so it can be read and
+batch job would read for it (then the same Validator), with every field of OpenAI's
+``images.generate`` either honoured or accepted and ignored, a generated row -> the
+response item, and OpenAI's error body. Kept apart from the deployment so it can be read and
 tested without a cluster."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import base64
 import hashlib
 import json
 import re
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from fastapi.responses import JSONResponse
@@ -37,11 +39,49 @@ _BODY_TO_ROW = {
     "lora": "lora",
     "lora_scale": "lora_scale",
 }
-_ACCEPTED_FIELDS = frozenset({*_BODY_TO_ROW, "size", "response_format", "id", "user"})
+# OpenAI's enumerated fields and the values its API takes (openai-python's
+# ImageGenerateParams); a value outside these is a 400 naming the allowed ones.
+OPENAI_CHOICES: dict[str, tuple[str, ...]] = {
+    "response_format": ("b64_json", "url"),
+    "background": ("auto", "opaque", "transparent"),
+    "moderation": ("auto", "low"),
+    "style": ("vivid", "natural"),
+    "quality": ("auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"),
+    "output_format": ("png", "webp", "jpeg", "gif", "svg"),
+    "complexity": ("low", "medium", "high"),
+}
+# Values OpenAI takes that this front cannot make, and what to send instead.
+_CANNOT = {
+    ("response_format", "url"): "response_format: 'url' is not supported (images are not stored by the front); use 'b64_json' (the default)",
+    ("background", "transparent"): "background: 'transparent' is not supported (the models make opaque images); use 'auto' or 'opaque'",
+    ("output_format", "gif"): "output_format: 'gif' is not supported; use 'png', 'webp' or 'jpeg'",
+    ("output_format", "svg"): "output_format: 'svg' is not supported; use 'png', 'webp' or 'jpeg'",
+}
+# OpenAI fields accepted and ignored: they change nothing these models can do (README, Serve).
+IGNORED_FIELDS = frozenset({"user", "safety_identifier", "style", "moderation", "complexity", "partial_images", "frame_duration_ms", "svg"})
+_ACCEPTED_FIELDS = frozenset({*_BODY_TO_ROW, *OPENAI_CHOICES, *IGNORED_FIELDS, "size", "id", "output_compression", "stream", "frame_count"})
 # Row columns that the API names differently.
 _ROW_TO_BODY = {"num_images": "n", "width": "size", "height": "size"}
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 
+
+@dataclass(frozen=True)
+class Encoding:
+    """How a request's images are encoded (``output_format``, ``output_compression``)."""
+
+    format: str
+    quality: int
+
+
+@dataclass
+class ParsedBody:
+    """An images-API body as the front uses it: the raw row for the Validator, the
+    encoding of its images, the ``quality`` to echo, and the problems found so far."""
+
+    row: dict[str, Any]
+    encoding: Encoding
+    quality: Optional[str] = None
+    problems: list[tuple[Optional[str], str]] = field(default_factory=list)
 
 
 class RequestError(ValueError):
@@ -65,27 +105,44 @@ def serving_spec(spec: JobSpec) -> JobSpec:
     return spec.model_copy(update={"input": HTTP_INPUT})
 
 
-def body_to_row(body: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[Optional[str], str]]]:
-    """An images-API body -> the raw row the batch job would read for it, and the problems
-    that are HTTP's own (unknown fields, ``size`` syntax, ``response_format``, the type of
-    ``id``). Every generation parameter, the model among them, is left to the Validator."""
+def parse_body(body: dict[str, Any], spec: JobSpec) -> ParsedBody:
+    """An images-API body -> the raw row the batch job would read for it, the encoding of
+    its images, and the problems that are HTTP's own (unknown fields, OpenAI values this
+    front cannot make, ``size`` syntax, the type of ``id``). Every generation parameter, the
+    model among them, is left to the Validator."""
     problems: list[tuple[Optional[str], str]] = []
     for name in sorted(set(body) - _ACCEPTED_FIELDS):
         problems.append((name, f"{name}: unknown field; allowed: {', '.join(sorted(_ACCEPTED_FIELDS))}"))
-    if body.get("response_format") not in (None, "b64_json"):
-        problems.append(("response_format", f"response_format: only 'b64_json' is supported, got {body['response_format']!r}"))
+    for name, allowed in OPENAI_CHOICES.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        if value not in allowed:
+            problems.append((name, f"{name}: must be one of {', '.join(allowed)}, got {value!r}"))
+        elif (name, value) in _CANNOT:
+            problems.append((name, _CANNOT[name, value]))
+    if body.get("stream") not in (None, False):
+        problems.append(("stream", "stream: streaming is not supported; omit stream (or send false) for one JSON answer"))
+    if body.get("frame_count") not in (None, 1):
+        problems.append(("frame_count", f"frame_count: only still images (1) are made, got {body['frame_count']!r}"))
 
     row: dict[str, Any] = {S.INPUT_SOURCE: HTTP_SOURCE, S.INPUT_ROW: 0, "prompt": body.get("prompt")}
-    for field, column in _BODY_TO_ROW.items():
-        if body.get(field) is not None:
-            row[column] = body[field]
+    for name, column in _BODY_TO_ROW.items():
+        if body.get(name) is not None:
+            row[column] = body[name]
     size = body.get("size")
-    if size is not None:
+    if size is not None and size != "auto":  # auto: the spec's default size
         match = _SIZE.match(size) if isinstance(size, str) else None
         if match is None:
-            problems.append(("size", f"size: must be 'WIDTHxHEIGHT', for example '512x512', got {size!r}"))
+            problems.append(("size", f"size: must be 'WIDTHxHEIGHT', for example '512x512', or 'auto', got {size!r}"))
         else:
             row["width"], row["height"] = int(match.group(1)), int(match.group(2))
+    quality = body.get("quality")
+    preset = spec.serve.quality_steps.get(quality) if isinstance(quality, str) else None
+    if preset is not None:
+        if body.get("steps") is not None:
+            problems.append(("quality", f"quality: {quality!r} sets steps={preset} (serve.quality_steps); send quality or steps, not both"))
+        row["steps"] = preset
     identity = body.get("id")
     if identity is None:
         row["id"] = default_id(body.get("prompt"))
@@ -94,49 +151,94 @@ def body_to_row(body: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[Option
         row["id"] = default_id(body.get("prompt"))
     else:
         row["id"] = identity
-    return row, problems
+    encoding, problem = _encoding(body, spec)
+    if problem:
+        problems.append(problem)
+    return ParsedBody(row, encoding, quality if quality in OPENAI_CHOICES["quality"] and quality != "auto" else None, problems)
 
 
-def validate_request(validator: Validator, body: Any) -> list[dict[str, Any]]:
+def _encoding(body: dict[str, Any], spec: JobSpec) -> tuple[Encoding, Optional[tuple[str, str]]]:
+    """``output_format`` (else the spec's ``output.format``) and ``output_compression``
+    (0-100, higher is better quality, as OpenAI's default of 100; else ``output.quality``).
+    PNG is lossless: its compression is accepted and ignored."""
+    fmt = body.get("output_format")
+    fmt = fmt if fmt in ("png", "webp", "jpeg") else spec.output.format
+    compression = body.get("output_compression")
+    if compression is None:
+        return Encoding(fmt, spec.output.quality), None
+    if isinstance(compression, bool) or not isinstance(compression, int) or not 0 <= compression <= 100:
+        return Encoding(fmt, spec.output.quality), ("output_compression", f"output_compression: must be a whole number from 0 to 100, got {compression!r}")
+    return Encoding(fmt, compression if fmt != "png" else spec.output.quality), None
+
+
+def validate_request(validator: Validator, spec: JobSpec, body: Any) -> tuple[list[dict[str, Any]], ParsedBody]:
     """An images-API body -> one validated request per image, made by the batch job's
-    ``validate_row``. Raises :class:`RequestError` naming every bad field, HTTP's and the
-    Validator's together."""
+    ``validate_row``, and the parsed body (encoding, echoed quality). Raises
+    :class:`RequestError` naming every bad field, HTTP's and the Validator's together."""
     if not isinstance(body, dict):
         raise RequestError([(None, f"the request body must be a JSON object, got {type(body).__name__}")])
-    row, problems = body_to_row(body)
-    requests = validator.validate_row(row)
+    parsed = parse_body(body, spec)
+    problems = list(parsed.problems)
+    requests = validator.validate_row(parsed.row)
     if requests[0].get(S.ERROR_STAGE):
         problems += [_as_body_problem(column, message) for column, message in requests[0][PROBLEMS]]
     if problems:
         raise RequestError(problems)
-    return requests
+    return requests, parsed
 
 
 def _as_body_problem(column: Optional[str], message: str) -> tuple[Optional[str], str]:
-    """A validator problem about a row column -> the same problem named by its body field."""
-    field = _ROW_TO_BODY.get(column, column) if column else None
-    return field, (message if field == column else f"{field}: {message}")
+    """A validator problem about a row column -> the same problem named by its body field.
+    (Steps a ``quality`` preset sets are within the limits: the spec is checked at load.)"""
+    name = _ROW_TO_BODY.get(column, column) if column else None
+    return name, (message if name == column else f"{name}: {message}")
 
 
-def error(status: int, kind: str, problems: list[tuple[Optional[str], str]]) -> JSONResponse:
-    """OpenAI's error shape, plus every problem when there is more than one."""
+def error(
+    status: int,
+    kind: str,
+    problems: list[tuple[Optional[str], str]],
+    code: Optional[str] = None,
+    headers: Optional[dict[str, str]] = None,
+) -> JSONResponse:
+    """OpenAI's error body (``{"error": {"message", "type", "param", "code"}}``, which the
+    openai SDK turns into its exceptions), plus ``errors``: every problem, when there are
+    several."""
     return JSONResponse(
         status_code=status,
+        headers=headers,
         content={
             "error": {
                 "message": "; ".join(message for _, message in problems),
                 "type": kind,
                 "param": problems[0][0],
-                "code": None,
-                "errors": [{"param": field, "message": message} for field, message in problems],
+                "code": code,
+                "errors": [{"param": name, "message": message} for name, message in problems],
             }
         },
     )
 
 
+def images_response(rows: list[dict[str, Any]], parsed: ParsedBody, created: int) -> dict[str, Any]:
+    """The answer to an images request: OpenAI's ``ImagesResponse`` (``created``, ``data``
+    with ``b64_json``, ``background``, ``output_format``, ``quality``, ``size``) with the
+    batch job's metadata in each item."""
+    first = rows[0]
+    return {
+        "created": created,
+        "data": [image_item(r) for r in rows],
+        "background": "opaque",
+        "output_format": parsed.encoding.format,
+        "quality": parsed.quality,
+        "size": f"{first[S.WIDTH]}x{first[S.HEIGHT]}",
+    }
+
+
 def image_item(row: dict[str, Any]) -> dict[str, Any]:
     return {
         "b64_json": base64.b64encode(row[S.IMAGE]["bytes"]).decode("ascii"),
+        "url": None,
+        "revised_prompt": None,
         "request_id": row[S.REQUEST_ID],
         "id": row[S.ID],
         "image_index": row[S.IMAGE_INDEX],

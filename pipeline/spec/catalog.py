@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from pipeline.spec.config import LoraConfig, ModelConfig
+from pipeline.spec.model_config import ScoringConfig
 from pipeline.spec.families import Family
 
 
@@ -22,7 +23,9 @@ class ModelEntry:
     ``size_multiple``: what every width and height must be a multiple of for this model,
     and ``size_rule`` why (see :meth:`Family.size_multiple`). ``scheduler_class``: the
     diffusers scheduler class it runs with (``model.scheduler``'s, else the one it was
-    saved with; None when that cannot be read before the job).
+    saved with; None when that cannot be read before the job). ``has_safety_checker``:
+    whether the model ships a safety checker (its ``model_index.json`` names one); None:
+    unknown (a hub model whose index the driver could not read).
     """
 
     name: str
@@ -33,6 +36,7 @@ class ModelEntry:
     size_multiple: int = 8
     size_rule: str = ""
     scheduler_class: Optional[str] = None
+    has_safety_checker: Optional[bool] = False
 
 
 @dataclass(frozen=True)
@@ -45,12 +49,22 @@ class AdapterEntry:
 
 
 @dataclass(frozen=True)
+class ScorerEntry:
+    """The spec's CLIP scorer and the fingerprint of its weights."""
+
+    config: ScoringConfig
+    fingerprint: str
+
+
+@dataclass(frozen=True)
 class Catalog:
-    """Every model and adapter of a spec, by name; ``default_model`` is the rows' default."""
+    """Every model and adapter of a spec, by name; ``default_model`` is the rows' default;
+    ``scorer`` the CLIP model that scores images (None without a scoring section)."""
 
     models: dict[str, ModelEntry]
     default_model: str
     loras: dict[str, AdapterEntry]
+    scorer: Optional[ScorerEntry] = None
 
     def by_digest(self) -> dict[str, LoraConfig]:
         """Adapter configs by digest: what a generation request names."""

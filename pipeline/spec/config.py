@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.spec.model_config import LoraConfig, ModelConfig
+from pipeline.spec.model_config import LoraConfig, ModelConfig, ScoringConfig
 from pipeline.spec.section import Section, StorageURL
 
 InputFormat = Literal["parquet", "csv", "tsv", "jsonl", "json"]
@@ -210,6 +211,18 @@ class ServeConfig(Section):
     ``min_replicas`` and ``max_replicas`` towards ``target_ongoing_requests`` each.
     Replica resources are the engine actors' (``runtime.cpus_per_actor``,
     ``runtime.gpus_per_actor``).
+
+    ``quality_steps`` maps OpenAI's ``quality`` values to step counts (a request's
+    ``quality`` not named here, or ``auto``, takes ``defaults.steps``).
+
+    API keys: ``api_keys_file`` (a file of keys, one a line, ``#`` comments) or
+    ``api_keys_env`` (the NAME of an environment variable holding them, comma or
+    whitespace separated); never a key itself, which would end up in manifests and
+    configs. With keys, every route but ``/healthz`` needs ``Authorization: Bearer KEY``.
+    Listening on a non-loopback ``host`` without keys is refused unless
+    ``allow_unauthenticated: true``. ``shutdown_grace_s``: on SIGTERM/SIGINT new requests
+    get 503 and those in flight get this long to finish (also each replica's graceful
+    shutdown when Serve stops it).
     """
 
     host: str = "127.0.0.1"
@@ -223,9 +236,23 @@ class ServeConfig(Section):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(8.0, gt=0)
+    quality_steps: dict[Literal["low", "medium", "high", "xhigh", "max", "standard", "hd"], int] = Field(default_factory=dict)
+    api_keys_file: Optional[str] = None
+    api_keys_env: Optional[str] = None
+    allow_unauthenticated: bool = False
+    shutdown_grace_s: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServeConfig":
+        if self.api_keys_file is not None and self.api_keys_env is not None:
+            raise ValueError("set one of api_keys_file and api_keys_env, not both")
+        # Checked here, not by a field pattern: a field error would quote the value, and a
+        # value that is not a variable name may well be a key pasted in by mistake.
+        if self.api_keys_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_keys_env):
+            raise ValueError("api_keys_env must be the NAME of an environment variable (letters, digits, _) that holds the keys, never a key")
+        bad = {name: steps for name, steps in self.quality_steps.items() if steps < 1}
+        if bad:
+            raise ValueError(f"quality_steps must be whole numbers of steps >= 1, got {bad}")
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas={self.min_replicas} is above max_replicas={self.max_replicas}")
         if self.max_queued_requests == 0:
@@ -260,8 +287,8 @@ class PlanConfig(Section):
 
 class JobSpec(Section):
     """A whole job: input, model (or several ``models``), LoRA adapters, defaults, limits,
-    output, runtime, the online front (serve), and the inputs of the estimate ``imagegen
-    validate`` prints (plan).
+    output, runtime, the online front (serve), the inputs of the estimate ``imagegen
+    validate`` prints (plan), and the CLIP model that scores images (scoring, optional).
 
     One model: the ``model`` section; its name in the output is its ``ref``. Several:
     ``models: {name: {ref, dtype, ...}}``, a ``model`` column picking one per row and
@@ -278,6 +305,8 @@ class JobSpec(Section):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)
+    # Optional: without it no image is scored (clip_score stays null).
+    scoring: Optional[ScoringConfig] = None
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "JobSpec":
@@ -311,6 +340,9 @@ class JobSpec(Section):
             problems.append("model.device is cuda but runtime.gpus_per_actor is 0; give each actor a GPU or use device cpu")
         if len(devices) > 1:
             problems.append(f"all models must share one device (the engine actors' resources are one); got {sorted(devices)}")
+        for quality, steps in self.serve.quality_steps.items():
+            if steps > lim.max_steps:
+                problems.append(f"serve.quality_steps.{quality}={steps} is above limits.max_steps={lim.max_steps}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -327,6 +359,7 @@ class JobSpec(Section):
         """The spec as plain data with storage credentials removed, for manifests and logs."""
         data = self.model_dump(mode="json")
         sections = [data["input"], data["output"], data["model"], *data["models"].values(), *data["loras"].values()]
+        sections += [data["scoring"]] if data["scoring"] else []
         for section in sections:
             section["storage_options"] = {k: "<redacted>" for k in section["storage_options"]}
         return data

@@ -50,6 +50,8 @@ def _fields_at(path: str) -> list[str]:
         annotation = model.model_fields[part].annotation
         if typing.get_origin(annotation) is list:
             (annotation,) = typing.get_args(annotation)
+        if typing.get_origin(annotation) is typing.Union:  # an optional section (scoring)
+            annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []
         model = annotation

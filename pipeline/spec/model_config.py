@@ -1,6 +1,6 @@
 """The spec's model sections: which diffusers pipeline (:class:`ModelConfig`), how the
-engine runs it (:class:`EngineOptions`), and the LoRA adapters rows may name
-(:class:`LoraConfig`)."""
+engine runs it (:class:`EngineOptions`), the LoRA adapters rows may name
+(:class:`LoraConfig`), and the CLIP model that scores images (:class:`ScoringConfig`)."""
 
 from __future__ import annotations
 
@@ -105,6 +105,16 @@ class ModelConfig(Section):
     Weights load from safetensors only unless ``allow_pickle`` is set. ``storage_options``
     reach the remote prefix (credentials, ``endpoint_url``); remote weights are copied once
     into ``cache_dir`` per node.
+
+    ``safety_checker`` decides what happens to the verdicts of a model that ships a safety
+    checker (Stable Diffusion 1.x: ``safety_checker`` in ``model_index.json``), which
+    diffusers runs inside each call, blacking out the images it flags. ``flag`` (default):
+    keep diffusers' black image and record ``nsfw_detected``; ``error``: a flagged image
+    becomes an error row (stage generate) and no pixels are stored; ``off``: the checker is
+    not loaded nor run (``nsfw_detected`` stays null; the manifest and the dataset card
+    say so). ``off`` enters the request id, since it changes the pixels of images the
+    checker would have blacked out: a later run with the checker on does not take them for
+    its own. A model without a checker ignores the setting (``nsfw_detected`` is null).
     """
 
     ref: str = "tiny"
@@ -114,6 +124,7 @@ class ModelConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     scheduler: Optional[SchedulerName] = None
     allow_pickle: bool = False
+    safety_checker: Literal["flag", "error", "off"] = "flag"
     storage_options: dict[str, Any] = Field(default_factory=dict)
     engine: EngineOptions = Field(default_factory=EngineOptions)
     cache_dir: str = Field(default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "imagegen"))
@@ -132,3 +143,25 @@ class LoraConfig(Section):
     url: StorageURL
     scale: float = Field(1.0, ge=-10, le=10)
     storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ScoringConfig(Section):
+    """The CLIP model that scores each image against its prompt (the ``clip_score`` column).
+
+    ``ref`` names it as ``model.ref`` names a pipeline: ``tiny-clip`` (random weights built
+    offline, for tests), a local folder saved with transformers' ``save_pretrained``
+    (``config.json``, safetensors weights, tokenizer and image processor), an ``s3://``
+    (or other fsspec) prefix holding one (copied once per node into ``cache_dir``), or a
+    hub id (``openai/clip-vit-large-patch14``) at ``revision``. Weights load from
+    safetensors only. Each engine actor keeps it resident beside its diffusion models, on
+    the same device, in ``dtype`` (``auto``: float16 on CUDA, float32 on CPU), and scores
+    each diffusers call's images on the image encoder's threads while the next call runs.
+    The score is 100 x the cosine of CLIP's image and text embeddings, not clipped at 0,
+    with the prompt cut to CLIP's 77 tokens (``clip_prompt_truncated`` says when).
+    """
+
+    ref: str
+    revision: str = "main"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    cache_dir: str = Field(default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "imagegen"))

@@ -53,6 +53,14 @@ IMAGE_FORMAT = "image_format"
 SHA256 = "sha256"
 RUN_ID = "run_id"
 
+# Quality: what came out, for filtering. Never part of a request id (a score or a hash says
+# nothing about how an image was asked for); null where not computed.
+NSFW_DETECTED = "nsfw_detected"  # the model's safety checker flagged the image; null: no checker run
+CLIP_SCORE = "clip_score"  # 100 x cosine(CLIP image, CLIP prompt); null without a scoring section
+CLIP_PROMPT_TRUNCATED = "clip_prompt_truncated"  # the prompt was cut to the scorer's 77 tokens
+CLIP_SCORER = "clip_scorer"  # the scorer's fingerprint: scores of two scorers do not compare
+PHASH = "phash"  # 64-bit DCT perceptual hash (imagehash.phash), for near-duplicates
+
 # Where rows are rejected.
 STAGE_READ = "read"
 STAGE_VALIDATE = "validate"
@@ -120,11 +128,20 @@ ENCODE_FIELDS = [
     pa.field(SHA256, pa.string()),
 ]
 
+QUALITY_FIELDS = [
+    pa.field(NSFW_DETECTED, pa.bool_()),
+    pa.field(CLIP_SCORE, pa.float64()),
+    pa.field(CLIP_PROMPT_TRUNCATED, pa.bool_()),
+    pa.field(CLIP_SCORER, pa.string()),
+    pa.field(PHASH, pa.uint64()),
+]
+
 # What a reader finds in images/: the request, how it was made, and the image itself.
 IMAGES_FIELDS = [
     *REQUEST_FIELDS,
     *ENCODE_FIELDS,
     *GENERATION_FIELDS,
+    *QUALITY_FIELDS,
     pa.field(RUN_ID, pa.string()),
 ]
 
@@ -135,7 +152,7 @@ ERRORS_FIELDS = [
 ]
 
 RESERVED_NAMES = frozenset(
-    f.name for f in [*REQUEST_FIELDS, *ERROR_FIELDS, *GENERATION_FIELDS, *ENCODE_FIELDS, pa.field(RUN_ID, pa.string())]
+    f.name for f in [*REQUEST_FIELDS, *ERROR_FIELDS, *GENERATION_FIELDS, *ENCODE_FIELDS, *QUALITY_FIELDS, pa.field(RUN_ID, pa.string())]
 ) | {INPUT_SOURCE, INPUT_ROW}
 
 # Hugging Face `datasets` reads features from this schema metadata key; columns it does not

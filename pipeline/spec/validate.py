@@ -12,7 +12,8 @@ Contracts (see ARCHITECTURE.md):
   the identity, never from batch position. Image ``k`` of a row uses ``base + k``.
 - **Request id**: a digest of the identity, the image index and everything that decides
   the pixels (prompt, negative prompt, seed, size, steps, guidance, scheduler, model
-  fingerprint, and when set the T5 sequence length and the LoRA digest and scale).
+  fingerprint, and when set the T5 sequence length, the LoRA digest and scale, and
+  ``model.safety_checker: off``, which keeps pixels a checker would black out).
   Change any of them and the id changes; rerun the same spec and it does not.
 """
 
@@ -151,6 +152,8 @@ class Validator:
             extra[S.MAX_SEQUENCE_LENGTH] = params[S.MAX_SEQUENCE_LENGTH]
         if adapter is not None:
             extra.update({"lora": adapter.digest, S.LORA_SCALE: lora_scale})
+        if model.config.safety_checker == "off":
+            extra["safety_checker"] = "off"
         columns = {
             S.LORA: adapter.name if adapter else None,
             S.LORA_SCALE: lora_scale,
