@@ -31,3 +31,7 @@ class RunConflict(ImagegenError):
 
 class ClusterError(ImagegenError):
     """The Ray cluster cannot be reached, or lacks what the spec asks for (GPUs)."""
+
+
+class LeaseLost(RunConflict):
+    """This run's lease on its output ran out or was taken over: it must stop writing."""

@@ -109,3 +109,18 @@ def wait_for():
     from polling import wait_for
 
     return wait_for
+
+
+def pytest_collection_modifyitems(config, items):
+    """The `gpu` marker's promise: a test that needs a CUDA GPU is skipped, saying so, on a
+    machine without one (torch is imported only when such a test is collected)."""
+    needing = [item for item in items if item.get_closest_marker("gpu")]
+    if not needing:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marker gpu); this machine has none")
+    for item in needing:
+        item.add_marker(skip)

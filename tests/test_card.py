@@ -82,6 +82,48 @@ def test_card_of_an_output_without_errors_names_only_images():
     assert hf_features(pa.schema([pa.field("x", pa.month_day_nano_interval())])) is None
 
 
+def test_columns_that_differ_between_runs_read_everywhere(ray_cluster, make_spec, tmp_path):
+    """Run 1's table has `tag` and `score`; run 2's has `tag` all empty, no `score`, and a
+    new `extra`. Every reader the README shows gets every column of every part."""
+    import datasets
+    import duckdb
+    import pandas as pd
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from pipeline.job.run import run
+
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first.write_text("".join(json.dumps({"prompt": p, "tag": t, "score": s}) + "\n" for p, t, s in [("a kite", "sky", 1), ("a boat", "sea", 2)]))
+    second.write_text("".join(json.dumps({"prompt": p, "tag": None, "extra": e}) + "\n" for p, e in [("a fox", "x"), ("a hill", "y")]))
+    small = {"width": 16, "height": 16, "steps": 1}
+    run(make_spec({"url": str(first)}, defaults=small))
+    run(make_spec({"url": str(second)}, defaults=small))
+    out = Path(make_spec({"url": str(first)}).output.url)
+    wanted = {"tag", "score", "extra"}
+
+    manifest = json.loads(sorted((out / "_runs").iterdir())[-1].read_text())
+    recorded = {c["name"]: c["type"] for c in manifest["schemas"]["images"]["columns"]}
+    assert recorded["tag"] == "string" and recorded["score"] == "int64" and recorded["extra"] == "string"
+    header, _ = header_and_body(out / "README.md")
+    images_features = next(info["features"] for info in header["dataset_info"] if info["config_name"] == "images")
+    assert wanted <= {f["name"] for f in images_features}
+
+    loaded = datasets.load_dataset(str(out), "images", split="train")
+    assert len(loaded) == 4 and wanted <= set(loaded.column_names)
+    assert sorted(loaded["score"], key=lambda v: (v is None, v)) == [1, 2, None, None]
+
+    schema = pq.read_schema(out / "_schema" / "images.parquet")  # the README's snippets
+    frame = pd.read_parquet(out / "images", schema=schema)
+    assert len(frame) == 4 and wanted <= set(frame.columns) and sorted(frame["extra"].dropna()) == ["x", "y"]
+    table = pads.dataset(out / "images", schema=schema).to_table()
+    assert table.num_rows == 4 and wanted <= set(table.column_names)
+    through_ray = ray_cluster.data.read_parquet(str(out / "images"), schema=schema).to_pandas()
+    assert len(through_ray) == 4 and wanted <= set(through_ray.columns)
+    rows = duckdb.sql(f"select tag, score, extra from read_parquet('{out}/images/*.parquet', union_by_name=true) order by prompt").fetchall()
+    assert sorted(rows, key=str) == sorted([("sky", 1, None), ("sea", 2, None), (None, None, "x"), (None, None, "y")], key=str)
+
+
 def test_card_of_a_models_spec_shows_each_model_not_the_unused_model_section():
     manifest = {
         "run_id": "r1", "started_at": 0, "finished_at": 60, "wall_seconds": 60.0,

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from s3_proxy import S3Proxy
 
-from pipeline.errors import RunConflict
+from pipeline.errors import LeaseLost, RunConflict
 from pipeline.job.run import run
 from pipeline.output.verify import verify
 from pipeline.storage import filesystem
-from pipeline.storage.lock import LOCK_NAME, OutputLock
+from pipeline.storage.lock import LOCK_NAME, OutputLock, check_lease
 
 
 @pytest.mark.ray
@@ -26,13 +27,25 @@ from pipeline.storage.lock import LOCK_NAME, OutputLock
 def test_two_runs_at_once_on_one_output_the_second_is_refused(ray_cluster, make_spec, prompts, tmp_path, wait_for):
     lines = (prompts / "partiprompts" / "PartiPrompts.tsv").read_text().splitlines()[1:41]
     pd.DataFrame({"prompt": [line.split("\t")[0] for line in lines]}).to_csv(tmp_path / "p.csv", index=False)
-    spec = make_spec({"url": str(tmp_path / "p.csv")}, defaults={"width": 64, "height": 64, "steps": 4})
+    # A lease far shorter than the run: the run lives on its renewals.
+    spec = make_spec({"url": str(tmp_path / "p.csv")}, defaults={"width": 64, "height": 64, "steps": 4}, output={"lock_lease_s": 5})
     lock_file = Path(spec.output.url) / LOCK_NAME
     result: dict = {}
     first = threading.Thread(target=lambda: result.update(summary=run(spec)))
     first.start()
     wait_for(lock_file.exists, 60, "the first run's lock")
+    seen = set()
+
+    def renewed_twice():
+        try:
+            seen.add(json.loads(lock_file.read_text())["renewed_at"])
+        except (OSError, ValueError, KeyError):
+            pass
+        return len(seen) >= 3
+
+    wait_for(renewed_twice, 30, "two renewals of the first run's lease")
     holder = json.loads(lock_file.read_text())
+    assert holder["expires_at"] > time.time()  # renewed past the first lease's end
     with pytest.raises(RunConflict, match=f"another run \\({holder['run_id']}, pid {os.getpid()}"):
         run(spec)
     first.join(timeout=240)
@@ -103,3 +116,172 @@ def test_two_processes_fill_a_folder_once(tmp_path):
     assert one.exitcode == two.exitcode == 0
     assert len(Path(log).read_text().split()) == 1, "the folder must be filled by one process only"
     assert Path(target, "done").read_text() == "ok"
+
+
+# -- the lease on S3, against real faults: a proxy in front of moto fails the lock's PUTs --
+
+# One attempt per request: each injected failure reaches the lock itself, not botocore's retries.
+NO_CLIENT_RETRIES = {"config_kwargs": {"retries": {"max_attempts": 1}}}
+
+
+def lock_puts_fail(bucket: str, failures: int | None):
+    """A proxy rule: the lock's first PUT (its exclusive create) goes through, the next
+    ``failures`` PUTs of it (every one when None) fail with HTTP 500."""
+    puts = {"n": 0}
+
+    def rule(method: str, path: str):
+        if method != "PUT" or not path.endswith(f"/{LOCK_NAME}"):
+            return None
+        puts["n"] += 1
+        if puts["n"] == 1:
+            return None
+        return "500" if failures is None or puts["n"] <= 1 + failures else None
+
+    return rule
+
+
+def s3_lock_fs(options: dict, endpoint: str):
+    import s3fs
+
+    return s3fs.S3FileSystem(**{**options, **NO_CLIENT_RETRIES, "endpoint_url": endpoint}, skip_instance_cache=True)
+
+
+def test_a_failed_heartbeat_write_is_retried_and_the_lease_holds(s3, s3_server, wait_for):
+    direct, bucket, options = s3
+    with S3Proxy(s3_server, lock_puts_fail(bucket, failures=4)) as proxy:
+        fs = s3_lock_fs(options, proxy.url)
+        lock = OutputLock.acquire(fs, f"{bucket}/out", "run-a", f"s3://{bucket}/out", lease_s=12)
+        try:
+            first = json.loads(direct.cat_file(f"{bucket}/out/{LOCK_NAME}"))
+            # Renewals fail in a row (s3fs sends each twice); the heartbeat retries and one lands.
+            wait_for(lambda: proxy.injected["500"] == 4 and json.loads(direct.cat_file(f"{bucket}/out/{LOCK_NAME}"))["expires_at"] > first["expires_at"],
+                     20, "a renewal after failed ones", explain=lambda: f"injected {proxy.injected}, lost: {lock.lost()}")
+            assert lock.lost() is None
+            check_lease(fs, f"{bucket}/out", "run-a", "s3://x")  # a writer finds the lease live
+        finally:
+            lock.release()
+    assert not direct.exists(f"{bucket}/out/{LOCK_NAME}")
+
+
+def test_a_lease_that_cannot_be_renewed_is_lost_and_writers_stop(s3, s3_server, wait_for):
+    direct, bucket, options = s3
+    root, url = f"{bucket}/out", f"s3://{bucket}/out"
+    with S3Proxy(s3_server, lock_puts_fail(bucket, failures=None)) as proxy:
+        fs = s3_lock_fs(options, proxy.url)
+        lock = OutputLock.acquire(fs, root, "run-a", url, lease_s=1.5)
+        try:
+            wait_for(lock.lost, 20, "the lease to be lost", explain=lambda: f"injected {proxy.injected}")
+            assert "could not be renewed" in lock.lost()
+            with pytest.raises(LeaseLost, match="lease expired"):
+                check_lease(fs, root, "run-a", url)
+            # Another machine, with working storage, takes the expired lock over...
+            other = OutputLock.acquire(direct, root, "run-b", url)
+            with pytest.raises(LeaseLost, match="run run-a lost its lock on .* run run-b .* holds it now"):
+                check_lease(fs, root, "run-a", url)
+            with pytest.raises(LeaseLost, match="run-a lost its lock"):
+                lock.raise_if_lost()
+        finally:
+            lock.release()
+        # ...and the first run's release leaves the new holder's lock alone.
+        assert json.loads(direct.cat_file(f"{root}/{LOCK_NAME}"))["run_id"] == "run-b"
+        other.release()
+
+
+def _race(acquire_a, acquire_b) -> list:
+    """Both acquisitions at the same moment; each outcome is a lock or the RunConflict."""
+    barrier = threading.Barrier(2)
+    outcomes: list = [None, None]
+
+    def contender(i, acquire):
+        barrier.wait()
+        try:
+            outcomes[i] = acquire()
+        except RunConflict as exc:
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=contender, args=(i, a)) for i, a in enumerate((acquire_a, acquire_b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return outcomes
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["free", "stale"])
+def test_two_s3_runs_racing_for_the_lock_exactly_one_wins(s3, stale):
+    direct, bucket, options = s3
+    import s3fs
+
+    for attempt in range(8):  # the unguarded takeover let both win about one race in five
+        root = f"{bucket}/race-{attempt}"
+        if stale:  # a run on another machine died; its lease ran out
+            dead = {"run_id": "dead", "host": "gone-host", "pid": 1, "expires_at": time.time() - 5}
+            direct.pipe_file(f"{root}/{LOCK_NAME}", json.dumps(dead).encode())
+        # Two machines: two clients, neither sharing the other's connection pool.
+        fs_a, fs_b = (s3fs.S3FileSystem(**options, skip_instance_cache=True) for _ in range(2))
+        outcomes = _race(lambda: OutputLock.acquire(fs_a, root, "run-a", "s3://x"), lambda: OutputLock.acquire(fs_b, root, "run-b", "s3://x"))
+        winners = [o for o in outcomes if isinstance(o, OutputLock)]
+        assert len(winners) == 1, outcomes
+        assert json.loads(direct.cat_file(f"{root}/{LOCK_NAME}"))["run_id"] == winners[0].run_id
+        check_lease(direct, root, winners[0].run_id, "s3://x")
+        winners[0].release()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_run_that_loses_its_lease_stops_writing_and_says_so(ray_cluster, make_spec, s3, s3_server, tmp_path, wait_for):
+    direct, bucket, options = s3
+    root = f"{bucket}/out"
+    pd.DataFrame({"prompt": ["a kite", "a boat", "a fox"]}).to_parquet(tmp_path / "p.parquet")
+    direct.put(str(tmp_path / "p.parquet"), f"{bucket}/in/p.parquet")
+    lock_taken, taken_over = threading.Event(), threading.Event()
+    renewals_fail = lock_puts_fail(bucket, failures=None)
+
+    def rule(method: str, path: str):
+        if method == "PUT" and path.endswith(f"/{LOCK_NAME}"):
+            lock_taken.set()
+            return renewals_fail(method, path)
+        if method == "GET" and path.endswith("/in/p.parquet") and lock_taken.is_set():
+            # Once the run holds the lock, its reads wait until another run has taken the
+            # output over: every part it could write comes after it lost its lease.
+            taken_over.wait(60)
+        return None
+
+    with S3Proxy(s3_server, rule) as proxy:
+        flaky = {**options, **NO_CLIENT_RETRIES, "endpoint_url": proxy.url}
+        spec = make_spec(
+            {"url": f"s3://{bucket}/in/p.parquet", "storage_options": flaky},
+            output={"url": f"s3://{root}", "storage_options": flaky, "rows_per_part": 1, "lock_lease_s": 2},
+        )
+        outcome: dict = {}
+
+        def first_run():
+            try:
+                outcome["summary"] = run(spec)
+            except Exception as exc:  # noqa: BLE001 - the test inspects it
+                outcome["error"] = exc
+
+        job = threading.Thread(target=first_run)
+        job.start()
+
+        def expired():
+            try:
+                return json.loads(direct.cat_file(f"{root}/{LOCK_NAME}"))["expires_at"] < time.time()
+            except FileNotFoundError:
+                return False
+
+        wait_for(expired, 120, "the first run's lease to run out")
+        other = OutputLock.acquire(direct, root, "run-b", f"s3://{root}")
+        taken_over.set()
+        job.join(240)
+    assert not job.is_alive()
+    error = outcome.get("error")
+    assert isinstance(error, LeaseLost), outcome
+    assert f"lost its lock on s3://{root}" in str(error) and "rerun the same command" in str(error)
+    assert not direct.exists(f"{root}/images") and not direct.exists(f"{root}/errors"), "no part after the lease was lost"
+    # Only the manifest every run writes when it starts ("running"): it never completed.
+    statuses = [json.loads(direct.cat_file(path))["status"] for path in direct.find(f"{root}/_runs")]
+    assert statuses == ["running"], statuses
+    assert not direct.exists(f"{root}/_commits"), "nothing committed after the lease was lost"
+    assert json.loads(direct.cat_file(f"{root}/{LOCK_NAME}"))["run_id"] == "run-b"
+    other.release()

@@ -95,8 +95,9 @@ def test_local_fingerprint_follows_file_contents(tmp_path):
     assert first.startswith("local-") and fingerprint(config) == first
     weights.write_bytes(b"2")
     assert fingerprint(config) != first
-    hub = fingerprint(ModelConfig(ref="org/model"))
-    assert hub != fingerprint(ModelConfig(ref="org/model", revision="v2"))
+    # A hub model at a commit hash needs no lookup; another commit is other weights.
+    hub = fingerprint(ModelConfig(ref="org/model", revision="a" * 40))
+    assert hub != fingerprint(ModelConfig(ref="org/model", revision="b" * 40))
 
 
 def test_pickle_weights_need_an_explicit_opt_in(tmp_path):

@@ -5,10 +5,10 @@ import dataclasses
 import pyarrow as pa
 import pytest
 
-from pipeline.engine.resolve import build_catalog
+from pipeline.engine.resolve import build_catalog, place
 from pipeline.spec import schema as S
 from pipeline.spec.load import parse_spec
-from pipeline.spec.validate import Validator, derive_seed
+from pipeline.spec.validate import REQUEST_ID_SCHEME, Validator, derive_seed, scheme_warning
 
 
 def with_fingerprint(v, fingerprint):
@@ -23,7 +23,7 @@ def validator(**sections):
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}
     spec = parse_spec(data)
-    return with_fingerprint(Validator(spec, build_catalog(spec)), "fp-1")
+    return with_fingerprint(Validator(spec, place(build_catalog(spec), gpus=0)), "fp-1")
 
 
 def row(position=0, **cells):
@@ -75,11 +75,35 @@ def test_request_id_is_stable_and_covers_what_decides_pixels():
     assert one(scheduled, row(prompt="a cat", seed=1))["request_id"] != base
 
 
-def test_request_ids_of_one_model_rows_did_not_change_when_models_and_loras_came():
-    # Computed by the validator before several models, adapters and T5 lengths existed:
-    # an output made then must still be resumed, not regenerated.
+def test_request_ids_are_stable_within_a_scheme():
+    # Request-id scheme 2 (dtype and device class in the id). Scheme 1 gave this row
+    # 2f3f6029dcdab561a268445f24226078; a change here needs a new REQUEST_ID_SCHEME and an
+    # upgrade note, or outputs made before it are regenerated without a word.
+    assert REQUEST_ID_SCHEME == 2
     v = validator()
-    assert one(v, row(prompt="a cat", negative_prompt="blurry"))["request_id"] == "2f3f6029dcdab561a268445f24226078"
+    assert one(v, row(prompt="a cat", negative_prompt="blurry"))["request_id"] == "029555d7aaca58a8653e91d554be358b"
+
+
+def test_dtype_and_device_class_are_in_the_request_id_and_on_the_row():
+    cpu = one(validator(), row(prompt="a cat", seed=1))
+    assert (cpu["dtype"], cpu["device"]) == ("float32", "cpu")  # auto on CPU
+    data = {"input": {"url": "t.csv"}, "defaults": {"width": 64, "height": 64, "steps": 4, "seed": 11}}
+    spec = parse_spec(data)
+    on_gpu = with_fingerprint(Validator(spec, place(build_catalog(spec), gpus=1)), "fp-1")
+    gpu = one(on_gpu, row(prompt="a cat", seed=1))
+    assert (gpu["dtype"], gpu["device"]) == ("float16", "cuda")  # auto on a GPU actor
+    assert gpu["request_id"] != cpu["request_id"]  # resuming a CPU run on a GPU makes new images
+    bf16 = one(validator(model={"dtype": "bfloat16"}), row(prompt="a cat", seed=1))
+    assert bf16["dtype"] == "bfloat16" and bf16["request_id"] not in (cpu["request_id"], gpu["request_id"])
+    # verify and validate start no actors: auto follows what the output's last run recorded.
+    recorded = place(build_catalog(spec), None, {"tiny": {"device": "cuda"}})
+    assert recorded.models["tiny"].config.device == "cuda" and recorded.models["tiny"].config.dtype == "float16"
+
+
+def test_an_output_of_an_older_request_id_scheme_is_named():
+    assert scheme_warning([]) is None and scheme_warning([{"request_id_scheme": REQUEST_ID_SCHEME}]) is None
+    message = scheme_warning([{"run_id": "r1"}])  # written before schemes were recorded
+    assert "request-id scheme 1" in message and f"scheme {REQUEST_ID_SCHEME}" in message and "output.url" in message
 
 
 def test_id_column_is_the_identity():
@@ -141,13 +165,16 @@ def test_table_keeps_passthrough_columns_with_types_and_renames_collisions():
 def test_committed_requests_are_skipped():
     v = validator()
     done = one(v, row(0, prompt="a"))["request_id"]
-    skipping = dataclasses.replace(v, skip=frozenset({done}))
-    out = skipping.validate_table(pa.Table.from_pylist([row(0, prompt="a"), row(1, prompt="b")]))
+    from pipeline.storage.commits import CommittedIds
+
+    skipping = dataclasses.replace(v, skip=CommittedIds.from_ids([done]))
+    out, skipped = skipping.validate_table_skipping(pa.Table.from_pylist([row(0, prompt="a"), row(1, prompt="b")]))
     assert out.column("row_index").to_pylist() == [1]
+    assert skipped.to_pylist() == [done]
 
 
 def test_repeated_ids_are_rejected_after_their_first_row():
-    from pipeline.spec.validate import find_duplicate_ids
+    from pipeline.spec.seen_ids import find_duplicate_ids
 
     table = pa.table({
         "key": ["a", "b", "a", None, "a"],
@@ -248,7 +275,7 @@ def test_float_ids_read_as_csv_does_and_nan_ids_are_empty():
         S.INPUT_SOURCE: ["t.parquet"] * 4,
         S.INPUT_ROW: list(range(4)),
     })
-    from pipeline.spec.validate import find_duplicate_ids
+    from pipeline.spec.seen_ids import find_duplicate_ids
 
     duplicates = find_duplicate_ids([table], "key")
     assert duplicates == {"t.parquet#3": "t.parquet#0"}
@@ -260,7 +287,7 @@ def test_float_ids_read_as_csv_does_and_nan_ids_are_empty():
 
 
 def test_identical_repeated_rows_get_their_own_error_row_ids():
-    from pipeline.spec.validate import find_duplicate_ids
+    from pipeline.spec.seen_ids import find_duplicate_ids
 
     table = pa.table({"key": ["a"] * 3, "prompt": ["p"] * 3, S.INPUT_SOURCE: ["t.csv"] * 3, S.INPUT_ROW: [0, 1, 2]})
     v = validator(input={"id_column": "key"})

@@ -40,7 +40,7 @@ def test_a_copied_part_is_a_duplicate_and_uncommitted(finished):
     part = sorted((out / "images").iterdir())[0]
     shutil.copy(part, out / "images" / "part-copy.parquet")
     report = verify(str(out))
-    assert any(v.startswith("parts no manifest lists: images/part-copy.parquet") for v in report.violations)
+    assert any(v.startswith("parts without a commit record (left by an interrupted run; the next run into this output removes them): images/part-copy.parquet") for v in report.violations)
     assert any(v.startswith("request ids with more than one image") for v in report.violations)
 
 
@@ -88,6 +88,57 @@ def test_verify_command_exit_codes(finished, tmp_path):
     sorted((out / "images").iterdir())[0].unlink()
     bad = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "FAILED" in bad.stdout and "parts listed by a manifest but missing" in bad.stdout
+
+
+def test_a_row_fixed_later_leaves_the_errors(finished):
+    """A rejected row made valid by a later run is in images/ only: its old error row is
+    gone from the files every reader sees, and the card counts it once."""
+    spec, out = finished
+    table = Path(spec.input.url)
+    table.write_text(table.read_text().replace("a boat,x", "a boat,2"))
+    summary = run(spec)
+    assert (summary.images, summary.errors) == (1, 0)
+    errors = pd.read_parquet(out / "errors")
+    assert errors["error_message"].tolist() == ["prompt is empty"]
+    images = pd.read_parquet(out / "images")
+    assert len(images) == 4 and "a boat" in images["prompt"].tolist()
+    report = verify(str(out), spec=spec)
+    assert report.ok, report.format()
+    assert (report.images, report.errors) == (4, 1)
+    assert "| in the dataset now | 4 images, 1 error rows |" in (out / "README.md").read_text()
+    # The rewritten errors part is committed by its own record: the next run adopts the
+    # output as it is, drops no record and makes nothing again.
+    again = run(spec)
+    assert (again.images, again.errors) == (0, 0) and not again.recovery, again.recovery
+    assert verify(str(out), spec=spec).ok
+
+
+def test_an_error_row_left_beside_its_later_image_is_a_violation(finished):
+    spec, out = finished
+    stale = next((out / "errors").iterdir())
+    data = stale.read_bytes()
+    table = Path(spec.input.url)
+    table.write_text(table.read_text().replace("a boat,x", "a boat,2"))
+    run(spec)
+    assert not stale.exists()
+    stale.write_bytes(data)  # the superseded part, back as if never removed
+    report = verify(str(out))
+    assert any(v.startswith("input rows both in the images and in the errors") and "t.csv#1" in v for v in report.violations), report.format()
+
+
+def test_a_repeated_id_stays_an_error_when_its_first_row_is_fixed(ray_cluster, make_spec, tmp_path):
+    table = tmp_path / "t.csv"
+    pd.DataFrame({"id": ["a", "b", "a"], "prompt": ["", "a boat", "a kite"]}).to_csv(table, index=False)
+    spec = make_spec({"url": str(table), "id_column": "id"})
+    assert (run(spec).images, verify(spec.output.url, spec=spec).ok) == (1, True)
+    pd.DataFrame({"id": ["a", "b", "a"], "prompt": ["a fox", "a boat", "a kite"]}).to_csv(table, index=False)
+    summary = run(spec)
+    assert (summary.images, summary.errors) == (1, 0)
+    errors = pd.read_parquet(Path(spec.output.url) / "errors")
+    # The first row's rejection is superseded by its image; the repeat is still rejected.
+    assert errors[["id", "row_index", "error_type"]].values.tolist() == [["a", 2, "DuplicateId"]]
+    report = verify(spec.output.url, spec=spec)
+    assert report.ok, report.format()
 
 
 def test_a_renamed_input_without_ids_is_reported_before_it_doubles_the_output(finished):

@@ -169,7 +169,7 @@ def _load_engine(catalog: Catalog) -> Callable[[ModelEntry], object]:
     def load(entry: ModelEntry):
         from pipeline.engine.engine import Engine
 
-        return Engine(entry.config, adapters=catalog.by_digest())
+        return Engine(entry.loading_config(), adapters=catalog.by_digest())
 
     return load
 

@@ -10,7 +10,8 @@ Four kinds, all ending in the same ``from_pretrained`` call:
 
 The fingerprint goes into every request id, so it must change whenever the weights do:
 file digests for a local folder, the store's listing (names, sizes, ETags) for a remote
-prefix, id and revision for the hub, the builder version for ``tiny``. It is computed
+prefix, id and the commit hash ``model.revision`` resolves to for the hub (a branch such as
+``main`` moves; see :func:`hub_commit`), the builder version for ``tiny``. It is computed
 on the driver without torch.
 
 The same four kinds name the CLIP scorer (``scoring.ref``): every function takes the
@@ -98,14 +99,53 @@ def check_weights_format(config: WeightsConfig, kind: WeightsKind = PIPELINE) ->
         )
 
 
-def fingerprint(config: WeightsConfig, kind: WeightsKind = PIPELINE) -> str:
-    """A short digest that changes whenever the weights do (see module docstring)."""
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def hub_commit(repo: str, revision: str) -> str:
+    """The commit hash ``revision`` (a branch, tag or hash) of hub model ``repo`` names now.
+
+    Asked of the hub first (one request, 10 s at most; skipped under ``HF_HUB_OFFLINE``),
+    then read from the local hub cache (``refs/<revision>``, what huggingface_hub wrote
+    when it last downloaded that revision): a driver without network access resolves what
+    this machine would load. Raises :class:`ModelError` when neither knows it."""
+    if _COMMIT.match(revision):
+        return revision
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    asked = ""
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            sha = HfApi().model_info(repo, revision=revision, timeout=10).sha
+            if sha:
+                return sha
+        except Exception as exc:  # noqa: BLE001 - no network, no such repo...: try the cache
+            asked = f" (the hub: {type(exc).__name__})"
+    ref_file = os.path.join(constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo, repo_type="model"), "refs", revision)
+    try:
+        with open(ref_file) as f:
+            sha = f.read().strip()
+    except OSError:
+        sha = ""
+    if _COMMIT.match(sha):
+        return sha
+    raise ModelError(
+        f"cannot resolve revision {revision!r} of hub model {repo!r} to a commit{asked}, and the local hub cache "
+        f"({constants.HF_HUB_CACHE}) does not hold it; give the driver network access to the hub, download the model "
+        "into the cache first, or set model.revision to a 40-digit commit hash"
+    )
+
+
+def fingerprint(config: WeightsConfig, kind: WeightsKind = PIPELINE, commit: str | None = None) -> str:
+    """A short digest that changes whenever the weights do (see module docstring). For a
+    hub model, ``commit`` is its resolved revision (resolved here when not given)."""
     ref = parse_ref(config.ref, kind)
     h = hashlib.sha256()
     if ref.kind == "tiny":
         h.update(kind.tiny[ref.location].encode())
     elif ref.kind == "hub":
-        h.update(f"hub:{ref.location}@{config.revision}".encode())
+        h.update(f"hub:{ref.location}@{commit or hub_commit(ref.location, config.revision)}".encode())
     elif ref.kind == "local":
         for rel in _files_below(ref.location):
             h.update(rel.encode() + b"\0")

@@ -10,6 +10,7 @@ names), so nothing is looked up twice or differently in two places.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Optional
 
@@ -67,13 +68,16 @@ def _check_default_size(spec: JobSpec, models: dict[str, ModelEntry]) -> None:
 def _model_entry(name: str, config: ModelConfig, setting: str) -> ModelEntry:
     """``setting`` is where the spec sets this model (``model``, ``models.NAME``), for messages."""
     model_ref.check_weights_format(config)
-    fingerprint = model_ref.fingerprint(config)
+    ref = model_ref.parse_ref(config.ref)
+    commit = model_ref.hub_commit(ref.location, config.revision) if ref.kind == "hub" else None
+    fingerprint = model_ref.fingerprint(config, commit=commit)
+    pinned = config.model_copy(update={"revision": commit}) if commit else config  # what the engine loads
     declared = FAMILIES[config.family] if config.family else None
-    index = read_model_index(config, required=declared is None)
+    index = read_model_index(pinned, required=declared is None)
     class_name = _class_name(config, index) if index is not None else None
     family = declared if class_name is None else _family(name, config, class_name, declared)
     family.check_scheduler(config.scheduler, f"{setting}.scheduler", name)
-    multiple, rule = family.size_multiple(*_latent_geometry(config))
+    multiple, rule = family.size_multiple(*_latent_geometry(pinned))
     return ModelEntry(
         name,
         config,
@@ -84,6 +88,7 @@ def _model_entry(name: str, config: ModelConfig, setting: str) -> ModelEntry:
         size_rule=rule,
         scheduler_class=SCHEDULER_CLASSES[config.scheduler] if config.scheduler else _saved_scheduler(index),
         has_safety_checker=_has_safety_checker(index),
+        commit=commit,
     )
 
 
@@ -95,6 +100,40 @@ def _has_safety_checker(index: Optional[dict]) -> Optional[bool]:
         return None
     checker = index.get("safety_checker")
     return isinstance(checker, list) and any(part is not None for part in checker)
+
+
+
+
+def recorded_models(manifests: list[dict]) -> Optional[dict[str, dict]]:
+    """The models of the output's latest run that recorded them (its manifest's ``models``):
+    how ``device: auto`` ran there, for :func:`place` where no actors decide it (``verify``,
+    ``inspect``, ``validate``)."""
+    return next((m.get("models") for m in reversed(manifests) if m.get("models")), None)
+
+
+def place(catalog: Catalog, gpus: float, recorded: Optional[dict[str, dict]] = None) -> Catalog:
+    """The catalog with each model's ``device`` and ``dtype`` made concrete, as the engine
+    will run it; both decide pixels, so they enter every request id (and every image row).
+
+    ``device: auto`` follows the engine actors' GPU reservation (``gpus`` > 0: cuda), or,
+    when ``gpus`` is None (``imagegen verify`` and ``validate``, which start no actors),
+    the device the output's latest run recorded for that model (``recorded``: the
+    manifest's ``models``), else cpu. ``dtype: auto`` is float16 on cuda and float32 on
+    cpu, the engine's rule. An explicit device is kept (a CPU engine on logical GPUs is how
+    several-GPU layouts are tested on machines without one)."""
+
+    def placed(entry: ModelEntry) -> ModelEntry:
+        config = entry.config
+        device = config.device
+        if device == "auto":
+            if gpus is not None:
+                device = "cuda" if gpus > 0 else "cpu"
+            else:
+                device = (recorded or {}).get(entry.name, {}).get("device") or "cpu"
+        dtype = config.dtype if config.dtype != "auto" else ("float16" if device == "cuda" else "float32")
+        return dataclasses.replace(entry, config=config.model_copy(update={"device": device, "dtype": dtype}))
+
+    return dataclasses.replace(catalog, models={name: placed(entry) for name, entry in catalog.models.items()})
 
 
 def _family(name: str, config: ModelConfig, class_name: str, declared: Optional[Family]) -> Family:

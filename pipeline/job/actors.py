@@ -10,7 +10,6 @@ image's pixels).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from typing import Any, Optional
@@ -18,9 +17,11 @@ from typing import Any, Optional
 import pyarrow as pa
 import ray
 
+from pipeline.engine.resolve import place
 from pipeline.engine.stages import BlockTimes, ImageEncoder, generate_table
+from pipeline.errors import ModelError
 from pipeline.job import progress
-from pipeline.spec.catalog import Catalog, ModelEntry
+from pipeline.spec.catalog import Catalog
 from pipeline.spec.config import JobSpec
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,16 @@ class GenerateStage:
         self.encoder = ImageEncoder(spec.output.format, spec.output.quality, threads, scorer=_load_scorer(catalog))
         self._counter = counter
         self._reported = self.models.stats
-        self.models.get(catalog.default_model)
+        try:
+            self.models.get(catalog.default_model)
+        except Exception as exc:  # noqa: BLE001 - one message for the whole job (see startup_failure)
+            entry = catalog.models[catalog.default_model]
+            raise ModelError(
+                f"{_DEFAULT_MODEL_FAILED} {entry.name!r}{'' if entry.name == entry.config.ref else f' ({entry.config.ref})'} "
+                "cannot be loaded on the engine actors: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} -- check model.ref and that the "
+                "weights are complete (a partial download or copy fails like this), then rerun"
+            ) from None
         self._ready()
 
     def _ready(self) -> None:
@@ -80,6 +90,37 @@ class GenerateStage:
             self._counter.add.remote(model_loads=stats.loads - before.loads, model_swaps=stats.swaps - before.swaps, **finished)
 
 
+class EngineActor:
+    """The job's engine actor process: one :class:`GenerateStage` (or a subclass, as the
+    benchmarks' sleeping stage) kept for the whole job, fed block after block by the driver
+    (:mod:`pipeline.job.feed`)."""
+
+    def __init__(self, stage: type, spec: JobSpec, catalog: Catalog, counter: Any = None):
+        self.stage = stage(spec, catalog, counter)
+
+    def generate(self, block: pa.Table) -> tuple[pa.Table, int]:
+        """A generated block and its row count (a second, tiny return: the driver reads
+        counts without fetching images)."""
+        table = self.stage(block)
+        return table, table.num_rows
+
+    def ready(self) -> bool:
+        """Answers once the actor has (re)started: its constructor ran."""
+        return True
+
+
+def start_engines(spec: JobSpec, catalog: Catalog, counter: Any, stage: type = GenerateStage) -> list[Any]:
+    """Create the job's ``runtime.num_actors`` engine actors, each reserving its CPUs and
+    GPUs. A lost actor is restarted by Ray (``max_restarts``) but its calls are not retried
+    (``max_task_retries=0``): the driver gives an interrupted block to another actor at
+    once rather than wait for a restart that may never come (no GPU left for it)."""
+    rt = spec.runtime
+    gpus = actor_gpus(spec)
+    remote = ray.remote(EngineActor).options(num_cpus=rt.cpus_per_actor, num_gpus=gpus, max_restarts=-1, max_task_retries=0)
+    placed = engine_catalog(catalog, gpus)
+    return [remote.remote(stage, spec, placed, counter) for _ in range(rt.num_actors)]
+
+
 def _load_scorer(catalog: Catalog):
     """The catalog's CLIP scorer, loaded on the default model's device; None without one."""
     if catalog.scorer is None:
@@ -89,6 +130,24 @@ def _load_scorer(catalog: Catalog):
 
     device = resolve_device(catalog.models[catalog.default_model].config)
     return ClipScorer(catalog.scorer.config, device, catalog.scorer.fingerprint)
+
+
+_DEFAULT_MODEL_FAILED = "the default model"
+
+
+def startup_failure(exc: BaseException) -> Optional[ModelError]:
+    """The :class:`ModelError` an engine actor raised because the default model cannot be
+    loaded, recovered from the error Ray raised on the driver (an actor's creation-task
+    exception reaches the driver only as text inside ``ActorDiedError``); None otherwise."""
+    marker = f"ModelError: {_DEFAULT_MODEL_FAILED} "
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc)
+        if marker in text:
+            return ModelError(text[text.rindex(marker) + len("ModelError: ") :].split("\n", 1)[0].strip())
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def actor_gpus(spec: JobSpec) -> float:
@@ -104,15 +163,10 @@ def actor_gpus(spec: JobSpec) -> float:
 
 
 def engine_catalog(catalog: Catalog, gpus: float) -> Catalog:
-    """The catalog an engine actor gets: ``device: auto`` follows its GPU reservation; an
-    explicit device is kept (a CPU engine on logical GPUs is how several-GPU layouts are
-    tested on machines without one)."""
+    """The catalog an engine actor gets: devices and dtypes made concrete for its GPU
+    reservation (:func:`pipeline.engine.resolve.place`)."""
 
-    def placed(entry: ModelEntry) -> ModelEntry:
-        device = entry.config.device if entry.config.device != "auto" else ("cuda" if gpus > 0 else "cpu")
-        return dataclasses.replace(entry, config=entry.config.model_copy(update={"device": device}))
-
-    return dataclasses.replace(catalog, models={name: placed(entry) for name, entry in catalog.models.items()})
+    return place(catalog, gpus)
 
 
 def rows_per_call(spec: JobSpec, catalog: Catalog) -> Optional[int]:

@@ -6,7 +6,10 @@ the Hub's viewer) reads the right files with the image column as PIL images. The
 says how the data was made: model, parameters, counts over all runs, dates, and the
 quality columns (safety checker setting per model, CLIP scorer, perceptual hash).
 
-Pure: reads the manifests and one part's schema through :mod:`pipeline.storage.filesystem`.
+The features are those of the output's unified schema
+(:mod:`pipeline.storage.dataset_schema`), so every part loads whatever columns it lacks.
+
+Pure: reads the manifests through :mod:`pipeline.storage.filesystem`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import yaml
 
 from pipeline.output.duplicates import DEFAULT_DISTANCE
 from pipeline.spec import schema as S
-from pipeline.storage import filesystem, sink
+from pipeline.storage import dataset_schema, filesystem, sink
 
 CARD_NAME = "README.md"
 
@@ -31,7 +34,10 @@ def write_card(fs: fsspec.AbstractFileSystem, root: str) -> str:
     """Regenerate ``root/README.md`` from every committed run; return its path. Called
     after each run's manifest, so the card always describes what is committed."""
     manifests = sink.read_manifests(fs, root)
-    images_schema = sink.newest_part_schema(fs, root, manifests, sink.IMAGES_DIR)
+    schemas = dataset_schema.latest(manifests)
+    dataset_schema.publish(fs, root, schemas)
+    # The unified schema of every part (outputs from before it was recorded: the newest part's).
+    images_schema = schemas.get(sink.IMAGES_DIR) or sink.newest_part_schema(fs, root, manifests, sink.IMAGES_DIR)
     path = filesystem.join(root, CARD_NAME)
     filesystem.atomic_write(fs, path, card_text(manifests, images_schema, name=posixpath.basename(root.rstrip("/"))).encode())
     return path
@@ -87,6 +93,7 @@ def _body(manifests: list[dict[str, Any]], spec: dict[str, Any], in_parts: dict[
             (ref, fp, info.get("family") or "?")
             for m in manifests
             for ref, fp, info in _run_models(m)
+            if fp is not None  # a run interrupted before it recorded its models
         }
     )
     loras = sorted({(name, info.get("digest")) for m in manifests for name, info in m.get("loras", {}).items()})

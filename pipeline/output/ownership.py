@@ -21,6 +21,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import StorageError
 from pipeline.spec import schema as S
 from pipeline.spec.config import JobSpec
 from pipeline.spec.validate import RowError, id_text
@@ -61,10 +62,10 @@ def unowned_images(spec: JobSpec, fs: fsspec.AbstractFileSystem, root: str) -> U
     owns = _owner(spec)
     for relative in parts:
         try:
-            with fs.open(filesystem.join(root, relative), "rb") as f:
+            with filesystem.storage_errors(relative, "read"), fs.open(filesystem.join(root, relative), "rb") as f:
                 table = pq.read_table(f, columns=[S.ID, S.SOURCE, S.ROW_INDEX])
-        except (OSError, pa.ArrowException):
-            continue  # a missing or broken part is verify's finding of its own, not this one
+        except (StorageError, OSError, pa.ArrowException):
+            continue  # a missing or unreadable part is verify's own finding, not an ownership one
         for image_id, source, row in zip(*(table.column(c).to_pylist() for c in (S.ID, S.SOURCE, S.ROW_INDEX))):
             if not owns(image_id, source, row):
                 found.images += 1

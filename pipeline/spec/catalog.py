@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from pipeline.spec.config import LoraConfig, ModelConfig
-from pipeline.spec.model_config import ScoringConfig
 from pipeline.spec.families import Family
+from pipeline.spec.model_config import ScoringConfig
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,13 @@ class ModelEntry:
     size_rule: str = ""
     scheduler_class: Optional[str] = None
     has_safety_checker: Optional[bool] = False
+    # A hub model's revision resolved to its commit hash (None for other kinds): what the
+    # fingerprint names and what the engine loads, so a moving branch cannot mix weights.
+    commit: Optional[str] = None
+
+    def loading_config(self) -> ModelConfig:
+        """The config the engine loads: a hub model pinned to its resolved commit."""
+        return self.config.model_copy(update={"revision": self.commit}) if self.commit else self.config
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,12 @@ class OutputConfig(Section):
     ``license`` goes into the dataset card (``README.md``) as a Hugging Face license id
     (``cc-by-4.0``, ``openrail``...); ``other`` until you decide, as the images' terms
     follow the model's license.
+
+    ``lock_lease_s`` is the lease of the output's lock (``_lock.json``): the run renews it
+    every third of this, retrying failed writes, and a run from another machine may take
+    the output over once it has run out (a run killed on this machine is taken over at
+    once). Longer survives longer storage outages; shorter frees the output of a lost
+    machine sooner.
     """
 
     url: StorageURL = Field("./output", validate_default=True)
@@ -158,6 +164,7 @@ class OutputConfig(Section):
     rows_per_part: int = Field(256, ge=1)
     storage_options: dict[str, Any] = Field(default_factory=dict)
     license: str = "other"
+    lock_lease_s: float = Field(120.0, ge=1)
 
 
 class RuntimeConfig(Section):

@@ -30,6 +30,8 @@ MODEL = "model"  # the model's name in the spec (its ref when the spec has one m
 MODEL_FINGERPRINT = "model_fingerprint"
 MODEL_FAMILY = "model_family"
 PIPELINE_CLASS = "pipeline_class"
+DTYPE = "dtype"  # the precision the model ran in (model.dtype resolved: float32, float16, bfloat16)
+DEVICE = "device"  # the device class it ran on (cpu, cuda)
 LORA = "lora"  # the adapter's name in the spec's loras; null without one
 LORA_SCALE = "lora_scale"
 LORA_DIGEST = "lora_digest"
@@ -60,6 +62,9 @@ CLIP_SCORE = "clip_score"  # 100 x cosine(CLIP image, CLIP prompt); null without
 CLIP_PROMPT_TRUNCATED = "clip_prompt_truncated"  # the prompt was cut to the scorer's 77 tokens
 CLIP_SCORER = "clip_scorer"  # the scorer's fingerprint: scores of two scorers do not compare
 PHASH = "phash"  # 64-bit DCT perceptual hash (imagehash.phash), for near-duplicates
+# The error type of a row rejected because its id repeats an earlier row's: its identity
+# is that other row's, so it is told apart by its position (see pipeline.storage.supersede).
+ERROR_TYPE_DUPLICATE_ID = "DuplicateId"
 
 # Where rows are rejected.
 STAGE_READ = "read"
@@ -102,6 +107,8 @@ REQUEST_FIELDS = [
     pa.field(MODEL_FINGERPRINT, pa.string()),
     pa.field(MODEL_FAMILY, pa.string()),
     pa.field(PIPELINE_CLASS, pa.string()),
+    pa.field(DTYPE, pa.string()),
+    pa.field(DEVICE, pa.string()),
     pa.field(LORA, pa.string()),
     pa.field(LORA_SCALE, pa.float64()),
     pa.field(LORA_DIGEST, pa.string()),

@@ -12,9 +12,12 @@ Contracts (see ARCHITECTURE.md):
   the identity, never from batch position. Image ``k`` of a row uses ``base + k``.
 - **Request id**: a digest of the identity, the image index and everything that decides
   the pixels (prompt, negative prompt, seed, size, steps, guidance, scheduler, model
-  fingerprint, and when set the T5 sequence length, the LoRA digest and scale, and
+  fingerprint (a hub model's at its resolved commit), the model's resolved dtype and
+  device class, and when set the T5 sequence length, the LoRA digest and scale, and
   ``model.safety_checker: off``, which keeps pixels a checker would black out).
-  Change any of them and the id changes; rerun the same spec and it does not.
+  Change any of them and the id changes; rerun the same spec and it does not. How ids
+  are made is versioned (:data:`REQUEST_ID_SCHEME`, in every manifest): an output made
+  under an older scheme gets new ids, and a run into it says so (:func:`scheme_warning`).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline.spec import schema as S
@@ -34,6 +38,9 @@ from pipeline.spec.config import ROW_PARAMETERS, JobSpec
 from pipeline.spec.schema import READ_ERROR, READ_TEXT
 
 SEED_SPACE = 2**63
+# How request ids are made. 1: until dtype, device class and the hub commit entered them;
+# 2: with them. Recorded in every run manifest as ``request_id_scheme``.
+REQUEST_ID_SCHEME = 2
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 REQUEST_SCHEMA = pa.schema([*S.REQUEST_FIELDS, *S.ERROR_FIELDS])
 # Key of a rejected row's (parameter, message) pairs; parameter is None for a read error.
@@ -57,28 +64,21 @@ def request_id(identity: str, image_index: int, params: dict[str, Any], model_fi
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
-def find_duplicate_ids(chunks: Iterable[pa.Table], id_column: str) -> dict[str, str]:
-    """Positions (``source#row``) of rows whose id an earlier row already has -> that
-    earlier row's position. Needs the whole table, so it runs before the job starts; it
-    keeps one entry per distinct id in memory (about 100 bytes each)."""
-    first: dict[str, str] = {}
-    repeats: dict[str, str] = {}
-    for chunk in chunks:
-        if id_column not in chunk.column_names:
-            continue
-        columns = (chunk.column(c).to_pylist() for c in (id_column, S.INPUT_SOURCE, S.INPUT_ROW))
-        for value, source, row in zip(*columns):
-            try:
-                key = id_text(value)
-            except RowError:
-                continue  # rejected as a bad id on its own
-            if key is None:
-                continue
-            here = f"{source}#{row}"
-            earlier = first.setdefault(key, here)
-            if earlier != here:
-                repeats[here] = earlier
-    return repeats
+def scheme_warning(manifests: list[dict[str, Any]]) -> Optional[str]:
+    """What to tell a run into an output whose latest run made its ids under an older
+    :data:`REQUEST_ID_SCHEME` (None when they agree or the output is new): its images
+    will not be recognised, so every row is made again beside them."""
+    if not manifests:
+        return None
+    old = manifests[-1].get("request_id_scheme", 1)
+    if old == REQUEST_ID_SCHEME:
+        return None
+    return (
+        f"this output's images were made under request-id scheme {old}, this version makes scheme {REQUEST_ID_SCHEME} "
+        "ids (the model's dtype, device class and a hub model's commit now enter them): its rows are not recognised "
+        "as made and will be generated again beside the old images. To keep the datasets apart, set output.url to a "
+        "new output (or output.mode: overwrite); see the README's upgrade notes"
+    )
 
 
 @dataclass(frozen=True)
@@ -88,15 +88,16 @@ class Validator:
     ``catalog`` holds the spec's models and adapters as resolved on the driver (see
     :mod:`pipeline.engine.resolve`): a row's model decides which parameters it may set (its
     family), and the model's fingerprint and the adapter's digest go into every request
-    id, so a different model or adapter never reuses an image. Requests whose id is in
-    ``skip`` (committed by an earlier run) are dropped from the stream. ``duplicates``
+    id, so a different model or adapter never reuses an image. Requests whose id ``skip``
+    holds (committed by an earlier run: anything with ``contains(ids) -> bool array``, such
+    as :class:`~pipeline.storage.commits.SkipFilter`) are dropped from the stream. ``duplicates``
     maps the position (``source#row``) of each repeat of an id to the id's first position
-    (see :func:`find_duplicate_ids`); a repeat is rejected, the first occurrence is not.
+    (see :mod:`pipeline.spec.seen_ids`); a repeat is rejected, the first occurrence is not.
     """
 
     spec: JobSpec
     catalog: Catalog
-    skip: frozenset[str] = frozenset()
+    skip: Any = None
     duplicates: Mapping[str, str] = field(default_factory=dict)
 
     # -- one row -----------------------------------------------------------------------
@@ -114,6 +115,7 @@ class Validator:
         if raw.get(READ_ERROR):
             return [self._reject(base, raw, f"{source}#{row}", S.STAGE_READ, "ReadError", [(None, raw[READ_ERROR])])]
 
+        repeated = False
         reject_identity = None
         if inp.id_column:
             try:
@@ -128,6 +130,7 @@ class Validator:
             else:
                 first = self.duplicates.get(f"{source}#{row}")
                 if first is not None:
+                    repeated = True
                     problems.append(("id", f"id {display_id!r} repeats the id of row {first}; ids must be unique"))
                     # Repeats of one id share its identity: their error rows need their own ids.
                     reject_identity = f"id:{display_id}@{source}#{row}"
@@ -140,7 +143,10 @@ class Validator:
         params = self._params(raw, model, problems)
         adapter, lora_scale = self._adapter(raw, problems)
         if problems:
-            return [self._reject(base, raw, reject_identity or identity, S.STAGE_VALIDATE, "InvalidRow", problems)]
+            # A repeated id names another row's identity, not this row's: superseding
+            # (pipeline.storage.supersede) keys such rejections on their position instead.
+            error_type = S.ERROR_TYPE_DUPLICATE_ID if repeated else "InvalidRow"
+            return [self._reject(base, raw, reject_identity or identity, S.STAGE_VALIDATE, error_type, problems)]
 
         num_images = params.pop("num_images")
         seed = params.pop("seed")
@@ -154,6 +160,7 @@ class Validator:
             extra.update({"lora": adapter.digest, S.LORA_SCALE: lora_scale})
         if model.config.safety_checker == "off":
             extra["safety_checker"] = "off"
+        extra.update({S.DTYPE: base[S.DTYPE], S.DEVICE: base[S.DEVICE]})  # resolved: see resolve.place
         columns = {
             S.LORA: adapter.name if adapter else None,
             S.LORA_SCALE: lora_scale,
@@ -279,19 +286,29 @@ class Validator:
     def validate_table(self, table: pa.Table) -> pa.Table:
         """A table of raw rows -> one row per image request (or per rejected row), with
         the request columns first and the pass-through columns after, types kept."""
+        return self.validate_table_skipping(table)[0]
+
+    def validate_table_skipping(self, table: pa.Table) -> tuple[pa.Table, pa.Array]:
+        """:meth:`validate_table`, and the request ids it dropped because ``skip`` holds them."""
         origin: list[int] = []
         requests: list[dict[str, Any]] = []
         for i, raw in enumerate(table.to_pylist()):
             for request in self.validate_row(raw):
-                if request[S.REQUEST_ID] in self.skip:
-                    continue
                 requests.append(request)
                 origin.append(i)
+        skipped = pa.array([], pa.string())
+        if self.skip is not None and requests:
+            ids = pa.array([r[S.REQUEST_ID] for r in requests], pa.string())
+            held = np.asarray(self.skip.contains(ids), dtype=bool)
+            if held.any():
+                skipped = ids.filter(pa.array(held))
+                keep = np.flatnonzero(~held).tolist()
+                requests, origin = [requests[k] for k in keep], [origin[k] for k in keep]
         result = pa.Table.from_pylist(requests, schema=REQUEST_SCHEMA)
         carried = table.select(self.passthrough_columns(table.column_names)).take(pa.array(origin, pa.int64()))
         for name, column in zip(carried.column_names, carried.columns):
             result = result.append_column(S.passthrough_name(name), column)
-        return result
+        return result, skipped
 
 
 # -- cell parsers: value -> clean value, or RowError with a reason a user understands ---------
@@ -433,6 +450,8 @@ def _model_columns(model: ModelEntry) -> dict[str, Any]:
         S.MODEL_FINGERPRINT: model.fingerprint,
         S.MODEL_FAMILY: model.family.name,
         S.PIPELINE_CLASS: model.pipeline_class,
+        S.DTYPE: model.config.dtype,
+        S.DEVICE: model.config.device,
         # The class the engine runs: a saved model's own when the spec names none.
         S.SCHEDULER: model.scheduler_class or model.config.scheduler or "default",
     }

@@ -1,0 +1,187 @@
+"""Error rows superseded by a later verdict on the same request or input row.
+
+A row that failed in generation is tried again by the next run, and a changed spec (or a
+fixed input row) can make a rejected row valid. The new verdict lands in ``images/`` (or
+again in ``errors/``); the old error row must then leave ``errors/``, or the row is in
+two places: the card counts it twice, and every reader of ``errors/`` (pandas, DuckDB,
+``datasets``) sees a failure that is no longer true. Readers get this right with no code
+of their own only if the superseded rows are gone from the files, so they are removed:
+each error part holding one is rewritten without it.
+
+**Superseded.** An error row of run *k* is superseded when a later run committed:
+
+- an image or an error row with the same ``request_id`` (the request was tried again), or
+- an image or an error row of the same input row: the same ``id`` (the row's identity:
+  its id column value, else ``source#row``). A row rejected because its id repeats an
+  earlier row's (``error_type`` ``DuplicateId``) has that other row's id, so it is
+  matched by its position (``source``, ``row_index``) instead, and it offers nothing by id.
+
+Rows rejected at read or validation are not made again while the input is unchanged, so
+they stay live until the input row or the spec changes; rows failed in generation get a
+fresh verdict from every run.
+
+**When.** After a run has committed (its manifest written), :func:`supersede_errors`
+checks the error rows of every committed run against the rows of the runs not yet
+checked (this one, and any whose check a crash interrupted: their manifests lack
+:data:`CHECKED`), so each run's parts are read once for this, by the run that made them.
+
+**Crash safety.** A rewritten part is a new file (its name holds the digests of the
+request ids it keeps and of its bytes, under the run that made the rows), committed by a
+new commit record that lists it in place of the old part (:mod:`.commits`); then the old
+record and the old part are removed, and the manifests that listed the old part are
+rewritten to list the new one. A crash between two steps leaves either two records of
+which :func:`~pipeline.storage.commits.read_commits` keeps exactly one, or a part no
+record lists, which the next run removes; the check is then made again, since the flag is
+set last.
+
+Pure: no Ray. Reads a few small columns of the parts it checks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.spec import schema as S
+from pipeline.storage import commits, filesystem, sink
+
+log = logging.getLogger(__name__)
+
+# Set in a run's manifest once its rows have been checked against every earlier error row.
+CHECKED = "errors_superseded"
+KEY_COLUMNS = [S.REQUEST_ID, S.ID, S.SOURCE, S.ROW_INDEX, S.RUN_ID]
+
+
+@dataclass
+class Superseded:
+    """What :func:`supersede_errors` removed: error rows, and the parts rewritten for it."""
+
+    rows: int = 0
+    parts: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # old part -> its rewrite's manifest entry (None: removed)
+
+
+def offers(table: pa.Table) -> Iterable[tuple[tuple, str]]:
+    """(key, run id) for each key a row of ``table`` (images or errors) settles."""
+    types = table.column(S.ERROR_TYPE).to_pylist() if S.ERROR_TYPE in table.column_names else [None] * table.num_rows
+    columns = [table.column(c).to_pylist() for c in KEY_COLUMNS]
+    for (rid, row_id, source, row_index, run_id), error_type in zip(zip(*columns), types):
+        yield ("request", rid), run_id
+        yield ("position", source, row_index), run_id
+        if error_type != S.ERROR_TYPE_DUPLICATE_ID:
+            yield ("row", row_id), run_id
+
+
+def _needs(rid: str, row_id: str, source: str, row_index: int, error_type: str) -> list[tuple]:
+    """The keys whose later verdict supersedes an error row."""
+    row = ("position", source, row_index) if error_type == S.ERROR_TYPE_DUPLICATE_ID else ("row", row_id)
+    return [("request", rid), row]
+
+
+def superseded_mask(errors: pa.Table, later: dict[tuple, str]) -> list[bool]:
+    """For each row of ``errors`` (with the key columns and ``error_type``): whether a run
+    later than its own settled one of its keys. ``later`` maps key -> the latest run id
+    that settled it."""
+    columns = [errors.column(c).to_pylist() for c in (*KEY_COLUMNS, S.ERROR_TYPE)]
+    mask = []
+    for rid, row_id, source, row_index, run_id, error_type in zip(*columns):
+        mask.append(any(later.get(key, "") > run_id for key in _needs(rid, row_id, source, row_index, error_type)))
+    return mask
+
+
+def _read(fs: fsspec.AbstractFileSystem, root: str, relative: str, columns: list[str] | None = None) -> pa.Table:
+    with filesystem.storage_errors(relative, "read"), fs.open(filesystem.join(root, relative), "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def supersede_errors(fs: fsspec.AbstractFileSystem, root: str) -> Superseded:
+    """Remove the error rows that later runs superseded (see the module docstring) from the
+    committed output at ``root``; mark every run checked. Call it after a run's manifest is
+    written, holding the output's lock."""
+    manifests = sink.read_manifests(fs, root)
+    unchecked = {m["run_id"] for m in manifests if not m.get(CHECKED)}
+    done = Superseded()
+    if not unchecked:
+        return done
+    found = commits.read_commits(fs, root)
+    # The latest run that settled each key, from the committed rows of the runs not checked yet.
+    later: dict[tuple, str] = {}
+    for record in found.records:
+        if record.run_id not in unchecked:
+            continue
+        for part in record.parts:
+            columns = KEY_COLUMNS + ([S.ERROR_TYPE] if part.kind == sink.ERRORS_DIR else [])
+            for key, run_id in offers(_read(fs, root, part.path, columns)):
+                if later.get(key, "") < run_id:
+                    later[key] = run_id
+    for record in found.records:
+        _rewrite_record(fs, root, record, later, done)
+    if done.parts:
+        for manifest in sink.read_manifests(fs, root):
+            parts = manifest.get("parts", [])
+            kept = [done.parts.get(part["path"], part) for part in parts if done.parts.get(part["path"], part) is not None]
+            if kept != parts:
+                _rewrite_manifest(fs, root, {**manifest, "parts": sorted(kept, key=lambda part: part["path"])})
+    # Last: a crash before this leaves the runs unchecked, and the next run checks again.
+    for manifest in sink.read_manifests(fs, root):
+        if not manifest.get(CHECKED):
+            _rewrite_manifest(fs, root, {**manifest, CHECKED: True})
+    if done.rows:
+        log.info("removed %d error row(s) that later runs superseded (%d part(s) rewritten)", done.rows, len(done.parts))
+    return done
+
+
+def _rewrite_record(fs: fsspec.AbstractFileSystem, root: str, record: commits.Record, later: dict[tuple, str], done: Superseded) -> None:
+    """Rewrite ``record``'s error parts without their superseded rows, under a new commit
+    record. Crash-safe at every step: the new parts and record are written before the old
+    record and parts are removed; until then both records hold the same image ids, and
+    :func:`~pipeline.storage.commits.read_commits` keeps exactly one of them."""
+    parts, removed_by_stage, changed = [], {}, False
+    for part in record.parts:
+        if part.kind != sink.ERRORS_DIR:
+            parts.append(part)
+            continue
+        keys = _read(fs, root, part.path, [*KEY_COLUMNS, S.ERROR_TYPE])
+        mask = superseded_mask(keys, later)
+        if not any(mask):
+            parts.append(part)
+            continue
+        changed = True
+        table = _read(fs, root, part.path)
+        gone = table.filter(pa.array(mask))
+        for stage in gone.column(S.ERROR_STAGE).to_pylist():
+            removed_by_stage[stage] = removed_by_stage.get(stage, 0) + 1
+        kept = table.filter(pc.invert(pa.array(mask)))
+        done.rows += gone.num_rows
+        if kept.num_rows:
+            entry = sink.write_part(fs, root, sink.ERRORS_DIR, record.run_id, kept)
+            parts.append(entry)
+            done.parts[part.path] = {"path": entry.path, "rows": entry.rows, "bytes": entry.bytes, "sha256": entry.sha256}
+        else:
+            done.parts[part.path] = None
+    if not changed:
+        return
+    if parts:
+        counts = dict(record.counts)
+        if counts:
+            counts["errors"] = int(counts.get("errors", 0)) - sum(removed_by_stage.values())
+            by_stage = dict(counts.get("errors_by_stage", {}))
+            for stage, n in removed_by_stage.items():
+                by_stage[stage] = by_stage.get(stage, 0) - n
+            counts["errors_by_stage"] = {s: n for s, n in by_stage.items() if n > 0}
+        new = commits.Record(commits.record_name(record.run_id, parts, compacted=record.compacted), record.run_id, record.written_at, parts, counts)
+        filesystem.atomic_write(fs, filesystem.join(root, new.name), commits.encode_record(new))
+    for stale in [record.name, *(path for path in done.parts if path in {p.path for p in record.parts})]:
+        try:
+            fs.rm(filesystem.join(root, stale))
+        except FileNotFoundError:
+            pass
+
+
+def _rewrite_manifest(fs: fsspec.AbstractFileSystem, root: str, manifest: dict[str, Any]) -> None:
+    sink.write_manifest(fs, root, manifest["run_id"], manifest)
