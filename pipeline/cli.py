@@ -57,7 +57,11 @@ def _output_commands(commands: argparse._SubParsersAction) -> None:
         "--sort", choices=("spread", "score"), default="spread",
         help="contact sheet order: spread evenly over the runs (default), or score: the lowest clip_score first, where failures are",
     )  # fmt: skip
-    inspect = commands.add_parser("inspect", help="show what an output holds: runs, counts, schema, size, a few rows")
+    inspect = commands.add_parser(
+        "inspect",
+        help="show what an output holds: runs (running, interrupted, adopted), counts, schema, size, a few rows; "
+        "with --spec, what that spec has left to make and the running run's ETA",
+    )
     inspect.add_argument("output", help="the output URL (a folder, s3://bucket/prefix, ...)")
     inspect.add_argument(
         # 6: pipeline.output.duplicates.DEFAULT_DISTANCE, spelled here to keep the command's start-up light
@@ -65,7 +69,9 @@ def _output_commands(commands: argparse._SubParsersAction) -> None:
         help="perceptual hashes (phash) at most this many bits apart count as near duplicates (default: 6)",
     )  # fmt: skip
     for command in (report, inspect):
-        command.add_argument("--spec", metavar="SPEC", help="a job spec whose output.storage_options reach OUTPUT (for s3:// outputs)")
+        command.add_argument(
+            "--spec", metavar="SPEC", help="a job spec whose output.storage_options reach OUTPUT (for s3:// outputs); inspect also counts what it has left to make"
+        )
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a field of --spec")
 
 
@@ -174,8 +180,8 @@ def _report(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from pipeline.output.inspect import format_inspection, inspect_output
 
-    url, options, _ = _output_location(args.output, args.spec, args.overrides)
-    print(format_inspection(inspect_output(url, options, near_distance=args.near_distance)))
+    url, options, spec = _output_location(args.output, args.spec, args.overrides)
+    print(format_inspection(inspect_output(url, options, spec=spec, near_distance=args.near_distance)))
     return 0
 
 

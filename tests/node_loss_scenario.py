@@ -58,7 +58,8 @@ def main(workdir: str, cache: str, table: str, rows: int) -> None:
     cluster.remove_node(workers[1])
     job.join(timeout=400)
     observed = {"error": result.get("error"), "parts_when_removed": parts_before, "finished": not job.is_alive(), "nodes_alive": sum(n["Alive"] for n in ray.nodes())}
-    print(json.dumps({"summary": {k: v for k, v in result.get("summary", {}).items() if k != "parts"}, **observed}))
+    summary = {k: v for k, v in result.get("summary", {}).items() if k not in ("parts", "recovery")}
+    print(json.dumps({"summary": summary, **observed}))
     ray.shutdown()
     cluster.shutdown()
 

@@ -23,9 +23,9 @@ def test_inspect_a_finished_output(ray_cluster, make_spec, tmp_path, capsys):
     out = Path(spec.output.url)
 
     found = inspect_output(str(out), rows=2)
-    assert [r["run_id"] for r in found.runs] == [summary.run_id]
+    assert [(r.run_id, r.status) for r in found.runs] == [(summary.run_id, "complete")]
     assert (found.images, found.errors, found.parts) == (3, 1, 2)
-    assert found.runs[0]["input_rows"] == 4
+    assert found.runs[0].input_rows == 4
     assert found.size_bytes == sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     assert "topic" in found.schema.names and "image" in found.schema.names
     assert len(found.rows) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -153,13 +154,14 @@ def test_rerun_resumes_and_grown_table_adds_only_new_rows(ray_cluster, make_spec
     assert len(images_of(spec.output.url)) == 9
 
 
-def test_parts_without_a_manifest_are_not_kept(ray_cluster, make_spec, prompts, tmp_path):
+def test_parts_without_a_commit_record_are_not_kept(ray_cluster, make_spec, prompts, tmp_path):
     spec = make_spec({"url": write_csv(tmp_path / "p.csv", parti_rows(prompts, 4))})
     run(spec)
     out = Path(spec.output.url)
-    # What a run killed after writing a part and before its manifest leaves behind.
+    # What a run killed after writing a part and before its commit record leaves behind.
     (orphan,) = (out / "images").iterdir()
     orphan.rename(out / "images" / "part-crashed-run.parquet")
+    shutil.rmtree(out / "_commits")
     for manifest in (out / "_runs").iterdir():
         manifest.unlink()
     assert run(spec).images == 4

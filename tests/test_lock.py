@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from s3_proxy import S3Proxy
 
 from pipeline.errors import LeaseLost, RunConflict
 from pipeline.job.run import run
 from pipeline.output.verify import verify
 from pipeline.storage import filesystem
 from pipeline.storage.lock import LOCK_NAME, OutputLock, check_lease
-from s3_proxy import S3Proxy
 
 
 @pytest.mark.ray
@@ -279,6 +279,9 @@ def test_a_run_that_loses_its_lease_stops_writing_and_says_so(ray_cluster, make_
     assert isinstance(error, LeaseLost), outcome
     assert f"lost its lock on s3://{root}" in str(error) and "rerun the same command" in str(error)
     assert not direct.exists(f"{root}/images") and not direct.exists(f"{root}/errors"), "no part after the lease was lost"
-    assert not direct.exists(f"{root}/_runs")
+    # Only the manifest every run writes when it starts ("running"): it never completed.
+    statuses = [json.loads(direct.cat_file(path))["status"] for path in direct.find(f"{root}/_runs")]
+    assert statuses == ["running"], statuses
+    assert not direct.exists(f"{root}/_commits"), "nothing committed after the lease was lost"
     assert json.loads(direct.cat_file(f"{root}/{LOCK_NAME}"))["run_id"] == "run-b"
     other.release()

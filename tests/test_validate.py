@@ -165,13 +165,16 @@ def test_table_keeps_passthrough_columns_with_types_and_renames_collisions():
 def test_committed_requests_are_skipped():
     v = validator()
     done = one(v, row(0, prompt="a"))["request_id"]
-    skipping = dataclasses.replace(v, skip=frozenset({done}))
-    out = skipping.validate_table(pa.Table.from_pylist([row(0, prompt="a"), row(1, prompt="b")]))
+    from pipeline.storage.commits import CommittedIds
+
+    skipping = dataclasses.replace(v, skip=CommittedIds.from_ids([done]))
+    out, skipped = skipping.validate_table_skipping(pa.Table.from_pylist([row(0, prompt="a"), row(1, prompt="b")]))
     assert out.column("row_index").to_pylist() == [1]
+    assert skipped.to_pylist() == [done]
 
 
 def test_repeated_ids_are_rejected_after_their_first_row():
-    from pipeline.spec.validate import find_duplicate_ids
+    from pipeline.spec.seen_ids import find_duplicate_ids
 
     table = pa.table({
         "key": ["a", "b", "a", None, "a"],
@@ -272,7 +275,7 @@ def test_float_ids_read_as_csv_does_and_nan_ids_are_empty():
         S.INPUT_SOURCE: ["t.parquet"] * 4,
         S.INPUT_ROW: list(range(4)),
     })
-    from pipeline.spec.validate import find_duplicate_ids
+    from pipeline.spec.seen_ids import find_duplicate_ids
 
     duplicates = find_duplicate_ids([table], "key")
     assert duplicates == {"t.parquet#3": "t.parquet#0"}
@@ -284,7 +287,7 @@ def test_float_ids_read_as_csv_does_and_nan_ids_are_empty():
 
 
 def test_identical_repeated_rows_get_their_own_error_row_ids():
-    from pipeline.spec.validate import find_duplicate_ids
+    from pipeline.spec.seen_ids import find_duplicate_ids
 
     table = pa.table({"key": ["a"] * 3, "prompt": ["p"] * 3, S.INPUT_SOURCE: ["t.csv"] * 3, S.INPUT_ROW: [0, 1, 2]})
     v = validator(input={"id_column": "key"})

@@ -104,6 +104,13 @@ def _has_safety_checker(index: Optional[dict]) -> Optional[bool]:
 
 
 
+def recorded_models(manifests: list[dict]) -> Optional[dict[str, dict]]:
+    """The models of the output's latest run that recorded them (its manifest's ``models``):
+    how ``device: auto`` ran there, for :func:`place` where no actors decide it (``verify``,
+    ``inspect``, ``validate``)."""
+    return next((m.get("models") for m in reversed(manifests) if m.get("models")), None)
+
+
 def place(catalog: Catalog, gpus: float, recorded: Optional[dict[str, dict]] = None) -> Catalog:
     """The catalog with each model's ``device`` and ``dtype`` made concrete, as the engine
     will run it; both decide pixels, so they enter every request id (and every image row).

@@ -1,11 +1,14 @@
 """The write side of the batch job: a Ray Data datasink that writes each block as atomic
-parts (:mod:`pipeline.storage.sink`), then the run manifest and the dataset card; and
-preparing the output (``output.mode``) before a run."""
+parts and commits it with a record at once (:mod:`pipeline.storage.sink`); at the end,
+folds the run's records into one, writes the run manifest and the dataset card. And
+preparing the output before a run: ``output.mode``, adopting what interrupted runs
+committed, removing what they left half-done (:func:`prepare_output`)."""
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
 import pyarrow as pa
@@ -19,7 +22,7 @@ from pipeline.output import card
 from pipeline.spec.catalog import Catalog, ModelEntry
 from pipeline.spec.config import JobSpec
 from pipeline.spec.validate import REQUEST_ID_SCHEME, scheme_warning
-from pipeline.storage import dataset_schema, filesystem, lock, sink, supersede
+from pipeline.storage import commits, dataset_schema, filesystem, lock, sink, supersede
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +31,8 @@ class DatasetSink(Datasink[sink.WriteReport]):
     """Writes each block as atomic parts; on completion writes the run manifest, then
     regenerates the dataset card (README.md) over all the output's runs."""
 
-    def __init__(self, spec: JobSpec, run_id: str, catalog: Catalog, started: float, counter: Any):
+    def __init__(self, spec: JobSpec, run_id: str, catalog: Catalog, started: float, counter: Any, prepared: Optional["Prepared"] = None):
+        self._prepared = prepared or Prepared()
         self._output = spec.output
         self._spec = spec
         self._run_id = run_id
@@ -54,13 +58,18 @@ class DatasetSink(Datasink[sink.WriteReport]):
         finished = time.time()
         counts = final_counts(self._counter)
         fs, root = filesystem.open_url(self._output.url, self._output.storage_options)
-        lock.check_lease(fs, root, self._run_id, self._output.url)  # a run that lost its lease commits nothing
+        lock.check_lease(fs, root, self._run_id, self._output.url)  # a run that lost its lease folds nothing
+        # Few records: the blocks' records become one (and retried writes' leftovers go).
+        commits.compact(fs, root, self._run_id, report.records)
+        prepared = self._prepared
         sink.write_manifest(
             fs,
             root,
             self._run_id,
             {
                 "run_id": self._run_id,
+                "adopted": {"requests": counts.adopted, "from_runs": prepared.interrupted},
+                "recovery": prepared.recovery.as_dict(),
                 "status": "complete",
                 "started_at": self._started,
                 "finished_at": finished,
@@ -68,7 +77,7 @@ class DatasetSink(Datasink[sink.WriteReport]):
                 "spec": self._spec.redacted(),
                 "spec_fingerprint": self._spec.fingerprint(),
                 "model_fingerprint": self._catalog.models[self._catalog.default_model].fingerprint,
-                "models": {name: model_record(m) for name, m in self._catalog.models.items()},
+                "models": model_details(self._catalog),
                 "request_id_scheme": REQUEST_ID_SCHEME,
                 "scoring": _scoring(self._catalog, counts),
                 "loras": {name: {"url": a.config.url, "digest": a.digest} for name, a in self._catalog.loras.items()},
@@ -90,11 +99,9 @@ class DatasetSink(Datasink[sink.WriteReport]):
         self.report = report
 
 
-def _scoring(catalog: Catalog, counts) -> Optional[dict[str, Any]]:
-    """The manifest's record of the CLIP scorer: what made ``clip_score`` and what it cost."""
-    if catalog.scorer is None:
-        return None
-    return {"ref": catalog.scorer.config.ref, "fingerprint": catalog.scorer.fingerprint, "seconds": counts.scoring_seconds}
+def model_details(catalog: Catalog) -> dict[str, dict[str, Any]]:
+    """What a manifest records of each model a run uses."""
+    return {name: model_record(m) for name, m in catalog.models.items()}
 
 
 def model_record(m: ModelEntry) -> dict[str, Any]:
@@ -113,22 +120,59 @@ def model_record(m: ModelEntry) -> dict[str, Any]:
     }
 
 
-def prepare_output(spec: JobSpec) -> sink.Committed:
-    """Apply ``output.mode`` and return what earlier runs committed there."""
+def _scoring(catalog: Catalog, counts) -> Optional[dict[str, Any]]:
+    """The manifest's record of the CLIP scorer: what made ``clip_score`` and what it cost."""
+    if catalog.scorer is None:
+        return None
+    return {"ref": catalog.scorer.config.ref, "fingerprint": catalog.scorer.fingerprint, "seconds": counts.scoring_seconds}
+
+
+@dataclass
+class Prepared:
+    """What :func:`prepare_output` found and did: the ids this run skips, the interrupted
+    runs whose committed parts it adopts, and what it removed."""
+
+    skip: commits.SkipFilter = field(default_factory=commits.SkipFilter)
+    interrupted: list[str] = field(default_factory=list)
+    recovery: commits.Recovery = field(default_factory=commits.Recovery)
+
+
+def prepare_output(spec: JobSpec, run_id: str = "", started: float = 0.0, catalog: Optional[Catalog] = None) -> Prepared:
+    """Apply ``output.mode``; adopt what earlier runs committed (see
+    :mod:`pipeline.storage.commits`): remove parts without a record, records whose parts are
+    damaged or that a retried write superseded; mark runs that never finished as
+    interrupted; then write this run's "running" manifest. The caller holds the lock."""
     fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
     with filesystem.storage_errors(spec.output.url, "prepare"):
         if spec.output.mode == "overwrite":
             sink.clear_output(fs, root)
-        committed = sink.read_committed(fs, root)
-        if committed.runs and spec.output.mode == "error_if_exists":
+        found = commits.read_commits(fs, root)
+        manifests = sink.read_manifests(fs, root)
+        runs = {m.get("run_id") for m in manifests} | set(found.runs())
+        if runs and spec.output.mode == "error_if_exists":
             raise ImagegenError(
-                f"{spec.output.url} already holds {len(committed.runs)} run(s) and output.mode is error_if_exists; "
+                f"{spec.output.url} already holds {len(runs)} run(s) and output.mode is error_if_exists; "
                 "choose another output.url, or set output.mode to incremental or overwrite"
             )
-        removed = sink.remove_uncommitted(fs, root, committed)
-        older_ids = scheme_warning(sink.read_manifests(fs, root)) if spec.output.mode == "incremental" else None
+        recovery = commits.repair(fs, root, found)
+        older_ids = scheme_warning(manifests) if spec.output.mode == "incremental" else None
+        interrupted = sink.interrupted_runs(manifests, found)
+        if interrupted:
+            sink.adopt_interrupted(fs, root, found, interrupted, adopted_by=run_id)
+            for run in interrupted:  # their block records become one each, as a finished run's
+                commits.compact(fs, root, run, [r.name for r in found.records if r.run_id == run and not r.compacted])
+        if run_id:
+            start = sink.start_manifest(run_id, started, spec.redacted(), spec.fingerprint())
+            if catalog is not None:
+                start.update(models=model_details(catalog), model_fingerprint=catalog.models[catalog.default_model].fingerprint)
+            sink.write_manifest(fs, root, run_id, start)
     if older_ids:
         log.warning("%s: %s", spec.output.url, older_ids)
-    if removed:
-        log.warning("removed %d part(s) left uncommitted by an interrupted run", len(removed))
-    return committed
+    if recovery.removed_parts:
+        log.warning("removed %d part(s) without a commit record, left by an interrupted run", len(recovery.removed_parts))
+    for name, why in recovery.dropped_records:
+        log.warning("dropped commit record %s: %s; its rows are made again", name, why)
+    if interrupted:
+        log.warning("adopting what interrupted run(s) %s committed", ", ".join(interrupted))
+    skip = commits.SkipFilter(found.ids(), found.ids(runs=interrupted))
+    return Prepared(skip, interrupted, recovery)

@@ -49,6 +49,7 @@ class Counts:
     images: int = 0
     errors: int = 0
     skipped: int = 0
+    adopted: int = 0  # requests skipped because an interrupted run had committed them
     model_loads: int = 0
     model_swaps: int = 0
     engine_seconds: float = 0.0

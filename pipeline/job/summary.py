@@ -30,6 +30,9 @@ class RunSummary:
     encode_wait_seconds: float = 0.0  # summed over engine actors: idle, waiting for encoding
     scoring_seconds: Optional[float] = None  # summed over engine actors: the CLIP scorer's; None without one
     parts: list[dict[str, Any]] = field(repr=False, default_factory=list)
+    adopted: int = 0  # requests not made again: an interrupted run had committed them
+    adopted_from: list[str] = field(default_factory=list)  # those interrupted runs
+    recovery: Any = None  # pipeline.storage.commits.Recovery: what was removed before the run
     # Found before any work, worth a user's attention (images no current input row owns).
     warnings: list[str] = field(default_factory=list)
 
@@ -58,6 +61,7 @@ def format_summary(s: RunSummary) -> str:
         f"  engines      {s.engine_seconds:.1f} s generating{busy}, {s.encode_wait_seconds:.1f} s waiting on image encoding (all actors), blocks of {s.block_rows} rows",
         *([f"  scoring      {s.scoring_seconds:.1f} s scoring images with CLIP (all actors; on the encoders' threads, overlapping generation)"] if s.scoring_seconds is not None else []),
         f"  start-up     {ready}",
+        *_recovery_lines(s),
         f"  output       {s.output}",
         f"                 images/  {images_parts} new part(s)",
         f"                 errors/  {errors_parts} new part(s)",
@@ -67,3 +71,16 @@ def format_summary(s: RunSummary) -> str:
     ]
     lines += [f"  warning      {w}" for w in s.warnings]
     return "\n".join(lines)
+
+
+def _recovery_lines(s: RunSummary) -> list[str]:
+    """What this run took over from interrupted runs, and what it removed first."""
+    lines = []
+    if s.adopted_from:
+        lines.append(f"  adopted      {s.adopted} request(s) committed by interrupted run(s) {', '.join(s.adopted_from)}: not made again")
+    r = s.recovery
+    if r:
+        removed = f"{len(r.removed_parts)} part(s) without a commit record"
+        dropped = f"{len(r.dropped_records)} damaged commit record(s) ({r.rows_made_again} rows made again)"
+        lines.append(f"  recovered    removed {removed}; dropped {dropped}; {len(r.superseded_records)} superseded record(s)")
+    return lines

@@ -93,6 +93,7 @@ def _body(manifests: list[dict[str, Any]], spec: dict[str, Any], in_parts: dict[
             (ref, fp, info.get("family") or "?")
             for m in manifests
             for ref, fp, info in _run_models(m)
+            if fp is not None  # a run interrupted before it recorded its models
         }
     )
     loras = sorted({(name, info.get("digest")) for m in manifests for name, info in m.get("loras", {}).items()})

@@ -2,8 +2,13 @@
 
 Checks, each a list of violations in the report:
 
-- every manifest parses, and every part it lists exists and is readable Parquet;
-- every part in ``images/`` and ``errors/`` is listed by some manifest (no uncommitted parts);
+- every commit record reads and every part it lists is there at its recorded size
+  (:mod:`pipeline.storage.commits`); no record is superseded by another holding the same
+  request ids (left by a retried write until the next run removes it);
+- every part in ``images/`` and ``errors/`` has a commit record (no uncommitted parts: an
+  interrupted run leaves those until the next run into the output removes them), its
+  bytes match the record's sha256, and it is readable Parquet;
+- every manifest parses and every part a finished run's manifest lists exists;
 - no request id appears twice among the images;
 - every request and input row is in exactly one place: no error row that a later run's
   image or error row for the same request or input row superseded (see
@@ -27,15 +32,17 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.engine.resolve import build_catalog, place
+from pipeline.engine.resolve import build_catalog, place, recorded_models
 from pipeline.output.ownership import unowned_images
 from pipeline.spec import schema as S
 from pipeline.spec.config import JobSpec
-from pipeline.spec.validate import Validator, find_duplicate_ids
-from pipeline.storage import filesystem, sink, supersede, tables
+from pipeline.spec.seen_ids import find_duplicate_ids
+from pipeline.spec.validate import Validator
+from pipeline.storage import commits, filesystem, sink, supersede, tables
 
 _MAX_LISTED = 10
 
@@ -72,36 +79,41 @@ def verify(url: str, storage_options: dict | None = None, spec: JobSpec | None =
     """Check the output at ``url`` (see module docstring); never raises for a violation."""
     fs, root = filesystem.open_url(url, storage_options)
     report = VerifyReport()
+    found = commits.read_commits(fs, root)
     listed: set[str] = set()
+    run_ids = set(found.runs())
     broken_manifests = []
     runs_dir = filesystem.join(root, sink.RUNS_DIR)
     for path in sorted(fs.find(runs_dir)) if fs.isdir(runs_dir) else []:
         try:
             manifest = json.loads(filesystem.read_bytes(fs, path))
             listed.update(part["path"] for part in manifest["parts"])
-            report.runs += 1
+            run_ids.add(manifest["run_id"])
         except (ValueError, KeyError, TypeError):
             broken_manifests.append(path.rsplit("/", 1)[-1])
+    report.runs = len(run_ids)
     report.add("manifests that cannot be read", broken_manifests)
+    report.add("commit records dropped (unreadable, or a part missing or truncated)", [f"{name} ({why})" for name, why in found.dropped])
+    report.add("commit records superseded by an earlier one holding the same request ids (the next run removes them)", found.superseded)
+    report.add("parts without a commit record (left by an interrupted run; the next run into this output removes them)", found.orphans)
 
-    present = set()
-    for kind in (sink.IMAGES_DIR, sink.ERRORS_DIR):
-        folder = filesystem.join(root, kind)
-        if fs.isdir(folder):
-            present.update(f"{kind}/{p.rsplit('/', 1)[-1]}" for p in fs.find(folder))
+    present = set(found.present)
     report.parts = len(present)
-    report.add("parts no manifest lists", sorted(present - listed))
     report.add("parts listed by a manifest but missing", sorted(listed - present))
 
-    image_ids: Counter[str] = Counter()
+    committed = found.parts
+    image_hashes, image_ids = [], []
     error_ids: set[str] = set()
     keys: dict[str, list[pa.Table]] = {sink.IMAGES_DIR: [], sink.ERRORS_DIR: []}
-    unreadable, bad_digests = [], []
-    # Every part present, listed or not: readers (pandas, datasets, DuckDB) see them all.
+    unreadable, bad_digests, bad_parts = [], [], []
+    # Every part present, committed or not: readers (pandas, datasets, DuckDB) see them all.
     for relative in sorted(present):
         try:
-            with fs.open(filesystem.join(root, relative), "rb") as f:
-                table = pq.read_table(f)
+            data = filesystem.read_bytes(fs, filesystem.join(root, relative))
+            entry = committed.get(relative)
+            if entry is not None and hashlib.sha256(data).hexdigest() != entry.sha256:
+                bad_parts.append(relative)
+            table = pq.read_table(pa.BufferReader(data))
         except Exception as exc:  # noqa: BLE001 - any unreadable part is a finding, not a crash
             unreadable.append(f"{relative} ({type(exc).__name__})")
             continue
@@ -109,23 +121,41 @@ def verify(url: str, storage_options: dict | None = None, spec: JobSpec | None =
         keys[kind].append(table.select([c for c in (*supersede.KEY_COLUMNS, S.ERROR_TYPE) if c in table.column_names]))
         if kind == sink.IMAGES_DIR:
             report.images += table.num_rows
+            ids = table.column(S.REQUEST_ID)
+            image_ids.append(ids)
+            image_hashes.append(commits.id_hashes(ids))
             for rid, image, digest in zip(*(table.column(c).to_pylist() for c in (S.REQUEST_ID, S.IMAGE, S.SHA256))):
-                image_ids[rid] += 1
                 if image is None or hashlib.sha256(image["bytes"]).hexdigest() != digest:
                     bad_digests.append(rid)
         else:
             report.errors += table.num_rows
             error_ids.update(table.column(S.REQUEST_ID).to_pylist())
     report.add("unreadable parts", unreadable)
-    report.add("request ids with more than one image", sorted(r for r, n in image_ids.items() if n > 1))
+    report.add("parts whose bytes do not match their commit record's sha256", bad_parts)
+    report.add("request ids with more than one image", _repeated(image_hashes, image_ids))
     report.add("images whose sha256 does not match their bytes", bad_digests)
     _in_two_places(keys, report)
 
     if spec is not None:
-        missing = _unaccounted(spec, set(image_ids) | error_ids, report)
+        made = {rid for ids in image_ids for rid in ids.to_pylist()}
+        missing = _unaccounted(spec, made | error_ids, report)
         report.add("input rows with no image and no error row", missing)
         _report_unowned(spec, fs, root, report)
     return report
+
+
+def _repeated(hashes: list[np.ndarray], ids: list[pa.ChunkedArray]) -> list[str]:
+    """Request ids held by more than one image row (found by hash, named by id)."""
+    if not hashes:
+        return []
+    every = np.concatenate(hashes)
+    values, counts = np.unique(every, return_counts=True)
+    twice = values[counts > 1]
+    if not len(twice):
+        return []
+    held = np.isin(every, twice)
+    names = pa.chunked_array([c for a in ids for c in a.chunks], pa.string()).filter(pa.array(held))
+    return sorted(set(names.to_pylist()))
 
 
 def _in_two_places(keys: dict[str, list[pa.Table]], report: VerifyReport) -> None:
@@ -149,12 +179,12 @@ def _in_two_places(keys: dict[str, list[pa.Table]], report: VerifyReport) -> Non
     report.add("request ids with more than one error row", sorted(r for r, n in error_ids.items() if n > 1))
 
 
+
 def _unaccounted(spec: JobSpec, committed: set[str], report: VerifyReport) -> list[str]:
     duplicates = find_duplicate_ids(tables.read_input(spec.input), spec.input.id_column) if spec.input.id_column else {}
     # device: auto is taken as the output's latest run ran it (no actors here to decide).
     fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
-    recorded = next((m.get("models") for m in reversed(sink.read_manifests(fs, root)) if m.get("models")), None)
-    validator = Validator(spec, place(build_catalog(spec), None, recorded), duplicates=duplicates)
+    validator = Validator(spec, place(build_catalog(spec), None, recorded_models(sink.read_manifests(fs, root))), duplicates=duplicates)
     missing, rows = [], 0
     for chunk in tables.read_input(spec.input):
         for raw in chunk.to_pylist():

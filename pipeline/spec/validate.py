@@ -27,8 +27,9 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline.spec import schema as S
@@ -80,30 +81,6 @@ def scheme_warning(manifests: list[dict[str, Any]]) -> Optional[str]:
     )
 
 
-def find_duplicate_ids(chunks: Iterable[pa.Table], id_column: str) -> dict[str, str]:
-    """Positions (``source#row``) of rows whose id an earlier row already has -> that
-    earlier row's position. Needs the whole table, so it runs before the job starts; it
-    keeps one entry per distinct id in memory (about 100 bytes each)."""
-    first: dict[str, str] = {}
-    repeats: dict[str, str] = {}
-    for chunk in chunks:
-        if id_column not in chunk.column_names:
-            continue
-        columns = (chunk.column(c).to_pylist() for c in (id_column, S.INPUT_SOURCE, S.INPUT_ROW))
-        for value, source, row in zip(*columns):
-            try:
-                key = id_text(value)
-            except RowError:
-                continue  # rejected as a bad id on its own
-            if key is None:
-                continue
-            here = f"{source}#{row}"
-            earlier = first.setdefault(key, here)
-            if earlier != here:
-                repeats[here] = earlier
-    return repeats
-
-
 @dataclass(frozen=True)
 class Validator:
     """Checks rows against one job spec. Build once per job (or per actor) and reuse.
@@ -111,15 +88,16 @@ class Validator:
     ``catalog`` holds the spec's models and adapters as resolved on the driver (see
     :mod:`pipeline.engine.resolve`): a row's model decides which parameters it may set (its
     family), and the model's fingerprint and the adapter's digest go into every request
-    id, so a different model or adapter never reuses an image. Requests whose id is in
-    ``skip`` (committed by an earlier run) are dropped from the stream. ``duplicates``
+    id, so a different model or adapter never reuses an image. Requests whose id ``skip``
+    holds (committed by an earlier run: anything with ``contains(ids) -> bool array``, such
+    as :class:`~pipeline.storage.commits.SkipFilter`) are dropped from the stream. ``duplicates``
     maps the position (``source#row``) of each repeat of an id to the id's first position
-    (see :func:`find_duplicate_ids`); a repeat is rejected, the first occurrence is not.
+    (see :mod:`pipeline.spec.seen_ids`); a repeat is rejected, the first occurrence is not.
     """
 
     spec: JobSpec
     catalog: Catalog
-    skip: frozenset[str] = frozenset()
+    skip: Any = None
     duplicates: Mapping[str, str] = field(default_factory=dict)
 
     # -- one row -----------------------------------------------------------------------
@@ -308,19 +286,29 @@ class Validator:
     def validate_table(self, table: pa.Table) -> pa.Table:
         """A table of raw rows -> one row per image request (or per rejected row), with
         the request columns first and the pass-through columns after, types kept."""
+        return self.validate_table_skipping(table)[0]
+
+    def validate_table_skipping(self, table: pa.Table) -> tuple[pa.Table, pa.Array]:
+        """:meth:`validate_table`, and the request ids it dropped because ``skip`` holds them."""
         origin: list[int] = []
         requests: list[dict[str, Any]] = []
         for i, raw in enumerate(table.to_pylist()):
             for request in self.validate_row(raw):
-                if request[S.REQUEST_ID] in self.skip:
-                    continue
                 requests.append(request)
                 origin.append(i)
+        skipped = pa.array([], pa.string())
+        if self.skip is not None and requests:
+            ids = pa.array([r[S.REQUEST_ID] for r in requests], pa.string())
+            held = np.asarray(self.skip.contains(ids), dtype=bool)
+            if held.any():
+                skipped = ids.filter(pa.array(held))
+                keep = np.flatnonzero(~held).tolist()
+                requests, origin = [requests[k] for k in keep], [origin[k] for k in keep]
         result = pa.Table.from_pylist(requests, schema=REQUEST_SCHEMA)
         carried = table.select(self.passthrough_columns(table.column_names)).take(pa.array(origin, pa.int64()))
         for name, column in zip(carried.column_names, carried.columns):
             result = result.append_column(S.passthrough_name(name), column)
-        return result
+        return result, skipped
 
 
 # -- cell parsers: value -> clean value, or RowError with a reason a user understands ---------

@@ -1,9 +1,10 @@
 """Bytes in and out: the one door to files and object stores.
 
 URL + options -> fsspec filesystem, atomic writes, listing (:mod:`.filesystem`); prompt
-table files -> Arrow rows numbered within their file (:mod:`.tables`); output parts,
-commit records and manifests (:mod:`.sink`); the output's lease against concurrent runs
-(:mod:`.lock`).
+table files -> Arrow rows numbered within their file (:mod:`.tables`); output parts and
+manifests (:mod:`.sink`); what is committed and what a rerun adopts (:mod:`.commits`, the
+record format in :mod:`.commit_records`, request ids as 8-byte hashes in
+:mod:`.committed_ids`); the output's lease against concurrent runs (:mod:`.lock`).
 
 May import :mod:`pipeline.spec` and :mod:`pipeline.errors`. Never imports Ray, torch or
 diffusers.

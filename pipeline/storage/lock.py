@@ -113,6 +113,13 @@ def check_lease(fs: fsspec.AbstractFileSystem, root: str, run_id: str, url: str,
     )
 
 
+def live_holder(fs: fsspec.AbstractFileSystem, root: str) -> Optional[dict[str, Any]]:
+    """Who holds the output's lock (run id, host, pid...), or None when no live run does:
+    no lock, an unreadable one, or a stale one (see the module docstring)."""
+    holder, _ = _read_lock(fs, filesystem.join(root, LOCK_NAME))
+    return None if not holder or _holder_gone(holder, time.time()) else holder
+
+
 @dataclass
 class OutputLock:
     """A held lock on one output. Use :meth:`acquire`, then :meth:`release` when done;

@@ -1,14 +1,19 @@
-"""Writing the dataset: Parquet parts made visible atomically, a run manifest written last.
+"""Writing the dataset: Parquet parts made visible atomically, each block committed by a
+record as soon as it lands, a run manifest written at the end.
 
 Layout of an output (one dataset, many runs)::
 
-    <output>/images/part-<run>-<digest>.parquet   one row per image
-    <output>/errors/part-<run>-<digest>.parquet   one row per rejected/failed request
-    <output>/_runs/<run-id>.json                  the manifest: written last, means done
+    <output>/images/part-<run>-<ids>-<bytes>.parquet   one row per image
+    <output>/errors/part-<run>-<ids>-<bytes>.parquet   one row per rejected/failed request
+    <output>/_commits/<run-id>/<...>.commit            what is committed (see :mod:`.commits`)
+    <output>/_runs/<run-id>.json                        the run's manifest: "running" from its
+                                                        start, "complete" at its end
 
-A part's name is a digest of the request ids it holds, so a write that Ray retries
-rewrites the same file instead of adding a duplicate. Pure: no Ray import; the Ray
-datasink in :mod:`pipeline.job.run` calls these functions.
+A block's parts are written first, then its commit record: a part counts from the moment
+its record exists, whether or not the run ever finishes. A part's name holds digests of
+its request ids and of its bytes, so a write repeated with the same block rewrites the same
+file, and one with another composition adds a file whose record :mod:`.commits` resolves.
+Pure: no Ray import; the Ray datasink in :mod:`pipeline.job.datasink` calls these functions.
 """
 
 from __future__ import annotations
@@ -29,11 +34,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.spec import schema as S
-from pipeline.storage import filesystem
+from pipeline.storage import commits, filesystem
+from pipeline.storage.commits import COMMITS_DIR, ERRORS_DIR, IMAGES_DIR, RUNS_DIR, read_manifests
 
-IMAGES_DIR = "images"
-ERRORS_DIR = "errors"
-RUNS_DIR = "_runs"
+__all__ = ["COMMITS_DIR", "ERRORS_DIR", "IMAGES_DIR", "RUNS_DIR", "read_manifests"]  # one spelling, re-exported
 _RAW_FIELDS = (S.PROMPT, S.NEGATIVE_PROMPT, S.SEED, S.WIDTH, S.HEIGHT, S.STEPS, S.GUIDANCE_SCALE)
 
 
@@ -44,9 +48,11 @@ def new_run_id() -> str:
 
 @dataclass
 class WriteReport:
-    """What one write task committed: its parts and the counts the run manifest sums."""
+    """What one write task committed: its parts, their commit records and the counts the
+    run manifest sums."""
 
     parts: list[dict[str, Any]] = field(default_factory=list)
+    records: list[str] = field(default_factory=list)
     images: int = 0
     errors: int = 0
     input_rows: int = 0
@@ -54,6 +60,7 @@ class WriteReport:
 
     def add(self, other: "WriteReport") -> None:
         self.parts.extend(other.parts)
+        self.records.extend(other.records)
         self.images += other.images
         self.errors += other.errors
         self.input_rows += other.input_rows
@@ -90,23 +97,28 @@ def _errors_table(rows: pa.Table, carried: list[pa.Field], run_id: str) -> pa.Ta
     return rows.select(S.ERRORS_SCHEMA.names).cast(S.ERRORS_SCHEMA)
 
 
-def part_name(run_id: str, table: pa.Table) -> str:
-    digest = hashlib.sha256("\n".join(table.column(S.REQUEST_ID).to_pylist()).encode()).hexdigest()[:16]
-    return f"part-{run_id}-{digest}.parquet"
+def part_name(run_id: str, table: pa.Table, data: bytes) -> str:
+    """Digests of the part's request ids and of its bytes: the same block with the same
+    bytes gets the same name (an idempotent rewrite); anything else a name of its own."""
+    ids = hashlib.sha256("\n".join(table.column(S.REQUEST_ID).to_pylist()).encode()).hexdigest()[:16]
+    return f"part-{run_id}-{ids}-{hashlib.sha256(data).hexdigest()[:8]}.parquet"
 
 
-def write_part(fs: fsspec.AbstractFileSystem, root: str, kind: str, run_id: str, table: pa.Table) -> dict[str, Any]:
-    """Serialize ``table`` to Parquet and make it visible at once under ``root/kind/``."""
+def write_part(fs: fsspec.AbstractFileSystem, root: str, kind: str, run_id: str, table: pa.Table) -> commits.PartEntry:
+    """Serialize ``table`` to Parquet and make it visible at once under ``root/kind/``;
+    return its entry for the commit record."""
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     data = buffer.getvalue()
-    relative = f"{kind}/{part_name(run_id, table)}"
+    relative = f"{kind}/{part_name(run_id, table, data)}"
     filesystem.atomic_write(fs, filesystem.join(root, relative), data)
-    return {"path": relative, "rows": table.num_rows, "bytes": len(data)}
+    return commits.part_entry(relative, data, table)
 
 
 def write_block(fs: fsspec.AbstractFileSystem, root: str, run_id: str, table: pa.Table) -> WriteReport:
-    """Commit one block of the stream: its images part and its errors part."""
+    """Commit one block of the stream: its images part and its errors part, then their
+    commit record. A crash before the record leaves parts the next run removes; after it,
+    parts the next run adopts."""
     images, errors = split(table, run_id)
     report = WriteReport(images=images.num_rows, errors=errors.num_rows)
     report.input_rows = sum(
@@ -114,9 +126,12 @@ def write_block(fs: fsspec.AbstractFileSystem, root: str, run_id: str, table: pa
     )
     for stage in errors.column(S.ERROR_STAGE).to_pylist():
         report.errors_by_stage[stage] = report.errors_by_stage.get(stage, 0) + 1
-    for kind, part in ((IMAGES_DIR, images), (ERRORS_DIR, errors)):
-        if part.num_rows:
-            report.parts.append(write_part(fs, root, kind, run_id, part))
+    entries = [write_part(fs, root, kind, run_id, part) for kind, part in ((IMAGES_DIR, images), (ERRORS_DIR, errors)) if part.num_rows]
+    if entries:
+        counts = {"images": report.images, "errors": report.errors, "input_rows": report.input_rows, "errors_by_stage": report.errors_by_stage}
+        record = commits.write_record(fs, root, run_id, entries, counts)
+        report.records.append(record.name)
+    report.parts = [{"path": p.path, "rows": p.rows, "bytes": p.bytes, "sha256": p.sha256} for p in entries]
     return report
 
 
@@ -131,76 +146,97 @@ def library_versions() -> dict[str, str]:
 
 
 def write_manifest(fs: fsspec.AbstractFileSystem, root: str, run_id: str, manifest: dict[str, Any]) -> str:
-    """Write the run's manifest last: its presence is what says the run committed."""
+    """Write (or replace) the run's manifest: what the run was and did. What is committed
+    is decided by the commit records alone (:mod:`.commits`), never by a manifest."""
     path = filesystem.join(root, RUNS_DIR, f"{run_id}.json")
     filesystem.atomic_write(fs, path, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
     return path
 
 
+def start_manifest(run_id: str, started_at: float, spec: dict[str, Any], spec_fingerprint: str) -> dict[str, Any]:
+    """The manifest a run writes before its first part: says which run and spec made the
+    parts that follow, should the run never finish (see :func:`adopt_interrupted`)."""
+    return {
+        "run_id": run_id,
+        "status": "running",
+        "started_at": started_at,
+        "spec": spec,
+        "spec_fingerprint": spec_fingerprint,
+        "counts": {"input_rows": 0, "images": 0, "errors": 0, "errors_by_stage": {}},
+        "parts": [],
+    }
+
+
+def interrupted_runs(manifests: list[dict[str, Any]], found: commits.Commits) -> list[str]:
+    """Runs whose committed parts a new run adopts: runs with accepted commit records that
+    never completed, unless a later run that did complete already adopted them."""
+    by_id = {m.get("run_id"): m for m in manifests}
+    complete = {run for run, m in by_id.items() if m.get("status") == "complete"}
+    # A run that stopped before committing anything still says "running": close it too.
+    started = {run for run, m in by_id.items() if m.get("status") == "running"}
+    return sorted(
+        run
+        for run in set(found.runs()) | started
+        if run not in complete and by_id.get(run, {}).get("adopted_by") not in complete
+    )
+
+
+def adopt_interrupted(fs: fsspec.AbstractFileSystem, root: str, found: commits.Commits, runs: list[str], adopted_by: str) -> None:
+    """Rewrite the manifests of interrupted ``runs``: status ``interrupted``, their counts and
+    parts from their commit records, and the run adopting them. Readers of manifests (the
+    dataset card, ``imagegen report``) then see the parts those runs committed."""
+    manifests = {m.get("run_id"): m for m in read_manifests(fs, root)}
+    per_run = found.runs()
+    parts: dict[str, list[dict[str, Any]]] = {}
+    seen: set[str] = set()
+    for record in found.records:
+        for part in record.parts:
+            if part.path not in seen:
+                seen.add(part.path)
+                parts.setdefault(record.run_id, []).append({"path": part.path, "rows": part.rows, "bytes": part.bytes, "sha256": part.sha256})
+    for run in runs:
+        done = per_run.get(run) or commits.RunCommits(run)
+        manifest = manifests.get(run) or {"run_id": run, "started_at": done.first_written_at, "spec": {}}
+        manifest.update(
+            status="interrupted",
+            interrupted_after=done.last_written_at,
+            adopted_by=adopted_by,
+            counts={"input_rows": done.input_rows, "images": done.images, "errors": done.errors, "errors_by_stage": done.errors_by_stage},
+            parts=sorted(parts.get(run, []), key=lambda p: p["path"]),
+        )
+        write_manifest(fs, root, run, manifest)
+
+
 @dataclass
 class Committed:
-    """What earlier runs committed into an output: their manifests' parts and the request
-    ids a new run must not make again (images, and rows rejected before generation:
-    the same input gets the same verdict). Rows that failed in generation are retried."""
+    """What earlier runs committed into an output: their run ids, and the request ids a new
+    run must not make again (images, and rows rejected before generation: the same input
+    gets the same verdict; rows that failed in generation are retried), held compactly."""
 
     runs: list[str] = field(default_factory=list)
-    parts: set[str] = field(default_factory=set)
-    request_ids: set[str] = field(default_factory=set)
+    request_ids: commits.CommittedIds = field(default_factory=commits.CommittedIds)
 
 
-def read_manifests(fs: fsspec.AbstractFileSystem, root: str) -> list[dict[str, Any]]:
-    """The manifests of the runs committed into ``root``, oldest first (run ids sort by start)."""
-    runs_dir = filesystem.join(root, RUNS_DIR)
-    if not fs.isdir(runs_dir):
-        return []
-    paths = sorted(p for p in fs.find(runs_dir) if p.endswith(".json"))
-    return [json.loads(filesystem.read_bytes(fs, path)) for path in paths]
+def read_committed(fs: fsspec.AbstractFileSystem, root: str) -> Committed:
+    """A read-only view of :func:`~pipeline.storage.commits.read_commits` for planners."""
+    found = commits.read_commits(fs, root)
+    runs = sorted({m["run_id"] for m in read_manifests(fs, root)} | set(found.runs()))
+    return Committed(runs, found.ids())
 
 
 def newest_part_schema(fs: fsspec.AbstractFileSystem, root: str, manifests: list[dict[str, Any]], kind: str) -> pa.Schema | None:
     """The schema of the newest committed part of ``kind`` (images or errors), or None."""
     for manifest in reversed(manifests):
-        for part in manifest["parts"]:
+        for part in manifest.get("parts", []):
             if part["path"].startswith(kind + "/"):
                 with filesystem.storage_errors(part["path"], "read"), fs.open(filesystem.join(root, part["path"]), "rb") as f:
                     return pq.read_schema(f)
     return None
 
 
-def read_committed(fs: fsspec.AbstractFileSystem, root: str) -> Committed:
-    committed = Committed()
-    for manifest in read_manifests(fs, root):
-        committed.runs.append(manifest["run_id"])
-        for part in manifest["parts"]:
-            committed.parts.add(part["path"])
-            with fs.open(filesystem.join(root, part["path"]), "rb") as f:
-                table = pq.read_table(f, columns=[S.REQUEST_ID, *([S.ERROR_STAGE] if part["path"].startswith(ERRORS_DIR) else [])])
-            if S.ERROR_STAGE in table.column_names:
-                final = pc.is_in(table.column(S.ERROR_STAGE), pa.array([S.STAGE_READ, S.STAGE_VALIDATE]))
-                table = table.filter(final)
-            committed.request_ids.update(table.column(S.REQUEST_ID).to_pylist())
-    return committed
-
-
-def remove_uncommitted(fs: fsspec.AbstractFileSystem, root: str, committed: Committed) -> list[str]:
-    """Delete parts no manifest lists: left by a run that died before committing. Their
-    rows are made again by this run, so keeping them would duplicate those rows."""
-    removed = []
-    for kind in (IMAGES_DIR, ERRORS_DIR):
-        folder = filesystem.join(root, kind)
-        if not fs.isdir(folder):
-            continue
-        for path in fs.find(folder):
-            relative = f"{kind}/{path.rsplit('/', 1)[-1]}"
-            if relative not in committed.parts:
-                fs.rm(path)
-                removed.append(relative)
-    return removed
-
-
 def clear_output(fs: fsspec.AbstractFileSystem, root: str) -> None:
     """``output.mode: overwrite``: remove what this package writes, nothing else."""
-    for name in (IMAGES_DIR, ERRORS_DIR, RUNS_DIR, "README.md"):
+    for name in (IMAGES_DIR, ERRORS_DIR, COMMITS_DIR, RUNS_DIR, "README.md"):
         path = filesystem.join(root, name)
         if fs.exists(path):
             fs.rm(path, recursive=True)

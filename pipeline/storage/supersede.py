@@ -25,12 +25,14 @@ checks the error rows of every committed run against the rows of the runs not ye
 checked (this one, and any whose check a crash interrupted: their manifests lack
 :data:`CHECKED`), so each run's parts are read once for this, by the run that made them.
 
-**Crash safety.** A rewritten part is a new file (its name is the digest of the request
-ids it keeps, under the run that made the rows); the manifest that listed the old part is
-rewritten to list the new one; then the old file is removed. A crash between two steps
-leaves a part no manifest lists, which the next run removes (an old part whose rows are
-all still listed elsewhere, or a new one never listed); the check is then made again,
-since the flag is set last.
+**Crash safety.** A rewritten part is a new file (its name holds the digests of the
+request ids it keeps and of its bytes, under the run that made the rows), committed by a
+new commit record that lists it in place of the old part (:mod:`.commits`); then the old
+record and the old part are removed, and the manifests that listed the old part are
+rewritten to list the new one. A crash between two steps leaves either two records of
+which :func:`~pipeline.storage.commits.read_commits` keeps exactly one, or a part no
+record lists, which the next run removes; the check is then made again, since the flag is
+set last.
 
 Pure: no Ray. Reads a few small columns of the parts it checks.
 """
@@ -47,7 +49,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.spec import schema as S
-from pipeline.storage import filesystem, sink
+from pipeline.storage import commits, filesystem, sink
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ class Superseded:
     """What :func:`supersede_errors` removed: error rows, and the parts rewritten for it."""
 
     rows: int = 0
-    parts: dict[str, str | None] = field(default_factory=dict)  # old part -> its rewrite (None: removed)
+    parts: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # old part -> its rewrite's manifest entry (None: removed)
 
 
 def offers(table: pa.Table) -> Iterable[tuple[tuple, str]]:
@@ -102,45 +104,29 @@ def supersede_errors(fs: fsspec.AbstractFileSystem, root: str) -> Superseded:
     committed output at ``root``; mark every run checked. Call it after a run's manifest is
     written, holding the output's lock."""
     manifests = sink.read_manifests(fs, root)
-    unchecked = [m for m in manifests if not m.get(CHECKED)]
+    unchecked = {m["run_id"] for m in manifests if not m.get(CHECKED)}
     done = Superseded()
     if not unchecked:
         return done
-    # The latest run that settled each key, from the rows of the runs not checked yet.
+    found = commits.read_commits(fs, root)
+    # The latest run that settled each key, from the committed rows of the runs not checked yet.
     later: dict[tuple, str] = {}
-    for manifest in unchecked:
-        for part in manifest["parts"]:
-            kind = part["path"].split("/", 1)[0]
-            columns = KEY_COLUMNS + ([S.ERROR_TYPE] if kind == sink.ERRORS_DIR else [])
-            for key, run_id in offers(_read(fs, root, part["path"], columns)):
+    for record in found.records:
+        if record.run_id not in unchecked:
+            continue
+        for part in record.parts:
+            columns = KEY_COLUMNS + ([S.ERROR_TYPE] if part.kind == sink.ERRORS_DIR else [])
+            for key, run_id in offers(_read(fs, root, part.path, columns)):
                 if later.get(key, "") < run_id:
                     later[key] = run_id
-    for manifest in manifests:
-        rewritten = []
-        for part in manifest["parts"]:
-            if not part["path"].startswith(sink.ERRORS_DIR + "/"):
-                rewritten.append(part)
-                continue
-            keys = _read(fs, root, part["path"], [*KEY_COLUMNS, S.ERROR_TYPE])
-            mask = superseded_mask(keys, later)
-            if not any(mask):
-                rewritten.append(part)
-                continue
-            kept = _read(fs, root, part["path"]).filter(pc.invert(pa.array(mask)))
-            done.rows += len(mask) - kept.num_rows
-            if kept.num_rows:
-                entry = sink.write_part(fs, root, sink.ERRORS_DIR, manifest["run_id"], kept)
-                rewritten.append(entry)
-                done.parts[part["path"]] = entry["path"]
-            else:
-                done.parts[part["path"]] = None
-        if len(rewritten) != len(manifest["parts"]) or any(a is not b for a, b in zip(rewritten, manifest["parts"])):
-            _rewrite_manifest(fs, root, {**manifest, "parts": sorted(rewritten, key=lambda p: p["path"])})
-    for old in done.parts:
-        try:
-            fs.rm(filesystem.join(root, old))
-        except FileNotFoundError:
-            pass
+    for record in found.records:
+        _rewrite_record(fs, root, record, later, done)
+    if done.parts:
+        for manifest in sink.read_manifests(fs, root):
+            parts = manifest.get("parts", [])
+            kept = [done.parts.get(part["path"], part) for part in parts if done.parts.get(part["path"], part) is not None]
+            if kept != parts:
+                _rewrite_manifest(fs, root, {**manifest, "parts": sorted(kept, key=lambda part: part["path"])})
     # Last: a crash before this leaves the runs unchecked, and the next run checks again.
     for manifest in sink.read_manifests(fs, root):
         if not manifest.get(CHECKED):
@@ -148,6 +134,53 @@ def supersede_errors(fs: fsspec.AbstractFileSystem, root: str) -> Superseded:
     if done.rows:
         log.info("removed %d error row(s) that later runs superseded (%d part(s) rewritten)", done.rows, len(done.parts))
     return done
+
+
+def _rewrite_record(fs: fsspec.AbstractFileSystem, root: str, record: commits.Record, later: dict[tuple, str], done: Superseded) -> None:
+    """Rewrite ``record``'s error parts without their superseded rows, under a new commit
+    record. Crash-safe at every step: the new parts and record are written before the old
+    record and parts are removed; until then both records hold the same image ids, and
+    :func:`~pipeline.storage.commits.read_commits` keeps exactly one of them."""
+    parts, removed_by_stage, changed = [], {}, False
+    for part in record.parts:
+        if part.kind != sink.ERRORS_DIR:
+            parts.append(part)
+            continue
+        keys = _read(fs, root, part.path, [*KEY_COLUMNS, S.ERROR_TYPE])
+        mask = superseded_mask(keys, later)
+        if not any(mask):
+            parts.append(part)
+            continue
+        changed = True
+        table = _read(fs, root, part.path)
+        gone = table.filter(pa.array(mask))
+        for stage in gone.column(S.ERROR_STAGE).to_pylist():
+            removed_by_stage[stage] = removed_by_stage.get(stage, 0) + 1
+        kept = table.filter(pc.invert(pa.array(mask)))
+        done.rows += gone.num_rows
+        if kept.num_rows:
+            entry = sink.write_part(fs, root, sink.ERRORS_DIR, record.run_id, kept)
+            parts.append(entry)
+            done.parts[part.path] = {"path": entry.path, "rows": entry.rows, "bytes": entry.bytes, "sha256": entry.sha256}
+        else:
+            done.parts[part.path] = None
+    if not changed:
+        return
+    if parts:
+        counts = dict(record.counts)
+        if counts:
+            counts["errors"] = int(counts.get("errors", 0)) - sum(removed_by_stage.values())
+            by_stage = dict(counts.get("errors_by_stage", {}))
+            for stage, n in removed_by_stage.items():
+                by_stage[stage] = by_stage.get(stage, 0) - n
+            counts["errors_by_stage"] = {s: n for s, n in by_stage.items() if n > 0}
+        new = commits.Record(commits.record_name(record.run_id, parts, compacted=record.compacted), record.run_id, record.written_at, parts, counts)
+        filesystem.atomic_write(fs, filesystem.join(root, new.name), commits.encode_record(new))
+    for stale in [record.name, *(path for path in done.parts if path in {p.path for p in record.parts})]:
+        try:
+            fs.rm(filesystem.join(root, stale))
+        except FileNotFoundError:
+            pass
 
 
 def _rewrite_manifest(fs: fsspec.AbstractFileSystem, root: str, manifest: dict[str, Any]) -> None:

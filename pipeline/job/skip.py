@@ -1,0 +1,51 @@
+"""The skip filter, shared: put into Ray's object store once, read zero-copy by every task.
+
+A rerun skips the request ids its output already holds. They are held as sorted uint64
+hashes (:class:`~pipeline.storage.commits.CommittedIds`, 8 bytes an id); this wrapper
+pickles as two object refs, so a validation task receives a few bytes and maps the arrays
+from the node's shared memory on first use, instead of a copy of a Python set per task.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import ray
+
+from pipeline.storage.commits import CommittedIds, SkipFilter
+
+
+class SharedSkipFilter(SkipFilter):
+    """A :class:`SkipFilter` whose arrays live in the object store. Build it on the driver
+    (one ``ray.put`` per array); pass it anywhere, e.g. as a Validator's ``skip``."""
+
+    def __init__(self, skip: SkipFilter):
+        super().__init__(skip.committed, skip.adoptable)
+        self._refs = (ray.put(skip.committed.hashes), ray.put(skip.adoptable.hashes))
+        self._size = len(skip.committed)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_refs": self._refs, "_size": self._size}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.committed: Optional[CommittedIds] = None  # type: ignore[assignment]
+        self.adoptable: Optional[CommittedIds] = None  # type: ignore[assignment]
+
+    def _resolve(self) -> None:
+        if self.committed is None:
+            committed, adoptable = ray.get(list(self._refs))  # zero-copy, read-only views
+            self.committed = CommittedIds(committed, sorted_unique=True)
+            self.adoptable = CommittedIds(adoptable, sorted_unique=True)
+
+    def contains(self, ids: Any) -> np.ndarray:
+        self._resolve()
+        return super().contains(ids)
+
+    def adopted(self, ids: Any) -> int:
+        self._resolve()
+        return super().adopted(ids)
+
+    def __len__(self) -> int:
+        return self._size

@@ -1,0 +1,396 @@
+"""Commit records: what makes a part of an output durable, and what a rerun adopts.
+
+Every block the job writes becomes its Parquet part(s) first, then one small commit
+record under ``<output>/_commits/<run-id>/``. A part counts (is committed) exactly when
+an accepted record lists it with its size; so a driver killed at any moment loses at most
+the blocks in flight, and the next run into the output adopts everything else.
+
+A record is one small file (its format: :mod:`.commit_records`) listing a block's parts
+and their request ids as 8-byte hashes (:mod:`.committed_ids`). At the end of a run (or a window) the driver folds the
+run's block records into one compacted record (:func:`compact`), so records stay few.
+
+Reading (:func:`read_commits`) decides, deterministically and without writing:
+
+- a record that cannot be read (truncated, digest mismatch) is *dropped*;
+- a record one of whose parts is missing, or whose size differs from the record's
+  (a truncated Parquet file), is *dropped* whole: a part is adopted whole or not at all;
+- records are taken in order (run id, which sorts by start time; compacted records
+  first; then name). A record holding a request id an earlier accepted record already
+  holds is *superseded* whole (a write Ray retried with another block composition): the
+  first one wins, so no request id is counted twice;
+- a part file no accepted record lists is an *orphan* (a part written just before a
+  crash, or the parts of dropped and superseded records).
+
+:func:`repair` then makes the files match (removes orphans and the records that were not
+accepted); only a run holding the output's lock calls it. The sha256 of a part's bytes is
+checked by ``imagegen verify`` (which reads every part anyway), not at adoption: reading
+every byte of a large output before a rerun would cost as much as the rerun saves;
+adoption checks presence and size, which is what a crash damages.
+
+Pure: no Ray. Outputs written before commit records existed are read through their run
+manifests (each listed part's ids are read once); :func:`repair` writes their records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.spec import schema as S
+from pipeline.storage import filesystem
+from pipeline.storage.commit_records import (  # noqa: F401 - the interface, re-exported
+    COMMITS_DIR,
+    ERRORS_DIR,
+    FINAL_ERROR_STAGES,
+    IMAGES_DIR,
+    RUNS_DIR,
+    SUFFIX,
+    CorruptRecord,
+    PartEntry,
+    Record,
+    decode_record,
+    encode_record,
+    part_entry,
+    record_name,
+    write_record,
+)
+from pipeline.storage.committed_ids import CommittedIds, SkipFilter, id_hashes, sorted_unique_of  # noqa: F401
+
+
+def compact(fs: fsspec.AbstractFileSystem, root: str, run_id: str, names: list[str]) -> Optional[Record]:
+    """Fold the block records ``names`` of ``run_id`` (those its successful writes returned)
+    into one compacted record, then remove them and any other block record of the run
+    holding their request ids (the leftovers of writes Ray retried). Returns the compacted
+    record, or None when there was nothing to fold.
+
+    Crash-safe in any order: the compacted record is written before anything is removed,
+    and a block record whose parts a compacted one lists is redundant on read.
+    """
+    if not names:
+        return None
+    wanted = set(names)
+    mine = [r for r in _read_records(fs, root, filesystem.join(root, COMMITS_DIR, run_id))[0] if not r.compacted]
+    kept = [r for r in mine if r.name in wanted]
+    if not kept:
+        return None
+    parts = {p.path: p for r in sorted(kept, key=Record.order) for p in r.parts}
+    counts = _sum_counts(r.counts for r in kept)
+    merged = Record(record_name(run_id, list(parts.values()), compacted=True), run_id, max(r.written_at for r in kept), list(parts.values()), counts)
+    filesystem.atomic_write(fs, filesystem.join(root, merged.name), encode_record(merged))
+    held = CommittedIds(np.concatenate([p.final for p in parts.values()] or [np.empty(0, np.uint64)]))
+    for record in mine:
+        if record.name in wanted:
+            _remove(fs, root, record.name)
+        elif any(p.path not in parts and held.contains(p.final).any() for p in record.parts):
+            # A retried write's other attempt: its ids are in the parts that count.
+            _remove(fs, root, record.name)
+            for p in record.parts:
+                if p.path not in parts:
+                    _remove(fs, root, p.path)
+    return merged
+
+
+def _sum_counts(counts: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    total: dict[str, Any] = {"images": 0, "errors": 0, "input_rows": 0, "errors_by_stage": {}}
+    for c in counts:
+        for key in ("images", "errors", "input_rows"):
+            total[key] += int(c.get(key, 0))
+        for stage, n in c.get("errors_by_stage", {}).items():
+            total["errors_by_stage"][stage] = total["errors_by_stage"].get(stage, 0) + n
+    return total
+
+
+def _remove(fs: fsspec.AbstractFileSystem, root: str, relative: str) -> None:
+    try:
+        fs.rm(filesystem.join(root, relative))
+    except FileNotFoundError:
+        pass
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+@dataclass
+class RunCommits:
+    """What one run has committed, summed from its accepted records."""
+
+    run_id: str
+    images: int = 0
+    errors: int = 0
+    input_rows: int = 0
+    parts: int = 0
+    records: int = 0
+    first_written_at: Optional[float] = None
+    last_written_at: Optional[float] = None
+    errors_by_stage: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Commits:
+    """An output's commit state as :func:`read_commits` decided it (see the module docstring)."""
+
+    records: list[Record] = field(default_factory=list)  # accepted, in order
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (record, reason)
+    dropped_rows: int = 0  # rows of the parts of dropped records: made again
+    superseded: list[str] = field(default_factory=list)
+    redundant: list[str] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
+    stray: list[str] = field(default_factory=list)  # temporary files under _commits/ left by a crash mid-write
+    present: dict[str, int] = field(default_factory=dict)  # part files on disk -> size
+    _sorted_finals: Optional[np.ndarray] = field(default=None, repr=False)  # every final id, sorted, once
+
+    @property
+    def parts(self) -> dict[str, PartEntry]:
+        """The committed parts by path (each once)."""
+        return {p.path: p for r in self.records for p in r.parts}
+
+    def ids(self, runs: Optional[Iterable[str]] = None) -> CommittedIds:
+        """The ids a rerun skips: images and final error rows of the accepted records
+        (of ``runs`` only, when given)."""
+        if runs is None and self._sorted_finals is not None:
+            return CommittedIds(self._sorted_finals, sorted_unique=True)
+        wanted = None if runs is None else set(runs)
+        seen: set[str] = set()
+        arrays = []
+        for r in self.records:
+            if wanted is not None and r.run_id not in wanted:
+                continue
+            for p in r.parts:
+                if p.path not in seen:
+                    seen.add(p.path)
+                    arrays.append(p.final)
+        return CommittedIds(np.concatenate(arrays) if arrays else None)
+
+    def runs(self) -> dict[str, RunCommits]:
+        """Per run, what its accepted records hold (runs in id order)."""
+        out: dict[str, RunCommits] = {}
+        seen: set[str] = set()
+        for r in self.records:
+            run = out.setdefault(r.run_id, RunCommits(r.run_id))
+            run.records += 1
+            run.first_written_at = min(run.first_written_at or r.written_at, r.written_at)
+            run.last_written_at = max(run.last_written_at or r.written_at, r.written_at)
+            fresh = [p for p in r.parts if p.path not in seen]
+            seen.update(p.path for p in fresh)
+            if len(fresh) == len(r.parts) and r.counts:
+                run.input_rows += int(r.counts.get("input_rows", 0))
+                for stage, n in r.counts.get("errors_by_stage", {}).items():
+                    run.errors_by_stage[stage] = run.errors_by_stage.get(stage, 0) + n
+            for p in fresh:
+                run.parts += 1
+                if p.kind == IMAGES_DIR:
+                    run.images += p.rows
+                else:
+                    run.errors += p.rows
+        return dict(sorted(out.items()))
+
+    @property
+    def legacy(self) -> list[Record]:
+        return [r for r in self.records if r.legacy]
+
+
+def read_commits(fs: fsspec.AbstractFileSystem, root: str) -> Commits:
+    """Read the commit records and part files of the output at ``root`` and decide what is
+    committed (see the module docstring). Reads only; :func:`repair` applies the decision."""
+    commits = Commits(present=_present_parts(fs, root))
+    records, unreadable, commits.stray = _read_records(fs, root, filesystem.join(root, COMMITS_DIR))
+    commits.dropped += unreadable
+    covered = {p.path for r in records for p in r.parts}
+    records += _legacy_records(fs, root, covered, commits.present)
+    records.sort(key=Record.order)
+
+    candidates: list[Record] = []
+    taken: set[str] = set()
+    for record in records:
+        if all(p.path in taken for p in record.parts):
+            commits.redundant.append(record.name)
+            continue
+        problem = _part_problem(record, commits.present)
+        if problem:
+            commits.dropped.append((record.name, problem))
+            commits.dropped_rows += record.rows
+            continue
+        candidates.append(record)
+        taken.update(p.path for p in record.parts)
+
+    sorted_finals: list[Optional[np.ndarray]] = [None]
+    losers = _superseded(candidates, sorted_finals)
+    commits._sorted_finals = sorted_finals[0] if not losers else None
+    commits.records = [r for i, r in enumerate(candidates) if i not in losers]
+    commits.superseded = [candidates[i].name for i in sorted(losers)]
+    accepted = {p.path for r in commits.records for p in r.parts}
+    commits.orphans = sorted(path for path in commits.present if path not in accepted)
+    return commits
+
+
+def _present_parts(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int]:
+    present: dict[str, int] = {}
+    for kind in (IMAGES_DIR, ERRORS_DIR):
+        folder = filesystem.join(root, kind)
+        if fs.isdir(folder):
+            for path, info in fs.find(folder, detail=True).items():
+                present[f"{kind}/{path.rsplit('/', 1)[-1]}"] = int(info.get("size") or 0)
+    return present
+
+
+def _read_records(fs: fsspec.AbstractFileSystem, root: str, folder: str) -> tuple[list[Record], list[tuple[str, str]], list[str]]:
+    """The records under ``folder``, the ones that do not read (name, why), and other files."""
+    if not fs.isdir(folder):
+        return [], [], []
+    prefix = root.rstrip("/") + "/"
+    found = sorted(fs.find(folder))
+    stray = [p[len(prefix) :] if p.startswith(prefix) else p for p in found if not p.endswith(SUFFIX)]
+    paths = [p for p in found if p.endswith(SUFFIX)]
+    contents = fs.cat(paths, on_error="return") if paths else {}
+    records, bad = [], []
+    for path in paths:
+        name = path[len(prefix) :] if path.startswith(prefix) else path
+        data = contents.get(path)
+        if data is None:  # some filesystems key the answer by the path as given
+            data = next((v for k, v in contents.items() if k.endswith(name)), None)
+        try:
+            if isinstance(data, Exception) or data is None:
+                raise CorruptRecord(f"it cannot be read ({data})")
+            records.append(decode_record(name, data))
+        except CorruptRecord as exc:
+            bad.append((name, str(exc)))
+    return records, bad, stray
+
+
+def _part_problem(record: Record, present: dict[str, int]) -> Optional[str]:
+    for p in record.parts:
+        size = present.get(p.path)
+        if size is None:
+            return f"its part {p.path} is missing"
+        if size != p.bytes:
+            return f"its part {p.path} has {size} bytes, the record says {p.bytes} (truncated or replaced)"
+    return None
+
+
+def _superseded(candidates: list[Record], sorted_finals: list[Optional[np.ndarray]]) -> set[int]:
+    """Indices of candidates that hold a request id an earlier kept candidate holds.
+
+    One sort of all final ids (and one of the retry ids, which repeat only within a run)
+    finds whether anything repeats at all; only then are the owners of the repeats looked
+    up, and those few records resolved one by one, in order. When no final id repeats,
+    their sorted array is left in ``sorted_finals[0]``: the skip filter, at no extra cost.
+    """
+    seen: set[str] = set()
+    finals: list[tuple[int, np.ndarray]] = []
+    retries: list[tuple[int, np.ndarray]] = []
+    for i, r in enumerate(candidates):
+        for p in r.parts:
+            if p.path not in seen:
+                seen.add(p.path)
+                finals.append((i, p.final))
+                if len(p.retry):
+                    # A retry id repeats harmlessly across runs (each run tried it once):
+                    # salt it with the run so only repeats within one run collide.
+                    salt = np.uint64(int(hashlib.blake2b(r.run_id.encode(), digest_size=8).hexdigest(), 16))
+                    retries.append((i, p.retry ^ salt))
+    involved: set[int] = set()
+    for group in (finals, retries):
+        if not group:
+            continue
+        ordered = np.sort(np.concatenate([a for _, a in group]))
+        repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+        if group is finals and not len(repeated):
+            sorted_finals[0] = ordered  # no repeats: already the skip filter's array
+        if not len(repeated):
+            continue
+        for i, a in group:
+            if np.isin(a, repeated).any():
+                involved.add(i)
+    losers: set[int] = set()
+    held: set[tuple] = set()
+    for i in sorted(involved):
+        r = candidates[i]
+        mine: set[tuple] = {(int(h),) for p in r.parts for h in p.final}
+        mine |= {(r.run_id, int(h)) for p in r.parts for h in p.retry}
+        if mine & held:
+            losers.add(i)
+        else:
+            held |= mine
+    return losers
+
+
+def _legacy_records(fs: fsspec.AbstractFileSystem, root: str, covered: set[str], present: dict[str, int]) -> list[Record]:
+    """Records for the parts that run manifests of an output older than commit records
+    list and no record covers: each such part's ids are read once (see :func:`repair`)."""
+    records = []
+    for manifest in read_manifests(fs, root):
+        listed = [p for p in manifest.get("parts", []) if p["path"] not in covered and p["path"] in present]
+        if not listed:
+            continue
+        parts = []
+        for p in listed:
+            with fs.open(filesystem.join(root, p["path"]), "rb") as f:
+                data = f.read()
+            table = pq.read_table(pa.BufferReader(data), columns=[S.REQUEST_ID, *([S.ERROR_STAGE] if p["path"].startswith(ERRORS_DIR) else [])])
+            parts.append(part_entry(p["path"], data, table))
+        counts = {k: v for k, v in manifest.get("counts", {}).items() if k in ("images", "errors", "input_rows", "errors_by_stage")}
+        run_id = manifest["run_id"]
+        name = record_name(run_id, parts, compacted=True)
+        records.append(Record(name, run_id, float(manifest.get("finished_at") or 0.0), parts, counts, legacy=True))
+    return records
+
+
+def read_manifests(fs: fsspec.AbstractFileSystem, root: str) -> list[dict[str, Any]]:
+    """The run manifests in ``root``, oldest first (run ids sort by start); unreadable ones skipped."""
+    runs_dir = filesystem.join(root, RUNS_DIR)
+    if not fs.isdir(runs_dir):
+        return []
+    manifests = []
+    for path in sorted(p for p in fs.find(runs_dir) if p.endswith(".json")):
+        try:
+            manifests.append(json.loads(filesystem.read_bytes(fs, path)))
+        except ValueError:
+            continue
+    return manifests
+
+
+@dataclass
+class Recovery:
+    """What :func:`repair` did to an output before a run: for the summary and the manifest."""
+
+    removed_parts: list[str] = field(default_factory=list)
+    dropped_records: list[tuple[str, str]] = field(default_factory=list)
+    rows_made_again: int = 0
+    superseded_records: list[str] = field(default_factory=list)
+    migrated_runs: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "removed_parts": self.removed_parts,
+            "dropped_records": [{"record": n, "reason": why} for n, why in self.dropped_records],
+            "rows_made_again": self.rows_made_again,
+            "superseded_records": self.superseded_records,
+            "migrated_runs": self.migrated_runs,
+        }
+
+    def __bool__(self) -> bool:
+        return bool(self.removed_parts or self.dropped_records or self.superseded_records)
+
+
+def repair(fs: fsspec.AbstractFileSystem, root: str, commits: Commits) -> Recovery:
+    """Make the output's files what ``commits`` decided: write the records of legacy
+    outputs, remove records not accepted, then orphan parts. Only a run holding the
+    output's lock may call it (it would remove the parts of a run in flight)."""
+    recovery = Recovery(dropped_records=list(commits.dropped), rows_made_again=commits.dropped_rows, superseded_records=list(commits.superseded))
+    for record in commits.legacy:
+        filesystem.atomic_write(fs, filesystem.join(root, record.name), encode_record(record))
+        record.legacy = False
+        recovery.migrated_runs.append(record.run_id)
+    for name in [*(n for n, _ in commits.dropped), *commits.superseded, *commits.redundant]:
+        _remove(fs, root, name)
+    for path in [*commits.orphans, *commits.stray]:
+        _remove(fs, root, path)
+    recovery.removed_parts = list(commits.orphans)
+    return recovery
