@@ -55,14 +55,14 @@ def test_engine_actor_killed_mid_job(ray_cluster, make_spec, prompts, tmp_path, 
     wait_for(lambda: committed_parts(out), 120, "the first committed part")
 
     def engine_actor_pid():
-        # The job's only actor pool is the engine's (encoding runs as tasks); Ray titles
+        # The engine actors are the job's only actors that take CPUs; Ray titles
         # an actor's process after its class.
         for proc in Path("/proc").iterdir():
             try:
                 title = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if title.startswith("ray::") and "MapWorker" in title:
+            if title.startswith("ray::") and "EngineActor" in title:
                 return int(proc.name)
         return None
 

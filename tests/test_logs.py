@@ -42,9 +42,9 @@ def test_a_run_off_a_terminal_prints_ours_and_leaves_ray_datas_progress_in_its_l
     assert not RAY_DATA_INFO.search(out), out
     assert re.search(r"^progress: 8/8 rows 100%", out, re.M), out
     assert re.search(r"^run \S+ finished in", out, re.M), out
-    # Named once, and that folder holds what was left off the console.
-    (folder,) = re.findall(r"^imagegen: Ray Data's operator progress and logs: (\S+)/ \(imagegen run --verbose", out, re.M)
-    assert RAY_DATA_INFO.search((Path(folder) / "ray-data.log").read_text())
+    # The job is its own loop over Ray tasks and actors (pipeline/job/feed.py), not a Ray
+    # Data pipeline: Ray Data has nothing to log, so no line names its log folder either.
+    assert "Ray Data" not in out, out
 
 
 def test_verbose_keeps_ray_datas_console_as_it_is():

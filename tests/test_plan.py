@@ -116,3 +116,25 @@ def test_validate_command_exit_codes(tmp_path):
     result = _cli("validate", "jobs/demo.yaml", "--set", "plan.throughput=[{width: 64, height: 64, steps: 4}]")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "plan.throughput.0.images_per_s: required field is missing" in result.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_the_plan_on_the_cluster_counts_what_the_local_pass_counts(ray_cluster, make_spec, tmp_path, monkeypatch):
+    from pipeline.storage import units
+
+    # Two files cut into units of 3 rows: the repeated id "a" is in another unit and file.
+    folder = tmp_path / "t"
+    folder.mkdir()
+    write_csv(folder / "1.csv", ROWS[:5])
+    write_csv(folder / "2.csv", ROWS[5:])
+    monkeypatch.setattr(units, "UNIT_BYTES", 10)
+    spec = make_spec({"url": str(folder), "format": "csv", "id_column": "id"})
+    local, remote = make_plan(spec, on_cluster=False), make_plan(spec, on_cluster=True)
+    assert len(units.plan_units(spec.input).units) == 2
+    assert (remote.rows, remote.valid_rows, remote.rejected_rows) == (local.rows, local.valid_rows, local.rejected_rows) == (8, 3, 5)
+    assert [(r.text, r.rows) for r in remote.reasons] == [(r.text, r.rows) for r in local.reasons]
+    assert any(r.example == "id 'a' repeats the id of row 1.csv#0; ids must be unique" for r in remote.reasons)
+    assert [(b.model, b.width, b.rows, b.images) for b in remote.buckets] == [(b.model, b.width, b.rows, b.images) for b in local.buckets]
+    assert "every row checked, on the Ray cluster, 2 read task(s)" in format_plan(remote, "job.yaml")
+    assert "every row checked, in this process" in format_plan(local, "job.yaml")

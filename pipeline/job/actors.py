@@ -90,6 +90,37 @@ class GenerateStage:
             self._counter.add.remote(model_loads=stats.loads - before.loads, model_swaps=stats.swaps - before.swaps, **finished)
 
 
+class EngineActor:
+    """The job's engine actor process: one :class:`GenerateStage` (or a subclass, as the
+    benchmarks' sleeping stage) kept for the whole job, fed block after block by the driver
+    (:mod:`pipeline.job.feed`)."""
+
+    def __init__(self, stage: type, spec: JobSpec, catalog: Catalog, counter: Any = None):
+        self.stage = stage(spec, catalog, counter)
+
+    def generate(self, block: pa.Table) -> tuple[pa.Table, int]:
+        """A generated block and its row count (a second, tiny return: the driver reads
+        counts without fetching images)."""
+        table = self.stage(block)
+        return table, table.num_rows
+
+    def ready(self) -> bool:
+        """Answers once the actor has (re)started: its constructor ran."""
+        return True
+
+
+def start_engines(spec: JobSpec, catalog: Catalog, counter: Any, stage: type = GenerateStage) -> list[Any]:
+    """Create the job's ``runtime.num_actors`` engine actors, each reserving its CPUs and
+    GPUs. A lost actor is restarted by Ray (``max_restarts``) but its calls are not retried
+    (``max_task_retries=0``): the driver gives an interrupted block to another actor at
+    once rather than wait for a restart that may never come (no GPU left for it)."""
+    rt = spec.runtime
+    gpus = actor_gpus(spec)
+    remote = ray.remote(EngineActor).options(num_cpus=rt.cpus_per_actor, num_gpus=gpus, max_restarts=-1, max_task_retries=0)
+    placed = engine_catalog(catalog, gpus)
+    return [remote.remote(stage, spec, placed, counter) for _ in range(rt.num_actors)]
+
+
 def _load_scorer(catalog: Catalog):
     """The catalog's CLIP scorer, loaded on the default model's device; None without one."""
     if catalog.scorer is None:

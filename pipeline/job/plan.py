@@ -1,17 +1,23 @@
 """``imagegen validate``: the plan of a job before any work, from the spec and the whole input.
 
-Reads the table and validates every row exactly as the job would (same
-:class:`~pipeline.spec.validate.Validator`, same duplicate-id scan, same model fingerprint, so
-the same request ids), then counts: valid and rejected rows with the most common reasons,
-the buckets (model, width x height, steps) with their rows and images, the images still
-to make (an incremental output skips what it already holds), and an estimate of
-GPU-hours and cost from a per-bucket throughput table.
+Reads the table and validates every row exactly as the job would (same read units, same
+:class:`~pipeline.spec.validate.Validator`, same duplicate-id record, same model
+fingerprint, so the same request ids), then counts: valid and rejected rows with the most
+common reasons, the buckets (model, width x height, steps) with their rows and images, the
+images still to make (an incremental output skips what it already holds), and an estimate
+of GPU-hours and cost from a per-bucket throughput table.
 
-Pure: no Ray. Reading a table costs about what the job's own read does, on one process.
+Every row is checked, never a sample: a sample cannot find a repeated id or count what an
+output already holds. Where: a table of up to :data:`LOCAL_ROWS` rows (counted from
+Parquet footers, or text up to the counting budget) in this process, unit after unit; a
+larger one on the Ray cluster the spec names, one task per read unit, as the job's own
+read tasks do (about 50 us a row on one core here, so 1M rows take a minute on one
+process and seconds on a cluster).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections import Counter
@@ -22,8 +28,13 @@ from pipeline.engine.resolve import build_catalog, place, recorded_models
 from pipeline.output.ownership import unowned_images
 from pipeline.spec import schema as S
 from pipeline.spec.config import JobSpec, PlanConfig, ThroughputEntry
-from pipeline.spec.validate import PROBLEMS, Validator, find_duplicate_ids, scheme_warning
+from pipeline.spec.seen_ids import SeenIds, unit_ids
+from pipeline.spec.validate import PROBLEMS, Validator, scheme_warning
 from pipeline.storage import filesystem, sink, tables
+from pipeline.storage.units import ReadUnit, plan_units, read_unit, text_advice
+
+# Tables up to this many rows are planned in this process; larger ones on the cluster.
+LOCAL_ROWS = 200_000
 
 # Images per second of ONE engine actor, per bucket. The only measured figures so far are
 # in BENCHMARKS.md, on a 2-core x86_64 VM without GPU, torch 2.13.0 CPU, the tiny model:
@@ -87,6 +98,7 @@ class Plan:
     num_actors: int = 1
     price_per_gpu_hour: Optional[float] = None
     warnings: list[str] = field(default_factory=list)
+    checked: str = "in this process"  # where every row was validated
 
     @property
     def images_to_make(self) -> int:
@@ -137,51 +149,135 @@ def reason_of(message: str) -> str:
     return re.sub(r"\b(has|position) \d+\b", r"\1 N", text)
 
 
-def make_plan(spec: JobSpec) -> Plan:
+@dataclass
+class Tally:
+    """What validating some rows found: the parts of a :class:`Plan` that add up."""
+
+    rows: int = 0
+    valid_rows: int = 0
+    rejected_rows: int = 0
+    already_committed: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)
+    buckets: dict[tuple, list[int]] = field(default_factory=dict)  # (model, w, h, steps) -> [rows, images]
+
+    def add(self, other: "Tally") -> None:
+        """Add a later unit's tally (its examples count only for reasons new here)."""
+        self.rows += other.rows
+        self.valid_rows += other.valid_rows
+        self.rejected_rows += other.rejected_rows
+        self.already_committed += other.already_committed
+        self.reasons.update(other.reasons)
+        for text, example in other.examples.items():
+            self.examples.setdefault(text, example)
+        for key, (rows, images) in other.buckets.items():
+            bucket = self.buckets.setdefault(key, [0, 0])
+            bucket[0] += rows
+            bucket[1] += images
+
+
+def tally_rows(validator: Validator, chunks: list, committed) -> Tally:
+    """Validate raw rows as the job would and count them (``committed``: what the job skips)."""
+    tally = Tally()
+    for chunk in chunks:
+        for raw in chunk.to_pylist():
+            tally.rows += 1
+            requests = validator.validate_row(raw)
+            if requests[0].get(S.ERROR_STAGE):
+                tally.rejected_rows += 1
+                for _, message in requests[0][PROBLEMS]:
+                    tally.reasons[reason_of(message)] += 1
+                    tally.examples.setdefault(reason_of(message), message)
+                continue
+            tally.valid_rows += 1
+            counted_row = False
+            for request, done in zip(requests, is_committed(committed, [r[S.REQUEST_ID] for r in requests])):
+                if done:
+                    tally.already_committed += 1
+                    continue
+                bucket = tally.buckets.setdefault((request[S.MODEL], request[S.WIDTH], request[S.HEIGHT], request[S.STEPS]), [0, 0])
+                bucket[1] += 1
+                if not counted_row:
+                    bucket[0] += 1
+                    counted_row = True
+    return tally
+
+
+def is_committed(committed, ids: list[str]) -> list[bool]:
+    """Which of ``ids`` the output already holds (the job skips them)."""
+    return [i in committed for i in ids]
+
+
+def make_plan(spec: JobSpec, on_cluster: Optional[bool] = None) -> Plan:
     """Plan ``spec`` without generating: the checks the job makes before any work (model
-    reference, input columns, duplicate ids; raising :class:`~pipeline.errors.ImagegenError`
-    as the job would), then every row validated. Reads the output only to learn what an
-    incremental run would skip; never writes."""
+    reference, input columns; raising :class:`~pipeline.errors.ImagegenError` as the job
+    would), then every row validated, with duplicate ids, in this process or on the cluster
+    (``on_cluster``; by default by the table's size, see :data:`LOCAL_ROWS`). Reads the
+    output only to learn what an incremental run would skip; never writes."""
     catalog = build_catalog(spec)
     tables.preflight(spec.input)
     inp = spec.input
-    duplicates = find_duplicate_ids(tables.read_input(inp), inp.id_column) if inp.id_column else {}
+    table = plan_units(inp)
     plan = Plan(input_url=inp.url, num_actors=spec.runtime.num_actors, price_per_gpu_hour=spec.plan.price_per_gpu_hour)
     committed = _committed_ids(spec, plan)
-    validator = Validator(spec, place(catalog, None, _recorded_models(spec, plan)), duplicates=duplicates)
-    reasons: Counter[str] = Counter()
-    examples: dict[str, str] = {}
-    buckets: dict[tuple, Bucket] = {}
-    for chunk in tables.read_input(inp):
-        for raw in chunk.to_pylist():
-            plan.rows += 1
-            requests = validator.validate_row(raw)
-            if requests[0].get(S.ERROR_STAGE):
-                plan.rejected_rows += 1
-                for _, message in requests[0][PROBLEMS]:
-                    reasons[reason_of(message)] += 1
-                    examples.setdefault(reason_of(message), message)
-                continue
-            plan.valid_rows += 1
-            counted_row = False
-            for request in requests:
-                if request[S.REQUEST_ID] in committed:
-                    plan.already_committed += 1
-                    continue
-                key = (request[S.MODEL], request[S.WIDTH], request[S.HEIGHT], request[S.STEPS])
-                bucket = buckets.setdefault(key, Bucket(*key))
-                bucket.images += 1
-                if not counted_row:
-                    bucket.rows += 1
-                    counted_row = True
-    plan.reasons = [Reason(text, n, examples[text]) for text, n in reasons.most_common(TOP_REASONS)]
-    table = throughput_table(spec.plan)
-    for bucket in sorted(buckets.values(), key=lambda b: (b.model, b.width, b.height, b.steps)):
+    validator = Validator(spec, place(catalog, None, _recorded_models(spec, plan)))
+    if on_cluster is None:
+        on_cluster = table.rows is None or table.rows > LOCAL_ROWS
+    tally = Tally()
+    if on_cluster:
+        for part in _tally_on_cluster(spec, validator, table.units, committed):
+            tally.add(part)
+        plan.checked = f"on the Ray cluster, {len(table.units)} read task(s)"
+    else:
+        seen = SeenIds()
+        for unit in table.units:
+            chunks = list(read_unit(inp, unit))
+            repeats = seen.register(*unit_ids(chunks, inp.id_column)) if inp.id_column else {}
+            tally.add(tally_rows(dataclasses.replace(validator, duplicates=repeats), chunks, committed))
+    plan.warnings += text_advice(table, inp.format)
+    plan.rows, plan.valid_rows, plan.rejected_rows = tally.rows, tally.valid_rows, tally.rejected_rows
+    plan.already_committed = tally.already_committed
+    plan.reasons = [Reason(text, n, tally.examples[text]) for text, n in tally.reasons.most_common(TOP_REASONS)]
+    throughput = throughput_table(spec.plan)
+    for key in sorted(tally.buckets):
+        bucket = Bucket(*key, rows=tally.buckets[key][0], images=tally.buckets[key][1])
         # Throughput entries name a model by its ref; buckets by the spec's name for it.
         ref = catalog.models[bucket.model].config.ref
-        bucket.rate = rate_for(table, ref, bucket.width, bucket.height, bucket.steps)
+        bucket.rate = rate_for(throughput, ref, bucket.width, bucket.height, bucket.steps)
         plan.buckets.append(bucket)
     return plan
+
+
+def _tally_on_cluster(spec: JobSpec, validator: Validator, units: list[ReadUnit], committed) -> list[Tally]:
+    """One task per read unit (each registering its ids in unit order, as the job's read
+    tasks do); their tallies in unit order."""
+    import ray
+
+    from pipeline.job.connect import connect
+    from pipeline.job.feed import unwrap
+    from pipeline.job.read import start_registry
+
+    connect(spec.runtime)
+    registry = start_registry() if spec.input.id_column else None
+    shared, skip = ray.put(validator), ray.put(committed)
+    task = ray.remote(_tally_unit).options(num_cpus=spec.runtime.task_cpus)
+    try:
+        return ray.get([task.remote(spec, unit, shared, skip, registry) for unit in units])
+    except ray.exceptions.RayTaskError as exc:
+        raise unwrap(exc) from None
+    finally:
+        if registry is not None:
+            ray.kill(registry)
+
+
+def _tally_unit(spec: JobSpec, unit: ReadUnit, validator: Validator, committed, registry) -> Tally:
+    import ray
+
+    chunks = list(read_unit(spec.input, unit))
+    if registry is not None:
+        repeats = ray.get(registry.register.remote(unit.seq, unit_ids(chunks, spec.input.id_column)))
+        validator = dataclasses.replace(validator, duplicates=repeats)
+    return tally_rows(validator, chunks, committed)
 
 
 def _recorded_models(spec: JobSpec, plan: Plan) -> Optional[dict]:
@@ -222,7 +318,7 @@ def format_plan(plan: Plan, source: str) -> str:
     lines = [
         f"spec {source} is valid",
         f"input      {plan.input_url}",
-        f"rows       {plan.rows}: {plan.valid_rows} valid, {plan.rejected_rows} rejected",
+        f"rows       {plan.rows}: {plan.valid_rows} valid, {plan.rejected_rows} rejected (every row checked, {plan.checked})",
     ]
     if plan.reasons:
         lines.append("top reasons rows are rejected:")

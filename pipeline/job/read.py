@@ -1,59 +1,131 @@
-"""The read side of the batch job on Ray Data: prompt-table files -> raw rows numbered
-within their file -> validated request blocks, sorted for the engine.
+"""The read side of the batch job: one Ray task per read unit turns raw rows into
+validated request blocks, sorted for the engine and cut to the engine actors' block size.
 
-Validation runs in the read tasks (fused), so bad rows never reach a GPU; each validated
-block is sorted by model, adapter and bucket (:func:`~pipeline.spec.batching.order_for_engine`).
+A read task (:func:`read_blocks`) is a streaming generator: it yields each block as soon
+as it is cut, and Ray pauses it once :data:`READ_AHEAD_BLOCKS` of its blocks wait
+unconsumed, so a fast read never piles validated rows up ahead of slow engines (the
+driver takes blocks only as actors free up, see :mod:`pipeline.job.feed`).
+
+Validation runs in the read task, so bad rows never reach a GPU; each chunk of a file
+(:data:`~pipeline.storage.tables.CHUNK_ROWS` rows) is sorted by model, adapter and bucket
+(:func:`~pipeline.spec.batching.order_for_engine`) before it is cut into blocks. Blocks never
+span read units, so the blocks, and so the diffusers calls, do not depend on how many
+units run at once.
+
+Duplicate ids: with ``input.id_column`` set, each task first registers its unit's id
+hashes with one :class:`IdRegistry` actor, in unit order, and learns which of its rows
+repeat an earlier row's id (:mod:`pipeline.spec.seen_ids`); the driver never reads the table.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import pyarrow as pa
 import ray
-from ray.data.datasource import FileBasedDatasource
 
 from pipeline.job import progress
 from pipeline.spec.batching import order_for_engine
 from pipeline.spec.config import JobSpec
+from pipeline.spec.seen_ids import SeenIds, unit_ids
 from pipeline.spec.validate import Validator
-from pipeline.storage import filesystem, tables
+from pipeline.storage.units import ReadUnit, read_unit
 
 log = logging.getLogger(__name__)
 
-
-class PromptTableDatasource(FileBasedDatasource):
-    """Prompt-table files -> raw rows numbered within their file (see :mod:`pipeline.storage.tables`)."""
-
-    def __init__(self, paths: list[str], fmt: str, base: str, **kwargs: Any):
-        super().__init__(paths, **kwargs)
-        self._format = fmt
-        self._base = base
-
-    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        yield from tables.read_file(f, self._format, filesystem.relative_name(path, self._base))
+# Blocks a read task may yield ahead of the driver taking them (Ray's generator backpressure).
+READ_AHEAD_BLOCKS = 4
 
 
-def read_requests(spec: JobSpec, validator: Validator, counter: Any) -> ray.data.Dataset:
-    fs, base, files = filesystem.list_table(spec.input.url, spec.input.storage_options)
-    datasource = PromptTableDatasource(files, spec.input.format, base, filesystem=filesystem.arrow_filesystem(fs))
-    task_cpus = {"num_cpus": spec.runtime.task_cpus}
-    # One block per file chunk (tables.CHUNK_ROWS rows): Ray Data would otherwise split a
-    # few files' blocks finer for parallelism, and each validated block is sorted by model
-    # and bucket (order_for_engine) only within itself: bigger blocks, longer same-model runs.
-    ds = ray.data.read_datasource(datasource, override_num_blocks=len(files), **task_cpus)
-    kwargs = {"validator": validator, "counter": counter}
-    return ds.map_batches(validate_counting, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, **task_cpus)
+class IdRegistry:
+    """The ids the job has seen, and the first row of each (see :mod:`pipeline.spec.seen_ids`).
+
+    Units register in unit order (``seq``), whatever order their tasks run in: a task
+    waits until every earlier unit has registered, so "the first row with an id" is the
+    first in table order. A retried task registers its unit again and gets the same
+    answer. An asyncio actor: waiting registrations do not hold its thread.
+    """
+
+    def __init__(self) -> None:
+        self._seen = SeenIds()
+        self._next = 0
+        self._turn: Optional[asyncio.Condition] = None
+
+    async def register(self, seq: int, ids: tuple) -> dict[str, str]:
+        if self._turn is None:
+            self._turn = asyncio.Condition()
+        async with self._turn:
+            await self._turn.wait_for(lambda: seq <= self._next)
+            repeats = self._seen.register(*ids)
+            if seq == self._next:
+                self._next += 1
+                self._turn.notify_all()
+        return repeats
 
 
+def start_registry() -> Any:
+    """The job's id registry actor (no CPU reserved: it answers a call per read unit)."""
+    return ray.remote(num_cpus=0, max_concurrency=1000)(IdRegistry).remote()
 
 
-def validate_counting(table: pa.Table, validator: Validator, counter: Any) -> pa.Table:
-    """Validation that also reports rows skipped as already committed (and the requests
-    among them adopted from an interrupted run); the block leaves sorted for the engine
-    (by model, adapter and bucket: see :func:`order_for_engine`)."""
-    requests, skipped_ids = validator.validate_table_skipping(table)
-    adopted = validator.skip.adopted(skipped_ids) if validator.skip is not None and len(skipped_ids) else 0
-    counter.add.remote(skipped=progress.skipped(table, requests), adopted=adopted)
-    return order_for_engine(requests)
+def cut(chunks: Iterator[pa.Table], rows: int) -> Iterator[pa.Table]:
+    """Tables of exactly ``rows`` rows (the last one fewer) from consecutive ``chunks``."""
+    carry: list[pa.Table] = []
+    held = 0
+    for chunk in chunks:
+        carry.append(chunk)
+        held += chunk.num_rows
+        while held >= rows:
+            table = pa.concat_tables(carry, promote_options="permissive").combine_chunks()
+            yield table.slice(0, rows)
+            rest = table.slice(rows)
+            carry, held = [rest], rest.num_rows
+    if held:
+        yield pa.concat_tables(carry, promote_options="permissive").combine_chunks()
+
+
+def validated_blocks(spec: JobSpec, unit: ReadUnit, validator: Validator, block_rows: int, registry: Any, counter: Any) -> Iterator[pa.Table]:
+    """The body of a read task: ``unit``'s rows validated, sorted per chunk and cut into
+    blocks of ``block_rows`` requests (rows skipped as already committed are reported to
+    ``counter``, which may be None)."""
+    chunks = list(read_unit(spec.input, unit))
+    if registry is not None:
+        repeats = ray.get(registry.register.remote(unit.seq, unit_ids(chunks, spec.input.id_column)))
+        validator = dataclasses.replace(validator, duplicates=repeats)
+
+    def requests() -> Iterator[pa.Table]:
+        while chunks:
+            chunk = chunks.pop(0)  # let each raw chunk go once validated
+            table, skipped_ids = validator.validate_table_skipping(chunk)
+            if counter is not None:
+                # Skipped requests adopted from an interrupted run are counted apart.
+                adopted = validator.skip.adopted(skipped_ids) if validator.skip is not None and len(skipped_ids) else 0
+                counter.add.remote(skipped=progress.skipped(chunk, table), adopted=adopted)
+            if table.num_rows:
+                yield order_for_engine(table)
+
+    yield from cut(requests(), block_rows)
+    if counter is not None:
+        # Calls from one caller run in order: once this answers, the counter holds every
+        # skip this task reported, before the driver sees the task end (a rerun that skips
+        # everything ends right after its reads, and its last progress line must count them).
+        ray.get(counter.snapshot.remote())
+
+
+@ray.remote
+def read_blocks(spec: JobSpec, unit: ReadUnit, validator: Validator, block_rows: int, registry: Any, counter: Any) -> Iterator[pa.Table]:
+    """A read task: :func:`validated_blocks` as a Ray streaming generator."""
+    yield from validated_blocks(spec, unit, validator, block_rows, registry, counter)
+
+
+def start_read(spec: JobSpec, unit: ReadUnit, validator: Any, block_rows: int, registry: Any, counter: Any):
+    """Launch the read task of ``unit``; returns its stream of block refs (an
+    ``ObjectRefGenerator``). ``validator`` may be an object ref, shared by every task."""
+    return read_blocks.options(
+        num_cpus=spec.runtime.task_cpus,
+        num_returns="streaming",
+        _generator_backpressure_num_objects=READ_AHEAD_BLOCKS,
+    ).remote(spec, unit, validator, block_rows, registry, counter)

@@ -1,21 +1,24 @@
-"""The batch job on Ray Data: read -> validate -> generate + encode (actor pool) -> write.
+"""The batch job on Ray: read units -> validate -> generate + encode (engine actors) -> parts.
 
 This is the only place stages are chained and resources attached. The logic of each
 stage lives in pure modules (:mod:`pipeline.spec.validate`, :mod:`pipeline.engine.stages`,
-:mod:`pipeline.storage.sink`); here they are wrapped as Ray Data operators:
+:mod:`pipeline.storage.sink`); here they are wired to Ray:
 
-- the read is a file datasource that numbers rows within each file (row identity);
-- validation runs in the read tasks (fused), so bad rows never reach a GPU;
-- rows are re-blocked to ``runtime.batch_size`` rows (or a size chosen from the row count)
-  so every actor gets work and the last blocks make a short tail;
-- a fixed-size pool of actors each builds its :class:`~pipeline.engine.engine.Engine` in its
-  constructor (weights are loaded on the worker, never pickled from the driver);
-- encoding runs on a thread pool inside each actor, overlapping the next diffusers call,
-  so GPUs do not wait on PNG compression and raw pixels never cross the object store
-  (a separate CPU stage costs a task per block and a copy of every image's pixels);
-- the datasink writes each block as atomic parts and commits it with a record at once
-  (a crash loses only the blocks in flight; the next run adopts the rest), and at the end
-  the manifest and the dataset card;
+- the table is cut into read units (runs of Parquet row groups, or files) from its listing
+  and footers alone (:mod:`pipeline.storage.units`), so work starts without reading it;
+- one read task per unit reads, validates (bad rows never reach a GPU) and cuts its rows
+  into blocks of ``runtime.batch_size`` rows (or a size chosen from the row count);
+  duplicate ids are checked against an id registry actor (:mod:`pipeline.job.read`);
+- ``runtime.num_actors`` engine actors, created once for the whole job, each build their
+  :class:`~pipeline.engine.engine.Engine` in their constructor (weights are loaded on the
+  worker, never pickled from the driver) and encode on a thread pool inside the actor
+  (:mod:`pipeline.job.actors`);
+- the driver feeds blocks to the actors and generated rows to part writes, holding object
+  refs only, a bounded number of them (:mod:`pipeline.job.feed`);
+- each part is written by a task through the datasink (atomic parts), and the manifest
+  at once with a commit record (a crash loses only the blocks in flight; the next run
+  adopts the rest), and at the end the manifest and the dataset card
+  (:mod:`pipeline.job.datasink`);
 - validation and the engine actors report what they finish to a counter actor (``num_cpus=0``)
   that the driver polls for the progress line while the job runs.
 """
@@ -27,23 +30,26 @@ import sys
 import time
 
 import ray
-from ray.data import ActorPoolStrategy
+import pyarrow as pa
+from ray.data.datasource.datasink import WriteResult
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.engine.resolve import build_catalog, place
 from pipeline.job import progress
-from pipeline.job.actors import GenerateStage, ProgressActor, actor_gpus, engine_catalog, final_counts, rows_per_call, startup_failure
+from pipeline.job.actors import GenerateStage, ProgressActor, actor_gpus, final_counts, rows_per_call, start_engines, startup_failure
 from pipeline.job.connect import connect, require_gpus
 from pipeline.job.datasink import DatasetSink, Prepared, prepare_output
-from pipeline.job.read import read_requests
+from pipeline.job.feed import Feed
+from pipeline.job.read import start_read, start_registry
 from pipeline.job.skip import SharedSkipFilter
 from pipeline.job.summary import RunSummary
 from pipeline.output.ownership import unowned_images
 from pipeline.spec.batching import block_rows
 from pipeline.spec.catalog import Catalog
 from pipeline.spec.config import JobSpec
-from pipeline.spec.validate import Validator, find_duplicate_ids
+from pipeline.spec.validate import Validator
 from pipeline.storage import filesystem, sink, tables
+from pipeline.storage.units import plan_units
 from pipeline.storage.lock import OutputLock
 
 log = logging.getLogger(__name__)
@@ -61,7 +67,6 @@ def run(spec: JobSpec, stage: type[GenerateStage] = GenerateStage) -> RunSummary
     run_id = sink.new_run_id()
     catalog = build_catalog(spec)
     tables.preflight(spec.input)
-    duplicates = find_duplicate_ids(tables.read_input(spec.input), spec.input.id_column) if spec.input.id_column else {}
     # The cluster is checked before the output is touched: a job that cannot run must not
     # clear an output (mode: overwrite) or take its lock.
     connect(spec.runtime)
@@ -75,7 +80,7 @@ def run(spec: JobSpec, stage: type[GenerateStage] = GenerateStage) -> RunSummary
     try:
         prepared = prepare_output(spec, run_id, started, catalog)  # adopts what interrupted runs committed
         warnings = _ownership_warnings(spec, fs, root)
-        validator = Validator(spec, catalog, skip=SharedSkipFilter(prepared.skip), duplicates=duplicates)
+        validator = Validator(spec, catalog, skip=skip_filter(prepared))
         summary = _execute(spec, run_id, catalog, validator, started, stage, prepared)
         summary.warnings.extend(warnings)
         return summary
@@ -91,6 +96,13 @@ def run(spec: JobSpec, stage: type[GenerateStage] = GenerateStage) -> RunSummary
         lock.release()
 
 
+def skip_filter(prepared: Prepared) -> SharedSkipFilter:
+    """What read tasks skip: the request ids earlier runs committed (see
+    :class:`~pipeline.spec.validate.Validator`'s ``skip``), as 8-byte hashes put into the
+    object store once and read zero-copy by every read task. The one place the job builds it."""
+    return SharedSkipFilter(prepared.skip)
+
+
 def _ownership_warnings(spec: JobSpec, fs, root: str) -> list[str]:
     """Warn, before any work, when the output holds images no current input row owns
     (a renamed or converted input without an id column: this run would make them again)."""
@@ -103,35 +115,44 @@ def _ownership_warnings(spec: JobSpec, fs, root: str) -> list[str]:
 
 
 def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator, started: float, stage: type, prepared: Prepared) -> RunSummary:
-    """The Ray Data pipeline itself; the caller holds the output's lock."""
+    """The pipeline itself; the caller holds the output's lock."""
     rt = spec.runtime
-    gpus = actor_gpus(spec)
     # On the driver's node: a counter on a worker that is lost would take the counts with
     # it, and the node the driver runs on outlives the job anyway.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     counter = ProgressActor.options(scheduling_strategy=here).remote()
-    total_rows = tables.count_rows(spec.input)
-    rows_per_block = block_rows(rt.batch_size, total_rows, rt.num_actors, rows_per_call(spec, catalog))
-    ds = read_requests(spec, validator, counter)
-    ds = ds.repartition(target_num_rows_per_block=rows_per_block, strict=True)
-    ds = ds.map_batches(
-        stage,
-        fn_constructor_kwargs={"spec": spec, "catalog": engine_catalog(catalog, gpus), "counter": counter},
-        compute=ActorPoolStrategy(size=rt.num_actors),
-        num_cpus=rt.cpus_per_actor,
-        num_gpus=gpus,
-        batch_size=rows_per_block,
-        batch_format="pyarrow",
-        zero_copy_batch=True,
-    )
-    ds = ds.repartition(target_num_rows_per_block=spec.output.rows_per_part, strict=True)
+    table = plan_units(spec.input)
+    rows_per_block = block_rows(rt.batch_size, table.rows, rt.num_actors, rows_per_call(spec, catalog))
+    registry = start_registry() if spec.input.id_column else None
+    actors = start_engines(spec, catalog, counter, stage)
+    shared = ray.put(validator)  # once: every read task reads the same copy
     datasink = DatasetSink(spec, run_id, catalog, started, counter, prepared)
+    writer = write_part.options(num_cpus=rt.task_cpus)
+    sink_ref = ray.put(datasink)
+
+    def write(slices: list) -> ray.ObjectRef:
+        return writer.remote(sink_ref, [(start, stop) for _, start, stop in slices], *(ref for ref, _, _ in slices))
+
+    feed = Feed(
+        units=table.units,
+        start_read=lambda unit: start_read(spec, unit, shared, rows_per_block, registry, counter),
+        actors=actors,
+        write=write,
+        rows_per_part=spec.output.rows_per_part,
+        lookahead=LOOKAHEAD_PER_ACTOR * rt.num_actors,
+    )
     poll = lambda: ray.get(counter.snapshot.remote(), timeout=5)  # noqa: E731
-    with progress.ProgressPrinter(poll, total_rows, rt.progress_interval_s, sys.stderr) as printer:
-        if printer.live:  # Ray Data's own bars would be redrawn over ours
-            ray.data.DataContext.get_current().enable_progress_bars = False
-        ds.write_datasink(datasink, ray_remote_args={"num_cpus": rt.task_cpus})
-    report = datasink.report or sink.WriteReport()
+    try:
+        with progress.ProgressPrinter(poll, table.rows, rt.progress_interval_s, sys.stderr):
+            reports = feed.run()
+    finally:
+        for actor in [*actors, *([registry] if registry is not None else [])]:
+            ray.kill(actor)  # frees their GPUs now, not when the driver exits
+    report = sink.WriteReport()
+    for part in reports:
+        report.add(part)
+    written = sum(p["bytes"] for p in report.parts)
+    datasink.on_write_complete(WriteResult(num_rows=report.images + report.errors, size_bytes=written, write_returns=[report]))
     counts = final_counts(counter)
     return RunSummary(
         run_id=run_id,
@@ -154,3 +175,17 @@ def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator,
         adopted_from=prepared.interrupted,
         recovery=prepared.recovery,
     )
+
+
+# Validated blocks waiting on the driver's queue for an actor, per actor (besides the
+# DEPTH calls queued at each actor): enough to cover a read task's start, few enough that
+# the rows waiting ahead of the engines stay a few blocks per actor.
+LOOKAHEAD_PER_ACTOR = 2
+
+
+@ray.remote
+def write_part(datasink: DatasetSink, bounds: list[tuple[int, int]], *blocks: pa.Table) -> sink.WriteReport:
+    """A part write task: rows ``start:stop`` of each generated block, as one part, through
+    the datasink (atomic parts). Ray retries it as it is, so a retry writes the same rows."""
+    tables = [block.slice(start, stop - start) for block, (start, stop) in zip(blocks, bounds)]
+    return datasink.write([pa.concat_tables(tables, promote_options="permissive")], None)

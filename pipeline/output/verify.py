@@ -40,7 +40,8 @@ from pipeline.engine.resolve import build_catalog, place, recorded_models
 from pipeline.output.ownership import unowned_images
 from pipeline.spec import schema as S
 from pipeline.spec.config import JobSpec
-from pipeline.spec.validate import Validator, find_duplicate_ids
+from pipeline.spec.seen_ids import find_duplicate_ids
+from pipeline.spec.validate import Validator
 from pipeline.storage import commits, filesystem, sink, supersede, tables
 
 _MAX_LISTED = 10

@@ -27,7 +27,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -81,30 +81,6 @@ def scheme_warning(manifests: list[dict[str, Any]]) -> Optional[str]:
     )
 
 
-def find_duplicate_ids(chunks: Iterable[pa.Table], id_column: str) -> dict[str, str]:
-    """Positions (``source#row``) of rows whose id an earlier row already has -> that
-    earlier row's position. Needs the whole table, so it runs before the job starts; it
-    keeps one entry per distinct id in memory (about 100 bytes each)."""
-    first: dict[str, str] = {}
-    repeats: dict[str, str] = {}
-    for chunk in chunks:
-        if id_column not in chunk.column_names:
-            continue
-        columns = (chunk.column(c).to_pylist() for c in (id_column, S.INPUT_SOURCE, S.INPUT_ROW))
-        for value, source, row in zip(*columns):
-            try:
-                key = id_text(value)
-            except RowError:
-                continue  # rejected as a bad id on its own
-            if key is None:
-                continue
-            here = f"{source}#{row}"
-            earlier = first.setdefault(key, here)
-            if earlier != here:
-                repeats[here] = earlier
-    return repeats
-
-
 @dataclass(frozen=True)
 class Validator:
     """Checks rows against one job spec. Build once per job (or per actor) and reuse.
@@ -116,7 +92,7 @@ class Validator:
     holds (committed by an earlier run: anything with ``contains(ids) -> bool array``, such
     as :class:`~pipeline.storage.commits.SkipFilter`) are dropped from the stream. ``duplicates``
     maps the position (``source#row``) of each repeat of an id to the id's first position
-    (see :func:`find_duplicate_ids`); a repeat is rejected, the first occurrence is not.
+    (see :mod:`pipeline.spec.seen_ids`); a repeat is rejected, the first occurrence is not.
     """
 
     spec: JobSpec

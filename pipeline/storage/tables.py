@@ -17,7 +17,7 @@ import csv
 import io
 import json
 import re
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -52,8 +52,9 @@ def read_input(inp: InputConfig, chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.Ta
 def preflight(inp: InputConfig) -> None:
     """Check the table as a whole before any work: its files exist and the first readable
     rows have the columns ``inp`` names. Raises :class:`InputError` saying which setting
-    to change."""
-    first = next(read_input(inp, chunk_rows=64), None)
+    to change. Reads only the head of the files it opens (:func:`head`), so it costs the
+    same for a table of any size."""
+    first = head(inp)
     if first is None:
         raise InputError(f"the prompt table at {inp.url!r} has no rows")
     columns = [c for c in first.column_names if not c.startswith("__")]
@@ -69,6 +70,49 @@ def preflight(inp: InputConfig) -> None:
             )
 
 
+HEAD_BYTES = 1 << 20
+
+
+def head(inp: InputConfig, max_rows: int = 64) -> pa.Table | None:
+    """The first rows of the first file of ``inp`` that has any, or None when none has.
+
+    Parquet reads its first row group; a text file its first :data:`HEAD_BYTES` bytes cut
+    at a line end (the whole file when that does not parse: a quoted newline at the cut,
+    or JSON, which has no lines). JSONL columns are those of the head's lines.
+    """
+    fs, base, files = filesystem.list_table(inp.url, inp.storage_options)
+    if not files:
+        raise InputError(f"no prompt-table files at {inp.url!r}")
+    for path in files:
+        source = filesystem.relative_name(path, base)
+        with filesystem.storage_errors(path, "read"), fs.open(path, "rb") as f:
+            try:
+                chunk = next(_head_chunks(f, inp.format, source, max_rows), None)
+            except InputError as exc:
+                raise InputError(f"{inp.url}: {path}: {exc}") from None
+        if chunk is not None:
+            return chunk
+    return None
+
+
+def _head_chunks(f: BinaryIO, fmt: str, source: str, max_rows: int) -> Iterator[pa.Table]:
+    if fmt in ("parquet", "json"):
+        yield from read_file(f, fmt, source, max_rows)
+        return
+    data = f.read(HEAD_BYTES + 1)
+    if len(data) > HEAD_BYTES:
+        try:
+            chunks = list(read_file(io.BytesIO(data[: data.rfind(b"\n") + 1]), fmt, source, max_rows))
+            if chunks:
+                yield chunks[0]
+                return
+        except InputError:
+            pass
+        f.seek(0)
+        data = f.read()
+    yield from read_file(io.BytesIO(data), fmt, source, max_rows)
+
+
 def count_rows(inp: InputConfig, max_text_bytes: int = 64 << 20) -> int | None:
     """The number of rows in the table ``inp`` names, or None where counting would mean
     reading a large table whole: Parquet is counted from its footers; text formats are
@@ -80,6 +124,12 @@ def count_rows(inp: InputConfig, max_text_bytes: int = 64 << 20) -> int | None:
         size = sum(fs.size(path) for path in files)
     if size > max_text_bytes:
         return None
+    if inp.format == "jsonl":  # a row per non-blank line (a bad line is an error row): no need to parse
+        total = 0
+        for path in files:
+            with filesystem.storage_errors(path, "read"), fs.open(path, "rb") as f:
+                total += sum(1 for line in f if line.strip())
+        return total
     return sum(chunk.num_rows for chunk in read_input(inp))
 
 
@@ -110,8 +160,15 @@ def read_file(stream: BinaryIO, fmt: str, source: str, chunk_rows: int = CHUNK_R
     ``source`` names the file in row identities; it should not depend on where the table
     is stored (a path relative to the input URL), so moving the table keeps identities.
     """
-    offset = 0
-    for table in _READERS[fmt](stream):
+    yield from numbered(_READERS[fmt](stream), source, chunk_rows)
+
+
+def numbered(tables: Iterable[pa.Table], source: str, chunk_rows: int = CHUNK_ROWS, first_row: int = 0) -> Iterator[pa.Table]:
+    """Consecutive rows of one file, cut into chunks of at most ``chunk_rows``, each row
+    given its identity: ``__source`` and ``__row`` (its position in the file, counted
+    from ``first_row``)."""
+    offset = first_row
+    for table in tables:
         for batch in table.to_batches(max_chunksize=chunk_rows):
             chunk = pa.Table.from_batches([batch], schema=table.schema)
             n = chunk.num_rows

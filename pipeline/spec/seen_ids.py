@@ -1,0 +1,133 @@
+"""Duplicate ids at any table size: a compact record of the ids seen so far -> their first row.
+
+A row whose id repeats an earlier row's id is rejected, naming the earlier row (see
+:class:`~pipeline.spec.validate.Validator`). "Earlier" is table order: files in listing
+order, rows in file order. The job reads the table as a sequence of read units (groups
+of Parquet row groups, or whole files) on the cluster; each unit registers its ids with one
+:class:`SeenIds` in unit order and learns which of its rows repeat an earlier id. The
+record keeps no Python object per id: 8-byte hashes of the id text in sorted numpy
+arrays beside the first row's position (about 20 bytes an id: 2 GB for 100M ids).
+
+Trade-off: ids are compared by a 64-bit hash, so two different ids collide with
+probability about n^2 / 2^65 over the table (3e-4 for 100M distinct ids); a collision
+rejects a good row as a repeat, with a message naming the row it collided with.
+
+Pure: numpy only; the job puts one in a Ray actor (:mod:`pipeline.job.read`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.spec import schema as S
+from pipeline.spec.validate import RowError, id_text
+
+
+def id_hash(text: str) -> int:
+    """A stable 64-bit hash of an id's text (the same in every process and run)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def unit_ids(chunks: Iterable[pa.Table], id_column: str) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """The ids of one read unit's raw rows, in table order: ``(sources, hashes, source
+    index, row)``, one entry per row with a non-empty id; ``sources`` names the files."""
+    sources: list[str] = []
+    index: dict[str, int] = {}
+    hashes: list[int] = []
+    where: list[int] = []
+    rows: list[int] = []
+    for chunk in chunks:
+        if id_column not in chunk.column_names:
+            continue
+        columns = (chunk.column(c).to_pylist() for c in (id_column, S.INPUT_SOURCE, S.INPUT_ROW))
+        for value, source, row in zip(*columns):
+            try:
+                text = id_text(value)  # the id text the Validator names a row by
+            except RowError:
+                continue  # a bad id is rejected on its own, never as a repeat
+            if text is None:
+                continue
+            if source not in index:
+                index[source] = len(sources)
+                sources.append(source)
+            hashes.append(id_hash(text))
+            where.append(index[source])
+            rows.append(row)
+    return sources, np.array(hashes, np.uint64), np.array(where, np.int32), np.array(rows, np.int64)
+
+
+class SeenIds:
+    """Id hashes seen so far -> the position (file, row) of the first row that had each.
+
+    Kept as a few sorted levels (log-structured: a new unit's ids make a level, and levels
+    of like size merge), so adding n ids costs O(n log n) over a job and a lookup one binary
+    search per level.
+    """
+
+    def __init__(self) -> None:
+        self._sources: list[str] = []
+        self._source_index: dict[str, int] = {}
+        self._levels: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (hashes sorted, source, row)
+
+    def __len__(self) -> int:
+        return sum(len(level[0]) for level in self._levels)
+
+    def register(self, sources: Sequence[str], hashes: np.ndarray, where: np.ndarray, rows: np.ndarray) -> dict[str, str]:
+        """Add one unit's ids (as :func:`unit_ids` gives them, in table order) and return
+        ``{position: first position}`` (``source#row``) for its rows whose id an earlier
+        row had. Registering the same unit again (a retried read) gives the same answer."""
+        if not len(hashes):
+            return {}
+        local = np.array([self._source_id(s) for s in sources], np.int32)
+        where = local[where]
+        unique, first_in_unit = np.unique(hashes, return_index=True)
+        found, first_source, first_row = self._lookup(unique)
+        # A hash seen in an earlier unit keeps that first row; a new one's first row is its first here.
+        first_source = np.where(found, first_source, where[first_in_unit])
+        first_row = np.where(found, first_row, rows[first_in_unit])
+        slot = np.searchsorted(unique, hashes)
+        repeat = (first_source[slot] != where) | (first_row[slot] != rows)
+        repeats = {
+            f"{self._sources[s]}#{r}": f"{self._sources[fs]}#{fr}"
+            for s, r, fs, fr in zip(where[repeat], rows[repeat], first_source[slot][repeat], first_row[slot][repeat])
+        }
+        new = ~found
+        if new.any():
+            self._add(unique[new], first_source[new], first_row[new])
+        return repeats
+
+    def _source_id(self, source: str) -> int:
+        if source not in self._source_index:
+            self._source_index[source] = len(self._sources)
+            self._sources.append(source)
+        return self._source_index[source]
+
+    def _lookup(self, unique: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        found = np.zeros(len(unique), bool)
+        source = np.zeros(len(unique), np.int32)
+        row = np.zeros(len(unique), np.int64)
+        for hashes, sources, rows in self._levels:
+            at = np.minimum(np.searchsorted(hashes, unique), len(hashes) - 1)
+            hit = hashes[at] == unique
+            found |= hit
+            source[hit], row[hit] = sources[at[hit]], rows[at[hit]]
+        return found, source, row
+
+    def _add(self, hashes: np.ndarray, sources: np.ndarray, rows: np.ndarray) -> None:
+        self._levels.append((hashes, sources, rows))  # np.unique gave them sorted
+        while len(self._levels) > 1 and len(self._levels[-2][0]) <= 2 * len(self._levels[-1][0]):
+            (h1, s1, r1), (h2, s2, r2) = self._levels.pop(), self._levels.pop()
+            h, s, r = np.concatenate([h2, h1]), np.concatenate([s2, s1]), np.concatenate([r2, r1])
+            order = np.argsort(h, kind="stable")
+            self._levels.append((h[order], s[order], r[order]))
+
+
+def find_duplicate_ids(chunks: Iterable[pa.Table], id_column: str) -> dict[str, str]:
+    """Positions (``source#row``) of rows whose id an earlier row already has -> that
+    earlier row's position, over ``chunks`` in table order, in this process (for checks
+    that read the table themselves, such as ``verify --input``)."""
+    return SeenIds().register(*unit_ids(chunks, id_column))
