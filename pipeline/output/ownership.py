@@ -64,7 +64,7 @@ def unowned_images(spec: JobSpec, fs: fsspec.AbstractFileSystem, root: str) -> U
         try:
             with filesystem.storage_errors(relative, "read"), fs.open(filesystem.join(root, relative), "rb") as f:
                 table = pq.read_table(f, columns=[S.ID, S.SOURCE, S.ROW_INDEX])
-        except (StorageError, pa.ArrowException):
+        except (StorageError, OSError, pa.ArrowException):
             continue  # a missing or unreadable part is verify's own finding, not an ownership one
         for image_id, source, row in zip(*(table.column(c).to_pylist() for c in (S.ID, S.SOURCE, S.ROW_INDEX))):
             if not owns(image_id, source, row):
