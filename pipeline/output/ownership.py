@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import StorageError
 from pipeline.spec import schema as S
+from pipeline.spec.cells import RowError, id_text
 from pipeline.spec.config import JobSpec
-from pipeline.spec.validate import RowError, id_text
 from pipeline.storage import filesystem, sink, tables
 
 _SHOWN = 5
