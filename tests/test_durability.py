@@ -328,3 +328,24 @@ def test_the_run_summary_says_what_was_adopted_and_what_was_removed():
     assert "adopted      288 request(s) committed by interrupted run(s) run1: not made again" in text
     assert "removed 1 part(s) without a commit record; dropped 1 damaged commit record(s) (16 rows made again)" in text
     assert "adopted" not in format_summary(RunSummary("run3", "out", 0, 0, 0, {}, 1.0))
+
+
+def test_an_error_part_rewritten_by_supersede_stays_committed(out):
+    """A later run makes an image for a request that failed before: the error part is
+    rewritten without it, and the rewrite is committed (not an orphan the next run removes)."""
+    from pipeline.storage import supersede
+
+    fs, root = out
+    first, later = RUN, "20260102T000000Z-bbbbbbbb"
+    block = sink.write_block(fs, root, first, stream_block(range(0, 8), failed={2, 5}))
+    sink.write_manifest(fs, root, first, {"run_id": first, "status": "complete", "parts": block.parts, "counts": {"images": 6}})
+    again = sink.write_block(fs, root, later, stream_block(range(2, 3)))  # row 2 made this time
+    sink.write_manifest(fs, root, later, {"run_id": later, "status": "complete", "parts": again.parts, "counts": {"images": 1}})
+    done = supersede.supersede_errors(fs, root)
+    assert done.rows == 1
+    found = read_commits(fs, root)
+    assert not (found.orphans or found.dropped or found.superseded)
+    errors = pd.read_parquet(Path(root) / "errors")
+    assert errors["id"].tolist() == ["5"]
+    assert found.ids().contains([rid(2)])[0] and not found.ids().contains([rid(5)])[0]
+    assert sum(r.errors for r in found.runs().values()) == 1

@@ -5,6 +5,7 @@ total read from Parquet footers alone."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -64,7 +65,9 @@ def test_a_broken_default_model_stops_the_job_with_one_message(model_cache, tmp_
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"imagegen: error: the default model '{model}' cannot be loaded on the engine actors: OSError: Unable to load weights")
     assert "check model.ref" in last
-    assert not (tmp_path / "out" / "images").exists() and not (tmp_path / "out" / "_runs").exists()
+    assert not (tmp_path / "out" / "images").exists()
+    manifests = [json.loads(p.read_text()) for p in (tmp_path / "out" / "_runs").glob("*.json")]
+    assert all(m.get("status") != "complete" for m in manifests)  # a run that started, nothing committed
 
 
 def _images_table(n: int) -> pa.Table:
@@ -82,14 +85,15 @@ def test_a_retried_part_write_rewrites_the_same_file(where, tmp_path, request):
     table = _images_table(5)
     first = sink.write_part(fs, root, sink.IMAGES_DIR, "run-1", table)
     again = sink.write_part(fs, root, sink.IMAGES_DIR, "run-1", table)  # what a task Ray retried does
-    assert first == again and first["path"].startswith("images/part-run-1-")
+    assert (first.path, first.bytes, first.sha256) == (again.path, again.bytes, again.sha256)
+    assert first.path.startswith("images/part-run-1-")
     names = [p.rsplit("/", 1)[-1] for p in fs.find(filesystem.join(root, sink.IMAGES_DIR))]
-    assert names == [first["path"].split("/")[-1]], "one file, no temporary left beside it"
-    with fs.open(filesystem.join(root, first["path"]), "rb") as f:
+    assert names == [first.path.split("/")[-1]], "one file, no temporary left beside it"
+    with fs.open(filesystem.join(root, first.path), "rb") as f:
         assert pq.read_table(f).equals(table)
     # Other request ids make another part.
     other = sink.write_part(fs, root, sink.IMAGES_DIR, "run-1", _images_table(6))
-    assert other["path"] != first["path"]
+    assert other.path != first.path
 
 
 def test_an_atomic_write_that_fails_leaves_nothing(tmp_path):

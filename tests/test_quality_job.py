@@ -35,11 +35,11 @@ def base_spec(table: Path, out: Path, model_cache: str, models: dict, **sections
 
 def request_ids(spec) -> set[str]:
     """The request ids the spec's validator gives the table's rows (what a run would make)."""
-    from pipeline.engine.resolve import build_catalog
+    from pipeline.engine.resolve import build_catalog, place
     from pipeline.spec.validate import Validator
     from pipeline.storage.tables import read_input
 
-    validator = Validator(spec, build_catalog(spec))
+    validator = Validator(spec, place(build_catalog(spec), gpus=0))  # the CPU actors these runs use
     return {rid for chunk in read_input(spec.input) for rid in validator.validate_table(chunk).column(S.REQUEST_ID).to_pylist()}
 
 

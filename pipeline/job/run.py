@@ -29,8 +29,8 @@ import logging
 import sys
 import time
 
-import ray
 import pyarrow as pa
+import ray
 from ray.data.datasource.datasink import WriteResult
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -49,8 +49,8 @@ from pipeline.spec.catalog import Catalog
 from pipeline.spec.config import JobSpec
 from pipeline.spec.validate import Validator
 from pipeline.storage import filesystem, sink, tables
-from pipeline.storage.units import plan_units
 from pipeline.storage.lock import OutputLock
+from pipeline.storage.units import plan_units
 
 log = logging.getLogger(__name__)
 

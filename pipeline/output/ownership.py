@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import StorageError
 from pipeline.spec import schema as S
+from pipeline.spec.cells import RowError, id_text
 from pipeline.spec.config import JobSpec
-from pipeline.spec.validate import RowError, id_text
 from pipeline.storage import filesystem, sink, tables
 
 _SHOWN = 5
@@ -64,7 +64,7 @@ def unowned_images(spec: JobSpec, fs: fsspec.AbstractFileSystem, root: str) -> U
         try:
             with filesystem.storage_errors(relative, "read"), fs.open(filesystem.join(root, relative), "rb") as f:
                 table = pq.read_table(f, columns=[S.ID, S.SOURCE, S.ROW_INDEX])
-        except (StorageError, pa.ArrowException):
+        except (StorageError, OSError, pa.ArrowException):
             continue  # a missing or unreadable part is verify's own finding, not an ownership one
         for image_id, source, row in zip(*(table.column(c).to_pylist() for c in (S.ID, S.SOURCE, S.ROW_INDEX))):
             if not owns(image_id, source, row):

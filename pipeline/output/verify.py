@@ -149,8 +149,8 @@ def _repeated(hashes: list[np.ndarray], ids: list[pa.ChunkedArray]) -> list[str]
     if not hashes:
         return []
     every = np.concatenate(hashes)
-    values, counts = np.unique(every, return_counts=True)
-    twice = values[counts > 1]
+    ordered = np.sort(every)  # one sort: numpy 2's np.unique hashes, far slower at millions of ids
+    twice = ordered[1:][ordered[1:] == ordered[:-1]]
     if not len(twice):
         return []
     held = np.isin(every, twice)

@@ -225,7 +225,8 @@ class ImageServer:
     def _encoder(self, encoding: Encoding) -> ImageEncoder:
         if encoding not in self.encoders:
             threads = max(1, int(self.spec.runtime.cpus_per_actor))
-            self.encoders[encoding] = ImageEncoder(encoding.format, encoding.quality, threads)
+            # The same scorer (quality columns) as the stage's own encoder: only the encoding differs.
+            self.encoders[encoding] = ImageEncoder(encoding.format, encoding.quality, threads, scorer=self.stage.encoder.scorer)
         return self.encoders[encoding]
 
 

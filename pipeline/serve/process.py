@@ -7,8 +7,8 @@ Two processes, so that a signal to the whole process group (systemd's, a shell's
   session of its own, forwards SIGTERM, SIGINT and SIGHUP to it, and exits with its code;
 - the **server** (the child) starts or joins Ray, deploys the app, and on the first
   signal drains: new requests get 503, those in flight get up to ``serve.shutdown_grace_s``
-  to finish (:mod:`.drain`), then it shuts down and exits 0. A second signal skips the
-  rest of the wait.
+  to finish (:mod:`.drain`), then it shuts down and exits 0. A second SIGINT (Ctrl-C)
+  skips the rest of the wait.
 
 Without the split, a local Ray started by ``ray.init`` shares our process group: a group
 SIGTERM kills its raylet and GCS at once, in-flight requests fail and the driver hangs
@@ -66,19 +66,24 @@ def _die_with_parent() -> None:
 
 
 class StopSignals:
-    """The server's stop signals: the first sets :attr:`received`; a second raises
-    KeyboardInterrupt (stop waiting for requests in flight)."""
+    """The server's stop signals: the first sets :attr:`received`; a second SIGINT (Ctrl-C
+    twice) raises KeyboardInterrupt: stop waiting for requests in flight.
+
+    A repeated SIGTERM or SIGHUP changes nothing: Kubernetes and systemd escalate with
+    SIGKILL, not with another SIGTERM, and the parent-death signal can come more than once
+    (once per thread of a killed multi-threaded supervisor, as the kernel reparents us).
+    """
 
     def __init__(self) -> None:
         self.received = threading.Event()
         self.name = ""
-        self.second = ""
         self._previous = {signum: signal.signal(signum, self._handle) for signum in FORWARDED}
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.received.is_set():
-            self.second = signal.Signals(signum).name
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self.name = signal.Signals(signum).name
         self.received.set()
 
@@ -113,7 +118,7 @@ def serve_until_interrupted(spec: JobSpec, announce: Callable[[str], None] = pri
         signals.wait()
         cut_off = _drain(drain, sv.shutdown_grace_s, signals.name, announce)
     except KeyboardInterrupt:
-        announce(f"{signals.second or 'a second signal'}: stopping now, without waiting for requests in flight")
+        announce("SIGINT again: stopping now, without waiting for requests in flight")
         cut_off = -1
     except BaseException as exc:  # SystemExit too: say why before Ray goes down
         # Said before the shutdown, in case the shutdown itself cannot finish.
@@ -131,14 +136,14 @@ def _drain(drain: "ray.actor.ActorHandle", grace_s: float, why: str, announce: C
     """Refuse new requests, wait up to ``grace_s`` for those in flight; return how many
     were still in flight at the end."""
     in_flight = ray.get(drain.drain.remote(), timeout=30)
-    announce(f"{why}: taking no new requests (503); waiting up to {grace_s:g} s for {in_flight} in flight (signal again to stop now)")
+    announce(f"{why}: taking no new requests (503); waiting up to {grace_s:g} s for {in_flight} in flight (Ctrl-C again to stop now)")
     deadline = time.monotonic() + grace_s
     while in_flight:
         left = deadline - time.monotonic()
         if left <= 0:
             announce(f"grace period (serve.shutdown_grace_s={grace_s:g}) over with {in_flight} request(s) still in flight: they are cut off")
             return in_flight
-        # One-second slices: the main thread stays free to take a second signal. A slow
+        # One-second slices: the main thread stays free to take a second Ctrl-C. A slow
         # answer (a loaded machine) is no reason to cut requests off: ask again.
         try:
             in_flight = ray.get(drain.wait_idle.remote(min(left, 1.0)), timeout=min(left, 1.0) + 30)

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.spec import schema as S
-from pipeline.spec.validate import RowError, id_text
+from pipeline.spec.cells import RowError, id_text
 
 
 def id_hash(text: str) -> int:

@@ -24,37 +24,30 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 import numpy as np
 import pyarrow as pa
 
+from pipeline.spec import cells
 from pipeline.spec import schema as S
 from pipeline.spec.catalog import AdapterEntry, Catalog, ModelEntry
 from pipeline.spec.config import ROW_PARAMETERS, JobSpec
 from pipeline.spec.schema import READ_ERROR, READ_TEXT
 
-SEED_SPACE = 2**63
 # How request ids are made. 1: until dtype, device class and the hub commit entered them;
 # 2: with them. Recorded in every run manifest as ``request_id_scheme``.
 REQUEST_ID_SCHEME = 2
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 REQUEST_SCHEMA = pa.schema([*S.REQUEST_FIELDS, *S.ERROR_FIELDS])
 # Key of a rejected row's (parameter, message) pairs; parameter is None for a read error.
 PROBLEMS = "problems"
 
 
-class RowError(ValueError):
-    """One reason a row cannot be generated."""
-
-
 def derive_seed(job_seed: int, identity: str) -> int:
     """The seed of a row that has none: a function of the job seed and the row identity only."""
     digest = hashlib.sha256(f"{job_seed}\x00{identity}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % SEED_SPACE
+    return int.from_bytes(digest[:8], "big") % cells.SEED_SPACE
 
 
 def request_id(identity: str, image_index: int, params: dict[str, Any], model_fingerprint: str) -> str:
@@ -119,10 +112,10 @@ class Validator:
         reject_identity = None
         if inp.id_column:
             try:
-                display_id = id_text(raw.get(inp.id_column))
+                display_id = cells.id_text(raw.get(inp.id_column))
                 if display_id is None:
                     problems.append(("id", f"id column {inp.id_column!r} is empty"))
-            except RowError as exc:
+            except cells.RowError as exc:
                 problems.append(("id", str(exc)))
                 display_id = None
             if display_id is None:
@@ -169,7 +162,7 @@ class Validator:
         identifying = {k: v for k, v in params.items() if k != S.MAX_SEQUENCE_LENGTH}
         requests = []
         for k in range(num_images):
-            image = {**identifying, "seed": (seed + k) % SEED_SPACE}
+            image = {**identifying, "seed": (seed + k) % cells.SEED_SPACE}
             # The spec's scheduler name (or "default"), not the column's class: ids made
             # before the column named the class stay what they were.
             rid = request_id(identity, k, {**image, "scheduler": model.config.scheduler or "default", **extra}, model.fingerprint)
@@ -179,7 +172,7 @@ class Validator:
     def _model(self, value: Any, problems: list[tuple[str | None, str]]) -> ModelEntry:
         """The row's model; the default one (for the error row's columns) when it names none known."""
         models = self.catalog.models
-        if _missing(value):
+        if cells.missing(value):
             return models[self.catalog.default_model]
         if isinstance(value, str) and value in models:
             return models[value]
@@ -190,10 +183,10 @@ class Validator:
         """The row's LoRA adapter and its scale, or (None, None)."""
         inp, loras = self.spec.input, self.catalog.loras
         name, scale = raw.get(inp.column_for("lora")), raw.get(inp.column_for("lora_scale"))
-        if _missing(name):
+        if cells.missing(name):
             name = self.spec.defaults.lora
         if name is None:
-            if not _missing(scale):
+            if not cells.missing(scale):
                 problems.append(("lora_scale", "lora_scale is set but the row names no lora; give a lora or leave lora_scale empty"))
             return None, None
         if not isinstance(name, str) or name not in loras:
@@ -202,8 +195,8 @@ class Validator:
             return None, None
         entry = loras[name]
         try:
-            return entry, _number(scale, "lora_scale", entry.config.scale, -10.0, 10.0)
-        except RowError as exc:
+            return entry, cells.number(scale, "lora_scale", entry.config.scale, -10.0, 10.0)
+        except cells.RowError as exc:
             problems.append(("lora_scale", str(exc)))
             return None, None
 
@@ -217,14 +210,14 @@ class Validator:
         def check(parse, parameter: str, *args):
             try:
                 return parse(cell(parameter), parameter, *args)
-            except RowError as exc:
+            except cells.RowError as exc:
                 problems.append((parameter, str(exc)))
                 return None
 
         def not_taken(parameter: str) -> None:
             # A default the family cannot use is not applied; the row's own value is an error.
             value = cell(parameter)
-            if not _missing(value):
+            if not cells.missing(value):
                 problems.append(
                     (parameter, f"{parameter}: model {model.name!r} ({family.label}) does not take {parameter}; leave it empty for this model's rows")
                 )
@@ -235,29 +228,29 @@ class Validator:
             problems.append(("prompt", f"no prompt column {inp.prompt_column!r} in this row's file"))
         else:
             try:
-                prompt = _prompt(raw.get(inp.prompt_column), "prompt", lim.max_prompt_chars)
-            except RowError as exc:
+                prompt = cells.prompt(raw.get(inp.prompt_column), "prompt", lim.max_prompt_chars)
+            except cells.RowError as exc:
                 problems.append(("prompt", str(exc)))
         if family.takes_parameter("negative_prompt"):
-            negative = check(_optional_text, "negative_prompt", d.negative_prompt, lim.max_prompt_chars)
+            negative = check(cells.optional_text, "negative_prompt", d.negative_prompt, lim.max_prompt_chars)
         else:
             negative = not_taken("negative_prompt")
         if family.takes_parameter("max_sequence_length"):
             limit = family.max_sequence_length_limit
             default = d.max_sequence_length or family.max_sequence_length
-            max_sequence_length = check(_bounded_int, "max_sequence_length", default, 1, limit)
+            max_sequence_length = check(cells.bounded_int, "max_sequence_length", default, 1, limit)
         else:
             max_sequence_length = not_taken("max_sequence_length")
         return {
             "prompt": prompt,
             "negative_prompt": negative,
-            "width": check(_size, "width", d.width, lim.max_width, lim.size_multiple, model),
-            "height": check(_size, "height", d.height, lim.max_height, lim.size_multiple, model),
-            "steps": check(_bounded_int, "steps", d.steps, 1, lim.max_steps),
-            "guidance_scale": check(_number, "guidance_scale", d.guidance_scale, 0.0, lim.max_guidance_scale),
+            "width": check(cells.size, "width", d.width, lim.max_width, lim.size_multiple, model),
+            "height": check(cells.size, "height", d.height, lim.max_height, lim.size_multiple, model),
+            "steps": check(cells.bounded_int, "steps", d.steps, 1, lim.max_steps),
+            "guidance_scale": check(cells.number, "guidance_scale", d.guidance_scale, 0.0, lim.max_guidance_scale),
             S.MAX_SEQUENCE_LENGTH: max_sequence_length,
-            "num_images": check(_bounded_int, "num_images", d.num_images, 1, lim.max_num_images),
-            "seed": check(_seed, "seed"),
+            "num_images": check(cells.bounded_int, "num_images", d.num_images, 1, lim.max_num_images),
+            "seed": check(cells.seed, "seed"),
         }
 
     def _reject(self, base, raw, identity, stage, error_type, problems) -> dict[str, Any]:
@@ -311,137 +304,7 @@ class Validator:
         return result, skipped
 
 
-# -- cell parsers: value -> clean value, or RowError with a reason a user understands ---------
-
-
-def _missing(value: Any) -> bool:
-    """The one rule for empty cells, the same for every parameter and every format: null
-    (Parquet, JSON) and empty or blank text (an empty CSV/TSV cell) both mean "use the
-    default". NaN is not empty: it is a number that is not one, and rejected as such."""
-    return value is None or (isinstance(value, str) and not value.strip())
-
-
-# From here on a float64 no longer holds every whole number: 2**53 + 1 reads back as 2**53.
-_EXACT_FLOAT = 2**53
-
-
-def _whole(value: Any, name: str) -> int:
-    if isinstance(value, bool):
-        raise RowError(f"{name} must be a whole number, got {value!r}")
-    if isinstance(value, int):
-        return value
-    number = value
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            return int(text)
-        except ValueError:
-            try:
-                number = float(text)
-            except ValueError:
-                raise RowError(f"{name} must be a whole number, got {value!r}") from None
-    if isinstance(number, float):
-        return _whole_float(number, value, name)
-    raise RowError(f"{name} must be a whole number, got {value!r}")
-
-
-def _whole_float(number: float, value: Any, name: str) -> int:
-    """A float that stands for a whole number exactly, as that number; RowError otherwise.
-    pandas stores an integer column with a missing value as float64, which rounds numbers
-    from 2**53 on (1234567890123456789 becomes ...768): such a value is refused rather than
-    used as some other number."""
-    if math.isnan(number):
-        raise RowError(f"{name} is NaN (not a number); leave the cell empty (null) for the default")
-    if not number.is_integer():
-        raise RowError(f"{name} must be a whole number, got {value!r}")
-    if abs(number) >= _EXACT_FLOAT:  # 2**53 itself may be a rounded 2**53 + 1
-        raise RowError(
-            f"{name} {value!r} is a float at or above 2**53, where floats skip whole numbers: it may have been rounded "
-            "(pandas turns an integer column with a missing value into float64); store it as an integer or as text"
-        )
-    return int(number)
-
-
-def id_text(value: Any) -> Optional[str]:
-    """A row's id as text, or None when the cell is empty; RowError for an id that is not
-    one (NaN, or a float that may have been rounded). Whole floats lose their ``.0``, so an
-    id column that pandas made float64 gives the ids ``1``, ``2`` that CSV gives."""
-    if isinstance(value, float):
-        if math.isnan(value):
-            return None
-        return str(_whole_float(value, value, "id")) if value.is_integer() else repr(value)
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    return str(value)
-
-
-def _bounded_int(value: Any, name: str, default: int, low: int, high: int) -> int:
-    if _missing(value):
-        return default
-    number = _whole(value, name)
-    if not low <= number <= high:
-        raise RowError(f"{name} must be between {low} and {high}, got {number}")
-    return number
-
-
-def _size(value: Any, name: str, default: int, high: int, multiple: int, model: ModelEntry) -> int:
-    """A width or height: within the limits, a multiple of ``limits.size_multiple`` and of
-    what the row's model takes (off it FLUX would round the size down silently)."""
-    number = _bounded_int(value, name, default, 1, high)
-    if number % multiple:
-        raise RowError(f"{name} must be a multiple of {multiple}, got {number}")
-    if number % model.size_multiple:
-        raise RowError(f"{name} must be a multiple of {model.size_multiple} for model {model.name!r} ({model.size_rule}), got {number}")
-    return number
-
-
-def _seed(value: Any, name: str) -> int | None:
-    if _missing(value):
-        return None
-    number = _whole(value, name)
-    if not 0 <= number < SEED_SPACE:
-        raise RowError(f"{name} must be between 0 and 2**63-1, got {number}")
-    return number
-
-
-def _number(value: Any, name: str, default: float, low: float, high: float) -> float:
-    if _missing(value):
-        return default
-    if isinstance(value, bool):
-        raise RowError(f"{name} must be a number, got {value!r}")
-    try:
-        number = float(value.strip() if isinstance(value, str) else value)
-    except (TypeError, ValueError):
-        raise RowError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(number) or not low <= number <= high:
-        raise RowError(f"{name} must be between {low:g} and {high:g}, got {value!r}")
-    return number
-
-
-def _text(value: Any, name: str, max_chars: int) -> str:
-    if not isinstance(value, str):
-        raise RowError(f"{name} must be text, got {type(value).__name__} {value!r}")
-    if len(value) > max_chars:
-        raise RowError(f"{name} has {len(value)} characters, above limits.max_prompt_chars={max_chars}")
-    bad = _CONTROL.search(value)
-    if bad:
-        raise RowError(f"{name} contains control character U+{ord(bad.group()):04X} at position {bad.start()}")
-    return value
-
-
-def _prompt(value: Any, name: str, max_chars: int) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        raise RowError(f"{name} is missing (null)")
-    text = _text(value, name, max_chars)
-    if not text.strip():
-        raise RowError(f"{name} is empty")
-    return text
-
-
-def _optional_text(value: Any, name: str, default: str, max_chars: int) -> str:
-    if _missing(value):
-        return default
-    return _text(value, name, max_chars)
+# -- cell parsers: value -> clean value, or cells.RowError with a reason a user understands ---------
 
 
 def _model_columns(model: ModelEntry) -> dict[str, Any]:

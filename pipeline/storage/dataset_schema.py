@@ -14,9 +14,10 @@ pandas, pyarrow and Ray read it from::
     schema = pyarrow.parquet.read_schema("output/_schema/images.parquet")
     pandas.read_parquet("output/images", schema=schema)
 
-Columns that no longer unify (a pass-through column that was text in one run and a
-number in the next) keep the type they had; the card then leaves the features out (the
-message logged names the column), since no single type reads every part.
+A column that does not unify (a pass-through column that was text in one run and a
+number in the next) keeps the type it had first, and a warning names it: readers given the
+schema must cast that column's other parts, which ``datasets`` does for number to text but
+pyarrow does not.
 
 Pure: reads Parquet footers only.
 """
@@ -80,9 +81,16 @@ def unify(schemas: Iterable[Optional[pa.Schema]]) -> Optional[pa.Schema]:
     return result
 
 
-def _footer_schema(fs: fsspec.AbstractFileSystem, root: str, relative: str) -> pa.Schema:
-    with filesystem.storage_errors(relative, "read"), fs.open(filesystem.join(root, relative), "rb") as f:
-        return pq.read_schema(f)
+def _footer_schema(fs: fsspec.AbstractFileSystem, root: str, relative: str) -> Optional[pa.Schema]:
+    """A part's schema from its footer; None for a part a manifest lists that is gone (a
+    recovery removed it): the schema is of what readers find."""
+    path = filesystem.join(root, relative)
+    with filesystem.storage_errors(relative, "read"):
+        try:
+            with fs.open(path, "rb") as f:
+                return pq.read_schema(f)
+        except FileNotFoundError:
+            return None
 
 
 def promote(fs: fsspec.AbstractFileSystem, root: str, manifests: list[dict[str, Any]], new_parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -92,7 +100,7 @@ def promote(fs: fsspec.AbstractFileSystem, root: str, manifests: list[dict[str, 
     written before this existed), once."""
     recorded = next((i for i in range(len(manifests) - 1, -1, -1) if manifests[i].get("schemas")), None)
     start = decode_all(manifests[recorded]["schemas"]) if recorded is not None else {}
-    unrecorded = [p for m in manifests[(recorded + 1 if recorded is not None else 0) :] for p in m["parts"]]
+    unrecorded = [p for m in manifests[(recorded + 1 if recorded is not None else 0) :] for p in m.get("parts", [])]
     out = {}
     for kind in KINDS:
         parts = [p["path"] for p in (*unrecorded, *new_parts) if p["path"].startswith(kind + "/")]

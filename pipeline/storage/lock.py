@@ -107,9 +107,9 @@ def check_lease(fs: fsspec.AbstractFileSystem, root: str, run_id: str, url: str,
     else:
         return
     raise LeaseLost(
-        f"run {run_id} lost its lock on {url}: {reason}. It stopped writing; the parts it had written stay "
-        "uncommitted and the next run into this output removes them and makes their rows again. Check that the "
-        "output's storage is reachable and rerun the same command."
+        f"run {run_id} lost its lock on {url}: {reason}. It stopped writing; the blocks it committed stay "
+        "committed (the next run into this output adopts them, and removes any part left without a commit record). "
+        "Check that the output's storage is reachable and rerun the same command."
     )
 
 
@@ -179,9 +179,9 @@ class OutputLock:
         """Raise :class:`LeaseLost` if the lease was lost (see :func:`check_lease`)."""
         if self._lost is not None:
             raise LeaseLost(
-                f"run {self.run_id} lost its lock on {self.url}: {self._lost}. It stopped writing; the parts it had "
-                "written stay uncommitted and the next run into this output removes them and makes their rows again. "
-                "Check that the output's storage is reachable and rerun the same command."
+                f"run {self.run_id} lost its lock on {self.url}: {self._lost}. It stopped writing; the blocks it "
+                "committed stay committed (the next run into this output adopts them, and removes any part left without "
+                "a commit record). Check that the output's storage is reachable and rerun the same command."
             )
 
     def release(self) -> None:
