@@ -7,18 +7,22 @@ and the dataset doubles without any error. :func:`unowned_images` finds the imag
 identity no current row has, so ``imagegen validate`` and ``imagegen run`` can warn before
 any work and ``imagegen verify --input`` can report them.
 
-Costs one pass over the input's ids (or, without an id column, its row count per file:
-Parquet from the footers) and one over the ``id``, ``source`` and ``row_index`` columns of
-the committed image parts. Pure: no Ray.
+Costs one pass over the input's ids, held as 8-byte hashes (or, without an id column, its
+row count per file: Parquet from the footers), and one over the ``id``, ``source`` and
+``row_index`` columns of the committed image parts, compared as Arrow columns: nothing per
+image is kept. Pure: no Ray.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 import fsspec
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import StorageError
@@ -26,6 +30,7 @@ from pipeline.spec import schema as S
 from pipeline.spec.cells import RowError, id_text
 from pipeline.spec.config import JobSpec
 from pipeline.storage import filesystem, sink, tables
+from pipeline.storage.committed_ids import CommittedIds, id_hashes
 
 _SHOWN = 5
 
@@ -59,33 +64,47 @@ def unowned_images(spec: JobSpec, fs: fsspec.AbstractFileSystem, root: str) -> U
     parts = [p["path"] for m in manifests for p in m["parts"] if p["path"].startswith(sink.IMAGES_DIR + "/")]
     if not parts:
         return found
-    owns = _owner(spec)
+    owned = _owner(spec)
     for relative in parts:
         try:
             with filesystem.storage_errors(relative, "read"), fs.open(filesystem.join(root, relative), "rb") as f:
                 table = pq.read_table(f, columns=[S.ID, S.SOURCE, S.ROW_INDEX])
         except (StorageError, OSError, pa.ArrowException):
             continue  # a missing or unreadable part is verify's own finding, not an ownership one
-        for image_id, source, row in zip(*(table.column(c).to_pylist() for c in (S.ID, S.SOURCE, S.ROW_INDEX))):
-            if not owns(image_id, source, row):
-                found.images += 1
-                found.by_source[source] += 1
+        stray = table.filter(pa.array(~owned(table)))
+        if stray.num_rows:
+            found.images += stray.num_rows
+            for item in pc.value_counts(stray.column(S.SOURCE)).to_pylist():
+                found.by_source[item["values"]] += item["counts"]
     return found
 
 
-def _owner(spec: JobSpec):
-    """``owns(id, source, row)``: whether a current input row has that image's identity."""
+def _owner(spec: JobSpec) -> Callable[[pa.Table], np.ndarray]:
+    """``owned(images)``: for each image row (``id``, ``source``, ``row_index``), whether a
+    current input row has its identity. Vectorised, and compact on the driver: the input's
+    ids are held as 8-byte hashes (as the skip filter holds request ids), not as strings."""
     inp = spec.input
     if inp.id_column:
-        ids = set()
+        hashes = []
         for chunk in tables.read_input(inp):
             if inp.id_column in chunk.column_names:
+                texts = []
                 for value in chunk.column(inp.id_column).to_pylist():
                     try:
-                        ids.add(id_text(value))
+                        texts.append(id_text(value))
                     except RowError:
                         continue
-        return lambda image_id, source, row: image_id in ids
+                hashes.append(id_hashes(pa.array([x for x in texts if x is not None], pa.string())))
+        ids = CommittedIds(np.concatenate(hashes) if hashes else None)
+        return lambda images: ids.contains(images.column(S.ID))
     rows = tables.rows_per_file(inp)
-    # An image made without an id column has the id `source#row`; one made with one does not.
-    return lambda image_id, source, row: row < rows.get(source, 0) and image_id == f"{source}#{row}"
+
+    def owned(images: pa.Table) -> np.ndarray:
+        # An image made without an id column has the id `source#row`; one made with one does not.
+        source, row = images.column(S.SOURCE), images.column(S.ROW_INDEX)
+        sources = pc.unique(source)
+        limit = pc.take(pa.array([rows.get(s, 0) for s in sources.to_pylist()], pa.int64()), pc.index_in(source, sources))
+        named = pc.equal(images.column(S.ID), pc.binary_join_element_wise(source, pc.cast(row, pa.string()), "#"))
+        return pc.fill_null(pc.and_(pc.less(row, limit), named), False).to_numpy(zero_copy_only=False)
+
+    return owned

@@ -94,6 +94,11 @@ def superseded_mask(errors: pa.Table, later: dict[tuple, str]) -> list[bool]:
     return mask
 
 
+def _positions(table: pa.Table) -> pa.ChunkedArray:
+    """Each row's position (``source``, ``row_index``) as one comparable text value."""
+    return pc.binary_join_element_wise(table.column(S.SOURCE), pc.cast(table.column(S.ROW_INDEX), pa.string()), "\x00")
+
+
 def _read(fs: fsspec.AbstractFileSystem, root: str, relative: str, columns: list[str] | None = None) -> pa.Table:
     with filesystem.storage_errors(relative, "read"), fs.open(filesystem.join(root, relative), "rb") as f:
         return pq.read_table(f, columns=columns)
@@ -109,18 +114,34 @@ def supersede_errors(fs: fsspec.AbstractFileSystem, root: str) -> Superseded:
     if not unchecked:
         return done
     found = commits.read_commits(fs, root)
-    # The latest run that settled each key, from the committed rows of the runs not checked yet.
+    error_parts = [part.path for record in found.records for part in record.parts if part.kind == sink.ERRORS_DIR and part.rows]
+    errors = [_read(fs, root, path, [*KEY_COLUMNS, S.ERROR_TYPE]) for path in error_parts]
+    errors = pa.concat_tables(errors, promote_options="default") if errors else None
     later: dict[tuple, str] = {}
-    for record in found.records:
-        if record.run_id not in unchecked:
-            continue
-        for part in record.parts:
-            columns = KEY_COLUMNS + ([S.ERROR_TYPE] if part.kind == sink.ERRORS_DIR else [])
-            for key, run_id in offers(_read(fs, root, part.path, columns)):
-                if later.get(key, "") < run_id:
-                    later[key] = run_id
-    for record in found.records:
-        _rewrite_record(fs, root, record, later, done)
+    if errors is not None and errors.num_rows:
+        # The keys a later verdict could supersede an error row by come from the error rows
+        # themselves (few); the later runs' rows are read as Arrow columns, and only those
+        # holding such a key become Python objects: the driver holds nothing per image.
+        duplicate = pc.fill_null(pc.equal(errors.column(S.ERROR_TYPE), S.ERROR_TYPE_DUPLICATE_ID), False)
+        wanted_requests = pc.unique(errors.column(S.REQUEST_ID))
+        wanted_rows = pc.unique(errors.filter(pc.invert(duplicate)).column(S.ID))
+        wanted_positions = pc.unique(_positions(errors.filter(duplicate)))
+        for record in found.records:
+            if record.run_id not in unchecked:
+                continue
+            for part in record.parts:
+                columns = KEY_COLUMNS + ([S.ERROR_TYPE] if part.kind == sink.ERRORS_DIR else [])
+                table = _read(fs, root, part.path, columns)
+                hit = pc.or_(
+                    pc.or_(pc.is_in(table.column(S.REQUEST_ID), wanted_requests), pc.is_in(table.column(S.ID), wanted_rows)),
+                    pc.is_in(_positions(table), wanted_positions),
+                )
+                for key, run_id in offers(table.filter(pc.fill_null(hit, False))):
+                    if later.get(key, "") < run_id:
+                        later[key] = run_id
+    if later:
+        for record in found.records:
+            _rewrite_record(fs, root, record, later, done)
     if done.parts:
         for manifest in sink.read_manifests(fs, root):
             parts = manifest.get("parts", [])
