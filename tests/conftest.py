@@ -4,12 +4,13 @@ server on 127.0.0.1, and a helper to build job specs."""
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from polling import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = REPO / "tests" / "data" / "prompts"
@@ -63,18 +64,12 @@ def make_spec(model_cache, tmp_path):
     return build
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on 127.0.0.1, spoken to over real HTTP by s3fs."""
     from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"

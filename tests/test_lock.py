@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from s3_proxy import S3Proxy
 
 from pipeline.errors import LeaseLost, RunConflict
 from pipeline.job.run import run
 from pipeline.output.verify import verify
 from pipeline.storage import filesystem
 from pipeline.storage.lock import LOCK_NAME, OutputLock, check_lease
+
+from s3_proxy import S3Proxy
 
 
 @pytest.mark.ray

@@ -9,10 +9,11 @@ import itertools
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from s3_proxy import S3Proxy
 
 from pipeline.job.run import run
 from pipeline.output.verify import verify
+
+from s3_proxy import S3Proxy
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 

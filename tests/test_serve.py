@@ -11,12 +11,10 @@ import io
 import json
 import os
 import shutil
-import socket
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import openai
 import pyarrow.parquet as pq
@@ -33,31 +31,20 @@ from pipeline.serve.auth import KeyCheck, check_exposure, digest, load_key_diges
 from pipeline.serve.http_api import default_id
 from pipeline.spec.load import parse_spec
 
+from polling import free_port, wait_for
+
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 
 SERVE_PROCESS_MARKERS = ("ServeController", "ProxyActor", "ServeReplica")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _wait_for(condition: Callable[[], Any], what: str, timeout: float = 60.0, every: float = 0.2) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = condition()
-        except (requests.RequestException, OSError) as exc:
-            last_error, result = exc, None
-        if result:
-            return result
-        time.sleep(every)  # poll interval, not synchronisation: the condition decides
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last error: {last_error})")
 
+
+def _serving(condition, what: str, timeout: float = 60.0):
+    """Poll a server until ``condition`` holds; connection errors while it starts count as not yet."""
+    return wait_for(condition, timeout, what, ignore=(requests.RequestException, OSError))
 
 def _spec_data(root: Path, port: int, **serve: Any) -> dict[str, Any]:
     return {
@@ -110,9 +97,9 @@ def ray_session():
 @pytest.fixture(scope="module")
 def app(ray_session, workdir):
     """The main app: returns (base URL, spec)."""
-    spec = parse_spec(_spec_data(workdir, _free_port()), source="test spec")
+    spec = parse_spec(_spec_data(workdir, free_port()), source="test spec")
     url = start(spec)
-    _wait_for(lambda: requests.get(f"{url}/healthz", timeout=5).status_code == 200, "the app to answer /healthz")
+    _serving(lambda: requests.get(f"{url}/healthz", timeout=5).status_code == 200, "the app to answer /healthz")
     return url, spec
 
 
@@ -253,7 +240,7 @@ def test_overload_is_a_503_with_retry_after(app, workdir):
     start(spec, name="overload")
     base = url.rstrip("/") + "/overload"
     try:
-        _wait_for(lambda: requests.get(f"{base}/healthz", timeout=5).status_code == 200, "the overload app")
+        _serving(lambda: requests.get(f"{base}/healthz", timeout=5).status_code == 200, "the overload app")
         bodies = [{"prompt": f"crowd {i}", "seed": i} for i in range(12)]
         with ThreadPoolExecutor(max_workers=len(bodies)) as pool:
             responses = list(pool.map(lambda b: _generate(base, b), bodies))
@@ -279,7 +266,7 @@ def test_requests_pick_a_model_and_an_adapter(app, workdir):
     start(parse_spec(data, source="variations spec"), name="variations")
     base = url.rstrip("/") + "/variations"
     try:
-        _wait_for(lambda: requests.get(f"{base}/healthz", timeout=5).status_code == 200, "the variations app")
+        _serving(lambda: requests.get(f"{base}/healthz", timeout=5).status_code == 200, "the variations app")
         listed = {m["id"]: m for m in requests.get(f"{base}/v1/models", timeout=10).json()["data"]}
         assert {name: (m["family"], m["default"]) for name, m in listed.items()} == {"sd": ("sd", True), "flux": ("flux", False)}
         flux = _generate(base, {"prompt": "a red fox", "model": "flux", "seed": 1})
@@ -381,7 +368,7 @@ def test_api_keys_bearer_401_healthz_open_and_keys_never_logged(app, workdir):
     start(parse_spec(data, source="keyed spec"), name="keyed")
     base = url.rstrip("/") + "/keyed"
     try:
-        health = _wait_for(lambda: requests.get(f"{base}/healthz", timeout=5), "the keyed app", timeout=90)
+        health = _serving(lambda: requests.get(f"{base}/healthz", timeout=5), "the keyed app", timeout=90)
         assert health.status_code == 200  # probes need no key
         with pytest.raises(openai.AuthenticationError) as caught:
             _client(base, wrong).images.generate(prompt="a red fox")
@@ -478,7 +465,7 @@ def _port_closed(url: str) -> bool:
 def test_clean_shutdown(app, ray_session):
     url, _ = app
     serve.shutdown()
-    _wait_for(lambda: not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "serve"], "Serve actors to exit")
-    _wait_for(lambda: _port_closed(url), "the HTTP port to close")
+    _serving(lambda: not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "serve"], "Serve actors to exit")
+    _serving(lambda: _port_closed(url), "the HTTP port to close")
     if ray_session and os.path.isdir("/proc"):  # the Ray processes are this test process's children only when it started Ray
-        _wait_for(lambda: not _serve_processes(), "Serve processes to exit", timeout=30)
+        _serving(lambda: not _serve_processes(), "Serve processes to exit", timeout=30)

@@ -11,40 +11,30 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import requests
 import yaml
+
+from polling import free_port, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _wait_for(condition: Callable[[], Any], what: str, timeout: float = 240.0, every: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            result = condition()
-        except (requests.RequestException, OSError):
-            result = None
-        if result:
-            return result
-        time.sleep(every)  # poll interval, not synchronisation: the condition decides
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _serving(condition, what: str, timeout: float = 240.0):
+    """Poll a server until ``condition`` holds; connection errors while it starts count as not yet."""
+    return wait_for(condition, timeout, what, ignore=(requests.RequestException, OSError))
 
 
 class Server:
@@ -52,7 +42,7 @@ class Server:
     group cannot reach pytest)."""
 
     def __init__(self, tmp_path: Path, grace_s: float, **serve: Any):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         spec = {
             "input": {"url": str(tmp_path / "unused.jsonl")},
@@ -72,7 +62,7 @@ class Server:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-        _wait_for(lambda: self.process.poll() is not None or self.health().status_code == 200, "the server to answer /healthz")
+        _serving(lambda: self.process.poll() is not None or self.health().status_code == 200, "the server to answer /healthz")
         assert self.process.poll() is None, self.output()
 
     def health(self) -> requests.Response:
@@ -128,14 +118,14 @@ def test_sigterm_finishes_requests_in_flight_refuses_new_ones_and_exits_0(tmp_pa
         bodies = [{"prompt": f"a slow lighthouse {i}", "steps": 300, "seed": i} for i in range(3)]
         with ThreadPoolExecutor(max_workers=len(bodies)) as pool:
             futures = [pool.submit(server.generate, body) for body in bodies]
-            _wait_for(lambda: server.health().json().get("in_flight") == len(bodies), "the requests to be in flight")
+            _serving(lambda: server.health().json().get("in_flight") == len(bodies), "the requests to be in flight")
             if target == "process":
                 server.process.send_signal(signal.SIGTERM)
             elif target == "process group":
                 os.killpg(server.process.pid, signal.SIGTERM)
             else:  # SIGKILL the command itself: the kernel sends its server SIGTERM
                 server.process.kill()
-            draining = _wait_for(lambda: server.health().status_code == 503 and server.health().json(), "/healthz to say draining")
+            draining = _serving(lambda: server.health().status_code == 503 and server.health().json(), "/healthz to say draining")
             assert draining["status"] == "draining"
             late = server.generate({"prompt": "too late"})
             assert late.status_code == 503 and late.json()["error"]["code"] == "server_shutting_down", late.text
@@ -145,10 +135,10 @@ def test_sigterm_finishes_requests_in_flight_refuses_new_ones_and_exits_0(tmp_pa
         assert all(len(a.json()["data"]) == 1 for a in answers)
         expected = -signal.SIGKILL if target == "supervisor killed" else 0
         assert server.process.wait(timeout=120) == expected, server.output()
-        _wait_for(lambda: "imagegen: shutting down" in server.output(), "the server to shut down", timeout=120)
+        _serving(lambda: "imagegen: shutting down" in server.output(), "the server to shut down", timeout=120)
         assert "for 3 in flight" in server.output() and "no request in flight" in server.output()
         # Nothing of the server's Ray is left behind.
-        _wait_for(lambda: not any(_alive(pid) for pid in ray_processes), "Ray's processes to exit", timeout=60)
+        _serving(lambda: not any(_alive(pid) for pid in ray_processes), "Ray's processes to exit", timeout=60)
     finally:
         server.stop()
 
@@ -158,7 +148,7 @@ def test_sigint_stops_waiting_at_the_grace_period(tmp_path):
     try:
         with ThreadPoolExecutor(max_workers=1) as pool:
             slow = pool.submit(server.generate, {"prompt": "a very slow lighthouse", "steps": 400, "n": 8})
-            _wait_for(lambda: server.health().json().get("in_flight") == 1, "the request to be in flight")
+            _serving(lambda: server.health().json().get("in_flight") == 1, "the request to be in flight")
             server.process.send_signal(signal.SIGINT)
             # Exits once the grace period is over, not when the request would have finished.
             assert server.process.wait(timeout=120) == 0, server.output()
@@ -174,7 +164,7 @@ def test_sigint_stops_waiting_at_the_grace_period(tmp_path):
 
 def test_listening_beyond_loopback_without_keys_is_refused_before_ray_starts(tmp_path):
     (tmp_path / "serve.yaml").write_text(
-        yaml.safe_dump({"input": {"url": "unused.jsonl"}, "model": {"ref": "tiny"}, "serve": {"host": "0.0.0.0", "port": _free_port()}})
+        yaml.safe_dump({"input": {"url": "unused.jsonl"}, "model": {"ref": "tiny"}, "serve": {"host": "0.0.0.0", "port": free_port()}})
     )
     result = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "serve", str(tmp_path / "serve.yaml")],

@@ -31,13 +31,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import _free_port
-from polling import wait_for
 
 from pipeline.cli import _parser
 from pipeline.cluster import dashboard, submit
 from pipeline.errors import ClusterError, SpecError
 from pipeline.spec.load import load_spec, parse_spec
+
+from polling import free_port, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -133,15 +133,15 @@ def cluster(tmp_path_factory):
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
     }
     env.pop("RAY_ADDRESS", None)
-    gcs_port, dashboard_port = _free_port(), _free_port()
+    gcs_port, dashboard_port = free_port(), free_port()
     address = f"http://127.0.0.1:{dashboard_port}"
     common = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats", "--object-store-memory=200000000"]
     head_args = [
         "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
         "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp_dir}",
-        f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
     ]
-    worker_args = [f"--address=127.0.0.1:{gcs_port}", "--num-cpus=1", "--num-gpus=1", f"--dashboard-agent-listen-port={_free_port()}"]
+    worker_args = [f"--address=127.0.0.1:{gcs_port}", "--num-cpus=1", "--num-gpus=1", f"--dashboard-agent-listen-port={free_port()}"]
     starters: list[subprocess.Popen] = []
 
     def start(name: str, args: list[str]) -> subprocess.Popen:
@@ -293,7 +293,7 @@ def test_bad_addresses_fail_within_seconds_with_one_message(tmp_path):
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)  # accepts connections (the kernel does), never answers
-    closed = _free_port()
+    closed = free_port()
     cases = {
         f"http://127.0.0.1:{closed}": "cannot reach the Ray dashboard",
         f"http://127.0.0.1:{web.server_address[1]}": "answered HTTP 404",
