@@ -123,10 +123,13 @@ def test_nothing_reads_or_links_a_path_outside_the_repository():
     """A clone stands on its own: no tracked file names the team's ../shared folder."""
     root = PACKAGE.parent
     listed = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True)
-    if listed.returncode != 0:
-        pytest.skip("not a git checkout")
+    if listed.returncode == 0:
+        names = listed.stdout.splitlines()
+    else:  # a copy without .git (CI runs one): every file but what the install and runs make
+        made = {".venv", ".git", "__pycache__", ".pytest_cache", "output", "build"}
+        names = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and not made & set(p.relative_to(root).parts)]
     offenders = []
-    for name in listed.stdout.splitlines():
+    for name in names:
         path = root / name
         if name == "tests/test_layout.py" or not path.is_file() or path.stat().st_size > 2_000_000:
             continue
