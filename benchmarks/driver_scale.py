@@ -103,7 +103,7 @@ def one_process(work: Path, call: int, seconds: float, rows_limit: int) -> dict:
     from pipeline.engine.stages import BlockTimes, ImageEncoder, generate_table
     from pipeline.job.read import cut
     from pipeline.spec.batching import block_rows, order_for_engine
-    from pipeline.spec.seen_ids import SeenIds, unit_ids
+    from pipeline.spec.seen_ids import SeenIds, id_batches
     from pipeline.spec.validate import Validator
     from pipeline.storage import filesystem, sink
     from pipeline.storage.units import plan_units, read_unit
@@ -120,9 +120,12 @@ def one_process(work: Path, call: int, seconds: float, rows_limit: int) -> dict:
     done, slept, pending = 0, 0.0, []
     start = time.perf_counter()
     for unit in table.units:
-        chunks = list(read_unit(spec.input, unit))
-        v = validator.__class__(spec, catalog, duplicates=seen.register(*unit_ids(chunks, "id")))
-        for block in cut((order_for_engine(v.validate_table(c)) for c in chunks), size):
+        def validated():
+            for chunks, repeats in id_batches(read_unit(spec.input, unit), "id", lambda ids, last: seen.register(*ids)):
+                v = validator.__class__(spec, catalog, duplicates=repeats)
+                yield from (order_for_engine(v.validate_table(c)) for c in chunks)
+
+        for block in cut(validated(), size):
             times = BlockTimes()
             pending.append(generate_table(models, block, "one", "one", encoder, times))
             slept += -(-block.num_rows // call) * seconds

@@ -59,6 +59,57 @@ def test_seen_ids_stay_exact_over_many_units():
     assert whole == {f"t.csv#{row}": f"t.csv#{first[v]}" for row, v in enumerate(ids) if first[v] != row}
 
 
+def test_a_streamed_unit_registers_its_ids_in_batches_and_repeats_stay_exact(tmp_path):
+    import json
+
+    from pipeline.spec.config import InputConfig
+    from pipeline.spec.seen_ids import id_batches
+
+    rng = np.random.default_rng(1)
+    ids = [f"id-{v}" for v in rng.integers(0, 6000, 10_000)]
+    (tmp_path / "big.jsonl").write_text("".join(json.dumps({"prompt": "p", "id": i}) + "\n" for i in ids))
+    inp = InputConfig(url=str(tmp_path / "big.jsonl"), id_column="id")
+    (unit,) = units.plan_units(inp).units
+    whole = find_duplicate_ids(units.read_unit(inp, unit), "id")
+    seen, calls, found, rows = SeenIds(), [], {}, 0
+
+    def register(unit_ids_, last):
+        calls.append(last)
+        return seen.register(*unit_ids_)
+
+    for chunks, repeats in id_batches(units.read_unit(inp, unit, chunk_rows=500), "id", register, batch_rows=1500):
+        found.update(repeats)
+        rows += sum(c.num_rows for c in chunks)
+    assert rows == 10_000 and calls == [False] * 6 + [True]  # 7 batches, the last one says so
+    assert found == whole and len(whole) > 3000  # repeats across batches name the first row
+    calls.clear()
+    assert list(id_batches(iter([]), "id", register)) == [] and calls == [True]  # an empty unit ends too
+    assert [r for _, r in id_batches(units.read_unit(inp, unit), None, register)] == [{}] and calls == [True]
+
+
+def test_the_registry_holds_a_unit_until_every_earlier_unit_registered_its_last_batch():
+    import asyncio
+
+    from pipeline.job.read import IdRegistry
+
+    async def scenario() -> list[str]:
+        registry, answered = IdRegistry(), []
+
+        async def register(name: str, seq: int, ids: list, last: bool, first: int = 0):
+            repeats = await registry.register(seq, unit_ids([raw(ids, f"u{seq}", first)], "id"), last)
+            answered.append(name)
+            return repeats
+
+        # Unit 1 asks first, but its answer must wait for both of unit 0's batches.
+        later = asyncio.ensure_future(register("u1", 1, ["b", "z"], True))
+        await register("u0 batch 1", 0, ["a", "b"], False)
+        await register("u0 batch 2", 0, ["b", "c"], True, first=2)
+        assert await later == {"u1#0": "u0#1"}
+        return answered
+
+    assert asyncio.run(scenario()) == ["u0 batch 1", "u0 batch 2", "u1"]
+
+
 def test_units_split_big_parquet_by_row_groups_and_group_small_files(tmp_path):
     from pipeline.spec.config import InputConfig
 
@@ -89,8 +140,10 @@ def test_validate_warns_about_a_large_text_file_and_says_how_to_shard(tmp_path, 
     monkeypatch.setattr(units, "LARGE_TEXT_BYTES", 1000)
     plan = units.plan_units(InputConfig(url=str(tmp_path / "big.csv")))
     (advice,) = units.text_advice(plan, "csv")
-    assert "big.csv is 0 MB of CSV: one task reads it whole" in advice
-    assert "Split it into files of about 16 MB" in advice and "input.id_column" in advice and "Parquet" in advice
+    assert "big.csv is 0 MB of CSV: one task reads it as a stream" in advice
+    assert "split it into files of about 16 MB" in advice and "input.id_column" in advice and "Parquet" in advice
+    (advice,) = units.text_advice(plan, "json")
+    assert "reads this JSON array whole" in advice and "write it as JSONL" in advice
 
 
 # -- the job ---------------------------------------------------------------------------------

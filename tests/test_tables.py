@@ -128,3 +128,46 @@ def test_quoted_tsv_keeps_invalid_utf8_to_its_row():
     table = read(data, "tsv")
     assert table.column("prompt").to_pylist()[0] == 'a "red" car'
     assert table.column(READ_ERROR).to_pylist() == [None, "column 'prompt' is not valid UTF-8 text"]
+
+
+def _prompts(n: int) -> list[str]:
+    # Quoted fields with a newline or a doubled quote, and for TSV a quote that encloses
+    # nothing (read as text from there on), spread over many blocks.
+    special = ['two\nlines, "quoted"', 'a "red" car', "plain, with a comma"]
+    return [special[i % 3] if i % 997 == 5 else f"prompt number {i} " + "x" * (i % 50) for i in range(n)]
+
+
+def _written(fmt: str, prompts: list[str]) -> bytes:
+    import csv
+
+    out = io.StringIO(newline="")
+    if fmt == "jsonl":
+        return "".join(json.dumps({"prompt": p, "n": i}) + "\n" for i, p in enumerate(prompts)).encode()
+    writer = csv.writer(out, delimiter="," if fmt == "csv" else "\t", lineterminator="\n")
+    writer.writerow(["prompt", "n"])
+    for i, p in enumerate(prompts):
+        writer.writerow([p, i])
+    if fmt == "tsv":  # a field that starts with a quote it does not close, near the end
+        out.write('"G I G G L E" painted\t-1\n')
+    return out.getvalue().encode()
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl"])
+def test_a_big_text_file_is_read_a_block_at_a_time(fmt, monkeypatch):
+    from pipeline.storage import tables
+
+    monkeypatch.setattr(tables, "TEXT_BLOCK_BYTES", 8 << 10)
+    prompts = _prompts(30_000)
+    data = _written(fmt, prompts)
+    assert len(data) > 150 * tables.TEXT_BLOCK_BYTES
+    stream = io.BytesIO(data)
+    chunks = read_file(stream, fmt, "big", chunk_rows=1000)
+    first = next(chunks)
+    # The first rows come after some blocks (pyarrow's CSV reader reads 32 ahead), not the
+    # whole file: a read task's memory and its first block do not grow with the file.
+    assert 0 < first.num_rows <= 1000 and stream.tell() <= 40 * tables.TEXT_BLOCK_BYTES
+    table = pa.concat_tables([first, *chunks], promote_options="permissive")
+    expected = prompts + (['"G I G G L E" painted'] if fmt == "tsv" else [])
+    assert table.column("prompt").to_pylist() == expected
+    assert [str(n) for n in table.column("n").to_pylist()] == [str(i) for i in range(len(prompts))] + (["-1"] if fmt == "tsv" else [])
+    assert table.column(INPUT_ROW).to_pylist() == list(range(len(expected)))

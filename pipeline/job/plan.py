@@ -28,7 +28,7 @@ from pipeline.engine.resolve import build_catalog, place, recorded_models
 from pipeline.output.ownership import unowned_images
 from pipeline.spec import schema as S
 from pipeline.spec.config import JobSpec, PlanConfig, ThroughputEntry
-from pipeline.spec.seen_ids import SeenIds, unit_ids
+from pipeline.spec.seen_ids import SeenIds, id_batches
 from pipeline.spec.validate import PROBLEMS, Validator, scheme_warning
 from pipeline.storage import filesystem, sink, tables
 from pipeline.storage.units import ReadUnit, plan_units, read_unit, text_advice
@@ -231,9 +231,8 @@ def make_plan(spec: JobSpec, on_cluster: Optional[bool] = None) -> Plan:
     else:
         seen = SeenIds()
         for unit in table.units:
-            chunks = list(read_unit(inp, unit))
-            repeats = seen.register(*unit_ids(chunks, inp.id_column)) if inp.id_column else {}
-            tally.add(tally_rows(dataclasses.replace(validator, duplicates=repeats), chunks, committed))
+            for chunks, repeats in id_batches(read_unit(inp, unit), inp.id_column, lambda ids, last: seen.register(*ids)):
+                tally.add(tally_rows(dataclasses.replace(validator, duplicates=repeats), chunks, committed))
     plan.warnings += text_advice(table, inp.format)
     plan.rows, plan.valid_rows, plan.rejected_rows = tally.rows, tally.valid_rows, tally.rejected_rows
     plan.already_committed = tally.already_committed
@@ -273,11 +272,15 @@ def _tally_on_cluster(spec: JobSpec, validator: Validator, units: list[ReadUnit]
 def _tally_unit(spec: JobSpec, unit: ReadUnit, validator: Validator, committed, registry) -> Tally:
     import ray
 
-    chunks = list(read_unit(spec.input, unit))
-    if registry is not None:
-        repeats = ray.get(registry.register.remote(unit.seq, unit_ids(chunks, spec.input.id_column)))
-        validator = dataclasses.replace(validator, duplicates=repeats)
-    return tally_rows(validator, chunks, committed)
+    tally = Tally()
+    id_column = spec.input.id_column if registry is not None else None
+
+    def register(ids: tuple, last: bool) -> dict[str, str]:
+        return ray.get(registry.register.remote(unit.seq, ids, last))
+
+    for chunks, repeats in id_batches(read_unit(spec.input, unit), id_column, register):
+        tally.add(tally_rows(dataclasses.replace(validator, duplicates=repeats), chunks, committed))
+    return tally
 
 
 def _recorded_models(spec: JobSpec, plan: Plan) -> Optional[dict]:

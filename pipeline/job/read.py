@@ -12,9 +12,10 @@ Validation runs in the read task, so bad rows never reach a GPU; each chunk of a
 span read units, so the blocks, and so the diffusers calls, do not depend on how many
 units run at once.
 
-Duplicate ids: with ``input.id_column`` set, each task first registers its unit's id
-hashes with one :class:`IdRegistry` actor, in unit order, and learns which of its rows
-repeat an earlier row's id (:mod:`pipeline.spec.seen_ids`); the driver never reads the table.
+Duplicate ids: with ``input.id_column`` set, each task registers its unit's id hashes
+with one :class:`IdRegistry` actor, in unit order (a batch of rows at a time), and learns
+which of its rows repeat an earlier row's id (:mod:`pipeline.spec.seen_ids`); the driver
+never reads the table.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import ray
 from pipeline.job import progress
 from pipeline.spec.batching import order_for_engine
 from pipeline.spec.config import JobSpec
-from pipeline.spec.seen_ids import SeenIds, unit_ids
+from pipeline.spec.seen_ids import SeenIds, id_batches
 from pipeline.spec.validate import Validator
 from pipeline.storage.units import ReadUnit, read_unit
 
@@ -44,9 +45,10 @@ class IdRegistry:
     """The ids the job has seen, and the first row of each (see :mod:`pipeline.spec.seen_ids`).
 
     Units register in unit order (``seq``), whatever order their tasks run in: a task
-    waits until every earlier unit has registered, so "the first row with an id" is the
-    first in table order. A retried task registers its unit again and gets the same
-    answer. An asyncio actor: waiting registrations do not hold its thread.
+    waits until every earlier unit has registered its last batch, so "the first row with
+    an id" is the first in table order. A unit registers in batches (a big text file is
+    read as a stream), ``last`` on its final one. A retried task registers its unit again
+    and gets the same answers. An asyncio actor: waiting registrations do not hold its thread.
     """
 
     def __init__(self) -> None:
@@ -54,20 +56,20 @@ class IdRegistry:
         self._next = 0
         self._turn: Optional[asyncio.Condition] = None
 
-    async def register(self, seq: int, ids: tuple) -> dict[str, str]:
+    async def register(self, seq: int, ids: tuple, last: bool = True) -> dict[str, str]:
         if self._turn is None:
             self._turn = asyncio.Condition()
         async with self._turn:
             await self._turn.wait_for(lambda: seq <= self._next)
             repeats = self._seen.register(*ids)
-            if seq == self._next:
+            if last and seq == self._next:
                 self._next += 1
                 self._turn.notify_all()
         return repeats
 
 
 def start_registry() -> Any:
-    """The job's id registry actor (no CPU reserved: it answers a call per read unit)."""
+    """The job's id registry actor (no CPU reserved: it answers a call per batch of a read unit)."""
     return ray.remote(num_cpus=0, max_concurrency=1000)(IdRegistry).remote()
 
 
@@ -90,22 +92,25 @@ def cut(chunks: Iterator[pa.Table], rows: int) -> Iterator[pa.Table]:
 def validated_blocks(spec: JobSpec, unit: ReadUnit, validator: Validator, block_rows: int, registry: Any, counter: Any) -> Iterator[pa.Table]:
     """The body of a read task: ``unit``'s rows validated, sorted per chunk and cut into
     blocks of ``block_rows`` requests (rows skipped as already committed are reported to
-    ``counter``, which may be None)."""
-    chunks = list(read_unit(spec.input, unit))
-    if registry is not None:
-        repeats = ray.get(registry.register.remote(unit.seq, unit_ids(chunks, spec.input.id_column)))
-        validator = dataclasses.replace(validator, duplicates=repeats)
+    ``counter``, which may be None). The unit is read as a stream (a text file of any
+    size in bounded memory); its ids are registered a batch at a time (:func:`id_batches`)."""
+
+    def register(ids: tuple, last: bool) -> dict[str, str]:
+        return ray.get(registry.register.remote(unit.seq, ids, last))
 
     def requests() -> Iterator[pa.Table]:
-        while chunks:
-            chunk = chunks.pop(0)  # let each raw chunk go once validated
-            table, skipped_ids = validator.validate_table_skipping(chunk)
-            if counter is not None:
-                # Skipped requests adopted from an interrupted run are counted apart.
-                adopted = validator.skip.adopted(skipped_ids) if validator.skip is not None and len(skipped_ids) else 0
-                counter.add.remote(skipped=progress.skipped(chunk, table), adopted=adopted)
-            if table.num_rows:
-                yield order_for_engine(table)
+        id_column = spec.input.id_column if registry is not None else None
+        for chunks, repeats in id_batches(read_unit(spec.input, unit), id_column, register):
+            checker = dataclasses.replace(validator, duplicates=repeats) if repeats else validator
+            while chunks:
+                chunk = chunks.pop(0)  # let each raw chunk go once validated
+                table, skipped_ids = checker.validate_table_skipping(chunk)
+                if counter is not None:
+                    # Skipped requests adopted from an interrupted run are counted apart.
+                    adopted = checker.skip.adopted(skipped_ids) if checker.skip is not None and len(skipped_ids) else 0
+                    counter.add.remote(skipped=progress.skipped(chunk, table), adopted=adopted)
+                if table.num_rows:
+                    yield order_for_engine(table)
 
     yield from cut(requests(), block_rows)
     if counter is not None:

@@ -18,7 +18,7 @@ Pure: numpy only; the job puts one in a Ray actor (:mod:`pipeline.job.read`).
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -32,7 +32,7 @@ def id_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
-def unit_ids(chunks: Iterable[pa.Table], id_column: str) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+def unit_ids(chunks: Iterable[pa.Table], id_column: str) -> "UnitIds":
     """The ids of one read unit's raw rows, in table order: ``(sources, hashes, source
     index, row)``, one entry per row with a non-empty id; ``sources`` names the files."""
     sources: list[str] = []
@@ -58,6 +58,57 @@ def unit_ids(chunks: Iterable[pa.Table], id_column: str) -> tuple[list[str], np.
             where.append(index[source])
             rows.append(row)
     return sources, np.array(hashes, np.uint64), np.array(where, np.int32), np.array(rows, np.int64)
+
+
+# Rows of a read unit registered at once: a Parquet unit's worth (see
+# pipeline.storage.units.UNIT_ROWS), so a Parquet unit registers once and a big text
+# file, read as a stream, in pieces of bounded size.
+REGISTER_ROWS = 65_536
+
+UnitIds = tuple[list[str], np.ndarray, np.ndarray, np.ndarray]
+
+
+def id_batches(
+    chunks: Iterable[pa.Table],
+    id_column: Optional[str],
+    register: Callable[[UnitIds, bool], dict[str, str]],
+    batch_rows: int = REGISTER_ROWS,
+) -> Iterator[tuple[list[pa.Table], dict[str, str]]]:
+    """One read unit's raw ``chunks`` in batches of about ``batch_rows`` rows, each with
+    ``{position: first position}`` for its rows whose id an earlier row had.
+
+    ``register(ids, last)`` (a :class:`SeenIds`, or the job's registry actor, which makes
+    units register in table order) is called once per batch, in order, ``last`` on the
+    unit's last batch; a unit without rows registers nothing but its end. With an id
+    column, the batch after the current one is read before the current one is registered:
+    the next unit waits for this one's ``last``, and so can start once this unit is read,
+    not once its blocks are consumed (two batches are held; the first rows come a batch
+    later). Without an id column nothing is registered and chunks are not held back.
+    """
+    batches = _batched(chunks, batch_rows)
+    if not id_column:
+        yield from ((batch, {}) for batch in batches)
+        return
+    batch = next(batches, None)
+    if batch is None:
+        register(unit_ids([], id_column), True)
+    while batch is not None:
+        following = next(batches, None)
+        yield batch, register(unit_ids(batch, id_column), following is None)
+        batch = following
+
+
+def _batched(chunks: Iterable[pa.Table], rows: int) -> Iterator[list[pa.Table]]:
+    batch: list[pa.Table] = []
+    held = 0
+    for chunk in chunks:
+        batch.append(chunk)
+        held += chunk.num_rows
+        if held >= rows:
+            yield batch
+            batch, held = [], 0
+    if batch:
+        yield batch
 
 
 class SeenIds:

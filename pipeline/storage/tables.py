@@ -195,38 +195,82 @@ def _parquet(stream: BinaryIO) -> Iterator[pa.Table]:
 _PANDAS_INDEX = re.compile(r"__index_level_\d+__")
 
 
-def _delimited(delimiter: str, quoted: bool):
-    def read(stream: BinaryIO) -> Iterator[pa.Table]:
-        # Excel's "CSV UTF-8" starts with a byte-order mark. pyarrow drops it from the first
-        # column's name, so the text-only column types keyed by the name with the mark would
-        # miss that column and it would be type-guessed (id 007 -> 7): strip it first.
-        data = stream.read().removeprefix(codecs.BOM_UTF8)
-        if not data.strip():
-            return
-        if not quoted and b'"' in data:
-            yield _decode_binary_columns(_tsv_with_quotes(data))
-            return
-        header_line = data.split(b"\n", 1)[0].decode("utf-8", errors="replace").rstrip("\r")
-        quoting = csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE
-        names = next(csv.reader([header_line], delimiter=delimiter, quoting=quoting))
-        _check_names(names)
-        try:
-            table = pacsv.read_csv(
-                pa.BufferReader(data),
-                parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoted else False),
-                # Binary first: one undecodable cell must not fail the whole file.
-                convert_options=pacsv.ConvertOptions(
-                    column_types={name: pa.binary() for name in names}, strings_can_be_null=False
-                ),
-            )
-        except pa.ArrowInvalid as exc:
-            raise InputError(f"not a readable {'CSV' if quoted else 'TSV'} file: {exc}") from None
-        guessed = [f.name for f in table.schema if f.type != pa.binary()]
+# Bytes a text reader takes from its file at a time, so a file of any size is read in
+# bounded memory and its first rows come after a few blocks, not the whole file. pyarrow's
+# CSV reader reads about 32 blocks ahead and needs one row to fit in a block.
+TEXT_BLOCK_BYTES = 1 << 20
+
+
+def _blocks(stream: BinaryIO) -> Iterator[bytes]:
+    """The file's bytes in blocks cut after a newline (the last one may lack it), the
+    byte-order mark Excel's "CSV UTF-8" starts with removed: pyarrow drops it from the first
+    column's name, so text-only column types keyed by the name with the mark would miss
+    that column and it would be type-guessed (id 007 -> 7)."""
+    rest, first = b"", True
+    while True:
+        data = stream.read(TEXT_BLOCK_BYTES)
+        if first:
+            data, first = data.removeprefix(codecs.BOM_UTF8), False
+        if not data:
+            break
+        data = rest + data
+        cut = data.rfind(b"\n") + 1
+        rest = data[cut:]
+        if cut:
+            yield data[:cut]
+    if rest:
+        yield rest
+
+
+class _Joined(io.RawIOBase):
+    """Blocks already read, then the rest of a stream: one readable file for pyarrow."""
+
+    def __init__(self, head: bytes, rest: Iterator[bytes]):
+        self._buffer, self._at, self._rest = memoryview(head), 0, rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target) -> int:
+        while self._at == len(self._buffer):
+            block = next(self._rest, None)
+            if block is None:
+                return 0
+            self._buffer, self._at = memoryview(block), 0
+        n = min(len(target), len(self._buffer) - self._at)
+        target[:n] = self._buffer[self._at : self._at + n]
+        self._at += n
+        return n
+
+
+def _csv(stream: BinaryIO) -> Iterator[pa.Table]:
+    """A CSV file, streamed by pyarrow's reader a block at a time (quoted fields as RFC
+    4180 has them); every column binary, so each cell is decoded on its own row."""
+    blocks = _blocks(stream)
+    head = b""
+    for block in blocks:  # the header: the first line that is not blank
+        head += block
+        if head.strip():
+            break
+    if not head.strip():
+        return
+    names = next(csv.reader([head.lstrip(b"\r\n").split(b"\n", 1)[0].decode("utf-8", errors="replace").rstrip("\r")]))
+    _check_names(names)
+    try:
+        reader = pacsv.open_csv(
+            _Joined(head, blocks),
+            read_options=pacsv.ReadOptions(block_size=TEXT_BLOCK_BYTES, use_threads=False),
+            parse_options=pacsv.ParseOptions(delimiter=",", quote_char='"'),
+            # Binary first: one undecodable cell must not fail the whole file.
+            convert_options=pacsv.ConvertOptions(column_types={name: pa.binary() for name in names}, strings_can_be_null=False),
+        )
+        guessed = [f.name for f in reader.schema if f.type != pa.binary()]
         if guessed:  # every column must come back as text; a type guess changes values
             raise InputError(f"the header's column names {guessed} could not be matched to its columns; check the first line")
-        yield _decode_binary_columns(table)
-
-    return read
+        for batch in reader:
+            yield _decode_binary_columns(pa.Table.from_batches([batch]))
+    except pa.ArrowInvalid as exc:
+        raise InputError(f"not a readable CSV file: {exc}") from None
 
 
 def _check_names(names: list[str]) -> None:
@@ -234,43 +278,81 @@ def _check_names(names: list[str]) -> None:
         raise InputError(f"the header has repeated column names: {names}")
 
 
-# A TSV field as csv, pandas and Excel write one that holds a quote, tab or newline:
-# enclosed in quotes, inner quotes doubled, the closing quote ending the field.
-_QUOTED_FIELD = re.compile(rb'"((?:[^"]|"")*)"(?=\t|\r?\n|\Z)')
-_PLAIN_FIELD = re.compile(rb"[^\t\n]*")
-
-
-def _tsv_with_quotes(data: bytes) -> pa.Table:
-    """A TSV file that holds quotes -> a table of binary columns.
+def _tsv(stream: BinaryIO) -> Iterator[pa.Table]:
+    """A TSV file, a chunk of records at a time.
 
     A field that is a whole quoted field (``"a ""red"" car"``, as csv, pandas and Excel
     write a field holding a quote, tab or newline) is unquoted; any other field is taken
     as it is, quotes and all, as TSV without quoting has it (PartiPrompts' prompt
     ``"G I G G L E" painted ...`` starts with a quote that does not enclose the field).
-    Only files with a quote come here: the rest take pyarrow's faster path, which the
-    same rule reads identically. A file that Python's csv reader takes in strict mode
-    (every field that starts with a quote is a whole quoted field: what pandas writes)
-    is read by it, at C speed; any other is read field by field here (~1 MB/s).
+    Records are read by Python's csv reader in strict mode (every field that starts with a
+    quote is a whole quoted field: what pandas writes), at C speed, as long as it takes
+    them; from the first record it refuses on, the rest of the file is read field by field
+    here (~1 MB/s, and held whole: such files are rare and small). Both rules read a record
+    that the strict one takes identically, so the switch changes no earlier record.
     """
+    consumed: list[str] = []  # lines the csv reader took since its last record
+
+    def lines() -> Iterator[str]:
+        for block in _blocks(stream):
+            # Bytes travel through text and back unchanged (surrogateescape), so a cell that
+            # is not UTF-8 is still marked on its own row.
+            for line in io.StringIO(block.decode("utf-8", errors="surrogateescape"), newline=""):
+                consumed.append(line)
+                yield line
+
+    source = lines()
+    reader = csv.reader(source, delimiter="\t", quotechar='"', doublequote=True, strict=True)
+    names: list[str] | None = None
+    records: list[list[bytes]] = []
+    number = 0  # records so far, the header included
+    yielded = False
     try:
-        records = _strict_tsv_records(data)
+        for record in reader:
+            consumed.clear()
+            if not record:
+                continue  # blank lines are skipped, as pyarrow's reader does
+            number += 1
+            fields = [field.encode("utf-8", errors="surrogateescape") for field in record]
+            names = names or _header(fields)
+            if number > 1:
+                records.append(_fields(fields, names, number))
+            if len(records) >= CHUNK_ROWS:
+                yield _binary_table(names, records)
+                records, yielded = [], True
+        rest = b""
     except csv.Error:
-        records = _tsv_records(data)
-    names = [name.decode("utf-8", errors="replace") for name in records[0]]
+        rest = "".join([*consumed, *source]).encode("utf-8", errors="surrogateescape")
+    for fields in _tsv_records(rest) if rest.strip() else []:
+        number += 1
+        names = names or _header(fields)
+        if number > 1:
+            records.append(_fields(fields, names, number))
+    if names is not None and (records or not yielded):  # a header alone is a table without rows
+        yield _binary_table(names, records)
+
+
+def _header(fields: list[bytes]) -> list[str]:
+    names = [name.decode("utf-8", errors="replace") for name in fields]
     _check_names(names)
-    for number, fields in enumerate(records[1:], start=2):
-        if len(fields) != len(names):
-            raise InputError(f"not a readable TSV file: record {number} has {len(fields)} fields, the header {len(names)}")
-    return pa.table({name: pa.array([r[i] for r in records[1:]], pa.binary()) for i, name in enumerate(names)})
+    return names
 
 
-def _strict_tsv_records(data: bytes) -> list[list[bytes]]:
-    """Records of a TSV whose quotes all enclose whole fields; :class:`csv.Error` otherwise.
-    Bytes travel through text and back unchanged (surrogateescape), so a cell that is not
-    UTF-8 is still marked on its own row."""
-    text = data.decode("utf-8", errors="surrogateescape")
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quotechar='"', doublequote=True, strict=True)
-    return [[field.encode("utf-8", errors="surrogateescape") for field in record] for record in reader if record]
+def _fields(fields: list[bytes], names: list[str], number: int) -> list[bytes]:
+    if len(fields) != len(names):
+        raise InputError(f"not a readable TSV file: record {number} has {len(fields)} fields, the header {len(names)}")
+    return fields
+
+
+def _binary_table(names: list[str], records: list[list[bytes]]) -> pa.Table:
+    columns = {name: pa.array([r[i] for r in records], pa.binary()) for i, name in enumerate(names)}
+    return _decode_binary_columns(pa.table(columns))
+
+
+# A TSV field as csv, pandas and Excel write one that holds a quote, tab or newline:
+# enclosed in quotes, inner quotes doubled, the closing quote ending the field.
+_QUOTED_FIELD = re.compile(rb'"((?:[^"]|"")*)"(?=\t|\r?\n|\Z)')
+_PLAIN_FIELD = re.compile(rb"[^\t\n]*")
 
 
 def _tsv_records(data: bytes) -> list[list[bytes]]:
@@ -326,18 +408,27 @@ def _decode_binary_columns(table: pa.Table) -> pa.Table:
 
 
 def _jsonl(stream: BinaryIO) -> Iterator[pa.Table]:
+    """A JSONL file, :data:`CHUNK_ROWS` lines at a time. Column types are worked out per
+    chunk (:func:`rows_to_table`); validation parses each value on its own row, so a
+    row's fate does not depend on its neighbours."""
     rows: list[dict[str, Any]] = []
-    for number, line in enumerate(io.BytesIO(stream.read()), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            reason = "not valid UTF-8" if isinstance(exc, UnicodeDecodeError) else f"not valid JSON ({exc.msg})"
-            row = {READ_ERROR: f"line {number} is {reason}", READ_TEXT: line.decode("utf-8", errors="replace")}
-        if not isinstance(row, dict):
-            row = {READ_ERROR: f"line {number} is a JSON {type(row).__name__}, not an object", READ_TEXT: line.decode()}
-        rows.append(row)
+    number = 0
+    for block in _blocks(stream):
+        for line in io.BytesIO(block):
+            number += 1
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                reason = "not valid UTF-8" if isinstance(exc, UnicodeDecodeError) else f"not valid JSON ({exc.msg})"
+                row = {READ_ERROR: f"line {number} is {reason}", READ_TEXT: line.decode("utf-8", errors="replace")}
+            if not isinstance(row, dict):
+                row = {READ_ERROR: f"line {number} is a JSON {type(row).__name__}, not an object", READ_TEXT: line.decode()}
+            rows.append(row)
+            if len(rows) >= CHUNK_ROWS:
+                yield rows_to_table(rows)
+                rows = []
     if rows:
         yield rows_to_table(rows)
 
@@ -375,9 +466,9 @@ def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 _READERS = {
     "parquet": _parquet,
-    "csv": _delimited(",", quoted=True),
-    # Quotes enclose a TSV field only when they enclose all of it (see _tsv_with_quotes).
-    "tsv": _delimited("\t", quoted=False),
+    "csv": _csv,
+    # Quotes enclose a TSV field only when they enclose all of it (see _tsv).
+    "tsv": _tsv,
     "jsonl": _jsonl,
     "json": _json,
 }

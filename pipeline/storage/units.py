@@ -7,9 +7,11 @@ position in the file), so how a table is cut never changes a row's id, seed or r
 
 Planning reads only listings and Parquet footers, never rows: the job can start its first
 read while a table of any size is still unread. A text file (CSV, TSV, JSONL, JSON) is
-one unit, read whole by one task: CSV rows may hold newlines inside quotes, and a row's
-position in its file is its identity, so a byte range cannot be read without the ranges
-before it. :func:`text_advice` says what to do about a large one.
+one unit, read by one task: CSV rows may hold newlines inside quotes, and a row's position
+in its file is its identity, so a byte range cannot be numbered without reading the
+ranges before it. CSV, TSV and JSONL are read as a stream (:mod:`.tables`), so the task's
+first blocks come after a few MB and its memory does not grow with the file; a JSON
+array is read whole. :func:`text_advice` says what to do about a large one.
 
 Pure: pyarrow and fsspec; no Ray.
 """
@@ -32,8 +34,8 @@ from pipeline.storage import filesystem, tables
 # small enough that the first blocks come within seconds and a unit's rows fit a task.
 UNIT_ROWS = 65_536
 UNIT_BYTES = 16 << 20
-# Text files above this are read by one task for a long time before their first block;
-# `imagegen validate` warns about them (see text_advice).
+# Text files above this are read by one task for long enough to be worth splitting (and a
+# JSON array is held whole); `imagegen validate` warns about them (see text_advice).
 LARGE_TEXT_BYTES = 256 << 20
 
 
@@ -154,17 +156,23 @@ def _row_group_chunks(f, piece: Piece, chunk_rows: int) -> Iterator[pa.Table]:
 
 
 def text_advice(plan: TablePlan, fmt: str) -> list[str]:
-    """What ``imagegen validate`` says about text files too big to start quickly: each is
-    read whole by one task before its first block, and how to shard it."""
+    """What ``imagegen validate`` says about text files big enough to slow a job: each is
+    read by one task (a JSON array whole, before its first block; CSV, TSV and JSONL as a
+    stream), and how to shard it for reads in parallel."""
     big = {path: size for path, size in plan.text_bytes.items() if size > LARGE_TEXT_BYTES}
     if not big:
         return []
     shards = max(2, -(-max(big.values()) // UNIT_BYTES))
+    if fmt == "json":
+        how = "one task reads this JSON array whole before its first rows reach an engine; write it as JSONL (an object per line), which is read as a stream, or "
+    else:
+        how = (
+            "one task reads it as a stream, so its rows are validated one task at a time (and with input.id_column the "
+            "files after it wait until it is read); for reads in parallel, "
+        )
     return [
-        f"{path} is {size / 2**20:.0f} MB of {fmt.upper()}: one task reads it whole before its first rows reach an "
-        f"engine, and rows of one file are validated one task at a time. Split it into files of about "
-        f"{UNIT_BYTES >> 20} MB ({shards} or more) in one folder and point input.url at the folder (a row's identity "
-        "is its file and line, so set input.id_column to keep ids across the split), or write it as Parquet with "
-        "row groups of about 50k rows"
+        f"{path} is {size / 2**20:.0f} MB of {fmt.upper()}: {how}split it into files of about {UNIT_BYTES >> 20} MB "
+        f"({shards} or more) in one folder and point input.url at the folder (a row's identity is its file and line, "
+        "so set input.id_column to keep ids across the split), or write it as Parquet with row groups of about 50k rows"
         for path, size in big.items()
     ]
