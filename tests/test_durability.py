@@ -146,10 +146,36 @@ def test_a_retried_write_with_another_block_composition_counts_once(out):
     other = sink.write_block(fs2, root2, RUN, stream_block(range(24, 40)))
     merged = commits.compact(fs2, root2, RUN, retry.records + other.records)
     assert {p.path for p in merged.parts} == {p["path"] for p in retry.parts + other.parts}
+    assert commits.remove_leftovers(fs2, root2, RUN, set(retry.records + other.records)) == first.records
     found = read_commits(fs2, root2)
     assert [r.name for r in found.records] == [merged.name] and not found.orphans
     on_disk = images_on_disk(root2)
     assert sorted(on_disk["id"].astype(int)) == list(range(8, 40))
+
+
+def test_a_long_run_is_folded_in_groups_and_its_retried_writes_leftovers_go_at_its_end(out, monkeypatch):
+    """Records are folded FOLD_IDS ids at a time as the run goes (each fold reading only its
+    own records), so a long run's records stay few and no fold holds the whole run."""
+    fs, root = out
+    monkeypatch.setattr(commits, "FOLD_IDS", 40)
+    groups, folded, kept = commits.FoldGroups(), [], []
+    for k in range(0, 160, 16):  # ten block writes of 16 ids
+        report = sink.write_block(fs, root, RUN, stream_block(range(k, k + 16)))
+        kept += report.records
+        full = groups.add(report.records, report.images + report.errors)
+        assert len(full) in (0, 3)  # a group is full at 48 >= 40 ids
+        folded.append(commits.compact(fs, root, RUN, full))
+    folded.append(commits.compact(fs, root, RUN, groups.rest()))
+    merged = [r for r in folded if r is not None]
+    assert [sum(p.rows for p in r.parts) for r in merged] == [48, 48, 48, 16]
+    # The first attempt of a retried write, which Ray never reported: its ids are in the third group.
+    leftover = sink.write_block(fs, root, RUN, stream_block(range(100, 108)))
+    assert commits.remove_leftovers(fs, root, RUN, set(kept)) == leftover.records
+    assert commits.remove_leftovers(fs, root, RUN, set(kept)) == []
+    found = read_commits(fs, root)
+    assert sorted(r.name for r in found.records) == sorted(r.name for r in merged)
+    assert len(found.ids()) == 160 and not (found.orphans or found.superseded or found.redundant)
+    assert sorted(images_on_disk(root)["id"].astype(int)) == list(range(160))
 
 
 def test_a_crash_during_compaction_leaves_redundant_records_only(out):

@@ -1,6 +1,7 @@
 """The write side of the batch job: a Ray Data datasink that writes each block as atomic
-parts and commits it with a record at once (:mod:`pipeline.storage.sink`); at the end,
-folds the run's records into one, writes the run manifest and the dataset card. And
+parts and commits it with a record at once (:mod:`pipeline.storage.sink`); the folding of
+those records as the run goes (:class:`RecordFolder`); at the end, the run manifest and
+the dataset card. And
 preparing the output before a run: ``output.mode``, adopting what interrupted runs
 committed, removing what they left half-done (:func:`prepare_output`)."""
 
@@ -12,15 +13,17 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
 import pyarrow as pa
+import ray
 from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 from ray.data.datasource.datasink import WriteResult
 
 from pipeline.errors import ImagegenError
 from pipeline.job.actors import final_counts
+from pipeline.job.feed import unwrap
 from pipeline.output import card
 from pipeline.spec.catalog import Catalog, ModelEntry
-from pipeline.spec.config import JobSpec
+from pipeline.spec.config import JobSpec, OutputConfig
 from pipeline.spec.validate import REQUEST_ID_SCHEME, scheme_warning
 from pipeline.storage import commits, dataset_schema, filesystem, lock, sink, supersede
 
@@ -58,9 +61,9 @@ class DatasetSink(Datasink[sink.WriteReport]):
         finished = time.time()
         counts = final_counts(self._counter)
         fs, root = filesystem.open_url(self._output.url, self._output.storage_options)
-        lock.check_lease(fs, root, self._run_id, self._output.url)  # a run that lost its lease folds nothing
-        # Few records: the blocks' records become one (and retried writes' leftovers go).
-        commits.compact(fs, root, self._run_id, report.records)
+        lock.check_lease(fs, root, self._run_id, self._output.url)  # a run that lost its lease removes nothing
+        # The records are folded (RecordFolder); the first attempts of retried writes go.
+        commits.remove_leftovers(fs, root, self._run_id, set(report.records))
         prepared = self._prepared
         sink.write_manifest(
             fs,
@@ -97,6 +100,44 @@ class DatasetSink(Datasink[sink.WriteReport]):
         supersede.supersede_errors(fs, root)  # retried and fixed rows leave errors/
         card.write_card(fs, root)
         self.report = report
+
+
+class RecordFolder:
+    """Folds the run's block records as its writes complete, :data:`~pipeline.storage.commits.FOLD_IDS`
+    request ids at a time, each fold a task: a long run's records stay few and small, and
+    the driver holds record names, never request ids (folding a 10M-image run at its end
+    on the driver took its peak memory from 270 to 590 MB)."""
+
+    def __init__(self, spec: JobSpec, run_id: str):
+        self._output, self._run_id = spec.output, run_id
+        self._task = fold_records.options(num_cpus=spec.runtime.task_cpus)
+        self._groups = commits.FoldGroups()
+        self._folds: list[Any] = []
+
+    def add(self, report: sink.WriteReport) -> None:
+        """One write's report: its records join the group being gathered."""
+        self._fold(self._groups.add(report.records, report.images + report.errors))
+
+    def finish(self) -> None:
+        """Fold what is left and wait for every fold; raises what a fold raised."""
+        self._fold(self._groups.rest())
+        try:
+            ray.get(self._folds)
+        except ray.exceptions.RayTaskError as exc:
+            raise unwrap(exc) from None
+
+    def _fold(self, names: list[str]) -> None:
+        if names:
+            self._folds.append(self._task.remote(self._output, self._run_id, names))
+
+
+@ray.remote
+def fold_records(output: OutputConfig, run_id: str, names: list[str]) -> None:
+    """A fold task: the block records ``names`` become one compacted record."""
+    fs, root = filesystem.open_url(output.url, output.storage_options)
+    with filesystem.storage_errors(output.url, "write"):
+        lock.check_lease(fs, root, run_id, output.url)  # a run that lost its lease folds nothing
+        commits.compact(fs, root, run_id, names)
 
 
 def model_details(catalog: Catalog) -> dict[str, dict[str, Any]]:
@@ -159,8 +200,11 @@ def prepare_output(spec: JobSpec, run_id: str = "", started: float = 0.0, catalo
         interrupted = sink.interrupted_runs(manifests, found)
         if interrupted:
             sink.adopt_interrupted(fs, root, found, interrupted, adopted_by=run_id)
-            for run in interrupted:  # their block records become one each, as a finished run's
-                commits.compact(fs, root, run, [r.name for r in found.records if r.run_id == run and not r.compacted])
+            for run in interrupted:  # their block records are folded, as a finished run's
+                groups = commits.FoldGroups()
+                for record in (r for r in found.records if r.run_id == run and not r.compacted):
+                    commits.compact(fs, root, run, groups.add([record.name], sum(p.rows for p in record.parts)))
+                commits.compact(fs, root, run, groups.rest())
         if run_id:
             start = sink.start_manifest(run_id, started, spec.redacted(), spec.fingerprint())
             if catalog is not None:

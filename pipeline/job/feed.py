@@ -83,7 +83,8 @@ def unwrap(exc: RayTaskError) -> Exception:
 class Feed:
     """Runs the loop. ``start_read(unit)`` launches a read task (a stream of block refs);
     ``write(slices)`` launches a part's write task over ``[(generated ref, start, stop)]``
-    and returns its ref; ``actors`` are engine actors with ``generate`` and ``ready``."""
+    and returns its ref; ``actors`` are engine actors with ``generate`` and ``ready``;
+    ``written(result)`` hears each part write's result as it comes."""
 
     units: Iterable[ReadUnit]
     start_read: Callable[[ReadUnit], Any]
@@ -92,6 +93,7 @@ class Feed:
     rows_per_part: int
     lookahead: int
     depth: int = DEPTH
+    written: Callable[[Any], None] = lambda result: None
     results: list[Any] = field(default_factory=list)
 
     def run(self) -> list[Any]:
@@ -235,7 +237,7 @@ class Feed:
     def _written(self, ref: Any) -> None:
         part = self._writes.pop(ref)
         try:
-            self.results.append(ray.get(ref))
+            result = ray.get(ref)
         except RayTaskError as exc:
             raise unwrap(exc) from None
         except RayError as exc:  # its generated blocks were lost (a node went): make them again
@@ -248,3 +250,6 @@ class Feed:
                     block.out, block.remaking = None, True
                     self._ready.appendleft(block)
             self._waiting.append(part)
+            return
+        self.results.append(result)
+        self.written(result)

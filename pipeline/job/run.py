@@ -38,7 +38,7 @@ from pipeline.engine.resolve import build_catalog, place
 from pipeline.job import progress
 from pipeline.job.actors import GenerateStage, ProgressActor, actor_gpus, final_counts, rows_per_call, start_engines, startup_failure
 from pipeline.job.connect import connect, require_gpus
-from pipeline.job.datasink import DatasetSink, Prepared, prepare_output
+from pipeline.job.datasink import DatasetSink, Prepared, RecordFolder, prepare_output
 from pipeline.job.feed import Feed
 from pipeline.job.read import start_read, start_registry
 from pipeline.job.skip import SharedSkipFilter
@@ -133,6 +133,7 @@ def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator,
     def write(slices: list) -> ray.ObjectRef:
         return writer.remote(sink_ref, [(start, stop) for _, start, stop in slices], *(ref for ref, _, _ in slices))
 
+    folder = RecordFolder(spec, run_id)
     feed = Feed(
         units=table.units,
         start_read=lambda unit: start_read(spec, unit, shared, rows_per_block, registry, counter),
@@ -140,6 +141,7 @@ def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator,
         write=write,
         rows_per_part=spec.output.rows_per_part,
         lookahead=LOOKAHEAD_PER_ACTOR * rt.num_actors,
+        written=folder.add,
     )
     poll = lambda: ray.get(counter.snapshot.remote(), timeout=5)  # noqa: E731
     try:
@@ -148,6 +150,7 @@ def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator,
     finally:
         for actor in [*actors, *([registry] if registry is not None else [])]:
             ray.kill(actor)  # frees their GPUs now, not when the driver exits
+    folder.finish()
     report = sink.WriteReport()
     for part in reports:
         report.add(part)

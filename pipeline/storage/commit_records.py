@@ -61,7 +61,7 @@ class PartEntry:
 
 @dataclass
 class Record:
-    """One commit record: a block's parts (or, compacted, a run's), and their counts."""
+    """One commit record: a block's parts (or, compacted, many blocks' of one run), and their counts."""
 
     name: str  # relative to the output root: _commits/<run>/<...>.commit
     run_id: str
@@ -72,7 +72,7 @@ class Record:
 
     @property
     def compacted(self) -> bool:
-        return self.name.rsplit("/", 1)[-1].startswith(_COMPACTED) or self.legacy
+        return is_compacted(self.name) or self.legacy
 
     def order(self) -> tuple:
         return (self.run_id, not self.compacted, self.name)
@@ -124,6 +124,11 @@ def decode_record(name: str, data: bytes) -> Record:
         return Record(name, header["run_id"], float(header["written_at"]), parts, header.get("counts", {}))
     except (ValueError, KeyError, TypeError) as exc:
         raise CorruptRecord(f"its header cannot be read ({exc})") from None
+
+
+def is_compacted(name: str) -> bool:
+    """Whether the record called ``name`` holds folded block records (a run's, or some of them)."""
+    return name.rsplit("/", 1)[-1].startswith(_COMPACTED)
 
 
 def record_name(run_id: str, parts: list[PartEntry], compacted: bool = False) -> str:

@@ -6,8 +6,10 @@ an accepted record lists it with its size; so a driver killed at any moment lose
 the blocks in flight, and the next run into the output adopts everything else.
 
 A record is one small file (its format: :mod:`.commit_records`) listing a block's parts
-and their request ids as 8-byte hashes (:mod:`.committed_ids`). At the end of a run (or a window) the driver folds the
-run's block records into one compacted record (:func:`compact`), so records stay few.
+and their request ids as 8-byte hashes (:mod:`.committed_ids`). As a run goes, the job
+folds its block records :data:`FOLD_IDS` ids at a time into compacted records
+(:func:`compact`), so records stay few and small at any size; at its end the leftovers of
+writes Ray retried go (:func:`remove_leftovers`).
 
 Reading (:func:`read_commits`) decides, deterministically and without writing:
 
@@ -57,6 +59,7 @@ from pipeline.storage.commit_records import (  # noqa: F401 - the interface, re-
     Record,
     decode_record,
     encode_record,
+    is_compacted,
     part_entry,
     record_name,
     write_record,
@@ -64,37 +67,96 @@ from pipeline.storage.commit_records import (  # noqa: F401 - the interface, re-
 from pipeline.storage.committed_ids import CommittedIds, SkipFilter, id_hashes, sorted_unique_of  # noqa: F401
 
 
+# Request ids one compacted record holds at most (8 bytes each: 8 MB). The job folds its
+# block records this many at a time as it goes, so folding costs the same at any table
+# size and a long run's records stay few (a 100M-image output: ~100 records) and small.
+FOLD_IDS = 1 << 20
+
+
+class FoldGroups:
+    """A run's block records gathered, in order, into groups of about :data:`FOLD_IDS`
+    request ids: the unit :func:`compact` folds."""
+
+    def __init__(self) -> None:
+        self._names: list[str] = []
+        self._ids = 0
+
+    def add(self, names: list[str], ids: int) -> list[str]:
+        """Add records holding ``ids`` request ids in all; returns a group once one is full
+        (and starts the next), else an empty list."""
+        self._names += names
+        self._ids += ids
+        return self.rest() if self._ids >= FOLD_IDS else []
+
+    def rest(self) -> list[str]:
+        """The records gathered and not yet returned in a group."""
+        names, self._names, self._ids = self._names, [], 0
+        return names
+
+
 def compact(fs: fsspec.AbstractFileSystem, root: str, run_id: str, names: list[str]) -> Optional[Record]:
-    """Fold the block records ``names`` of ``run_id`` (those its successful writes returned)
-    into one compacted record, then remove them and any other block record of the run
-    holding their request ids (the leftovers of writes Ray retried). Returns the compacted
-    record, or None when there was nothing to fold.
+    """Fold the block records ``names`` of ``run_id`` (records its successful writes
+    returned) into one compacted record, then remove them. Returns the compacted record,
+    or None when there was nothing to fold. Reads only those records: the job folds
+    :data:`FOLD_IDS` ids at a time, so the cost is bounded whatever the run's size. The
+    leftovers of writes Ray retried go at the run's end (:func:`remove_leftovers`).
 
     Crash-safe in any order: the compacted record is written before anything is removed,
     and a block record whose parts a compacted one lists is redundant on read.
     """
     if not names:
         return None
-    wanted = set(names)
-    mine = [r for r in _read_records(fs, root, filesystem.join(root, COMMITS_DIR, run_id))[0] if not r.compacted]
-    kept = [r for r in mine if r.name in wanted]
+    kept, _ = _read_paths(fs, root, [filesystem.join(root, name) for name in names])
+    kept = [r for r in kept if r.run_id == run_id and not r.compacted]
     if not kept:
         return None
     parts = {p.path: p for r in sorted(kept, key=Record.order) for p in r.parts}
     counts = _sum_counts(r.counts for r in kept)
     merged = Record(record_name(run_id, list(parts.values()), compacted=True), run_id, max(r.written_at for r in kept), list(parts.values()), counts)
     filesystem.atomic_write(fs, filesystem.join(root, merged.name), encode_record(merged))
-    held = CommittedIds(np.concatenate([p.final for p in parts.values()] or [np.empty(0, np.uint64)]))
-    for record in mine:
-        if record.name in wanted:
-            _remove(fs, root, record.name)
-        elif any(p.path not in parts and held.contains(p.final).any() for p in record.parts):
-            # A retried write's other attempt: its ids are in the parts that count.
-            _remove(fs, root, record.name)
-            for p in record.parts:
-                if p.path not in parts:
-                    _remove(fs, root, p.path)
+    for record in kept:
+        _remove(fs, root, record.name)
     return merged
+
+
+def remove_leftovers(fs: fsspec.AbstractFileSystem, root: str, run_id: str, kept: set[str]) -> list[str]:
+    """At the end of a run whose records are folded: remove its block records that no
+    successful write returned (``kept``: the names the writes returned) and whose request
+    ids its compacted records hold (the first attempts of writes Ray retried), with their
+    parts that no compacted record lists. Returns the records removed.
+
+    Nothing is read when there are no leftovers (the usual case); otherwise the leftovers,
+    then the run's compacted records one at a time, so memory is one compacted record's
+    worth (:data:`FOLD_IDS` ids) whatever the run's size.
+    """
+    folder = filesystem.join(root, COMMITS_DIR, run_id)
+    if not fs.isdir(folder):
+        return []
+    prefix = root.rstrip("/") + "/"
+    listed = [p for p in sorted(fs.find(folder)) if p.endswith(SUFFIX)]
+    relative = {p: p[len(prefix) :] if p.startswith(prefix) else p for p in listed}
+    leftover_paths = [p for p in listed if relative[p] not in kept and not is_compacted(relative[p])]
+    if not leftover_paths:
+        return []
+    leftovers, _ = _read_paths(fs, root, leftover_paths)
+    listed_parts: set[str] = set()
+    overlapping: set[int] = set()
+    for path in listed:
+        if path in leftover_paths or relative[path] in kept:
+            continue
+        folded, _ = _read_paths(fs, root, [path])
+        for record in folded:
+            listed_parts.update(p.path for p in record.parts)
+            held = CommittedIds(np.concatenate([p.final for p in record.parts] or [np.empty(0, np.uint64)]))
+            overlapping.update(i for i, r in enumerate(leftovers) if any(held.contains(p.final).any() for p in r.parts))
+    removed = []
+    for i in sorted(overlapping):
+        _remove(fs, root, leftovers[i].name)
+        removed.append(leftovers[i].name)
+        for p in leftovers[i].parts:
+            if p.path not in listed_parts:
+                _remove(fs, root, p.path)
+    return removed
 
 
 def _sum_counts(counts: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -247,7 +309,13 @@ def _read_records(fs: fsspec.AbstractFileSystem, root: str, folder: str) -> tupl
     prefix = root.rstrip("/") + "/"
     found = sorted(fs.find(folder))
     stray = [p[len(prefix) :] if p.startswith(prefix) else p for p in found if not p.endswith(SUFFIX)]
-    paths = [p for p in found if p.endswith(SUFFIX)]
+    records, bad = _read_paths(fs, root, [p for p in found if p.endswith(SUFFIX)])
+    return records, bad, stray
+
+
+def _read_paths(fs: fsspec.AbstractFileSystem, root: str, paths: list[str]) -> tuple[list[Record], list[tuple[str, str]]]:
+    """The records at ``paths`` (read concurrently), and the ones that do not read (name, why)."""
+    prefix = root.rstrip("/") + "/"
     contents = fs.cat(paths, on_error="return") if paths else {}
     records, bad = [], []
     for path in paths:
@@ -261,7 +329,7 @@ def _read_records(fs: fsspec.AbstractFileSystem, root: str, folder: str) -> tupl
             records.append(decode_record(name, data))
         except CorruptRecord as exc:
             bad.append((name, str(exc)))
-    return records, bad, stray
+    return records, bad
 
 
 def _part_problem(record: Record, present: dict[str, int]) -> Optional[str]:
