@@ -213,3 +213,30 @@ def test_many_units_make_the_same_output_as_one_with_the_same_engine_actors(ray_
     # Parts hold rows_per_part rows: 48 rows in parts of 12.
     sizes = sorted(pq.read_metadata(p).num_rows for p in (tmp_path / "cut" / "images").iterdir())
     assert sizes == [12, 12, 12, 12]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_a_run_folds_its_commit_records_in_groups_as_it_goes(ray_cluster, make_spec, tmp_path, monkeypatch):
+    """A long run's block records become compacted records of about FOLD_IDS ids each (so
+    no fold holds the whole run); the output reads exactly once and a rerun skips it all."""
+    from pipeline.job.run import run
+    from pipeline.output.verify import verify
+    from pipeline.storage import commits
+
+    monkeypatch.setattr(commits, "FOLD_IDS", 20)  # groups are gathered on the driver
+    n = 48
+    table = write_parquet(tmp_path / "p.parquet", pd.DataFrame({"prompt": parti(n), "id": [f"r{i}" for i in range(n)]}), row_group_size=16)
+    spec = make_spec(
+        {"url": table, "format": "parquet", "id_column": "id"},
+        defaults={"width": 16, "height": 16, "steps": 1},
+        output={"url": str(tmp_path / "out"), "rows_per_part": 8},
+        runtime={"num_actors": 2, "batch_size": 4},
+    )
+    assert run(spec).images == n
+    (folder,) = (tmp_path / "out" / "_commits").iterdir()
+    records = sorted(p.name for p in folder.iterdir())
+    assert len(records) == 2 and all(name.startswith("compacted-") for name in records)  # 48 ids in parts of 8: 24 + 24
+    report = verify(str(tmp_path / "out"))
+    assert report.ok and report.images == n, report.format()
+    assert run(spec).images == 0  # the rerun skips every id the folded records hold
