@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from pipeline.engine.resolve import build_catalog, place, recorded_models
-from pipeline.output.ownership import unowned_images
+from pipeline.output.ownership import ownership_warnings
 from pipeline.spec import schema as S
 from pipeline.spec.config import JobSpec, PlanConfig, ThroughputEntry
 from pipeline.spec.seen_ids import SeenIds, id_batches
@@ -224,15 +224,19 @@ def make_plan(spec: JobSpec, on_cluster: Optional[bool] = None) -> Plan:
     if on_cluster is None:
         on_cluster = table.rows is None or table.rows > LOCAL_ROWS
     tally = Tally()
+    check_ownership = spec.output.mode == "incremental"  # an overwrite run owns nothing it finds
     if on_cluster:
-        for part in _tally_on_cluster(spec, validator, table.units, committed):
+        parts, warnings = _tally_on_cluster(spec, validator, table.units, committed, check_ownership)
+        for part in parts:
             tally.add(part)
+        plan.warnings += warnings
         plan.checked = f"on the Ray cluster, {len(table.units)} read task(s)"
     else:
         seen = SeenIds()
         for unit in table.units:
             for chunks, repeats in id_batches(read_unit(inp, unit), inp.id_column, lambda ids, last: seen.register(*ids)):
                 tally.add(tally_rows(dataclasses.replace(validator, duplicates=repeats), chunks, committed))
+        plan.warnings += ownership_warnings(spec) if check_ownership else []
     plan.warnings += text_advice(table, inp.format)
     plan.rows, plan.valid_rows, plan.rejected_rows = tally.rows, tally.valid_rows, tally.rejected_rows
     plan.already_committed = tally.already_committed
@@ -247,9 +251,10 @@ def make_plan(spec: JobSpec, on_cluster: Optional[bool] = None) -> Plan:
     return plan
 
 
-def _tally_on_cluster(spec: JobSpec, validator: Validator, units: list[ReadUnit], committed) -> list[Tally]:
+def _tally_on_cluster(spec: JobSpec, validator: Validator, units: list[ReadUnit], committed, check_ownership: bool) -> tuple[list[Tally], list[str]]:
     """One task per read unit (each registering its ids in unit order, as the job's read
-    tasks do); their tallies in unit order."""
+    tasks do): their tallies in unit order; and the ownership check's warnings, from a
+    task of its own when ``check_ownership``."""
     import ray
 
     from pipeline.job.connect import connect
@@ -261,7 +266,9 @@ def _tally_on_cluster(spec: JobSpec, validator: Validator, units: list[ReadUnit]
     shared, skip = ray.put(validator), ray.put(committed)
     task = ray.remote(_tally_unit).options(num_cpus=spec.runtime.task_cpus)
     try:
-        return ray.get([task.remote(spec, unit, shared, skip, registry) for unit in units])
+        ownership = ray.remote(ownership_warnings).options(num_cpus=spec.runtime.task_cpus).remote(spec) if check_ownership else None
+        tallies = ray.get([task.remote(spec, unit, shared, skip, registry) for unit in units])
+        return tallies, ray.get(ownership) if ownership is not None else []
     except ray.exceptions.RayTaskError as exc:
         raise unwrap(exc) from None
     finally:
@@ -310,9 +317,6 @@ def _committed_ids(spec: JobSpec, plan: Plan) -> set[str]:
             "the job would refuse it; choose another output.url, or set output.mode to incremental or overwrite"
         )
         return set()
-    unowned = unowned_images(spec, fs, root)
-    if unowned.images:
-        plan.warnings.append(unowned.message(spec))
     return committed.request_ids
 
 

@@ -39,11 +39,11 @@ from pipeline.job import progress
 from pipeline.job.actors import GenerateStage, ProgressActor, actor_gpus, final_counts, rows_per_call, start_engines, startup_failure
 from pipeline.job.connect import connect, require_gpus
 from pipeline.job.datasink import DatasetSink, Prepared, RecordFolder, prepare_output
-from pipeline.job.feed import Feed
+from pipeline.job.feed import Feed, unwrap
 from pipeline.job.read import start_read, start_registry
 from pipeline.job.skip import SharedSkipFilter
 from pipeline.job.summary import RunSummary
-from pipeline.output.ownership import unowned_images
+from pipeline.output.ownership import ownership_warnings
 from pipeline.spec.batching import block_rows
 from pipeline.spec.catalog import Catalog
 from pipeline.spec.config import JobSpec
@@ -79,10 +79,12 @@ def run(spec: JobSpec, stage: type[GenerateStage] = GenerateStage) -> RunSummary
     lock = OutputLock.acquire(fs, root, run_id, spec.output.url, lease_s=spec.output.lock_lease_s)
     try:
         prepared = prepare_output(spec, run_id, started, catalog)  # adopts what interrupted runs committed
-        warnings = _ownership_warnings(spec, fs, root)
+        # Beside the work, not before it: the check reads every input id and every committed
+        # image (a resume of 1M rows held 50 MB more on the driver, and waited for it).
+        ownership = ray.remote(ownership_warnings).options(num_cpus=spec.runtime.task_cpus).remote(spec)
         validator = Validator(spec, catalog, skip=skip_filter(prepared))
         summary = _execute(spec, run_id, catalog, validator, started, stage, prepared)
-        summary.warnings.extend(warnings)
+        summary.warnings.extend(_warned(ownership))
         return summary
     except Exception as exc:
         # However the job failed (a writer's LeaseLost arrives wrapped by Ray), a lost
@@ -103,15 +105,16 @@ def skip_filter(prepared: Prepared) -> SharedSkipFilter:
     return SharedSkipFilter(prepared.skip)
 
 
-def _ownership_warnings(spec: JobSpec, fs, root: str) -> list[str]:
-    """Warn, before any work, when the output holds images no current input row owns
-    (a renamed or converted input without an id column: this run would make them again)."""
-    unowned = unowned_images(spec, fs, root)
-    if not unowned.images:
-        return []
-    message = unowned.message(spec)
-    log.warning("%s", message)
-    return [message]
+def _warned(ownership: ray.ObjectRef) -> list[str]:
+    """The ownership check's warnings (images no current input row owns), logged as they
+    are given: a renamed input without an id column makes every image again."""
+    try:
+        warnings = ray.get(ownership)
+    except ray.exceptions.RayTaskError as exc:
+        raise unwrap(exc) from None
+    for message in warnings:
+        log.warning("%s", message)
+    return warnings
 
 
 def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator, started: float, stage: type, prepared: Prepared) -> RunSummary:

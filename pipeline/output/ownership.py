@@ -56,6 +56,15 @@ class Unowned:
         )
 
 
+def ownership_warnings(spec: JobSpec) -> list[str]:
+    """What ``imagegen run`` and ``validate`` warn, if anything, about images in ``spec``'s
+    output that no row of its input owns. One pass over the input's ids and the output's
+    images: the job runs it as a task beside the work, never on the driver before it."""
+    fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
+    unowned = unowned_images(spec, fs, root)
+    return [unowned.message(spec)] if unowned.images else []
+
+
 def unowned_images(spec: JobSpec, fs: fsspec.AbstractFileSystem, root: str) -> Unowned:
     """The committed images of the output at ``root`` whose identity no row of ``spec``'s
     input has (see the module docstring)."""
