@@ -20,7 +20,7 @@ from ray.data.datasource.datasink import WriteResult
 
 from pipeline.errors import ImagegenError
 from pipeline.job.actors import final_counts
-from pipeline.job.feed import unwrap
+from pipeline.job.feed import result
 from pipeline.output import card
 from pipeline.spec.catalog import Catalog, ModelEntry
 from pipeline.spec.config import JobSpec, OutputConfig
@@ -97,7 +97,9 @@ class DatasetSink(Datasink[sink.WriteReport]):
                 "schemas": dataset_schema.promote(fs, root, sink.read_manifests(fs, root), report.parts),
             },
         )
-        supersede.supersede_errors(fs, root)  # retried and fixed rows leave errors/
+        # Retried and fixed rows leave errors/. A task: with error parts present it reads the
+        # output's commit records (8 bytes an image), which the driver must not hold.
+        result(superseding.options(num_cpus=self._spec.runtime.task_cpus).remote(self._output))
         card.write_card(fs, root)
         self.report = report
 
@@ -121,14 +123,19 @@ class RecordFolder:
     def finish(self) -> None:
         """Fold what is left and wait for every fold; raises what a fold raised."""
         self._fold(self._groups.rest())
-        try:
-            ray.get(self._folds)
-        except ray.exceptions.RayTaskError as exc:
-            raise unwrap(exc) from None
+        result(self._folds)
 
     def _fold(self, names: list[str]) -> None:
         if names:
             self._folds.append(self._task.remote(self._output, self._run_id, names))
+
+
+@ray.remote
+def superseding(output: OutputConfig) -> None:
+    """The end-of-run task that removes superseded error rows (:mod:`pipeline.storage.supersede`)."""
+    fs, root = filesystem.open_url(output.url, output.storage_options)
+    with filesystem.storage_errors(output.url, "write"):
+        supersede.supersede_errors(fs, root)
 
 
 @ray.remote

@@ -79,6 +79,14 @@ def unwrap(exc: RayTaskError) -> Exception:
     return cause if isinstance(cause, ImagegenError) else exc
 
 
+def result(refs: Any) -> Any:
+    """``ray.get(refs)``, raising what the task itself raised (see :func:`unwrap`)."""
+    try:
+        return ray.get(refs)
+    except RayTaskError as exc:
+        raise unwrap(exc) from None
+
+
 @dataclass
 class Feed:
     """Runs the loop. ``start_read(unit)`` launches a read task (a stream of block refs);

@@ -39,7 +39,7 @@ from pipeline.job import progress
 from pipeline.job.actors import GenerateStage, ProgressActor, actor_gpus, final_counts, rows_per_call, start_engines, startup_failure
 from pipeline.job.connect import connect, require_gpus
 from pipeline.job.datasink import DatasetSink, Prepared, RecordFolder, prepare_output
-from pipeline.job.feed import Feed, unwrap
+from pipeline.job.feed import Feed, result
 from pipeline.job.read import start_read, start_registry
 from pipeline.job.skip import SharedSkipFilter
 from pipeline.job.summary import RunSummary
@@ -108,10 +108,7 @@ def skip_filter(prepared: Prepared) -> SharedSkipFilter:
 def _warned(ownership: ray.ObjectRef) -> list[str]:
     """The ownership check's warnings (images no current input row owns), logged as they
     are given: a renamed input without an id column makes every image again."""
-    try:
-        warnings = ray.get(ownership)
-    except ray.exceptions.RayTaskError as exc:
-        raise unwrap(exc) from None
+    warnings = result(ownership)
     for message in warnings:
         log.warning("%s", message)
     return warnings

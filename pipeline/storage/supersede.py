@@ -113,6 +113,12 @@ def supersede_errors(fs: fsspec.AbstractFileSystem, root: str) -> Superseded:
     done = Superseded()
     if not unchecked:
         return done
+    errors_dir = filesystem.join(root, sink.ERRORS_DIR)
+    if not (fs.isdir(errors_dir) and fs.find(errors_dir)):
+        # No error part at all (the usual large run): nothing can be superseded, and the
+        # output's commit records (8 bytes an image, read and sorted) need not be read.
+        _mark_checked(fs, root)
+        return done
     found = commits.read_commits(fs, root)
     error_parts = [part.path for record in found.records for part in record.parts if part.kind == sink.ERRORS_DIR and part.rows]
     errors = [_read(fs, root, path, [*KEY_COLUMNS, S.ERROR_TYPE]) for path in error_parts]
@@ -149,12 +155,16 @@ def supersede_errors(fs: fsspec.AbstractFileSystem, root: str) -> Superseded:
             if kept != parts:
                 _rewrite_manifest(fs, root, {**manifest, "parts": sorted(kept, key=lambda part: part["path"])})
     # Last: a crash before this leaves the runs unchecked, and the next run checks again.
-    for manifest in sink.read_manifests(fs, root):
-        if not manifest.get(CHECKED):
-            _rewrite_manifest(fs, root, {**manifest, CHECKED: True})
+    _mark_checked(fs, root)
     if done.rows:
         log.info("removed %d error row(s) that later runs superseded (%d part(s) rewritten)", done.rows, len(done.parts))
     return done
+
+
+def _mark_checked(fs: fsspec.AbstractFileSystem, root: str) -> None:
+    for manifest in sink.read_manifests(fs, root):
+        if not manifest.get(CHECKED):
+            _rewrite_manifest(fs, root, {**manifest, CHECKED: True})
 
 
 def _rewrite_record(fs: fsspec.AbstractFileSystem, root: str, record: commits.Record, later: dict[tuple, str], done: Superseded) -> None:
