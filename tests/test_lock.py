@@ -173,6 +173,9 @@ def test_a_lease_that_cannot_be_renewed_is_lost_and_writers_stop(s3, s3_server, 
         try:
             wait_for(lock.lost, 20, "the lease to be lost", explain=lambda: f"injected {proxy.injected}")
             assert "could not be renewed" in lock.lost()
+            # The heartbeat gives up a margin before the lease's end (a late renewal must not
+            # overwrite a successor's lock): a writer sees it expired once that end passes.
+            wait_for(lambda: time.time() > lock.expires_at, 5, "the lost lease's end")
             with pytest.raises(LeaseLost, match="lease expired"):
                 check_lease(fs, root, "run-a", url)
             # Another machine, with working storage, takes the expired lock over...
