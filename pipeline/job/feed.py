@@ -245,7 +245,7 @@ class Feed:
     def _written(self, ref: Any) -> None:
         part = self._writes.pop(ref)
         try:
-            result = ray.get(ref)
+            report = ray.get(ref)
         except RayTaskError as exc:
             raise unwrap(exc) from None
         except RayError as exc:  # its generated blocks were lost (a node went): make them again
@@ -259,5 +259,5 @@ class Feed:
                     self._ready.appendleft(block)
             self._waiting.append(part)
             return
-        self.results.append(result)
-        self.written(result)
+        self.results.append(report)
+        self.written(report)

@@ -1,7 +1,8 @@
 """Bytes in and out: the one door to files and object stores.
 
-URL + options -> fsspec filesystem, atomic writes, listing (:mod:`.filesystem`); prompt
-table files -> Arrow rows numbered within their file (:mod:`.tables`); output parts and
+URL + options -> fsspec filesystem, atomic writes, listing (:mod:`.filesystem`); one
+file's bytes -> raw rows per format (:mod:`.formats`); a prompt table's files -> Arrow
+rows numbered within their file (:mod:`.tables`); output parts and
 manifests (:mod:`.sink`); what is committed and what a rerun adopts (:mod:`.commits`, the
 record format in :mod:`.commit_records`, request ids as 8-byte hashes in
 :mod:`.committed_ids`); the output's lease against concurrent runs (:mod:`.lock`).
