@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.spec import schema as S
-from pipeline.storage import commits, filesystem, sink
+from pipeline.storage import commits, filesystem, fold, sink
 from pipeline.storage.commits import CommittedIds, SkipFilter, read_commits, repair
 
 RUN = "20260101T000000Z-aaaaaaaa"
@@ -144,9 +144,9 @@ def test_a_retried_write_with_another_block_composition_counts_once(out):
     first = sink.write_block(fs2, root2, RUN, stream_block(range(0, 16)))
     retry = sink.write_block(fs2, root2, RUN, stream_block(range(8, 24)))
     other = sink.write_block(fs2, root2, RUN, stream_block(range(24, 40)))
-    merged = commits.compact(fs2, root2, RUN, retry.records + other.records)
+    merged = fold.compact(fs2, root2, RUN, retry.records + other.records)
     assert {p.path for p in merged.parts} == {p["path"] for p in retry.parts + other.parts}
-    assert commits.remove_leftovers(fs2, root2, RUN, set(retry.records + other.records)) == first.records
+    assert fold.remove_leftovers(fs2, root2, RUN, set(retry.records + other.records)) == first.records
     found = read_commits(fs2, root2)
     assert [r.name for r in found.records] == [merged.name] and not found.orphans
     on_disk = images_on_disk(root2)
@@ -157,21 +157,21 @@ def test_a_long_run_is_folded_in_groups_and_its_retried_writes_leftovers_go_at_i
     """Records are folded FOLD_IDS ids at a time as the run goes (each fold reading only its
     own records), so a long run's records stay few and no fold holds the whole run."""
     fs, root = out
-    monkeypatch.setattr(commits, "FOLD_IDS", 40)
-    groups, folded, kept = commits.FoldGroups(), [], []
+    monkeypatch.setattr(fold, "FOLD_IDS", 40)
+    groups, folded, kept = fold.FoldGroups(), [], []
     for k in range(0, 160, 16):  # ten block writes of 16 ids
         report = sink.write_block(fs, root, RUN, stream_block(range(k, k + 16)))
         kept += report.records
         full = groups.add(report.records, report.images + report.errors)
         assert len(full) in (0, 3)  # a group is full at 48 >= 40 ids
-        folded.append(commits.compact(fs, root, RUN, full))
-    folded.append(commits.compact(fs, root, RUN, groups.rest()))
+        folded.append(fold.compact(fs, root, RUN, full))
+    folded.append(fold.compact(fs, root, RUN, groups.rest()))
     merged = [r for r in folded if r is not None]
     assert [sum(p.rows for p in r.parts) for r in merged] == [48, 48, 48, 16]
     # The first attempt of a retried write, which Ray never reported: its ids are in the third group.
     leftover = sink.write_block(fs, root, RUN, stream_block(range(100, 108)))
-    assert commits.remove_leftovers(fs, root, RUN, set(kept)) == leftover.records
-    assert commits.remove_leftovers(fs, root, RUN, set(kept)) == []
+    assert fold.remove_leftovers(fs, root, RUN, set(kept)) == leftover.records
+    assert fold.remove_leftovers(fs, root, RUN, set(kept)) == []
     found = read_commits(fs, root)
     assert sorted(r.name for r in found.records) == sorted(r.name for r in merged)
     assert len(found.ids()) == 160 and not (found.orphans or found.superseded or found.redundant)
@@ -182,7 +182,7 @@ def test_a_crash_during_compaction_leaves_redundant_records_only(out):
     fs, root = out
     blocks = [sink.write_block(fs, root, RUN, stream_block(range(k, k + 16))) for k in (0, 16)]
     names = [n for b in blocks for n in b.records]
-    merged = commits.compact(fs, root, RUN, names)
+    merged = fold.compact(fs, root, RUN, names)
     # Put a block record back: as if the driver died between the compacted record and the removals.
     fs.pipe_file(filesystem.join(root, names[0]), commits.encode_record(commits.Record(names[0], RUN, 0.0, merged.parts[:1], {})))
     found = read_commits(fs, root)

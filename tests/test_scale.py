@@ -222,9 +222,9 @@ def test_a_run_folds_its_commit_records_in_groups_as_it_goes(ray_cluster, make_s
     no fold holds the whole run); the output reads exactly once and a rerun skips it all."""
     from pipeline.job.run import run
     from pipeline.output.verify import verify
-    from pipeline.storage import commits
+    from pipeline.storage import fold
 
-    monkeypatch.setattr(commits, "FOLD_IDS", 20)  # groups are gathered on the driver
+    monkeypatch.setattr(fold, "FOLD_IDS", 20)  # groups are gathered on the driver
     n = 48
     table = write_parquet(tmp_path / "p.parquet", pd.DataFrame({"prompt": parti(n), "id": [f"r{i}" for i in range(n)]}), row_group_size=16)
     spec = make_spec(

@@ -25,7 +25,7 @@ from pipeline.output import card
 from pipeline.spec.catalog import Catalog, ModelEntry
 from pipeline.spec.config import JobSpec, OutputConfig
 from pipeline.spec.validate import REQUEST_ID_SCHEME, scheme_warning
-from pipeline.storage import commits, dataset_schema, filesystem, lock, sink, supersede
+from pipeline.storage import commits, dataset_schema, filesystem, fold, lock, sink, supersede
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class DatasetSink(Datasink[sink.WriteReport]):
         fs, root = filesystem.open_url(self._output.url, self._output.storage_options)
         lock.check_lease(fs, root, self._run_id, self._output.url)  # a run that lost its lease removes nothing
         # The records are folded (RecordFolder); the first attempts of retried writes go.
-        commits.remove_leftovers(fs, root, self._run_id, set(report.records))
+        fold.remove_leftovers(fs, root, self._run_id, set(report.records))
         prepared = self._prepared
         sink.write_manifest(
             fs,
@@ -105,7 +105,7 @@ class DatasetSink(Datasink[sink.WriteReport]):
 
 
 class RecordFolder:
-    """Folds the run's block records as its writes complete, :data:`~pipeline.storage.commits.FOLD_IDS`
+    """Folds the run's block records as its writes complete, :data:`~pipeline.storage.fold.FOLD_IDS`
     request ids at a time, each fold a task: a long run's records stay few and small, and
     the driver holds record names, never request ids (folding a 10M-image run at its end
     on the driver took its peak memory from 270 to 590 MB)."""
@@ -113,7 +113,7 @@ class RecordFolder:
     def __init__(self, spec: JobSpec, run_id: str):
         self._output, self._run_id = spec.output, run_id
         self._task = fold_records.options(num_cpus=spec.runtime.task_cpus)
-        self._groups = commits.FoldGroups()
+        self._groups = fold.FoldGroups()
         self._folds: list[Any] = []
 
     def add(self, report: sink.WriteReport) -> None:
@@ -144,7 +144,7 @@ def fold_records(output: OutputConfig, run_id: str, names: list[str]) -> None:
     fs, root = filesystem.open_url(output.url, output.storage_options)
     with filesystem.storage_errors(output.url, "write"):
         lock.check_lease(fs, root, run_id, output.url)  # a run that lost its lease folds nothing
-        commits.compact(fs, root, run_id, names)
+        fold.compact(fs, root, run_id, names)
 
 
 def model_details(catalog: Catalog) -> dict[str, dict[str, Any]]:
@@ -208,10 +208,10 @@ def prepare_output(spec: JobSpec, run_id: str = "", started: float = 0.0, catalo
         if interrupted:
             sink.adopt_interrupted(fs, root, found, interrupted, adopted_by=run_id)
             for run in interrupted:  # their block records are folded, as a finished run's
-                groups = commits.FoldGroups()
+                groups = fold.FoldGroups()
                 for record in (r for r in found.records if r.run_id == run and not r.compacted):
-                    commits.compact(fs, root, run, groups.add([record.name], sum(p.rows for p in record.parts)))
-                commits.compact(fs, root, run, groups.rest())
+                    fold.compact(fs, root, run, groups.add([record.name], sum(p.rows for p in record.parts)))
+                fold.compact(fs, root, run, groups.rest())
         if run_id:
             start = sink.start_manifest(run_id, started, spec.redacted(), spec.fingerprint())
             if catalog is not None:

@@ -3,7 +3,7 @@
 URL + options -> fsspec filesystem, atomic writes, listing (:mod:`.filesystem`); one
 file's bytes -> raw rows per format (:mod:`.formats`); a prompt table's files -> Arrow
 rows numbered within their file (:mod:`.tables`); output parts and
-manifests (:mod:`.sink`); what is committed and what a rerun adopts (:mod:`.commits`, the
+manifests (:mod:`.sink`); what is committed and what a rerun adopts (:mod:`.commits`; folding records, :mod:`.fold`; the
 record format in :mod:`.commit_records`, request ids as 8-byte hashes in
 :mod:`.committed_ids`); the output's lease against concurrent runs (:mod:`.lock`).
 
