@@ -21,6 +21,10 @@ from pipeline.job.run import run
 from pipeline.spec.load import parse_spec
 
 
+# Under the test's own timeout (pytest-timeout), so that a hang is reported with its stack.
+JOB_TIMEOUT_S = 150
+
+
 def main(workdir: str, cache: str, table: str, rows: int) -> None:
     work = Path(workdir)
     cluster = Cluster(
@@ -31,7 +35,7 @@ def main(workdir: str, cache: str, table: str, rows: int) -> None:
     ray.init(address=cluster.address, logging_level="WARNING")
     cluster.wait_for_nodes()
     spec = parse_spec({
-        "input": {"url": table},
+        "input": {"url": table, "id_column": "id"},  # the id registry actor too
         "model": {"ref": "tiny", "cache_dir": cache, "device": "cpu"},
         "defaults": {"width": 64, "height": 64, "steps": 4},
         "output": {"url": str(work / "out"), "rows_per_part": 4},
@@ -55,9 +59,15 @@ def main(workdir: str, cache: str, table: str, rows: int) -> None:
             raise SystemExit("no part was committed before the deadline")
         time.sleep(0.1)
     parts_before = len(list(images.iterdir()))
+    bookkeeping = {a["ActorClassName"]: a["Address"]["NodeID"] for a in ray._private.state.actors().values()
+                   if a["ActorClassName"] in ("ProgressCounter", "IdRegistry") and a["State"] == "ALIVE"}
+    driver_node = ray.get_runtime_context().get_node_id()
     cluster.remove_node(workers[1])
-    job.join(timeout=400)
-    observed = {"error": result.get("error"), "parts_when_removed": parts_before, "finished": not job.is_alive(), "nodes_alive": sum(n["Alive"] for n in ray.nodes())}
+    job.join(timeout=JOB_TIMEOUT_S)
+    observed = {"error": result.get("error"), "parts_when_removed": parts_before, "finished": not job.is_alive(), "nodes_alive": sum(n["Alive"] for n in ray.nodes()),
+                "bookkeeping_on_driver_node": {name: node == driver_node for name, node in bookkeeping.items()}}
+    if job.is_alive():  # where it is stuck, for the test's failure message
+        observed["stuck_at"] = "".join(traceback.format_stack(sys._current_frames()[job.ident]))
     summary = {k: v for k, v in result.get("summary", {}).items() if k not in ("parts", "recovery")}
     print(json.dumps({"summary": summary, **observed}))
     ray.shutdown()

@@ -176,23 +176,75 @@ def test_out_of_memory_halves_the_group_down_to_one(model_cache):
     assert all((a.pixels.astype(int) - b.pixels.astype(int)).__abs__().max() <= 1 for a, b in zip(results, plain))
 
 
+@pytest.mark.timeout(480)  # the scenario reports a hang (with its stack) well before this
 def test_worker_node_removed_mid_job(model_cache, prompts, tmp_path):
     n = 96
     table = prompt_table(tmp_path / "p.csv", prompts, n)
+    pd.read_csv(table).rename_axis("id").reset_index().to_csv(table, index=False)  # the scenario names an id column
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray-", dir="/tmp")}
     done = subprocess.run(
         [sys.executable, str(REPO / "tests" / "node_loss_scenario.py"), str(tmp_path), model_cache, table, str(n)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=560,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=450,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     # Ray forwards worker logs to the driver's stdout too; the scenario's line is JSON.
-    observed = json.loads(next(line for line in reversed(done.stdout.splitlines()) if line.startswith('{"summary"')))
+    line = next((line for line in reversed(done.stdout.splitlines()) if line.startswith('{"summary"')), None)
+    assert line is not None, done.stderr[-3000:]
+    observed = json.loads(line)
     assert observed["error"] is None, observed["error"]
-    assert observed["finished"] and observed["nodes_alive"] == 2  # head + the surviving worker
+    assert observed["finished"], observed["stuck_at"]
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert observed["nodes_alive"] == 2  # head + the surviving worker
+    # The job's counts and seen ids live on the driver's node, so no worker's loss takes them.
+    assert observed["bookkeeping_on_driver_node"] == {"ProgressCounter": True, "IdRegistry": True}
     assert observed["parts_when_removed"] < n // 4, "the node must go while the job is running"
     assert (observed["summary"]["images"], observed["summary"]["errors"]) == (n, 0)
     from pipeline.spec.load import parse_spec
 
-    spec = parse_spec({"input": {"url": table}, "model": {"ref": "tiny", "cache_dir": model_cache, "device": "cpu"},
+    spec = parse_spec({"input": {"url": table, "id_column": "id"}, "model": {"ref": "tiny", "cache_dir": model_cache, "device": "cpu"},
                        "defaults": {"width": 64, "height": 64, "steps": 4}, "output": {"url": str(tmp_path / "out")}})
     assert_exactly_once(spec, n)
+
+
+@pytest.mark.timeout(120)
+def test_a_read_that_failed_on_a_dead_actor_stops_the_job(ray_cluster):
+    """A call whose input is a read task that failed on a call to a dead actor raises an
+    error that is also a RayActorError. It is the read's failure, not the engine actor's:
+    the job stops with it instead of sending the block from actor to actor forever."""
+    import pyarrow as pa
+    import ray
+    from ray.exceptions import ActorDiedError
+
+    from pipeline.job.feed import Feed
+
+    @ray.remote(num_cpus=0)
+    class Gone:
+        def snapshot(self):
+            return None
+
+    @ray.remote(num_cpus=0)
+    class Engine:
+        def __init__(self):
+            self.calls = 0
+
+        def generate(self, block):
+            self.calls += 1
+            return block, block.num_rows
+
+        def ready(self):
+            return self.calls
+
+    @ray.remote(num_cpus=0)
+    def read(counter):
+        ray.get(counter.snapshot.remote())  # as a read task reports to the job's counter
+        yield pa.table({"x": [1, 2]})
+
+    gone = Gone.remote()
+    ray.kill(gone)
+    engines = [Engine.remote(), Engine.remote()]
+    feed = Feed(
+        units=["unit"], start_read=lambda unit: read.options(num_returns="streaming").remote(gone),
+        actors=engines, write=lambda slices: None, rows_per_part=2, lookahead=2,
+    )
+    with pytest.raises(ActorDiedError, match="actor died|killed"):
+        feed.run()
+    assert ray.get([e.ready.remote() for e in engines]) == [0, 0]  # the failed input never ran a call

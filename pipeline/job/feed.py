@@ -176,6 +176,11 @@ class Feed:
         self._load[i] -= 1
         try:
             block.rows = ray.get(ref)
+        except RayTaskError as exc:
+            # First: a call whose input (a read task) failed raises a RayTaskError, which is
+            # also a RayActorError when the read failed on a dead actor; sending that block
+            # to another actor would fail it again, forever.
+            raise unwrap(exc) from None
         except RayActorError as exc:
             log.warning("engine actor %d was lost (%s); its block goes to another actor", i, type(exc).__name__)
             self._ready.appendleft(block)
@@ -183,8 +188,6 @@ class Feed:
                 self._up[i] = False
                 self._pings[self.actors[i].ready.remote()] = i
             return
-        except RayTaskError as exc:
-            raise unwrap(exc) from None
         except ObjectLostError as exc:
             raise ClusterError(
                 f"a validated block was lost with a node and Ray could not read it again ({type(exc).__name__}); "

@@ -29,6 +29,7 @@ import pyarrow as pa
 import ray
 
 from pipeline.job import progress
+from pipeline.job.connect import on_driver_node
 from pipeline.spec.batching import order_for_engine
 from pipeline.spec.config import JobSpec
 from pipeline.spec.seen_ids import SeenIds, id_batches
@@ -69,8 +70,9 @@ class IdRegistry:
 
 
 def start_registry() -> Any:
-    """The job's id registry actor (no CPU reserved: it answers a call per batch of a read unit)."""
-    return ray.remote(num_cpus=0, max_concurrency=1000)(IdRegistry).remote()
+    """The job's id registry actor (no CPU reserved: it answers a call per batch of a read
+    unit), on the driver's node: the ids seen so far must not be lost with a worker."""
+    return ray.remote(num_cpus=0, max_concurrency=1000)(IdRegistry).options(scheduling_strategy=on_driver_node()).remote()
 
 
 def cut(chunks: Iterator[pa.Table], rows: int) -> Iterator[pa.Table]:

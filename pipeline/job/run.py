@@ -32,12 +32,11 @@ import time
 import pyarrow as pa
 import ray
 from ray.data.datasource.datasink import WriteResult
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.engine.resolve import build_catalog, place
 from pipeline.job import progress
 from pipeline.job.actors import GenerateStage, ProgressActor, actor_gpus, final_counts, rows_per_call, start_engines, startup_failure
-from pipeline.job.connect import connect, require_gpus
+from pipeline.job.connect import connect, on_driver_node, require_gpus
 from pipeline.job.datasink import DatasetSink, Prepared, RecordFolder, prepare_output
 from pipeline.job.feed import Feed, result
 from pipeline.job.read import start_read, start_registry
@@ -117,10 +116,7 @@ def _warned(ownership: ray.ObjectRef) -> list[str]:
 def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator, started: float, stage: type, prepared: Prepared) -> RunSummary:
     """The pipeline itself; the caller holds the output's lock."""
     rt = spec.runtime
-    # On the driver's node: a counter on a worker that is lost would take the counts with
-    # it, and the node the driver runs on outlives the job anyway.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    counter = ProgressActor.options(scheduling_strategy=here).remote()
+    counter = ProgressActor.options(scheduling_strategy=on_driver_node()).remote()
     table = plan_units(spec.input)
     rows_per_block = block_rows(rt.batch_size, table.rows, rt.num_actors, rows_per_call(spec, catalog))
     registry = start_registry() if spec.input.id_column else None
