@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -234,7 +235,7 @@ def test_the_shared_skip_filter_reaches_ray_tasks_as_a_reference(ray_cluster):
     from pipeline.job.skip import SharedSkipFilter
 
     committed = CommittedIds.from_ids([rid(i) for i in range(100_000)])
-    shared = SharedSkipFilter(SkipFilter(committed, CommittedIds.from_ids([rid(7)])))
+    shared = SharedSkipFilter.put(SkipFilter(committed, CommittedIds.from_ids([rid(7)])))
     assert len(pickle.dumps(shared)) < 2_000  # two object refs, not 800 kB of ids
 
     @ray.remote(num_cpus=0.1)
@@ -244,6 +245,40 @@ def test_the_shared_skip_filter_reaches_ray_tasks_as_a_reference(ray_cluster):
     held, adopted, writeable = ray.get(probe.remote(shared, [rid(7), rid(99_999), rid(100_000)]))
     assert held == [True, True, False] and adopted == 1
     assert not writeable  # a read-only view of the object store's copy
+
+
+def test_the_job_prepares_its_output_in_a_task_and_keeps_the_skipped_ids_off_the_driver(ray_cluster, make_spec, out):
+    """A rerun after a crash: the prepare task adopts the dead run and removes its orphan
+    part; the driver logs what it did, and gets the ids to skip as object refs only."""
+    import ray
+
+    from pipeline.engine.resolve import build_catalog
+    from pipeline.job.run import prepare
+
+    fs, root = out
+    for start in range(0, 32, 16):
+        sink.write_block(fs, root, RUN, stream_block(range(start, start + 16)))
+    images, _ = sink.split(stream_block(range(32, 48)), RUN)
+    sink.write_part(fs, root, sink.IMAGES_DIR, RUN, images)  # the crash came before its record
+    spec = make_spec({"url": "unused.csv"}, output={"mode": "incremental"})
+    logged = logging.Handler()
+    logged.emit = lambda record: said.append(record.getMessage())
+    said: list[str] = []
+    logging.getLogger("pipeline.job.run").addHandler(logged)
+    try:
+        prepared, skip = prepare(spec, "20260102T000000Z-bbbbbbbb", 0.0, build_catalog(spec))
+    finally:
+        logging.getLogger("pipeline.job.run").removeHandler(logged)
+    assert prepared.interrupted == [RUN] and len(prepared.recovery.removed_parts) == 1
+    assert f"adopting what interrupted run(s) {RUN} committed" in said
+    assert "removed 1 part(s) without a commit record, left by an interrupted run" in said
+    assert len(skip) == 32 and skip.committed is None  # nothing of the ids was read here
+
+    @ray.remote(num_cpus=0.1)
+    def probe(skip, ids):
+        return skip.contains(ids).tolist(), skip.adopted(ids)
+
+    assert ray.get(probe.remote(skip, [rid(0), rid(31), rid(32)])) == ([True, True, False], 2)
 
 
 def test_inspect_shows_runs_running_and_interrupted_from_their_commit_records(out):

@@ -37,7 +37,7 @@ from pipeline.engine.resolve import build_catalog, place
 from pipeline.job import progress
 from pipeline.job.actors import GenerateStage, ProgressActor, actor_gpus, final_counts, rows_per_call, start_engines, startup_failure
 from pipeline.job.connect import connect, on_driver_node, require_gpus
-from pipeline.job.datasink import DatasetSink, Prepared, RecordFolder, prepare_output
+from pipeline.job.datasink import DatasetSink, Prepared, RecordFolder, preparing
 from pipeline.job.feed import Feed, result
 from pipeline.job.read import start_read, start_registry
 from pipeline.job.skip import SharedSkipFilter
@@ -77,11 +77,11 @@ def run(spec: JobSpec, stage: type[GenerateStage] = GenerateStage) -> RunSummary
     fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
     lock = OutputLock.acquire(fs, root, run_id, spec.output.url, lease_s=spec.output.lock_lease_s)
     try:
-        prepared = prepare_output(spec, run_id, started, catalog)  # adopts what interrupted runs committed
+        prepared, skip = prepare(spec, run_id, started, catalog)  # adopts what interrupted runs committed
         # Beside the work, not before it: the check reads every input id and every committed
         # image (a resume of 1M rows held 50 MB more on the driver, and waited for it).
         ownership = ray.remote(ownership_warnings).options(num_cpus=spec.runtime.task_cpus).remote(spec)
-        validator = Validator(spec, catalog, skip=skip_filter(prepared))
+        validator = Validator(spec, catalog, skip=skip)
         summary = _execute(spec, run_id, catalog, validator, started, stage, prepared)
         summary.warnings.extend(_warned(ownership))
         return summary
@@ -97,11 +97,26 @@ def run(spec: JobSpec, stage: type[GenerateStage] = GenerateStage) -> RunSummary
         lock.release()
 
 
-def skip_filter(prepared: Prepared) -> SharedSkipFilter:
-    """What read tasks skip: the request ids earlier runs committed (see
-    :class:`~pipeline.spec.validate.Validator`'s ``skip``), as 8-byte hashes put into the
-    object store once and read zero-copy by every read task. The one place the job builds it."""
-    return SharedSkipFilter(prepared.skip)
+def prepare(spec: JobSpec, run_id: str, started: float, catalog: Catalog) -> tuple[Prepared, SharedSkipFilter]:
+    """The output prepared for this run (:func:`~pipeline.job.datasink.prepare_output`), by a
+    task: the driver logs its warnings and gets what read tasks skip (the request ids
+    earlier runs committed, see :class:`~pipeline.spec.validate.Validator`'s ``skip``) as
+    refs to 8-byte hashes in the object store, read zero-copy by every read task. The
+    driver never holds them, so its memory does not grow with the output (a resume of 10M
+    images held 640 MB on the driver when it read the records itself, against 280 MB for
+    the first run).
+
+    The task runs on the driver's node and is never run again: its returns live in that
+    node's object store, and one stored on a worker that is lost would be made again by
+    Ray re-running the prepare mid-run, which would take this run's parts for an
+    interrupted run's. It asks for no CPU, as the driver's node may offer none (the
+    KubeRay head in ``infra/``); it runs before any work."""
+    placed = preparing.options(num_cpus=0, max_retries=0, scheduling_strategy=on_driver_node())
+    done, committed, adoptable = placed.remote(spec, run_id, started, catalog)
+    prepared: Prepared = result(done)
+    for message in prepared.warnings:
+        log.warning("%s", message)
+    return prepared, SharedSkipFilter(committed, adoptable, size=prepared.committed)
 
 
 def _warned(ownership: ray.ObjectRef) -> list[str]:

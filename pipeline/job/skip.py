@@ -17,13 +17,21 @@ from pipeline.storage.commits import CommittedIds, SkipFilter
 
 
 class SharedSkipFilter(SkipFilter):
-    """A :class:`SkipFilter` whose arrays live in the object store. Build it on the driver
-    (one ``ray.put`` per array); pass it anywhere, e.g. as a Validator's ``skip``."""
+    """A :class:`SkipFilter` whose arrays live in the object store: ``committed`` and
+    ``adoptable`` are refs to sorted unique uint64 hash arrays (the job's are returns of its
+    prepare task, so the driver never holds them), ``size`` the committed count. Pass it
+    anywhere, e.g. as a Validator's ``skip``; it reads the arrays where first used."""
 
-    def __init__(self, skip: SkipFilter):
-        super().__init__(skip.committed, skip.adoptable)
-        self._refs = (ray.put(skip.committed.hashes), ray.put(skip.adoptable.hashes))
-        self._size = len(skip.committed)
+    def __init__(self, committed: ray.ObjectRef, adoptable: ray.ObjectRef, size: int):
+        super().__init__()
+        self.committed = self.adoptable = None  # type: ignore[assignment]
+        self._refs = (committed, adoptable)
+        self._size = size
+
+    @classmethod
+    def put(cls, skip: SkipFilter) -> "SharedSkipFilter":
+        """``skip``'s arrays put into the object store (one ``ray.put`` each)."""
+        return cls(ray.put(skip.committed.hashes), ray.put(skip.adoptable.hashes), len(skip))
 
     def __getstate__(self) -> dict[str, Any]:
         return {"_refs": self._refs, "_size": self._size}
