@@ -258,7 +258,7 @@ def _tally_on_cluster(spec: JobSpec, validator: Validator, units: list[ReadUnit]
     import ray
 
     from pipeline.job.connect import connect
-    from pipeline.job.feed import unwrap
+    from pipeline.job.feed import result
     from pipeline.job.read import start_registry
 
     connect(spec.runtime)
@@ -267,10 +267,8 @@ def _tally_on_cluster(spec: JobSpec, validator: Validator, units: list[ReadUnit]
     task = ray.remote(_tally_unit).options(num_cpus=spec.runtime.task_cpus)
     try:
         ownership = ray.remote(ownership_warnings).options(num_cpus=spec.runtime.task_cpus).remote(spec) if check_ownership else None
-        tallies = ray.get([task.remote(spec, unit, shared, skip, registry) for unit in units])
-        return tallies, ray.get(ownership) if ownership is not None else []
-    except ray.exceptions.RayTaskError as exc:
-        raise unwrap(exc) from None
+        tallies = result([task.remote(spec, unit, shared, skip, registry) for unit in units])
+        return tallies, result(ownership) if ownership is not None else []
     finally:
         if registry is not None:
             ray.kill(registry)
