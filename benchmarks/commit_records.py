@@ -4,7 +4,7 @@ Builds a synthetic output of ``--images`` committed images in parts of ``--rows-
 rows (empty stand-in part files: adoption checks a part's presence and size, not its
 bytes), committed either by one record per part (a run that died before its end) or by
 one compacted record per run of ``--run-images`` (runs that finished), then times
-:func:`~pipeline.storage.commits.read_commits` and building the skip filter from it, and
+:func:`~pipeline.storage.commit_protocol.read_commits` and building the skip filter from it, and
 reports the driver's peak RSS.
 
     .venv/bin/python benchmarks/commit_records.py --images 10000000 --rows-per-part 5000
@@ -27,7 +27,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.storage import commits, filesystem  # noqa: E402
+from pipeline.storage import commit_protocol, filesystem, record_format  # noqa: E402
 
 
 def build(root: Path, images: int, rows_per_part: int, run_images: int, compacted: bool) -> None:
@@ -41,12 +41,12 @@ def build(root: Path, images: int, rows_per_part: int, run_images: int, compacte
             n = min(rows_per_part, images - start)
             path = f"images/part-{run_id}-{start:012d}.parquet"
             (root / path).write_bytes(b"")
-            parts.append(commits.PartEntry(path, n, 0, "0" * 64, rng.integers(0, 2**63, n, dtype=np.uint64), np.empty(0, np.uint64)))
+            parts.append(record_format.PartEntry(path, n, 0, "0" * 64, rng.integers(0, 2**63, n, dtype=np.uint64), np.empty(0, np.uint64)))
         groups = [parts] if compacted else [[p] for p in parts]
         for group in groups:
-            name = commits.record_name(run_id, group, compacted=compacted)
-            record = commits.Record(name, run_id, time.time(), group, {"images": sum(p.rows for p in group)})
-            (root / name).write_bytes(commits.encode_record(record))
+            name = record_format.record_name(run_id, group, compacted=compacted)
+            record = record_format.Record(name, run_id, time.time(), group, {"images": sum(p.rows for p in group)})
+            (root / name).write_bytes(record_format.encode_record(record))
 
 
 def main() -> None:
@@ -66,7 +66,7 @@ def main() -> None:
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         fs, path = filesystem.open_url(str(root))
         t0 = time.perf_counter()
-        found = commits.read_commits(fs, path)
+        found = commit_protocol.read_commits(fs, path)
         read_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         skip = found.ids()

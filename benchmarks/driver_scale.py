@@ -105,7 +105,7 @@ def one_process(work: Path, call: int, seconds: float, rows_limit: int) -> dict:
     from pipeline.spec.batching import block_rows, order_for_engine
     from pipeline.spec.seen_ids import SeenIds, id_batches
     from pipeline.spec.validate import Validator
-    from pipeline.storage import filesystem, sink
+    from pipeline.storage import filesystem, part_files
     from pipeline.storage.units import plan_units, read_unit
     from simulated_scale import SleepEngine, SleepModels
 
@@ -131,12 +131,12 @@ def one_process(work: Path, call: int, seconds: float, rows_limit: int) -> dict:
             slept += -(-block.num_rows // call) * seconds
             done += block.num_rows
             if sum(t.num_rows for t in pending) >= 5000:
-                sink.write_block(fs, root, "one", pa.concat_tables(pending, promote_options="permissive"))
+                part_files.write_block(fs, root, "one", pa.concat_tables(pending, promote_options="permissive"))
                 pending = []
         if done >= rows_limit:
             break
     if pending:
-        sink.write_block(fs, root, "one", pa.concat_tables(pending, promote_options="permissive"))
+        part_files.write_block(fs, root, "one", pa.concat_tables(pending, promote_options="permissive"))
     wall = time.perf_counter() - start
     return {"rows": done, "wall": wall, "rows_per_s": done / wall, "rows_per_s_without_sleep": done / (wall - slept)}
 

@@ -15,8 +15,9 @@ import pyarrow as pa
 import pytest
 
 from pipeline.spec import schema as S
-from pipeline.storage import commits, filesystem, fold, sink
-from pipeline.storage.commits import CommittedIds, SkipFilter, read_commits, repair
+from pipeline.storage import commit_protocol, filesystem, fold, part_files, record_format, skip_filter
+from pipeline.storage.commit_protocol import read_commits, repair
+from pipeline.storage.skip_filter import CommittedIds, SkipFilter
 
 RUN = "20260101T000000Z-aaaaaaaa"
 
@@ -53,7 +54,7 @@ def images_on_disk(root: str) -> pd.DataFrame:
 
 def test_a_block_is_committed_by_its_record_and_read_back(out):
     fs, root = out
-    report = sink.write_block(fs, root, RUN, stream_block(range(0, 16), failed={3}))
+    report = part_files.write_block(fs, root, RUN, stream_block(range(0, 16), failed={3}))
     assert len(report.records) == 1 and len(report.parts) == 2
     found = read_commits(fs, root)
     assert [r.name for r in found.records] == report.records
@@ -67,9 +68,9 @@ def test_a_block_is_committed_by_its_record_and_read_back(out):
 def test_a_part_written_without_its_record_is_removed_and_made_again(out):
     """A kill between a part and its record: the part is an orphan, never adopted."""
     fs, root = out
-    sink.write_block(fs, root, RUN, stream_block(range(0, 16)))
-    images, _ = sink.split(stream_block(range(16, 32)), RUN)
-    orphan = sink.write_part(fs, root, sink.IMAGES_DIR, RUN, images)  # the kill lands here
+    part_files.write_block(fs, root, RUN, stream_block(range(0, 16)))
+    images, _ = part_files.split(stream_block(range(16, 32)), RUN)
+    orphan = part_files.write_part(fs, root, record_format.IMAGES_DIR, RUN, images)  # the kill lands here
     half = Path(root) / "_commits" / RUN / ".record.commit.0123.tmp"  # or here, mid-record
     half.write_bytes(b"IGCOMMIT1 ")
     found = read_commits(fs, root)
@@ -83,8 +84,8 @@ def test_a_part_written_without_its_record_is_removed_and_made_again(out):
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
 def test_a_record_whose_part_is_damaged_is_dropped_whole(out, damage):
     fs, root = out
-    sink.write_block(fs, root, RUN, stream_block(range(0, 16)))
-    hurt = sink.write_block(fs, root, RUN, stream_block(range(16, 32), failed={20}))
+    part_files.write_block(fs, root, RUN, stream_block(range(0, 16)))
+    hurt = part_files.write_block(fs, root, RUN, stream_block(range(16, 32), failed={20}))
     path = Path(root) / hurt.parts[0]["path"]
     if damage == "truncate":
         path.write_bytes(path.read_bytes()[:100])
@@ -107,8 +108,8 @@ def test_a_record_whose_part_is_damaged_is_dropped_whole(out, damage):
 @pytest.mark.parametrize("damage", ["truncate", "flip", "empty"])
 def test_a_corrupt_record_is_dropped_and_its_parts_removed(out, damage):
     fs, root = out
-    good = sink.write_block(fs, root, RUN, stream_block(range(0, 16)))
-    bad = sink.write_block(fs, root, RUN, stream_block(range(16, 32)))
+    good = part_files.write_block(fs, root, RUN, stream_block(range(0, 16)))
+    bad = part_files.write_block(fs, root, RUN, stream_block(range(16, 32)))
     path = Path(root) / bad.records[0]
     data = path.read_bytes()
     path.write_bytes({"truncate": data[: len(data) - 9], "flip": data[:-1] + bytes([data[-1] ^ 1]), "empty": b""}[damage])
@@ -125,9 +126,9 @@ def test_a_retried_write_with_another_block_composition_counts_once(out):
     """Ray retried a write and the retry's blocks hold other rows: the records overlap. On
     read the first record wins whole; the end of the run keeps the one that succeeded."""
     fs, root = out
-    first = sink.write_block(fs, root, RUN, stream_block(range(0, 16)))
-    retry = sink.write_block(fs, root, RUN, stream_block(range(8, 24)))
-    other = sink.write_block(fs, root, RUN, stream_block(range(24, 40)))
+    first = part_files.write_block(fs, root, RUN, stream_block(range(0, 16)))
+    retry = part_files.write_block(fs, root, RUN, stream_block(range(8, 24)))
+    other = part_files.write_block(fs, root, RUN, stream_block(range(24, 40)))
     found = read_commits(fs, root)
     winner = min(first.records + retry.records, key=lambda n: (n.rsplit("/", 1)[-1]))
     loser = ({*first.records, *retry.records} - {winner}).pop()
@@ -142,9 +143,9 @@ def test_a_retried_write_with_another_block_composition_counts_once(out):
 
     # The same state, but the run finished: the writes Ray reported (retry, other) count.
     fs2, root2 = filesystem.open_url(root + "-finished")
-    first = sink.write_block(fs2, root2, RUN, stream_block(range(0, 16)))
-    retry = sink.write_block(fs2, root2, RUN, stream_block(range(8, 24)))
-    other = sink.write_block(fs2, root2, RUN, stream_block(range(24, 40)))
+    first = part_files.write_block(fs2, root2, RUN, stream_block(range(0, 16)))
+    retry = part_files.write_block(fs2, root2, RUN, stream_block(range(8, 24)))
+    other = part_files.write_block(fs2, root2, RUN, stream_block(range(24, 40)))
     merged = fold.compact(fs2, root2, RUN, retry.records + other.records)
     assert {p.path for p in merged.parts} == {p["path"] for p in retry.parts + other.parts}
     assert fold.remove_leftovers(fs2, root2, RUN, set(retry.records + other.records)) == first.records
@@ -161,7 +162,7 @@ def test_a_long_run_is_folded_in_groups_and_its_retried_writes_leftovers_go_at_i
     monkeypatch.setattr(fold, "FOLD_IDS", 40)
     groups, folded, kept = fold.FoldGroups(), [], []
     for k in range(0, 160, 16):  # ten block writes of 16 ids
-        report = sink.write_block(fs, root, RUN, stream_block(range(k, k + 16)))
+        report = part_files.write_block(fs, root, RUN, stream_block(range(k, k + 16)))
         kept += report.records
         full = groups.add(report.records, report.images + report.errors)
         assert len(full) in (0, 3)  # a group is full at 48 >= 40 ids
@@ -170,7 +171,7 @@ def test_a_long_run_is_folded_in_groups_and_its_retried_writes_leftovers_go_at_i
     merged = [r for r in folded if r is not None]
     assert [sum(p.rows for p in r.parts) for r in merged] == [48, 48, 48, 16]
     # The first attempt of a retried write, which Ray never reported: its ids are in the third group.
-    leftover = sink.write_block(fs, root, RUN, stream_block(range(100, 108)))
+    leftover = part_files.write_block(fs, root, RUN, stream_block(range(100, 108)))
     assert fold.remove_leftovers(fs, root, RUN, set(kept)) == leftover.records
     assert fold.remove_leftovers(fs, root, RUN, set(kept)) == []
     found = read_commits(fs, root)
@@ -181,11 +182,11 @@ def test_a_long_run_is_folded_in_groups_and_its_retried_writes_leftovers_go_at_i
 
 def test_a_crash_during_compaction_leaves_redundant_records_only(out):
     fs, root = out
-    blocks = [sink.write_block(fs, root, RUN, stream_block(range(k, k + 16))) for k in (0, 16)]
+    blocks = [part_files.write_block(fs, root, RUN, stream_block(range(k, k + 16))) for k in (0, 16)]
     names = [n for b in blocks for n in b.records]
     merged = fold.compact(fs, root, RUN, names)
     # Put a block record back: as if the driver died between the compacted record and the removals.
-    fs.pipe_file(filesystem.join(root, names[0]), commits.encode_record(commits.Record(names[0], RUN, 0.0, merged.parts[:1], {})))
+    fs.pipe_file(filesystem.join(root, names[0]), record_format.encode_record(record_format.Record(names[0], RUN, 0.0, merged.parts[:1], {})))
     found = read_commits(fs, root)
     assert found.redundant == [names[0]] and [r.name for r in found.records] == [merged.name]
     assert len(found.ids()) == 32 and not found.orphans
@@ -194,10 +195,10 @@ def test_a_crash_during_compaction_leaves_redundant_records_only(out):
 def test_an_output_from_before_commit_records_is_adopted_not_deleted(out):
     """Parts listed only by a run manifest (the old layout) stay committed, and get records."""
     fs, root = out
-    report = sink.write_block(fs, root, RUN, stream_block(range(0, 16)))
+    report = part_files.write_block(fs, root, RUN, stream_block(range(0, 16)))
     for name in report.records:
         fs.rm(filesystem.join(root, name))
-    sink.write_manifest(fs, root, RUN, {"run_id": RUN, "status": "complete", "parts": report.parts, "counts": {"images": 16}})
+    part_files.write_manifest(fs, root, RUN, {"run_id": RUN, "status": "complete", "parts": report.parts, "counts": {"images": 16}})
     found = read_commits(fs, root)
     assert not found.orphans and len(found.ids()) == 16 and found.legacy
     recovery = repair(fs, root, found)
@@ -209,7 +210,7 @@ def test_an_output_from_before_commit_records_is_adopted_not_deleted(out):
 def test_the_skip_filter_holds_100k_committed_ids_in_8_bytes_each(out):
     fs, root = out
     for start in range(0, 100_000, 25_000):
-        sink.write_block(fs, root, RUN, stream_block(range(start, start + 25_000)))
+        part_files.write_block(fs, root, RUN, stream_block(range(start, start + 25_000)))
     found = read_commits(fs, root)
     skip = found.ids()
     assert len(skip) == 100_000 and skip.nbytes == 800_000 and skip.hashes.dtype == np.uint64
@@ -221,10 +222,10 @@ def test_the_skip_filter_holds_100k_committed_ids_in_8_bytes_each(out):
 
 def test_id_hashes_are_the_request_ids_own_digest_and_other_strings_are_hashed():
     ids = pa.array([rid(1), "not-a-request-id", None, rid(2)])
-    hashes = commits.id_hashes(ids)
+    hashes = skip_filter.id_hashes(ids)
     assert hashes[0] == int(rid(1)[:16], 16) and hashes[3] == int(rid(2)[:16], 16)
     assert len(set(hashes.tolist())) == 4
-    assert (commits.id_hashes(pa.chunked_array([ids.slice(0, 2), ids.slice(2)])) == hashes).all()
+    assert (skip_filter.id_hashes(pa.chunked_array([ids.slice(0, 2), ids.slice(2)])) == hashes).all()
 
 
 def test_the_shared_skip_filter_reaches_ray_tasks_as_a_reference(ray_cluster):
@@ -257,9 +258,9 @@ def test_the_job_prepares_its_output_in_a_task_and_keeps_the_skipped_ids_off_the
 
     fs, root = out
     for start in range(0, 32, 16):
-        sink.write_block(fs, root, RUN, stream_block(range(start, start + 16)))
-    images, _ = sink.split(stream_block(range(32, 48)), RUN)
-    sink.write_part(fs, root, sink.IMAGES_DIR, RUN, images)  # the crash came before its record
+        part_files.write_block(fs, root, RUN, stream_block(range(start, start + 16)))
+    images, _ = part_files.split(stream_block(range(32, 48)), RUN)
+    part_files.write_part(fs, root, record_format.IMAGES_DIR, RUN, images)  # the crash came before its record
     spec = make_spec({"url": "unused.csv"}, output={"mode": "incremental"})
     logged = logging.Handler()
     logged.emit = lambda record: said.append(record.getMessage())
@@ -286,13 +287,13 @@ def test_inspect_shows_runs_running_and_interrupted_from_their_commit_records(ou
 
     fs, root = out
     dead, live = "20260101T000000Z-dead0000", "20260101T010000Z-live0000"
-    sink.write_manifest(fs, root, dead, sink.start_manifest(dead, 1000.0, {}, "f"))
-    sink.write_block(fs, root, dead, stream_block(range(0, 16)))
-    sink.write_manifest(fs, root, live, sink.start_manifest(live, 2000.0, {}, "f"))
+    part_files.write_manifest(fs, root, dead, part_files.start_manifest(dead, 1000.0, {}, "f"))
+    part_files.write_block(fs, root, dead, stream_block(range(0, 16)))
+    part_files.write_manifest(fs, root, live, part_files.start_manifest(live, 2000.0, {}, "f"))
     for start in (16, 32):
-        sink.write_block(fs, root, live, stream_block(range(start, start + 16), failed={start}))
-    images, _ = sink.split(stream_block(range(48, 64)), live)
-    sink.write_part(fs, root, sink.IMAGES_DIR, live, images)  # in flight: no record yet
+        part_files.write_block(fs, root, live, stream_block(range(start, start + 16), failed={start}))
+    images, _ = part_files.split(stream_block(range(48, 64)), live)
+    part_files.write_part(fs, root, record_format.IMAGES_DIR, live, images)  # in flight: no record yet
     lock = {"run_id": live, "host": "elsewhere", "pid": 1, "acquired_at": 2000.0, "expires_at": 9e12}
     fs.pipe_file(filesystem.join(root, "_lock.json"), json.dumps(lock).encode())
 
@@ -312,10 +313,10 @@ def test_verify_names_what_a_crash_left_and_is_clean_once_a_run_repaired_it(out)
     from pipeline.output.verify import verify
 
     fs, root = out
-    sink.write_block(fs, root, RUN, stream_block(range(0, 16)))
-    sink.write_block(fs, root, RUN, stream_block(range(8, 24)))  # a retried write, other composition
-    images, _ = sink.split(stream_block(range(24, 40)), RUN)
-    sink.write_part(fs, root, sink.IMAGES_DIR, RUN, images)  # killed before its record
+    part_files.write_block(fs, root, RUN, stream_block(range(0, 16)))
+    part_files.write_block(fs, root, RUN, stream_block(range(8, 24)))  # a retried write, other composition
+    images, _ = part_files.split(stream_block(range(24, 40)), RUN)
+    part_files.write_part(fs, root, record_format.IMAGES_DIR, RUN, images)  # killed before its record
     report = verify(root)
     problems = " | ".join(report.violations)
     assert "commit records superseded by an earlier one" in problems
@@ -333,7 +334,7 @@ def test_verify_finds_a_committed_part_whose_bytes_changed_at_the_same_size(out)
     from pipeline.output.verify import verify
 
     fs, root = out
-    block = sink.write_block(fs, root, RUN, stream_block(range(0, 16)))
+    block = part_files.write_block(fs, root, RUN, stream_block(range(0, 16)))
     path = Path(root) / block.parts[0]["path"]
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -381,7 +382,7 @@ def test_a_spec_changed_after_a_crash_adopts_only_what_it_would_make(ray_cluster
 def test_the_run_summary_says_what_was_adopted_and_what_was_removed():
     from pipeline.job.summary import RunSummary, format_summary
 
-    recovery = commits.Recovery(
+    recovery = commit_protocol.Recovery(
         removed_parts=["images/part-x.parquet"], dropped_records=[("_commits/r/a.commit", "its part images/y is missing")], rows_made_again=16
     )
     summary = RunSummary("run2", "out", 10, 10, 0, {}, 1.0, adopted=288, adopted_from=["run1"], recovery=recovery)
@@ -398,10 +399,10 @@ def test_an_error_part_rewritten_by_supersede_stays_committed(out):
 
     fs, root = out
     first, later = RUN, "20260102T000000Z-bbbbbbbb"
-    block = sink.write_block(fs, root, first, stream_block(range(0, 8), failed={2, 5}))
-    sink.write_manifest(fs, root, first, {"run_id": first, "status": "complete", "parts": block.parts, "counts": {"images": 6}})
-    again = sink.write_block(fs, root, later, stream_block(range(2, 3)))  # row 2 made this time
-    sink.write_manifest(fs, root, later, {"run_id": later, "status": "complete", "parts": again.parts, "counts": {"images": 1}})
+    block = part_files.write_block(fs, root, first, stream_block(range(0, 8), failed={2, 5}))
+    part_files.write_manifest(fs, root, first, {"run_id": first, "status": "complete", "parts": block.parts, "counts": {"images": 6}})
+    again = part_files.write_block(fs, root, later, stream_block(range(2, 3)))  # row 2 made this time
+    part_files.write_manifest(fs, root, later, {"run_id": later, "status": "complete", "parts": again.parts, "counts": {"images": 1}})
     done = supersede.supersede_errors(fs, root)
     assert done.rows == 1
     found = read_commits(fs, root)

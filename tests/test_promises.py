@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from pipeline.spec import schema as S
-from pipeline.storage import filesystem, sink
+from pipeline.storage import filesystem, part_files, record_format
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -85,16 +85,16 @@ def test_a_retried_part_write_rewrites_the_same_file(where, tmp_path, request):
     else:
         fs, root = filesystem.open_url(str(tmp_path / "out"))
     table = _images_table(5)
-    first = sink.write_part(fs, root, sink.IMAGES_DIR, "run-1", table)
-    again = sink.write_part(fs, root, sink.IMAGES_DIR, "run-1", table)  # what a task Ray retried does
+    first = part_files.write_part(fs, root, record_format.IMAGES_DIR, "run-1", table)
+    again = part_files.write_part(fs, root, record_format.IMAGES_DIR, "run-1", table)  # what a task Ray retried does
     assert (first.path, first.bytes, first.sha256) == (again.path, again.bytes, again.sha256)
     assert first.path.startswith("images/part-run-1-")
-    names = [p.rsplit("/", 1)[-1] for p in fs.find(filesystem.join(root, sink.IMAGES_DIR))]
+    names = [p.rsplit("/", 1)[-1] for p in fs.find(filesystem.join(root, record_format.IMAGES_DIR))]
     assert names == [first.path.split("/")[-1]], "one file, no temporary left beside it"
     with fs.open(filesystem.join(root, first.path), "rb") as f:
         assert pq.read_table(f).equals(table)
     # Other request ids make another part.
-    other = sink.write_part(fs, root, sink.IMAGES_DIR, "run-1", _images_table(6))
+    other = part_files.write_part(fs, root, record_format.IMAGES_DIR, "run-1", _images_table(6))
     assert other.path != first.path
 
 

@@ -165,7 +165,7 @@ def test_table_keeps_passthrough_columns_with_types_and_renames_collisions():
 def test_committed_requests_are_skipped():
     v = validator()
     done = one(v, row(0, prompt="a"))["request_id"]
-    from pipeline.storage.commits import CommittedIds
+    from pipeline.storage.skip_filter import CommittedIds
 
     skipping = dataclasses.replace(v, skip=CommittedIds.from_ids([done]))
     out, skipped = skipping.validate_table_skipping(pa.Table.from_pylist([row(0, prompt="a"), row(1, prompt="b")]))

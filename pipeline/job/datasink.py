@@ -1,5 +1,5 @@
 """The write side of the batch job: a Ray Data datasink that writes each block as atomic
-parts and commits it with a record at once (:mod:`pipeline.storage.sink`); the folding of
+parts and commits it with a record at once (:mod:`pipeline.storage.part_files`); the folding of
 those records as the run goes (:class:`RecordFolder`); at the end, the run manifest and
 the dataset card. And
 preparing the output before a run: ``output.mode``, adopting what interrupted runs
@@ -24,10 +24,10 @@ from pipeline.output import card
 from pipeline.spec.catalog import Catalog, ModelEntry
 from pipeline.spec.config import JobSpec, OutputConfig
 from pipeline.spec.validate import REQUEST_ID_SCHEME, scheme_warning
-from pipeline.storage import commits, dataset_schema, filesystem, fold, lock, sink, supersede
+from pipeline.storage import commit_protocol, dataset_schema, filesystem, fold, lock, part_files, skip_filter, supersede
 
 
-class DatasetSink(Datasink[sink.WriteReport]):
+class DatasetSink(Datasink[part_files.WriteReport]):
     """Writes each block as atomic parts; on completion writes the run manifest, then
     regenerates the dataset card (README.md) over all the output's runs."""
 
@@ -39,20 +39,20 @@ class DatasetSink(Datasink[sink.WriteReport]):
         self._catalog = catalog
         self._started = started
         self._counter = counter
-        self.report: sink.WriteReport | None = None
+        self.report: part_files.WriteReport | None = None
 
-    def write(self, blocks: Iterable[pa.Table], ctx: Any) -> sink.WriteReport:
+    def write(self, blocks: Iterable[pa.Table], ctx: Any) -> part_files.WriteReport:
         fs, root = filesystem.open_url(self._output.url, self._output.storage_options)
-        report = sink.WriteReport()
+        report = part_files.WriteReport()
         for block in blocks:
             table = BlockAccessor.for_block(block).to_arrow()
             if table.num_rows:
                 lock.check_lease(fs, root, self._run_id, self._output.url)  # no part after a lost lease
-                report.add(sink.write_block(fs, root, self._run_id, table))
+                report.add(part_files.write_block(fs, root, self._run_id, table))
         return report
 
-    def on_write_complete(self, write_result: WriteResult[sink.WriteReport]) -> None:
-        report = sink.WriteReport()
+    def on_write_complete(self, write_result: WriteResult[part_files.WriteReport]) -> None:
+        report = part_files.WriteReport()
         for part in write_result.write_returns:
             report.add(part)
         finished = time.time()
@@ -62,7 +62,7 @@ class DatasetSink(Datasink[sink.WriteReport]):
         # The records are folded (RecordFolder); the first attempts of retried writes go.
         fold.remove_leftovers(fs, root, self._run_id, set(report.records))
         prepared = self._prepared
-        sink.write_manifest(
+        part_files.write_manifest(
             fs,
             root,
             self._run_id,
@@ -81,7 +81,7 @@ class DatasetSink(Datasink[sink.WriteReport]):
                 "request_id_scheme": REQUEST_ID_SCHEME,
                 "scoring": _scoring(self._catalog, counts),
                 "loras": {name: {"url": a.config.url, "digest": a.digest} for name, a in self._catalog.loras.items()},
-                "versions": sink.library_versions(),
+                "versions": part_files.library_versions(),
                 "counts": {
                     "input_rows": report.input_rows,
                     "images": report.images,
@@ -91,7 +91,7 @@ class DatasetSink(Datasink[sink.WriteReport]):
                     "model_swaps": counts.model_swaps,
                 },
                 "parts": sorted(report.parts, key=lambda p: p["path"]),
-                "schemas": dataset_schema.promote(fs, root, sink.read_manifests(fs, root), report.parts),
+                "schemas": dataset_schema.promote(fs, root, commit_protocol.read_manifests(fs, root), report.parts),
             },
         )
         # Retried and fixed rows leave errors/. A task: with error parts present it reads the
@@ -113,7 +113,7 @@ class RecordFolder:
         self._groups = fold.FoldGroups()
         self._folds: list[Any] = []
 
-    def add(self, report: sink.WriteReport) -> None:
+    def add(self, report: part_files.WriteReport) -> None:
         """One write's report: its records join the group being gathered."""
         self._fold(self._groups.add(report.records, report.images + report.errors))
 
@@ -176,17 +176,17 @@ def _scoring(catalog: Catalog, counts) -> Optional[dict[str, Any]]:
 class Prepared:
     """What :func:`prepare_output` found and did: the interrupted runs whose committed parts
     this run adopts, what it removed, and the warnings for the user. The ids the run skips
-    travel apart (a :class:`~pipeline.storage.commits.SkipFilter`): 8 bytes an image."""
+    travel apart (a :class:`~pipeline.storage.commit_protocol.SkipFilter`): 8 bytes an image."""
 
     interrupted: list[str] = field(default_factory=list)
-    recovery: commits.Recovery = field(default_factory=commits.Recovery)
+    recovery: commit_protocol.Recovery = field(default_factory=commit_protocol.Recovery)
     warnings: list[str] = field(default_factory=list)
     committed: int = 0  # the ids the skip filter holds
 
 
-def prepare_output(spec: JobSpec, run_id: str = "", started: float = 0.0, catalog: Optional[Catalog] = None) -> tuple[Prepared, commits.SkipFilter]:
+def prepare_output(spec: JobSpec, run_id: str = "", started: float = 0.0, catalog: Optional[Catalog] = None) -> tuple[Prepared, skip_filter.SkipFilter]:
     """Apply ``output.mode``; adopt what earlier runs committed (see
-    :mod:`pipeline.storage.commits`): remove parts without a record, records whose parts are
+    :mod:`pipeline.storage.commit_protocol`): remove parts without a record, records whose parts are
     damaged or that a retried write superseded; mark runs that never finished as
     interrupted; then write this run's "running" manifest. Returns what it did, and the ids
     the run skips. The caller holds the lock.
@@ -197,37 +197,37 @@ def prepare_output(spec: JobSpec, run_id: str = "", started: float = 0.0, catalo
     fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
     with filesystem.storage_errors(spec.output.url, "prepare"):
         if spec.output.mode == "overwrite":
-            sink.clear_output(fs, root)
-        found = commits.read_commits(fs, root)
-        manifests = sink.read_manifests(fs, root)
+            part_files.clear_output(fs, root)
+        found = commit_protocol.read_commits(fs, root)
+        manifests = commit_protocol.read_manifests(fs, root)
         runs = {m.get("run_id") for m in manifests} | set(found.runs())
         if runs and spec.output.mode == "error_if_exists":
             raise ImagegenError(
                 f"{spec.output.url} already holds {len(runs)} run(s) and output.mode is error_if_exists; "
                 "choose another output.url, or set output.mode to incremental or overwrite"
             )
-        recovery = commits.repair(fs, root, found)
+        recovery = commit_protocol.repair(fs, root, found)
         older_ids = scheme_warning(manifests) if spec.output.mode == "incremental" else None
-        interrupted = sink.interrupted_runs(manifests, found)
+        interrupted = part_files.interrupted_runs(manifests, found)
         if interrupted:
-            sink.adopt_interrupted(fs, root, found, interrupted, adopted_by=run_id)
+            part_files.adopt_interrupted(fs, root, found, interrupted, adopted_by=run_id)
             for run in interrupted:  # their block records are folded, as a finished run's
                 groups = fold.FoldGroups()
                 for record in (r for r in found.records if r.run_id == run and not r.compacted):
                     fold.compact(fs, root, run, groups.add([record.name], sum(p.rows for p in record.parts)))
                 fold.compact(fs, root, run, groups.rest())
         if run_id:
-            start = sink.start_manifest(run_id, started, spec.redacted(), spec.fingerprint())
+            start = part_files.start_manifest(run_id, started, spec.redacted(), spec.fingerprint())
             if catalog is not None:
                 start.update(models=model_details(catalog), model_fingerprint=catalog.models[catalog.default_model].fingerprint)
-            sink.write_manifest(fs, root, run_id, start)
+            part_files.write_manifest(fs, root, run_id, start)
     warnings = [f"{spec.output.url}: {older_ids}"] if older_ids else []
     if recovery.removed_parts:
         warnings.append(f"removed {len(recovery.removed_parts)} part(s) without a commit record, left by an interrupted run")
     warnings += [f"dropped commit record {name}: {why}; its rows are made again" for name, why in recovery.dropped_records]
     if interrupted:
         warnings.append(f"adopting what interrupted run(s) {', '.join(interrupted)} committed")
-    skip = commits.SkipFilter(found.ids(), found.ids(runs=interrupted))
+    skip = skip_filter.SkipFilter(found.ids(), found.ids(runs=interrupted))
     return Prepared(interrupted, recovery, warnings, committed=len(skip)), skip
 
 

@@ -30,8 +30,8 @@ from pipeline.spec import schema as S
 from pipeline.spec.config import JobSpec, PlanConfig, ThroughputEntry
 from pipeline.spec.seen_ids import SeenIds, id_batches
 from pipeline.spec.validate import PROBLEMS, Validator, scheme_warning
-from pipeline.storage import filesystem, sink, tables
-from pipeline.storage.committed_ids import CommittedIds
+from pipeline.storage import commit_protocol, filesystem, part_files, tables
+from pipeline.storage.skip_filter import CommittedIds
 from pipeline.storage.units import ReadUnit, plan_units, read_unit, text_advice
 
 # Tables up to this many rows are planned in this process; larger ones on the cluster.
@@ -297,7 +297,7 @@ def _recorded_models(spec: JobSpec, plan: Plan) -> Optional[dict]:
         return None
     fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
     with filesystem.storage_errors(spec.output.url, "read"):
-        manifests = sink.read_manifests(fs, root)
+        manifests = commit_protocol.read_manifests(fs, root)
     older_ids = scheme_warning(manifests)
     if older_ids:
         plan.warnings.append(older_ids)
@@ -310,7 +310,7 @@ def _committed_ids(spec: JobSpec, plan: Plan) -> CommittedIds:
         return CommittedIds()
     fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
     with filesystem.storage_errors(spec.output.url, "read"):
-        committed = sink.read_committed(fs, root)
+        committed = part_files.read_committed(fs, root)
     if committed.runs and spec.output.mode == "error_if_exists":
         plan.warnings.append(
             f"{spec.output.url} already holds {len(committed.runs)} run(s) and output.mode is error_if_exists: "

@@ -2,7 +2,7 @@
 
 This is the only place stages are chained and resources attached. The logic of each
 stage lives in pure modules (:mod:`pipeline.spec.validate`, :mod:`pipeline.engine.stages`,
-:mod:`pipeline.storage.sink`); here they are wired to Ray:
+:mod:`pipeline.storage.part_files`); here they are wired to Ray:
 
 - the table is cut into read units (runs of Parquet row groups, or files) from its listing
   and footers alone (:mod:`pipeline.storage.units`), so work starts without reading it;
@@ -47,7 +47,7 @@ from pipeline.spec.batching import block_rows
 from pipeline.spec.catalog import Catalog
 from pipeline.spec.config import JobSpec
 from pipeline.spec.validate import Validator
-from pipeline.storage import filesystem, sink, tables
+from pipeline.storage import filesystem, part_files, tables
 from pipeline.storage.lock import OutputLock
 from pipeline.storage.units import plan_units
 
@@ -63,7 +63,7 @@ def run(spec: JobSpec, stage: type[GenerateStage] = GenerateStage) -> RunSummary
     measure the orchestration alone at a scale this machine could not compute.
     """
     started = time.time()
-    run_id = sink.new_run_id()
+    run_id = part_files.new_run_id()
     catalog = build_catalog(spec)
     tables.preflight(spec.input)
     # The cluster is checked before the output is touched: a job that cannot run must not
@@ -162,7 +162,7 @@ def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator,
         for actor in [*actors, *([registry] if registry is not None else [])]:
             ray.kill(actor)  # frees their GPUs now, not when the driver exits
     folder.finish()
-    report = sink.WriteReport()
+    report = part_files.WriteReport()
     for part in reports:
         report.add(part)
     written = sum(p["bytes"] for p in report.parts)
@@ -198,7 +198,7 @@ LOOKAHEAD_PER_ACTOR = 2
 
 
 @ray.remote
-def write_part(datasink: DatasetSink, bounds: list[tuple[int, int]], *blocks: pa.Table) -> sink.WriteReport:
+def write_part(datasink: DatasetSink, bounds: list[tuple[int, int]], *blocks: pa.Table) -> part_files.WriteReport:
     """A part write task: rows ``start:stop`` of each generated block, as one part, through
     the datasink (atomic parts). Ray retries it as it is, so a retry writes the same rows."""
     tables = [block.slice(start, stop - start) for block, (start, stop) in zip(blocks, bounds)]

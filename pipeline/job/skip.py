@@ -1,7 +1,7 @@
 """The skip filter, shared: put into Ray's object store once, read zero-copy by every task.
 
 A rerun skips the request ids its output already holds. They are held as sorted uint64
-hashes (:class:`~pipeline.storage.commits.CommittedIds`, 8 bytes an id); this wrapper
+hashes (:class:`~pipeline.storage.commit_protocol.CommittedIds`, 8 bytes an id); this wrapper
 pickles as two object refs, so a validation task receives a few bytes and maps the arrays
 from the node's shared memory on first use, instead of a copy of a Python set per task.
 """
@@ -13,7 +13,7 @@ from typing import Any, Optional
 import numpy as np
 import ray
 
-from pipeline.storage.commits import CommittedIds, SkipFilter
+from pipeline.storage.skip_filter import CommittedIds, SkipFilter
 
 
 class SharedSkipFilter(SkipFilter):

@@ -32,7 +32,7 @@ class RunSummary:
     parts: list[dict[str, Any]] = field(repr=False, default_factory=list)
     adopted: int = 0  # requests not made again: an interrupted run had committed them
     adopted_from: list[str] = field(default_factory=list)  # those interrupted runs
-    recovery: Any = None  # pipeline.storage.commits.Recovery: what was removed before the run
+    recovery: Any = None  # pipeline.storage.commit_protocol.Recovery: what was removed before the run
     # Found before any work, worth a user's attention (images no current input row owns).
     warnings: list[str] = field(default_factory=list)
 

@@ -25,7 +25,7 @@ import yaml
 
 from pipeline.output.duplicates import DEFAULT_DISTANCE
 from pipeline.spec import schema as S
-from pipeline.storage import dataset_schema, filesystem, sink
+from pipeline.storage import commit_protocol, dataset_schema, filesystem, part_files, record_format
 
 CARD_NAME = "README.md"
 
@@ -33,11 +33,11 @@ CARD_NAME = "README.md"
 def write_card(fs: fsspec.AbstractFileSystem, root: str) -> str:
     """Regenerate ``root/README.md`` from every committed run; return its path. Called
     after each run's manifest, so the card always describes what is committed."""
-    manifests = sink.read_manifests(fs, root)
+    manifests = commit_protocol.read_manifests(fs, root)
     schemas = dataset_schema.latest(manifests)
     dataset_schema.publish(fs, root, schemas)
     # The unified schema of every part (outputs from before it was recorded: the newest part's).
-    images_schema = schemas.get(sink.IMAGES_DIR) or sink.newest_part_schema(fs, root, manifests, sink.IMAGES_DIR)
+    images_schema = schemas.get(record_format.IMAGES_DIR) or part_files.newest_part_schema(fs, root, manifests, record_format.IMAGES_DIR)
     path = filesystem.join(root, CARD_NAME)
     filesystem.atomic_write(fs, path, card_text(manifests, images_schema, name=posixpath.basename(root.rstrip("/"))).encode())
     return path
@@ -48,7 +48,7 @@ def card_text(manifests: list[dict[str, Any]], images_schema: Optional[pa.Schema
     parts have ``images_schema`` (None when there are none)."""
     latest = manifests[-1] if manifests else {}
     spec = latest.get("spec", {})
-    kinds = (sink.IMAGES_DIR, sink.ERRORS_DIR)
+    kinds = (record_format.IMAGES_DIR, record_format.ERRORS_DIR)
     in_parts = {kind: sum(p["rows"] for m in manifests for p in m["parts"] if p["path"].startswith(kind + "/")) for kind in kinds}
     part_bytes = {kind: sum(p["bytes"] for m in manifests for p in m["parts"] if p["path"].startswith(kind + "/")) for kind in kinds}
     header: dict[str, Any] = {
@@ -58,7 +58,7 @@ def card_text(manifests: list[dict[str, Any]], images_schema: Optional[pa.Schema
         "tags": ["imagegen", "synthetic"],
     }
     configs, infos = [], []
-    for kind, schema in ((sink.IMAGES_DIR, images_schema), (sink.ERRORS_DIR, S.ERRORS_SCHEMA)):
+    for kind, schema in ((record_format.IMAGES_DIR, images_schema), (record_format.ERRORS_DIR, S.ERRORS_SCHEMA)):
         if not in_parts[kind]:  # a config whose files do not exist would fail to load
             continue
         configs.append({"config_name": kind, "data_files": [{"split": "train", "path": f"{kind}/*.parquet"}]})
@@ -114,8 +114,8 @@ def _body(manifests: list[dict[str, Any]], spec: dict[str, Any], in_parts: dict[
         "```python",
         "from datasets import load_dataset",
         *(
-            f'{kind} = load_dataset("path/to/{name}", "{kind}", split="train")' + ("  # image column as PIL images" if kind == sink.IMAGES_DIR else "")
-            for kind in (sink.IMAGES_DIR, sink.ERRORS_DIR)
+            f'{kind} = load_dataset("path/to/{name}", "{kind}", split="train")' + ("  # image column as PIL images" if kind == record_format.IMAGES_DIR else "")
+            for kind in (record_format.IMAGES_DIR, record_format.ERRORS_DIR)
             if in_parts[kind]
         ),
         "```",
@@ -135,7 +135,7 @@ def _body(manifests: list[dict[str, Any]], spec: dict[str, Any], in_parts: dict[
         f"| prompt table | {_cell(str(spec.get('input', {}).get('url')))} |",
         f"| runs | {len(manifests)}, from {_date(manifests[0].get('started_at'))} to {_date(manifests[-1].get('finished_at'))} |",
         f"| over all runs | {totals['input_rows']} input rows, {totals['images']} images, {totals['errors']} errors ({stages}) |",
-        f"| in the dataset now | {in_parts[sink.IMAGES_DIR]} images, {in_parts[sink.ERRORS_DIR]} error rows |",
+        f"| in the dataset now | {in_parts[record_format.IMAGES_DIR]} images, {in_parts[record_format.ERRORS_DIR]} error rows |",
         "",
         "Rows may override the defaults above; each image records the parameters it was made with.",
         "Parameters and defaults are those of the latest run; each run's full spec is in `_runs/<run-id>.json`.",

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.spec import schema as S
-from pipeline.storage import filesystem, sink
+from pipeline.storage import filesystem, record_format
 
 # Bits two perceptual hashes may differ in and still count as near duplicates. Re-encoded
 # or resized copies land within a few bits, unrelated images around 32.
@@ -118,7 +118,7 @@ def find_duplicates(fs, root: str, manifests: list[dict[str, Any]], distance: in
     tables = []
     for manifest in manifests:
         for part in manifest["parts"]:
-            if part["path"].startswith(sink.IMAGES_DIR + "/"):
+            if part["path"].startswith(record_format.IMAGES_DIR + "/"):
                 with fs.open(filesystem.join(root, part["path"]), "rb") as f:
                     parquet = pq.ParquetFile(f)
                     present = [c for c in _COLUMNS if c in parquet.schema_arrow.names]

@@ -2,7 +2,7 @@
 
 Runs with their status (complete; running, when a live run holds the output's lock;
 interrupted, and which run adopted what it committed), what each has committed (from
-the commit records, :mod:`pipeline.storage.commits`), totals, what a crash left for the
+the commit records, :mod:`pipeline.storage.commit_protocol`), totals, what a crash left for the
 next run to remove, the images table's schema, the size on disk, and a few rows. For a
 run still going: its throughput and, with ``--spec``, an ETA, both from its commit
 records' times. With ``--spec``: how many of the requests that spec makes are not in
@@ -28,7 +28,7 @@ from pipeline.output.duplicates import DEFAULT_DISTANCE, Duplicates, find_duplic
 from pipeline.spec import schema as S
 from pipeline.spec.config import JobSpec
 from pipeline.spec.validate import Validator
-from pipeline.storage import commits, filesystem, sink, tables
+from pipeline.storage import commit_protocol, filesystem, part_files, record_format, skip_filter, tables
 from pipeline.storage.lock import live_holder
 
 _ROW_COLUMNS = [S.PROMPT, S.SEED, S.WIDTH, S.HEIGHT, S.SHA256]
@@ -101,22 +101,22 @@ def inspect_output(
     with filesystem.storage_errors(url, "read"):
         if not fs.exists(root):
             raise FileNotFoundError(root)
-        state = commits.read_commits(fs, root)
-        manifests = sink.read_manifests(fs, root)
+        state = commit_protocol.read_commits(fs, root)
+        manifests = commit_protocol.read_manifests(fs, root)
         found.size_bytes = int(fs.du(root, total=True))
-        found.schema = sink.newest_part_schema(fs, root, manifests, sink.IMAGES_DIR)
+        found.schema = part_files.newest_part_schema(fs, root, manifests, record_format.IMAGES_DIR)
         holder = live_holder(fs, root)
         found.runs = _runs(state, manifests, holder.get("run_id") if holder else None)
         for part in state.parts.values():
             found.parts += 1
-            if part.kind == sink.IMAGES_DIR:
+            if part.kind == record_format.IMAGES_DIR:
                 found.images += part.rows
             else:
                 found.errors += part.rows
         found.uncommitted_parts = len(state.orphans)
         found.dropped_records = list(state.dropped)
         found.superseded_records = len(state.superseded)
-        newest = next((p["path"] for m in reversed(manifests) for p in m.get("parts", []) if p["path"].startswith(sink.IMAGES_DIR + "/")), None)
+        newest = next((p["path"] for m in reversed(manifests) for p in m.get("parts", []) if p["path"].startswith(record_format.IMAGES_DIR + "/")), None)
         if newest is not None and rows > 0:
             with fs.open(filesystem.join(root, newest), "rb") as f:
                 found.rows = pq.ParquetFile(f).read_row_group(0, columns=_ROW_COLUMNS).slice(0, rows).to_pylist()
@@ -127,12 +127,12 @@ def inspect_output(
     return found
 
 
-def _runs(state: commits.Commits, manifests: list[dict[str, Any]], holder: Optional[str]) -> list[RunView]:
+def _runs(state: commit_protocol.Commits, manifests: list[dict[str, Any]], holder: Optional[str]) -> list[RunView]:
     by_id = {m.get("run_id"): m for m in manifests}
     committed = state.runs()
     views = []
     for run_id in sorted(set(by_id) | set(committed)):
-        m, c = by_id.get(run_id, {}), committed.get(run_id, commits.RunCommits(run_id))
+        m, c = by_id.get(run_id, {}), committed.get(run_id, commit_protocol.RunCommits(run_id))
         status = m.get("status", "running")
         if status == "running" and run_id != holder:
             status = "interrupted"  # no live run holds the lock: it died; the next run adopts it
@@ -146,7 +146,7 @@ def _runs(state: commits.Commits, manifests: list[dict[str, Any]], holder: Optio
     return views
 
 
-def left_to_make(spec: JobSpec, committed: commits.CommittedIds, manifests: list[dict]) -> tuple[int, int]:
+def left_to_make(spec: JobSpec, committed: skip_filter.CommittedIds, manifests: list[dict]) -> tuple[int, int]:
     """``(requests, not yet committed)`` for ``spec``'s table: each row's image requests (or
     its one rejected row) as the spec's validator makes them, against ``committed``, with
     ``device: auto`` taken as the output's latest run (``manifests``) ran it. Reads the

@@ -29,8 +29,8 @@ from pipeline.errors import StorageError
 from pipeline.spec import schema as S
 from pipeline.spec.cells import RowError, id_text
 from pipeline.spec.config import JobSpec
-from pipeline.storage import filesystem, sink, tables
-from pipeline.storage.committed_ids import CommittedIds, id_hashes
+from pipeline.storage import commit_protocol, filesystem, record_format, tables
+from pipeline.storage.skip_filter import CommittedIds, id_hashes
 
 _SHOWN = 5
 
@@ -69,8 +69,8 @@ def unowned_images(spec: JobSpec, fs: fsspec.AbstractFileSystem, root: str) -> U
     """The committed images of the output at ``root`` whose identity no row of ``spec``'s
     input has (see the module docstring)."""
     found = Unowned()
-    manifests = sink.read_manifests(fs, root)
-    parts = [p["path"] for m in manifests for p in m["parts"] if p["path"].startswith(sink.IMAGES_DIR + "/")]
+    manifests = commit_protocol.read_manifests(fs, root)
+    parts = [p["path"] for m in manifests for p in m["parts"] if p["path"].startswith(record_format.IMAGES_DIR + "/")]
     if not parts:
         return found
     owned = _owner(spec)

@@ -31,7 +31,7 @@ from PIL import Image
 from pipeline.output import quality
 from pipeline.spec import schema as S
 from pipeline.spec.section import absolute_if_local
-from pipeline.storage import filesystem, sink
+from pipeline.storage import commit_protocol, filesystem, record_format
 
 DEFAULT_SAMPLE = 48
 THUMBNAIL_PX = 256
@@ -68,12 +68,12 @@ def read_output(url: str, storage_options: dict | None = None, sample: int = DEF
     with filesystem.storage_errors(url, "read"):
         if not fs.exists(root):
             raise FileNotFoundError(root)
-        manifests = sink.read_manifests(fs, root)
+        manifests = commit_protocol.read_manifests(fs, root)
         images, errors, where = [], [], []
         for manifest in manifests:
             for part in sorted(manifest["parts"], key=lambda p: p["path"]):
                 path = filesystem.join(root, part["path"])
-                if part["path"].startswith(sink.IMAGES_DIR + "/"):
+                if part["path"].startswith(record_format.IMAGES_DIR + "/"):
                     rows = _read(fs, path, _META_COLUMNS).to_pylist()
                     where += [(path, i) for i in range(len(rows))]
                     images += rows

@@ -3,7 +3,7 @@
 Checks, each a list of violations in the report:
 
 - every commit record reads and every part it lists is there at its recorded size
-  (:mod:`pipeline.storage.commits`); no record is superseded by another holding the same
+  (:mod:`pipeline.storage.commit_protocol`); no record is superseded by another holding the same
   request ids (left by a retried write until the next run removes it);
 - every part in ``images/`` and ``errors/`` has a commit record (no uncommitted parts: an
   interrupted run leaves those until the next run into the output removes them), its
@@ -42,7 +42,7 @@ from pipeline.spec import schema as S
 from pipeline.spec.config import JobSpec
 from pipeline.spec.seen_ids import find_duplicate_ids
 from pipeline.spec.validate import Validator
-from pipeline.storage import commits, filesystem, sink, supersede, tables
+from pipeline.storage import commit_protocol, filesystem, record_format, skip_filter, supersede, tables
 
 _MAX_LISTED = 10
 
@@ -79,11 +79,11 @@ def verify(url: str, storage_options: dict | None = None, spec: JobSpec | None =
     """Check the output at ``url`` (see module docstring); never raises for a violation."""
     fs, root = filesystem.open_url(url, storage_options)
     report = VerifyReport()
-    found = commits.read_commits(fs, root)
+    found = commit_protocol.read_commits(fs, root)
     listed: set[str] = set()
     run_ids = set(found.runs())
     broken_manifests = []
-    runs_dir = filesystem.join(root, sink.RUNS_DIR)
+    runs_dir = filesystem.join(root, record_format.RUNS_DIR)
     for path in sorted(fs.find(runs_dir)) if fs.isdir(runs_dir) else []:
         try:
             manifest = json.loads(filesystem.read_bytes(fs, path))
@@ -104,7 +104,7 @@ def verify(url: str, storage_options: dict | None = None, spec: JobSpec | None =
     committed = found.parts
     image_hashes, image_ids = [], []
     error_ids: set[str] = set()
-    keys: dict[str, list[pa.Table]] = {sink.IMAGES_DIR: [], sink.ERRORS_DIR: []}
+    keys: dict[str, list[pa.Table]] = {record_format.IMAGES_DIR: [], record_format.ERRORS_DIR: []}
     unreadable, bad_digests, bad_parts = [], [], []
     # Every part present, committed or not: readers (pandas, datasets, DuckDB) see them all.
     for relative in sorted(present):
@@ -119,11 +119,11 @@ def verify(url: str, storage_options: dict | None = None, spec: JobSpec | None =
             continue
         kind = relative.split("/", 1)[0]
         keys[kind].append(table.select([c for c in (*supersede.KEY_COLUMNS, S.ERROR_TYPE) if c in table.column_names]))
-        if kind == sink.IMAGES_DIR:
+        if kind == record_format.IMAGES_DIR:
             report.images += table.num_rows
             ids = table.column(S.REQUEST_ID)
             image_ids.append(ids)
-            image_hashes.append(commits.id_hashes(ids))
+            image_hashes.append(skip_filter.id_hashes(ids))
             for rid, image, digest in zip(*(table.column(c).to_pylist() for c in (S.REQUEST_ID, S.IMAGE, S.SHA256))):
                 if image is None or hashlib.sha256(image["bytes"]).hexdigest() != digest:
                     bad_digests.append(rid)
@@ -162,18 +162,18 @@ def _in_two_places(keys: dict[str, list[pa.Table]], report: VerifyReport) -> Non
     """Exactly one place per request and input row: error rows a later verdict superseded
     but that are still there, request ids both images and errors, error rows twice."""
     later: dict[tuple, str] = {}
-    for table in (*keys[sink.IMAGES_DIR], *keys[sink.ERRORS_DIR]):
+    for table in (*keys[record_format.IMAGES_DIR], *keys[record_format.ERRORS_DIR]):
         for key, run_id in supersede.offers(table):
             if later.get(key, "") < run_id:
                 later[key] = run_id
-    errors = [t for t in keys[sink.ERRORS_DIR] if t.num_rows]
+    errors = [t for t in keys[record_format.ERRORS_DIR] if t.num_rows]
     stale, error_ids = [], Counter()
     for table in errors:
         for row, superseded in zip(table.select([S.ID, S.REQUEST_ID]).to_pylist(), supersede.superseded_mask(table, later)):
             error_ids[row[S.REQUEST_ID]] += 1
             if superseded:
                 stale.append(row[S.ID])
-    image_ids = {rid for t in keys[sink.IMAGES_DIR] for rid in t.column(S.REQUEST_ID).to_pylist()}
+    image_ids = {rid for t in keys[record_format.IMAGES_DIR] for rid in t.column(S.REQUEST_ID).to_pylist()}
     report.add("input rows both in the images and in the errors (an error row a later run superseded)", stale)
     report.add("request ids both an image and an error row", sorted(set(error_ids) & image_ids))
     report.add("request ids with more than one error row", sorted(r for r, n in error_ids.items() if n > 1))
@@ -184,7 +184,7 @@ def _unaccounted(spec: JobSpec, committed: set[str], report: VerifyReport) -> li
     duplicates = find_duplicate_ids(tables.read_input(spec.input), spec.input.id_column) if spec.input.id_column else {}
     # device: auto is taken as the output's latest run ran it (no actors here to decide).
     fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
-    validator = Validator(spec, place(build_catalog(spec), None, recorded_models(sink.read_manifests(fs, root))), duplicates=duplicates)
+    validator = Validator(spec, place(build_catalog(spec), None, recorded_models(commit_protocol.read_manifests(fs, root))), duplicates=duplicates)
     missing, rows = [], 0
     for chunk in tables.read_input(spec.input):
         for raw in chunk.to_pylist():

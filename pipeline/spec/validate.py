@@ -83,7 +83,7 @@ class Validator:
     family), and the model's fingerprint and the adapter's digest go into every request
     id, so a different model or adapter never reuses an image. Requests whose id ``skip``
     holds (committed by an earlier run: anything with ``contains(ids) -> bool array``, such
-    as :class:`~pipeline.storage.commits.SkipFilter`) are dropped from the stream. ``duplicates``
+    as :class:`~pipeline.storage.commit_protocol.SkipFilter`) are dropped from the stream. ``duplicates``
     maps the position (``source#row``) of each repeat of an id to the id's first position
     (see :mod:`pipeline.spec.seen_ids`); a repeat is rejected, the first occurrence is not.
     """

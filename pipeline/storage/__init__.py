@@ -1,11 +1,11 @@
 """Bytes in and out: the one door to files and object stores.
 
 URL + options -> fsspec filesystem, atomic writes, listing (:mod:`.filesystem`); one
-file's bytes -> raw rows per format (:mod:`.formats`); a prompt table's files -> Arrow
+file's bytes -> raw rows per format (:mod:`.table_readers`); a prompt table's files -> Arrow
 rows numbered within their file (:mod:`.tables`); output parts and
-manifests (:mod:`.sink`); what is committed and what a rerun adopts (:mod:`.commits`; folding records, :mod:`.fold`; the
-record format in :mod:`.commit_records`, request ids as 8-byte hashes in
-:mod:`.committed_ids`); the output's lease against concurrent runs (:mod:`.lock`).
+manifests (:mod:`.part_files`); what is committed and what a rerun adopts (:mod:`.commit_protocol`; folding records, :mod:`.fold`; the
+record format in :mod:`.record_format`, request ids as 8-byte hashes in
+:mod:`.skip_filter`); the output's lease against concurrent runs (:mod:`.lock`).
 
 May import :mod:`pipeline.spec` and :mod:`pipeline.errors`. Never imports Ray, torch or
 diffusers.

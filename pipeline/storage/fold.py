@@ -4,7 +4,7 @@
 The job folds as its writes come back (:class:`~pipeline.job.datasink.RecordFolder`), so
 a long run's records stay few (a 100M-image output: ~100) and small, each fold reads only
 the records it folds, and a crash leaves at most about one group of block records to read.
-What counts as committed is decided by :mod:`.commits` alone; folding never changes it.
+What counts as committed is decided by :mod:`.commit_protocol` alone; folding never changes it.
 
 Pure: no Ray.
 """
@@ -16,9 +16,9 @@ from typing import Any, Iterable, Optional
 import fsspec
 import numpy as np
 
-from pipeline.storage import commits, filesystem
-from pipeline.storage.commit_records import COMMITS_DIR, SUFFIX, Record, encode_record, is_compacted, record_name
-from pipeline.storage.committed_ids import CommittedIds
+from pipeline.storage import commit_protocol, filesystem
+from pipeline.storage.record_format import COMMITS_DIR, SUFFIX, Record, encode_record, is_compacted, record_name
+from pipeline.storage.skip_filter import CommittedIds
 
 # Request ids one compacted record holds at most (8 bytes each: 8 MB). The job folds its
 # block records this many at a time as it goes, so folding costs the same at any table
@@ -59,7 +59,7 @@ def compact(fs: fsspec.AbstractFileSystem, root: str, run_id: str, names: list[s
     """
     if not names:
         return None
-    kept, _ = commits.read_records_at(fs, root, [filesystem.join(root, name) for name in names])
+    kept, _ = commit_protocol.read_records_at(fs, root, [filesystem.join(root, name) for name in names])
     kept = [r for r in kept if r.run_id == run_id and not r.compacted]
     if not kept:
         return None
@@ -68,7 +68,7 @@ def compact(fs: fsspec.AbstractFileSystem, root: str, run_id: str, names: list[s
     merged = Record(record_name(run_id, list(parts.values()), compacted=True), run_id, max(r.written_at for r in kept), list(parts.values()), counts)
     filesystem.atomic_write(fs, filesystem.join(root, merged.name), encode_record(merged))
     for record in kept:
-        commits.remove_file(fs, root, record.name)
+        commit_protocol.remove_file(fs, root, record.name)
     return merged
 
 
@@ -91,24 +91,24 @@ def remove_leftovers(fs: fsspec.AbstractFileSystem, root: str, run_id: str, kept
     leftover_paths = [p for p in listed if relative[p] not in kept and not is_compacted(relative[p])]
     if not leftover_paths:
         return []
-    leftovers, _ = commits.read_records_at(fs, root, leftover_paths)
+    leftovers, _ = commit_protocol.read_records_at(fs, root, leftover_paths)
     listed_parts: set[str] = set()
     overlapping: set[int] = set()
     for path in listed:
         if path in leftover_paths or relative[path] in kept:
             continue
-        folded, _ = commits.read_records_at(fs, root, [path])
+        folded, _ = commit_protocol.read_records_at(fs, root, [path])
         for record in folded:
             listed_parts.update(p.path for p in record.parts)
             held = CommittedIds(np.concatenate([p.final for p in record.parts] or [np.empty(0, np.uint64)]))
             overlapping.update(i for i, r in enumerate(leftovers) if any(held.contains(p.final).any() for p in r.parts))
     removed = []
     for i in sorted(overlapping):
-        commits.remove_file(fs, root, leftovers[i].name)
+        commit_protocol.remove_file(fs, root, leftovers[i].name)
         removed.append(leftovers[i].name)
         for p in leftovers[i].parts:
             if p.path not in listed_parts:
-                commits.remove_file(fs, root, p.path)
+                commit_protocol.remove_file(fs, root, p.path)
     return removed
 
 

@@ -27,10 +27,10 @@ checked (this one, and any whose check a crash interrupted: their manifests lack
 
 **Crash safety.** A rewritten part is a new file (its name holds the digests of the
 request ids it keeps and of its bytes, under the run that made the rows), committed by a
-new commit record that lists it in place of the old part (:mod:`.commits`); then the old
+new commit record that lists it in place of the old part (:mod:`.commit_protocol`); then the old
 record and the old part are removed, and the manifests that listed the old part are
 rewritten to list the new one. A crash between two steps leaves either two records of
-which :func:`~pipeline.storage.commits.read_commits` keeps exactly one, or a part no
+which :func:`~pipeline.storage.commit_protocol.read_commits` keeps exactly one, or a part no
 record lists, which the next run removes; the check is then made again, since the flag is
 set last.
 
@@ -49,7 +49,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.spec import schema as S
-from pipeline.storage import commits, filesystem, sink
+from pipeline.storage import commit_protocol, filesystem, part_files, record_format
 
 log = logging.getLogger(__name__)
 
@@ -108,19 +108,19 @@ def supersede_errors(fs: fsspec.AbstractFileSystem, root: str) -> Superseded:
     """Remove the error rows that later runs superseded (see the module docstring) from the
     committed output at ``root``; mark every run checked. Call it after a run's manifest is
     written, holding the output's lock."""
-    manifests = sink.read_manifests(fs, root)
+    manifests = commit_protocol.read_manifests(fs, root)
     unchecked = {m["run_id"] for m in manifests if not m.get(CHECKED)}
     done = Superseded()
     if not unchecked:
         return done
-    errors_dir = filesystem.join(root, sink.ERRORS_DIR)
+    errors_dir = filesystem.join(root, record_format.ERRORS_DIR)
     if not (fs.isdir(errors_dir) and fs.find(errors_dir)):
         # No error part at all (the usual large run): nothing can be superseded, and the
         # output's commit records (8 bytes an image, read and sorted) need not be read.
         _mark_checked(fs, root)
         return done
-    found = commits.read_commits(fs, root)
-    error_parts = [part.path for record in found.records for part in record.parts if part.kind == sink.ERRORS_DIR and part.rows]
+    found = commit_protocol.read_commits(fs, root)
+    error_parts = [part.path for record in found.records for part in record.parts if part.kind == record_format.ERRORS_DIR and part.rows]
     errors = [_read(fs, root, path, [*KEY_COLUMNS, S.ERROR_TYPE]) for path in error_parts]
     errors = pa.concat_tables(errors, promote_options="default") if errors else None
     later: dict[tuple, str] = {}
@@ -136,7 +136,7 @@ def supersede_errors(fs: fsspec.AbstractFileSystem, root: str) -> Superseded:
             if record.run_id not in unchecked:
                 continue
             for part in record.parts:
-                columns = KEY_COLUMNS + ([S.ERROR_TYPE] if part.kind == sink.ERRORS_DIR else [])
+                columns = KEY_COLUMNS + ([S.ERROR_TYPE] if part.kind == record_format.ERRORS_DIR else [])
                 table = _read(fs, root, part.path, columns)
                 hit = pc.or_(
                     pc.or_(pc.is_in(table.column(S.REQUEST_ID), wanted_requests), pc.is_in(table.column(S.ID), wanted_rows)),
@@ -149,7 +149,7 @@ def supersede_errors(fs: fsspec.AbstractFileSystem, root: str) -> Superseded:
         for record in found.records:
             _rewrite_record(fs, root, record, later, done)
     if done.parts:
-        for manifest in sink.read_manifests(fs, root):
+        for manifest in commit_protocol.read_manifests(fs, root):
             parts = manifest.get("parts", [])
             kept = [done.parts.get(part["path"], part) for part in parts if done.parts.get(part["path"], part) is not None]
             if kept != parts:
@@ -162,19 +162,19 @@ def supersede_errors(fs: fsspec.AbstractFileSystem, root: str) -> Superseded:
 
 
 def _mark_checked(fs: fsspec.AbstractFileSystem, root: str) -> None:
-    for manifest in sink.read_manifests(fs, root):
+    for manifest in commit_protocol.read_manifests(fs, root):
         if not manifest.get(CHECKED):
             _rewrite_manifest(fs, root, {**manifest, CHECKED: True})
 
 
-def _rewrite_record(fs: fsspec.AbstractFileSystem, root: str, record: commits.Record, later: dict[tuple, str], done: Superseded) -> None:
+def _rewrite_record(fs: fsspec.AbstractFileSystem, root: str, record: record_format.Record, later: dict[tuple, str], done: Superseded) -> None:
     """Rewrite ``record``'s error parts without their superseded rows, under a new commit
     record. Crash-safe at every step: the new parts and record are written before the old
     record and parts are removed; until then both records hold the same image ids, and
-    :func:`~pipeline.storage.commits.read_commits` keeps exactly one of them."""
+    :func:`~pipeline.storage.commit_protocol.read_commits` keeps exactly one of them."""
     parts, removed_by_stage, changed = [], {}, False
     for part in record.parts:
-        if part.kind != sink.ERRORS_DIR:
+        if part.kind != record_format.ERRORS_DIR:
             parts.append(part)
             continue
         keys = _read(fs, root, part.path, [*KEY_COLUMNS, S.ERROR_TYPE])
@@ -190,7 +190,7 @@ def _rewrite_record(fs: fsspec.AbstractFileSystem, root: str, record: commits.Re
         kept = table.filter(pc.invert(pa.array(mask)))
         done.rows += gone.num_rows
         if kept.num_rows:
-            entry = sink.write_part(fs, root, sink.ERRORS_DIR, record.run_id, kept)
+            entry = part_files.write_part(fs, root, record_format.ERRORS_DIR, record.run_id, kept)
             parts.append(entry)
             done.parts[part.path] = {"path": entry.path, "rows": entry.rows, "bytes": entry.bytes, "sha256": entry.sha256}
         else:
@@ -205,8 +205,8 @@ def _rewrite_record(fs: fsspec.AbstractFileSystem, root: str, record: commits.Re
             for stage, n in removed_by_stage.items():
                 by_stage[stage] = by_stage.get(stage, 0) - n
             counts["errors_by_stage"] = {s: n for s, n in by_stage.items() if n > 0}
-        new = commits.Record(commits.record_name(record.run_id, parts, compacted=record.compacted), record.run_id, record.written_at, parts, counts)
-        filesystem.atomic_write(fs, filesystem.join(root, new.name), commits.encode_record(new))
+        new = record_format.Record(record_format.record_name(record.run_id, parts, compacted=record.compacted), record.run_id, record.written_at, parts, counts)
+        filesystem.atomic_write(fs, filesystem.join(root, new.name), record_format.encode_record(new))
     for stale in [record.name, *(path for path in done.parts if path in {p.path for p in record.parts})]:
         try:
             fs.rm(filesystem.join(root, stale))
@@ -215,4 +215,4 @@ def _rewrite_record(fs: fsspec.AbstractFileSystem, root: str, record: commits.Re
 
 
 def _rewrite_manifest(fs: fsspec.AbstractFileSystem, root: str, manifest: dict[str, Any]) -> None:
-    sink.write_manifest(fs, root, manifest["run_id"], manifest)
+    part_files.write_manifest(fs, root, manifest["run_id"], manifest)

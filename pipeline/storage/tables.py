@@ -2,7 +2,7 @@
 
 Each row gets its identity from where it sits: ``__source`` (the file) and ``__row`` (its
 position in that file), so a row without an id column keeps the same identity however
-the job is split. How one file's bytes become rows, per format, is :mod:`.formats`.
+the job is split. How one file's bytes become rows, per format, is :mod:`.table_readers`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 from pipeline.errors import InputError
 from pipeline.spec.config import InputConfig
 from pipeline.spec.schema import INPUT_ROW, INPUT_SOURCE
-from pipeline.storage import filesystem, formats
+from pipeline.storage import filesystem, table_readers
 
-CHUNK_ROWS = formats.CHUNK_ROWS
+CHUNK_ROWS = table_readers.CHUNK_ROWS
 
 
 def read_input(inp: InputConfig, chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
@@ -150,7 +150,7 @@ def read_file(stream: BinaryIO, fmt: str, source: str, chunk_rows: int = CHUNK_R
     ``source`` names the file in row identities; it should not depend on where the table
     is stored (a path relative to the input URL), so moving the table keeps identities.
     """
-    yield from numbered(formats.READERS[fmt](stream), source, chunk_rows)
+    yield from numbered(table_readers.READERS[fmt](stream), source, chunk_rows)
 
 
 def numbered(tables: Iterable[pa.Table], source: str, chunk_rows: int = CHUNK_ROWS, first_row: int = 0) -> Iterator[pa.Table]:

@@ -5,8 +5,8 @@ record under ``<output>/_commits/<run-id>/``. A part counts (is committed) exact
 an accepted record lists it with its size; so a driver killed at any moment loses at most
 the blocks in flight, and the next run into the output adopts everything else.
 
-A record is one small file (its format: :mod:`.commit_records`) listing a block's parts
-and their request ids as 8-byte hashes (:mod:`.committed_ids`). As a run goes, the job
+A record is one small file (its format: :mod:`.record_format`) listing a block's parts
+and their request ids as 8-byte hashes (:mod:`.skip_filter`). As a run goes, the job
 folds its block records about 1M ids at a time into compacted records, so records stay
 few and small at any size; at its end the leftovers of writes Ray retried go (:mod:`.fold`).
 
@@ -46,10 +46,9 @@ import pyarrow.parquet as pq
 
 from pipeline.spec import schema as S
 from pipeline.storage import filesystem
-from pipeline.storage.commit_records import (  # noqa: F401 - the interface, re-exported
+from pipeline.storage.record_format import (
     COMMITS_DIR,
     ERRORS_DIR,
-    FINAL_ERROR_STAGES,
     IMAGES_DIR,
     RUNS_DIR,
     SUFFIX,
@@ -58,12 +57,10 @@ from pipeline.storage.commit_records import (  # noqa: F401 - the interface, re-
     Record,
     decode_record,
     encode_record,
-    is_compacted,
     part_entry,
     record_name,
-    write_record,
 )
-from pipeline.storage.committed_ids import CommittedIds, SkipFilter, id_hashes, sorted_unique_of  # noqa: F401
+from pipeline.storage.skip_filter import CommittedIds
 
 
 def remove_file(fs: fsspec.AbstractFileSystem, root: str, relative: str) -> None:

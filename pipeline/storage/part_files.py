@@ -5,14 +5,14 @@ Layout of an output (one dataset, many runs)::
 
     <output>/images/part-<run>-<ids>-<bytes>.parquet   one row per image
     <output>/errors/part-<run>-<ids>-<bytes>.parquet   one row per rejected/failed request
-    <output>/_commits/<run-id>/<...>.commit            what is committed (see :mod:`.commits`)
+    <output>/_commits/<run-id>/<...>.commit            what is committed (see :mod:`.commit_protocol`)
     <output>/_runs/<run-id>.json                        the run's manifest: "running" from its
                                                         start, "complete" at its end
 
 A block's parts are written first, then its commit record: a part counts from the moment
 its record exists, whether or not the run ever finishes. A part's name holds digests of
 its request ids and of its bytes, so a write repeated with the same block rewrites the same
-file, and one with another composition adds a file whose record :mod:`.commits` resolves.
+file, and one with another composition adds a file whose record :mod:`.commit_protocol` resolves.
 Pure: no Ray import; the Ray datasink in :mod:`pipeline.job.datasink` calls these functions.
 """
 
@@ -34,10 +34,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.spec import schema as S
-from pipeline.storage import commits, filesystem
-from pipeline.storage.commits import COMMITS_DIR, ERRORS_DIR, IMAGES_DIR, RUNS_DIR, read_manifests
+from pipeline.storage import commit_protocol, filesystem, record_format, skip_filter
+from pipeline.storage.commit_protocol import read_manifests
+from pipeline.storage.record_format import COMMITS_DIR, ERRORS_DIR, IMAGES_DIR, RUNS_DIR
 
-__all__ = ["COMMITS_DIR", "ERRORS_DIR", "IMAGES_DIR", "RUNS_DIR", "read_manifests"]  # one spelling, re-exported
 _RAW_FIELDS = (S.PROMPT, S.NEGATIVE_PROMPT, S.SEED, S.WIDTH, S.HEIGHT, S.STEPS, S.GUIDANCE_SCALE)
 
 
@@ -104,7 +104,7 @@ def part_name(run_id: str, table: pa.Table, data: bytes) -> str:
     return f"part-{run_id}-{ids}-{hashlib.sha256(data).hexdigest()[:8]}.parquet"
 
 
-def write_part(fs: fsspec.AbstractFileSystem, root: str, kind: str, run_id: str, table: pa.Table) -> commits.PartEntry:
+def write_part(fs: fsspec.AbstractFileSystem, root: str, kind: str, run_id: str, table: pa.Table) -> record_format.PartEntry:
     """Serialize ``table`` to Parquet and make it visible at once under ``root/kind/``;
     return its entry for the commit record."""
     buffer = io.BytesIO()
@@ -112,7 +112,7 @@ def write_part(fs: fsspec.AbstractFileSystem, root: str, kind: str, run_id: str,
     data = buffer.getvalue()
     relative = f"{kind}/{part_name(run_id, table, data)}"
     filesystem.atomic_write(fs, filesystem.join(root, relative), data)
-    return commits.part_entry(relative, data, table)
+    return record_format.part_entry(relative, data, table)
 
 
 def write_block(fs: fsspec.AbstractFileSystem, root: str, run_id: str, table: pa.Table) -> WriteReport:
@@ -129,7 +129,7 @@ def write_block(fs: fsspec.AbstractFileSystem, root: str, run_id: str, table: pa
     entries = [write_part(fs, root, kind, run_id, part) for kind, part in ((IMAGES_DIR, images), (ERRORS_DIR, errors)) if part.num_rows]
     if entries:
         counts = {"images": report.images, "errors": report.errors, "input_rows": report.input_rows, "errors_by_stage": report.errors_by_stage}
-        record = commits.write_record(fs, root, run_id, entries, counts)
+        record = record_format.write_record(fs, root, run_id, entries, counts)
         report.records.append(record.name)
     report.parts = [{"path": p.path, "rows": p.rows, "bytes": p.bytes, "sha256": p.sha256} for p in entries]
     return report
@@ -147,7 +147,7 @@ def library_versions() -> dict[str, str]:
 
 def write_manifest(fs: fsspec.AbstractFileSystem, root: str, run_id: str, manifest: dict[str, Any]) -> str:
     """Write (or replace) the run's manifest: what the run was and did. What is committed
-    is decided by the commit records alone (:mod:`.commits`), never by a manifest."""
+    is decided by the commit records alone (:mod:`.commit_protocol`), never by a manifest."""
     path = filesystem.join(root, RUNS_DIR, f"{run_id}.json")
     filesystem.atomic_write(fs, path, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
     return path
@@ -167,7 +167,7 @@ def start_manifest(run_id: str, started_at: float, spec: dict[str, Any], spec_fi
     }
 
 
-def interrupted_runs(manifests: list[dict[str, Any]], found: commits.Commits) -> list[str]:
+def interrupted_runs(manifests: list[dict[str, Any]], found: commit_protocol.Commits) -> list[str]:
     """Runs whose committed parts a new run adopts: runs with accepted commit records that
     never completed, unless a later run that did complete already adopted them."""
     by_id = {m.get("run_id"): m for m in manifests}
@@ -181,7 +181,7 @@ def interrupted_runs(manifests: list[dict[str, Any]], found: commits.Commits) ->
     )
 
 
-def adopt_interrupted(fs: fsspec.AbstractFileSystem, root: str, found: commits.Commits, runs: list[str], adopted_by: str) -> None:
+def adopt_interrupted(fs: fsspec.AbstractFileSystem, root: str, found: commit_protocol.Commits, runs: list[str], adopted_by: str) -> None:
     """Rewrite the manifests of interrupted ``runs``: status ``interrupted``, their counts and
     parts from their commit records, and the run adopting them. Readers of manifests (the
     dataset card, ``imagegen report``) then see the parts those runs committed."""
@@ -195,7 +195,7 @@ def adopt_interrupted(fs: fsspec.AbstractFileSystem, root: str, found: commits.C
                 seen.add(part.path)
                 parts.setdefault(record.run_id, []).append({"path": part.path, "rows": part.rows, "bytes": part.bytes, "sha256": part.sha256})
     for run in runs:
-        done = per_run.get(run) or commits.RunCommits(run)
+        done = per_run.get(run) or commit_protocol.RunCommits(run)
         manifest = manifests.get(run) or {"run_id": run, "started_at": done.first_written_at, "spec": {}}
         manifest.update(
             status="interrupted",
@@ -214,12 +214,12 @@ class Committed:
     gets the same verdict; rows that failed in generation are retried), held compactly."""
 
     runs: list[str] = field(default_factory=list)
-    request_ids: commits.CommittedIds = field(default_factory=commits.CommittedIds)
+    request_ids: skip_filter.CommittedIds = field(default_factory=skip_filter.CommittedIds)
 
 
 def read_committed(fs: fsspec.AbstractFileSystem, root: str) -> Committed:
-    """A read-only view of :func:`~pipeline.storage.commits.read_commits` for planners."""
-    found = commits.read_commits(fs, root)
+    """A read-only view of :func:`~pipeline.storage.commit_protocol.read_commits` for planners."""
+    found = commit_protocol.read_commits(fs, root)
     runs = sorted({m["run_id"] for m in read_manifests(fs, root)} | set(found.runs()))
     return Committed(runs, found.ids())
 

@@ -2,10 +2,10 @@
 
 A record is a header line (JSON: run id, time, the parts with path, rows, bytes and
 sha256, the block's counts) and the 8-byte hashes of the parts' request ids (see
-:func:`~pipeline.storage.committed_ids.id_hashes`) as raw little-endian uint64, the whole
+:func:`~pipeline.storage.skip_filter.id_hashes`) as raw little-endian uint64, the whole
 guarded by a sha256. The ids stay out of the JSON: reading the records of a 10M-image
 output is reading ~80 MB of numbers, not parsing 10M strings. What records mean together
-(adoption, conflicts, repair) is :mod:`pipeline.storage.commits`. Pure: no Ray.
+(adoption, conflicts, repair) is :mod:`pipeline.storage.commit_protocol`. Pure: no Ray.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from pipeline.spec import schema as S
 from pipeline.storage import filesystem
-from pipeline.storage.committed_ids import id_hashes
+from pipeline.storage.skip_filter import id_hashes
 
 COMMITS_DIR = "_commits"
 IMAGES_DIR = "images"
