@@ -1,7 +1,7 @@
 """The driver at scale: memory, first committed part, resume and throughput by table size.
 
 One Parquet table (row groups of 50k rows, an id column, PartiPrompts prompts), the
-sleeping engine of ``benchmarks/simulated_scale.py`` (the job's own ``GenerateStage``
+sleeping engine of ``benchmarks/simulated_scale.py`` (the job's own ``ActorEngines``
 whose engine sleeps per diffusers-sized call), ``output.rows_per_part`` 5000. Per size,
 each in its own process (so peak RSS is that run's):
 
@@ -65,7 +65,7 @@ def child(work: Path, actors: int, call: int, seconds: float) -> dict:
     """One run of the job in this process: wall, first part, peak RSS, summary counts."""
     import ray
 
-    from pipeline.job.run import run
+    from pipeline.batch.run import run
 
     # A subclass made here (in __main__) travels to the actors by value, with these settings;
     # SleepStage itself would be imported there with its defaults.
@@ -101,7 +101,7 @@ def one_process(work: Path, call: int, seconds: float, rows_limit: int) -> dict:
 
     from pipeline.engine.resolve import build_catalog
     from pipeline.engine.stages import BlockTimes, ImageEncoder, generate_table
-    from pipeline.job.read import cut
+    from pipeline.batch.reading import cut
     from pipeline.spec.batching import block_rows, order_for_engine
     from pipeline.spec.seen_ids import SeenIds, id_batches
     from pipeline.spec.validate import Validator

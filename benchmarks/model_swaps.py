@@ -35,7 +35,7 @@ MODELS = {"sd": "tiny", "sdxl": "tiny-sdxl", "sd3": "tiny-sd3"}
 
 def one_run(rows: int, actors: int, memory_gb: float | None, work: Path, cache: str, file_rows: int) -> dict:
     """The job over ``rows`` random-model rows written as files of ``file_rows`` rows."""
-    from pipeline.job.run import run
+    from pipeline.batch.run import run
     from pipeline.spec.load import parse_spec
 
     prompts = [line.split("\t")[0] for line in PARTI.read_text().splitlines()[1:]]

@@ -60,10 +60,10 @@ def bare_loop(n: int, args, cache: str) -> float:
 
 
 def ray_job(n: int, args, cache: str, work: Path) -> tuple[float, object]:
-    """The whole job through `pipeline.job.run.run`, Ray start-up included; its wall time and summary."""
+    """The whole job through `pipeline.batch.run.run`, Ray start-up included; its wall time and summary."""
     import ray
 
-    from pipeline.job.run import run
+    from pipeline.batch.run import run
     from pipeline.spec.load import parse_spec
 
     table = work / f"prompts-{n}.csv"

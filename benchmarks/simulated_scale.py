@@ -1,6 +1,6 @@
 """Orchestration at simulated scale: the real job with an engine that sleeps.
 
-The engine actors are the job's own `GenerateStage` with the engine swapped for one that
+The engine actors are the job's own `ActorEngines` with the engine swapped for one that
 sleeps a fixed time per batch and returns blank images, so 64 "GPU" actors (logical GPUs)
 fit on a small machine. Everything else is the real pipeline: read, validation, re-blocking,
 actor pool, encoding, atomic Parquet parts, manifest.
@@ -41,7 +41,7 @@ PARTI = REPO / "tests" / "data" / "prompts" / "partiprompts" / "PartiPrompts.tsv
 from pipeline.engine.engine import GenerationResult  # noqa: E402
 from pipeline.engine.model_cache import CacheStats  # noqa: E402
 from pipeline.engine.stages import ImageEncoder  # noqa: E402
-from pipeline.job.actors import GenerateStage  # noqa: E402
+from pipeline.batch.engine_actors import ActorEngines  # noqa: E402
 
 
 class SleepEngine:
@@ -81,7 +81,7 @@ class SleepModels:
         return self.engine
 
 
-class SleepStage(GenerateStage):
+class SleepStage(ActorEngines):
     SECONDS_PER_CALL = 1.0
     CALL_IMAGES = 16
 
@@ -98,7 +98,7 @@ def one_size(rows: int, actors: int, batch, call: int, seconds: float) -> dict:
     import pyarrow.csv as pacsv
     import ray
 
-    from pipeline.job.run import run
+    from pipeline.batch.run import run
     from pipeline.spec.load import parse_spec
 
     work = Path(tempfile.mkdtemp(prefix="scale-", dir="/tmp"))

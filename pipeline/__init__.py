@@ -7,7 +7,7 @@ The package is layered; each layer imports only the ones above it in this list:
 - :mod:`pipeline.storage` - files, object stores, prompt tables, output parts, the lock
 - :mod:`pipeline.engine`  - resident diffusers pipelines, the actor's block code
 - :mod:`pipeline.output`  - verify, report, inspect, dataset card
-- :mod:`pipeline.job`, :mod:`pipeline.serve`, :mod:`pipeline.cluster` - the Ray wiring:
+- :mod:`pipeline.batch`, :mod:`pipeline.serve`, :mod:`pipeline.remote` - the Ray wiring:
   the batch job, the online front, the remote-cluster client
 - :mod:`pipeline.cli`     - the ``imagegen`` command
 

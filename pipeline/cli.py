@@ -94,9 +94,9 @@ def _cluster_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.job.logs import route_ray_data_logs
-    from pipeline.job.run import run
-    from pipeline.job.summary import format_summary
+    from pipeline.batch.logs import route_ray_data_logs
+    from pipeline.batch.run import run
+    from pipeline.batch.summary import format_summary
     from pipeline.spec.load import load_spec
 
     spec = load_spec(args.spec, args.overrides)
@@ -142,25 +142,25 @@ def _announce(line: str) -> None:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from pipeline.cluster.submit import submit
+    from pipeline.remote.submit import submit
 
     return submit(args.spec, args.overrides, args.address, wait=not args.no_wait, announce=_announce)
 
 
 def _status(args: argparse.Namespace) -> int:
-    from pipeline.cluster.submit import status
+    from pipeline.remote.submit import status
 
     return status(args.job, args.address)
 
 
 def _logs(args: argparse.Namespace) -> int:
-    from pipeline.cluster.submit import logs
+    from pipeline.remote.submit import logs
 
     return logs(args.job, args.address, follow=args.follow, announce=_announce)
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from pipeline.job.plan import format_plan, make_plan
+    from pipeline.batch.plan import format_plan, make_plan
     from pipeline.spec.load import load_spec
 
     spec = load_spec(args.spec, args.overrides)

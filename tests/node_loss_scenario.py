@@ -17,7 +17,7 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 
-from pipeline.job.run import run
+from pipeline.batch.run import run
 from pipeline.spec.load import parse_spec
 
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from pipeline.errors import InputError
-from pipeline.job.run import run
+from pipeline.batch.run import run
 from pipeline.output.verify import verify
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]

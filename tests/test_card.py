@@ -27,7 +27,7 @@ def test_card_loads_with_datasets_and_follows_each_run(ray_cluster, make_spec, t
     import datasets
     from PIL.Image import Image as PILImage
 
-    from pipeline.job.run import run
+    from pipeline.batch.run import run
 
     rows = [
         {"prompt": "a red kite", "tags": ["sky", "red"], "meta": {"source": "test", "score": 0.5}},
@@ -91,7 +91,7 @@ def test_columns_that_differ_between_runs_read_everywhere(ray_cluster, make_spec
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
-    from pipeline.job.run import run
+    from pipeline.batch.run import run
 
     first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
     first.write_text("".join(json.dumps({"prompt": p, "tag": t, "score": s}) + "\n" for p, t, s in [("a kite", "sky", 1), ("a boat", "sea", 2)]))

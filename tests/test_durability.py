@@ -233,7 +233,7 @@ def test_the_shared_skip_filter_reaches_ray_tasks_as_a_reference(ray_cluster):
 
     import ray
 
-    from pipeline.job.skip import SharedSkipFilter
+    from pipeline.batch.shared_skip_filter import SharedSkipFilter
 
     committed = CommittedIds.from_ids([rid(i) for i in range(100_000)])
     shared = SharedSkipFilter.put(SkipFilter(committed, CommittedIds.from_ids([rid(7)])))
@@ -254,7 +254,7 @@ def test_the_job_prepares_its_output_in_a_task_and_keeps_the_skipped_ids_off_the
     import ray
 
     from pipeline.engine.resolve import build_catalog
-    from pipeline.job.run import prepare
+    from pipeline.batch.run import prepare
 
     fs, root = out
     for start in range(0, 32, 16):
@@ -265,11 +265,11 @@ def test_the_job_prepares_its_output_in_a_task_and_keeps_the_skipped_ids_off_the
     logged = logging.Handler()
     logged.emit = lambda record: said.append(record.getMessage())
     said: list[str] = []
-    logging.getLogger("pipeline.job.run").addHandler(logged)
+    logging.getLogger("pipeline.batch.run").addHandler(logged)
     try:
         prepared, skip = prepare(spec, "20260102T000000Z-bbbbbbbb", 0.0, build_catalog(spec))
     finally:
-        logging.getLogger("pipeline.job.run").removeHandler(logged)
+        logging.getLogger("pipeline.batch.run").removeHandler(logged)
     assert prepared.interrupted == [RUN] and len(prepared.recovery.removed_parts) == 1
     assert f"adopting what interrupted run(s) {RUN} committed" in said
     assert "removed 1 part(s) without a commit record, left by an interrupted run" in said
@@ -349,7 +349,7 @@ def test_a_spec_changed_after_a_crash_adopts_only_what_it_would_make(ray_cluster
     """Rows 0-3 set their own steps, rows 4-7 take the default. The first run committed all
     eight and died before finishing; the rerun's spec changes the default steps: it adopts
     rows 0-3 (same request ids), makes 4-7 anew, and the first run's 4-7 stay its data."""
-    from pipeline.job.run import run
+    from pipeline.batch.run import run
     from pipeline.output.inspect import inspect_output
     from pipeline.output.verify import verify
 
@@ -380,7 +380,7 @@ def test_a_spec_changed_after_a_crash_adopts_only_what_it_would_make(ray_cluster
 
 
 def test_the_run_summary_says_what_was_adopted_and_what_was_removed():
-    from pipeline.job.summary import RunSummary, format_summary
+    from pipeline.batch.summary import RunSummary, format_summary
 
     recovery = commit_protocol.Recovery(
         removed_parts=["images/part-x.parquet"], dropped_records=[("_commits/r/a.commit", "its part images/y is missing")], rows_made_again=16

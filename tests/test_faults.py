@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.job.run import run
+from pipeline.batch.run import run
 from pipeline.output.verify import verify
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
@@ -214,7 +214,7 @@ def test_a_read_that_failed_on_a_dead_actor_stops_the_job(ray_cluster):
     import ray
     from ray.exceptions import ActorDiedError
 
-    from pipeline.job.feed import Feed
+    from pipeline.batch.dispatch import Dispatcher
 
     @ray.remote(num_cpus=0)
     class Gone:
@@ -241,7 +241,7 @@ def test_a_read_that_failed_on_a_dead_actor_stops_the_job(ray_cluster):
     gone = Gone.remote()
     ray.kill(gone)
     engines = [Engine.remote(), Engine.remote()]
-    feed = Feed(
+    feed = Dispatcher(
         units=["unit"], start_read=lambda unit: read.options(num_returns="streaming").remote(gone),
         actors=engines, write=lambda slices: None, rows_per_part=2, lookahead=2,
     )

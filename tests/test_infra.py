@@ -248,7 +248,7 @@ def test_raycluster_fits_the_cluster_spec_users_submit_to_it():
     spec = load_job_spec(["python", "jobs/generate.py", submitted])
     gpus_now, cpus = _capacity(cluster, "minReplicas")
     gpus_max, _ = _capacity(cluster, "maxReplicas")
-    assert spec.runtime.gpus_per_actor <= gpus_now  # pipeline.job.connect.require_gpus passes at the start
+    assert spec.runtime.gpus_per_actor <= gpus_now  # pipeline.batch.connect.require_gpus passes at the start
     assert spec.runtime.num_actors * spec.runtime.gpus_per_actor <= gpus_max
     assert spec.runtime.cpus_per_actor + spec.runtime.task_cpus <= cpus
     name = manifest("raycluster.yaml", "RayCluster")["metadata"]["name"]

@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
 
 def test_inspect_a_finished_output(ray_cluster, make_spec, tmp_path, capsys):
-    from pipeline.job.run import run
+    from pipeline.batch.run import run
 
     pd.DataFrame({"prompt": ["a kite", "a boat", "", "a fox"], "topic": ["sky", "sea", "none", "wood"]}).to_csv(tmp_path / "p.csv", index=False)
     spec = make_spec({"url": str(tmp_path / "p.csv")}, defaults={"width": 16, "height": 24, "steps": 1})

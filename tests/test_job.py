@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipeline.engine.encode import sha256_hex
 from pipeline.errors import ImagegenError, InputError, StorageError
-from pipeline.job.run import run
+from pipeline.batch.run import run
 from pipeline.spec.load import load_spec
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]

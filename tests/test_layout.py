@@ -13,9 +13,9 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
 
 # Each layer may import the layers before it in this list, and itself.
-LAYERS = ["errors", "spec", "storage", "engine", "output", "job", "serve", "cluster", "cli"]
-# The Ray wiring: job, serve and cluster sit side by side; serve may use the job's actor.
-ALLOWED_SIDEWAYS = {("serve", "job")}
+LAYERS = ["errors", "spec", "storage", "engine", "output", "batch", "serve", "remote", "cli"]
+# The Ray wiring: batch, serve and remote sit side by side; serve may use the batch job's actor.
+ALLOWED_SIDEWAYS = {("serve", "batch")}
 PURE = ["spec", "storage", "engine", "output"]
 
 
@@ -113,7 +113,7 @@ def test_the_ray_check_can_fail():
         "        if name == 'ray' or name.startswith('ray.'):\n"
         "            raise ImportError('blocked')\n"
         "sys.meta_path.insert(0, NoRay())\n"
-        "import pipeline.job.run\n"
+        "import pipeline.batch.run\n"
     )
     done = subprocess.run([sys.executable, "-c", script], cwd=PACKAGE.parent, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "blocked" in done.stderr

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from pipeline.errors import LeaseLost, RunConflict
-from pipeline.job.run import run
+from pipeline.batch.run import run
 from pipeline.output.verify import verify
 from pipeline.storage import filesystem
 from pipeline.storage.lock import LOCK_NAME, OutputLock, check_lease

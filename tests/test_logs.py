@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.job.logs import RAY_DATA_LOGGER, route_ray_data_logs
+from pipeline.batch.logs import RAY_DATA_LOGGER, route_ray_data_logs
 
 REPO = Path(__file__).resolve().parent.parent
 # What Ray Data writes at INFO while a dataset runs (its operator table, plan, start, end).
@@ -42,7 +42,7 @@ def test_a_run_off_a_terminal_prints_ours_and_leaves_ray_datas_progress_in_its_l
     assert not RAY_DATA_INFO.search(out), out
     assert re.search(r"^progress: 8/8 rows 100%", out, re.M), out
     assert re.search(r"^run \S+ finished in", out, re.M), out
-    # The job is its own loop over Ray tasks and actors (pipeline/job/feed.py), not a Ray
+    # The job is its own loop over Ray tasks and actors (pipeline/batch/dispatch.py), not a Ray
     # Data pipeline: Ray Data has nothing to log, so no line names its log folder either.
     assert "Ray Data" not in out, out
 

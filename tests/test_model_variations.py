@@ -72,7 +72,7 @@ def test_lora_columns_are_checked_and_the_digest_is_in_the_request_id(make_spec,
 
 @pytest.mark.ray
 def test_one_job_four_families_and_adapters_local_and_on_s3(ray_cluster, make_spec, model_cache, loras, s3, tmp_path):
-    from pipeline.job.run import run
+    from pipeline.batch.run import run
 
     fs, bucket, options = s3
     fs.put(loras["sd_b"], f"{bucket}/adapters/b.safetensors")
@@ -138,7 +138,7 @@ def test_adapter_is_switched_off_and_on_between_calls(model_cache, loras):
 
 
 def test_the_families_example_spec_plans_every_row_onto_its_model(tmp_path):
-    from pipeline.job.plan import make_plan
+    from pipeline.batch.plan import make_plan
     from pipeline.spec.load import load_spec
 
     repo = Path(__file__).resolve().parents[1]

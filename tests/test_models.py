@@ -29,7 +29,7 @@ def two_models(model_cache):
 
 
 def test_rows_pick_their_model_and_one_slot_cache_swaps_once(ray_cluster, make_spec, model_cache, tmp_path):
-    from pipeline.job.run import run
+    from pipeline.batch.run import run
 
     prompts = parti(24)
     # Interleaved models: unsorted, every batch of 4 would hold both and swap twice.
@@ -55,7 +55,7 @@ def test_rows_pick_their_model_and_one_slot_cache_swaps_once(ray_cluster, make_s
 
 def test_a_model_that_cannot_load_fails_its_rows_not_the_job(ray_cluster, make_spec, model_cache, tmp_path):
     from pipeline.engine.tiny_models import ensure_tiny
-    from pipeline.job.run import run
+    from pipeline.batch.run import run
 
     broken = tmp_path / "broken"
     shutil.copytree(ensure_tiny(model_cache), broken)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.job.plan import DEFAULT_THROUGHPUT, format_plan, make_plan, rate_for, reason_of
+from pipeline.batch.plan import DEFAULT_THROUGHPUT, format_plan, make_plan, rate_for, reason_of
 from pipeline.spec.config import ThroughputEntry
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,7 +87,7 @@ def test_reasons_group_alike_messages():
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_after_a_run_the_plan_has_nothing_left_to_make(ray_cluster, make_spec, tmp_path):
-    from pipeline.job.run import run
+    from pipeline.batch.run import run
 
     table = tmp_path / "p.csv"
     spec = make_spec({"url": write_csv(table, ROWS[:3] + ROWS[4:5])}, defaults={"width": 16, "height": 16, "steps": 1})

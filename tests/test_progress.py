@@ -9,7 +9,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from pipeline.job.progress import Counts, ProgressCounter, ProgressPrinter, RateMeter, finished, format_line, skipped
+from pipeline.batch.progress import Counts, ProgressCounter, ProgressPrinter, RateMeter, finished, format_line, skipped
 
 
 class Terminal(io.StringIO):
@@ -103,7 +103,7 @@ def test_a_real_job_reports_rows_images_errors_and_skips(ray_cluster, make_spec,
     rows = [{"prompt": line.split("\t")[0]} for line in lines] + [{"prompt": ""}, {"prompt": "a kite", "seed": "x"}]
     pd.DataFrame(rows).to_csv(tmp_path / "p.csv", index=False)
     spec = make_spec({"url": str(tmp_path / "p.csv")}, defaults={"width": 16, "height": 16, "steps": 1}, runtime={"progress_interval_s": 0.2})
-    from pipeline.job.run import run
+    from pipeline.batch.run import run
 
     summary = run(spec)
     first = capsys.readouterr().err

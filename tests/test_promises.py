@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_the_default_batch_size_auto_end_to_end(ray_cluster, make_spec, tmp_path):
-    from pipeline.job.run import run
+    from pipeline.batch.run import run
     from pipeline.output.verify import verify
     from pipeline.spec.batching import block_rows
 

@@ -53,7 +53,7 @@ def checker_model(tmp_path_factory) -> str:
 def scored(ray_cluster, model_cache, checker_model, tmp_path_factory):
     """One run: 7 rows for the tiny model (a long prompt, and two rows with the same prompt
     and seed), 3 for the model whose checker flags everything; scored by tiny-clip."""
-    from pipeline.job.run import run
+    from pipeline.batch.run import run
     from pipeline.spec.load import parse_spec
 
     work = tmp_path_factory.mktemp("quality")
@@ -82,7 +82,7 @@ def test_images_carry_verdicts_scores_and_hashes(scored, model_cache):
     import imagehash
 
     from pipeline.engine.scoring import ClipScorer, scorer_fingerprint
-    from pipeline.job.summary import format_summary
+    from pipeline.batch.summary import format_summary
     from pipeline.spec.load import parse_spec
 
     spec, summary, out, data = scored
@@ -185,7 +185,7 @@ def test_filtering_is_a_query(scored):
 
 
 def test_error_and_off_modes(ray_cluster, model_cache, checker_model, tmp_path):
-    from pipeline.job.run import run
+    from pipeline.batch.run import run
     from pipeline.output.verify import verify
     from pipeline.spec.load import parse_spec
 

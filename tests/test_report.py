@@ -22,7 +22,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def output(ray_cluster, model_cache, prompts, tmp_path_factory) -> Path:
     """A finished output of two runs: 12 prompts (one making 3 images) and 2 bad rows,
     then 3 more prompts."""
-    from pipeline.job.run import run
+    from pipeline.batch.run import run
     from pipeline.spec.load import parse_spec
 
     work = tmp_path_factory.mktemp("report")

@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.job.run import run
+from pipeline.batch.run import run
 from pipeline.output.verify import verify
 
 from s3_proxy import S3Proxy

@@ -90,7 +90,7 @@ def test_a_streamed_unit_registers_its_ids_in_batches_and_repeats_stay_exact(tmp
 def test_the_registry_holds_a_unit_until_every_earlier_unit_registered_its_last_batch():
     import asyncio
 
-    from pipeline.job.read import IdRegistry
+    from pipeline.batch.reading import IdRegistry
 
     async def scenario() -> list[str]:
         registry, answered = IdRegistry(), []
@@ -166,7 +166,7 @@ def test_duplicate_ids_across_files_and_units_name_the_first_row(ray_cluster, ma
     spec = make_spec({"url": str(folder), "format": "parquet", "id_column": "id"}, defaults={"width": 16, "height": 16, "steps": 1})
     assert len(units.plan_units(spec.input).units) >= 4
 
-    from pipeline.job.run import run
+    from pipeline.batch.run import run
 
     summary = run(spec)
     assert (summary.input_rows, summary.images, summary.errors) == (12, 8, 4)
@@ -183,7 +183,7 @@ def test_duplicate_ids_across_files_and_units_name_the_first_row(ray_cluster, ma
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_many_units_make_the_same_output_as_one_with_the_same_engine_actors(ray_cluster, make_spec, tmp_path, monkeypatch):
-    from pipeline.job.run import run
+    from pipeline.batch.run import run
 
     n = 48
     table = write_parquet(tmp_path / "p.parquet", pd.DataFrame({"prompt": parti(n), "k": range(n)}), row_group_size=8)
@@ -220,7 +220,7 @@ def test_many_units_make_the_same_output_as_one_with_the_same_engine_actors(ray_
 def test_a_run_folds_its_commit_records_in_groups_as_it_goes(ray_cluster, make_spec, tmp_path, monkeypatch):
     """A long run's block records become compacted records of about FOLD_IDS ids each (so
     no fold holds the whole run); the output reads exactly once and a rerun skips it all."""
-    from pipeline.job.run import run
+    from pipeline.batch.run import run
     from pipeline.output.verify import verify
     from pipeline.storage import fold
 

@@ -25,7 +25,7 @@ from PIL import Image
 from ray import serve
 
 from pipeline.errors import SpecError
-from pipeline.job.run import run as run_batch
+from pipeline.batch.run import run as run_batch
 from pipeline.serve.app import _serve_http_host, build_app, start
 from pipeline.serve.auth import KeyCheck, check_exposure, digest, load_key_digests
 from pipeline.serve.http_api import default_id

@@ -33,7 +33,7 @@ import pandas as pd
 import pytest
 
 from pipeline.cli import _parser
-from pipeline.cluster import dashboard, submit
+from pipeline.remote import dashboard, submit
 from pipeline.errors import ClusterError, SpecError
 from pipeline.spec.load import load_spec, parse_spec
 

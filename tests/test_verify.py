@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.job.run import run
+from pipeline.batch.run import run
 from pipeline.output.verify import verify
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
@@ -142,8 +142,8 @@ def test_a_repeated_id_stays_an_error_when_its_first_row_is_fixed(ray_cluster, m
 
 
 def test_a_renamed_input_without_ids_is_reported_before_it_doubles_the_output(finished):
-    from pipeline.job.plan import make_plan
-    from pipeline.job.summary import format_summary
+    from pipeline.batch.plan import make_plan
+    from pipeline.batch.summary import format_summary
 
     spec, out = finished
     renamed = Path(spec.input.url).with_name("renamed.csv")

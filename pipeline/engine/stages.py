@@ -1,5 +1,5 @@
 """The per-batch work of the generate and encode stages, on Arrow tables. Pure: the Ray
-wiring in :mod:`pipeline.job.run` (and the Serve deployment) call these.
+wiring in :mod:`pipeline.batch.run` (and the Serve deployment) call these.
 
 Every function takes the stream's table and returns it with its own columns added.
 Rows already carrying an error pass through untouched, and a failure here marks rows,

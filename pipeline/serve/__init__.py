@@ -6,7 +6,7 @@ without Serve; :mod:`.app` is the deployment and its replicas (the batch job's e
 :mod:`.auth` the API keys; :mod:`.drain` the app-wide "stop taking requests" of a graceful
 shutdown; :mod:`.process` ``imagegen serve`` itself (supervisor, signals, drain, exit).
 
-May import every layer below and :mod:`pipeline.job` (the engine actor and cluster
+May import every layer below and :mod:`pipeline.batch` (the engine actor and cluster
 connection it shares with the batch job). Imports Ray.
 """
 

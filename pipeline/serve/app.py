@@ -3,7 +3,7 @@
 Wiring only. Everything that decides what an image is comes from the modules the batch
 job uses: an HTTP body becomes a raw row and goes through the same
 :class:`~pipeline.spec.validate.Validator` (spec defaults, limits, seed derivation, request id);
-images are made and encoded by the same :class:`~pipeline.job.actors.GenerateStage` (resident
+images are made and encoded by the same :class:`~pipeline.batch.engine_actors.ActorEngines` (resident
 :class:`~pipeline.engine.engine.Engine`\ s, built in the replica, never pickled from the driver;
 it runs :func:`~pipeline.engine.stages.generate_table`). So a request and the equivalent
 prompt-table row get the same request id, seed and image bytes.
@@ -54,7 +54,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.engine.resolve import build_catalog
 from pipeline.engine.stages import ImageEncoder, generate_table, to_generation_requests
-from pipeline.job.actors import GenerateStage, actor_gpus, engine_catalog
+from pipeline.batch.engine_actors import ActorEngines, actor_gpus, engine_catalog
 from pipeline.serve.auth import KeyCheck, check_exposure, load_key_digests
 from pipeline.serve.drain import DrainClient
 from pipeline.serve.http_api import Encoding, RequestError, error, images_response, serving_spec, validate_request
@@ -95,7 +95,7 @@ class ImageServer:
         self.spec = spec
         self.catalog = catalog
         self.validator = Validator(serving_spec(spec), catalog)
-        self.stage = GenerateStage(spec, catalog)
+        self.stage = ActorEngines(spec, catalog)
         self.keys = KeyCheck(key_digests)
         self.drain = DrainClient(drain)
         self.encoders: dict[Encoding, ImageEncoder] = {Encoding(spec.output.format, spec.output.quality): self.stage.encoder}

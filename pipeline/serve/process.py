@@ -31,7 +31,7 @@ import ray
 from ray import serve
 
 from pipeline.errors import ImagegenError
-from pipeline.job.connect import connect
+from pipeline.batch.connect import connect
 from pipeline.serve.app import APP_NAME, start
 from pipeline.serve.auth import check_exposure, load_key_digests
 from pipeline.serve.drain import NAMESPACE, DrainState, actor_name

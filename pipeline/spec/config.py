@@ -282,7 +282,7 @@ class ThroughputEntry(Section):
 class PlanConfig(Section):
     """Inputs of ``imagegen validate``'s estimate of GPU-hours and cost.
 
-    ``throughput`` entries add to the built-in table of :mod:`pipeline.job.plan` (an entry for
+    ``throughput`` entries add to the built-in table of :mod:`pipeline.batch.plan` (an entry for
     the same model, size and steps replaces the built-in one); a bucket without an entry
     is scaled from the nearest entry of its model by pixels x steps. ``price_per_gpu_hour``
     (in your currency) turns GPU-hours into a cost; unset, no cost is shown.

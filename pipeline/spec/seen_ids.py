@@ -12,7 +12,7 @@ Trade-off: ids are compared by a 64-bit hash, so two different ids collide with
 probability about n^2 / 2^65 over the table (3e-4 for 100M distinct ids); a collision
 rejects a good row as a repeat, with a message naming the row it collided with.
 
-Pure: numpy only; the job puts one in a Ray actor (:mod:`pipeline.job.read`).
+Pure: numpy only; the job puts one in a Ray actor (:mod:`pipeline.batch.reading`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Folding a run's commit records: block records -> compacted records of about
 :data:`FOLD_IDS` request ids, and, at a run's end, the leftovers of writes Ray retried.
 
-The job folds as its writes come back (:class:`~pipeline.job.datasink.RecordFolder`), so
+The job folds as its writes come back (:class:`~pipeline.batch.output_tasks.RecordFolder`), so
 a long run's records stay few (a 100M-image output: ~100) and small, each fold reads only
 the records it folds, and a crash leaves at most about one group of block records to read.
 What counts as committed is decided by :mod:`.commit_protocol` alone; folding never changes it.

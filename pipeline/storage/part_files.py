@@ -13,7 +13,7 @@ A block's parts are written first, then its commit record: a part counts from th
 its record exists, whether or not the run ever finishes. A part's name holds digests of
 its request ids and of its bytes, so a write repeated with the same block rewrites the same
 file, and one with another composition adds a file whose record :mod:`.commit_protocol` resolves.
-Pure: no Ray import; the Ray datasink in :mod:`pipeline.job.datasink` calls these functions.
+Pure: no Ray import; the output writer in :mod:`pipeline.batch.output_tasks` calls these functions.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 :func:`id_hashes` turns request ids into uint64 hashes, vectorised; :class:`CommittedIds`
 is a set of them (8 bytes an id, no Python object per id) with a vectorised
 :meth:`~CommittedIds.contains`; :class:`SkipFilter` is what a run skips, and which of those
-skips are adoptions. Pure: numpy and pyarrow only; :mod:`pipeline.job.skip` shares a filter
+skips are adoptions. Pure: numpy and pyarrow only; :mod:`pipeline.batch.shared_skip_filter` shares a filter
 with Ray tasks through the object store.
 """
 

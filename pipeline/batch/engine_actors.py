@@ -1,4 +1,4 @@
-"""The engine actors (:class:`GenerateStage`) and what they need from the cluster: GPUs per
+"""The engine actors (:class:`ActorEngines`) and what they need from the cluster: GPUs per
 actor, the catalog they get, the progress counter they report to.
 
 Each actor builds its engines in its constructor (weights are loaded on the worker,
@@ -20,14 +20,14 @@ import ray
 from pipeline.engine.resolve import place
 from pipeline.engine.stages import BlockTimes, ImageEncoder, generate_table
 from pipeline.errors import ModelError
-from pipeline.job import progress
+from pipeline.batch import progress
 from pipeline.spec.catalog import Catalog
 from pipeline.spec.config import JobSpec
 
 log = logging.getLogger(__name__)
 
 
-class GenerateStage:
+class ActorEngines:
     """An engine actor: generates and encodes block after block.
 
     Holds a cache of resident engines (see :mod:`pipeline.engine.model_cache`), an image
@@ -91,9 +91,9 @@ class GenerateStage:
 
 
 class EngineActor:
-    """The job's engine actor process: one :class:`GenerateStage` (or a subclass, as the
+    """The job's engine actor process: one :class:`ActorEngines` (or a subclass, as the
     benchmarks' sleeping stage) kept for the whole job, fed block after block by the driver
-    (:mod:`pipeline.job.feed`)."""
+    (:mod:`pipeline.batch.dispatch`)."""
 
     def __init__(self, stage: type, spec: JobSpec, catalog: Catalog, counter: Any = None):
         self.stage = stage(spec, catalog, counter)
@@ -109,7 +109,7 @@ class EngineActor:
         return True
 
 
-def start_engines(spec: JobSpec, catalog: Catalog, counter: Any, stage: type = GenerateStage) -> list[Any]:
+def start_engines(spec: JobSpec, catalog: Catalog, counter: Any, stage: type = ActorEngines) -> list[Any]:
     """Create the job's ``runtime.num_actors`` engine actors, each reserving its CPUs and
     GPUs. A lost actor is restarted by Ray (``max_restarts``) but its calls are not retried
     (``max_task_retries=0``): the driver gives an interrupted block to another actor at

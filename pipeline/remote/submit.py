@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from pipeline.cluster.dashboard import Dashboard, JobRequest, dashboard_address
+from pipeline.remote.dashboard import Dashboard, JobRequest, dashboard_address
 from pipeline.errors import ClusterError, SpecError
 
 # The job's entrypoint script, relative to the repository root (the job's working_dir).

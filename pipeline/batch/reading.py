@@ -4,7 +4,7 @@ validated request blocks, sorted for the engine and cut to the engine actors' bl
 A read task (:func:`read_blocks`) is a streaming generator: it yields each block as soon
 as it is cut, and Ray pauses it once :data:`READ_AHEAD_BLOCKS` of its blocks wait
 unconsumed, so a fast read never piles validated rows up ahead of slow engines (the
-driver takes blocks only as actors free up, see :mod:`pipeline.job.feed`).
+driver takes blocks only as actors free up, see :mod:`pipeline.batch.dispatch`).
 
 Validation runs in the read task, so bad rows never reach a GPU; each chunk of a file
 (:data:`~pipeline.storage.tables.CHUNK_ROWS` rows) is sorted by model, adapter and bucket
@@ -28,8 +28,8 @@ from typing import Any, Iterator, Optional
 import pyarrow as pa
 import ray
 
-from pipeline.job import progress
-from pipeline.job.connect import on_driver_node
+from pipeline.batch import progress
+from pipeline.batch.connect import on_driver_node
 from pipeline.spec.batching import order_for_engine
 from pipeline.spec.config import JobSpec
 from pipeline.spec.seen_ids import SeenIds, id_batches

@@ -1,7 +1,7 @@
 """The driver's loop: read units -> validated blocks -> engine actors -> parts, bounded.
 
 The driver holds object refs, never rows: the read tasks' streams of validated blocks
-(:mod:`pipeline.job.read`), a short queue of blocks waiting for an actor, the calls in
+(:mod:`pipeline.batch.reading`), a short queue of blocks waiting for an actor, the calls in
 flight, the generated blocks not yet in a part, and the part writes in flight. Each is
 bounded by the number of actors or by ``output.rows_per_part``, never by the table:
 
@@ -88,7 +88,7 @@ def result(refs: Any) -> Any:
 
 
 @dataclass
-class Feed:
+class Dispatcher:
     """Runs the loop. ``start_read(unit)`` launches a read task (a stream of block refs);
     ``write(slices)`` launches a part's write task over ``[(generated ref, start, stop)]``
     and returns its ref; ``actors`` are engine actors with ``generate`` and ``ready``;

@@ -10,7 +10,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.errors import ClusterError
-from pipeline.job.actors import actor_gpus
+from pipeline.batch.engine_actors import actor_gpus
 from pipeline.spec.config import JobSpec, RuntimeConfig
 
 log = logging.getLogger(__name__)

@@ -259,9 +259,9 @@ def _tally_on_cluster(spec: JobSpec, validator: Validator, units: list[ReadUnit]
     task of its own when ``check_ownership``."""
     import ray
 
-    from pipeline.job.connect import connect
-    from pipeline.job.feed import result
-    from pipeline.job.read import start_registry
+    from pipeline.batch.connect import connect
+    from pipeline.batch.dispatch import result
+    from pipeline.batch.reading import start_registry
 
     connect(spec.runtime)
     registry = start_registry() if spec.input.id_column else None

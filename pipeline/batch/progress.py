@@ -1,7 +1,7 @@
 """Progress of a running job: counts, rate, ETA, and the line a user reads.
 
 The counts come from the job itself: the stages add what they finish to a
-:class:`ProgressCounter` (a small Ray actor in :mod:`pipeline.job.run`), and a
+:class:`ProgressCounter` (a small Ray actor in :mod:`pipeline.batch.run`), and a
 :class:`ProgressPrinter` thread on the driver polls it while the job runs. On a terminal
 the line is a bar redrawn in place; elsewhere (logs, CI) one line every
 ``runtime.progress_interval_s`` seconds. Either way a last line is printed at the end.
@@ -68,7 +68,7 @@ class Counts:
 
 
 class ProgressCounter:
-    """Running totals the stages add to. Plain Python: :mod:`pipeline.job.run` makes it an actor."""
+    """Running totals the stages add to. Plain Python: :mod:`pipeline.batch.run` makes it an actor."""
 
     def __init__(self) -> None:
         self._counts = Counts()

@@ -8,17 +8,17 @@ stage lives in pure modules (:mod:`pipeline.spec.validate`, :mod:`pipeline.engin
   and footers alone (:mod:`pipeline.storage.units`), so work starts without reading it;
 - one read task per unit reads, validates (bad rows never reach a GPU) and cuts its rows
   into blocks of ``runtime.batch_size`` rows (or a size chosen from the row count);
-  duplicate ids are checked against an id registry actor (:mod:`pipeline.job.read`);
+  duplicate ids are checked against an id registry actor (:mod:`pipeline.batch.reading`);
 - ``runtime.num_actors`` engine actors, created once for the whole job, each build their
   :class:`~pipeline.engine.engine.Engine` in their constructor (weights are loaded on the
   worker, never pickled from the driver) and encode on a thread pool inside the actor
-  (:mod:`pipeline.job.actors`);
+  (:mod:`pipeline.batch.engine_actors`);
 - the driver feeds blocks to the actors and generated rows to part writes, holding object
-  refs only, a bounded number of them (:mod:`pipeline.job.feed`);
-- each part is written by a task through the datasink (atomic parts), and the manifest
+  refs only, a bounded number of them (:mod:`pipeline.batch.dispatch`);
+- each part is written by a task through the output writer (atomic parts), and the manifest
   at once with a commit record (a crash loses only the blocks in flight; the next run
   adopts the rest), and at the end the manifest and the dataset card
-  (:mod:`pipeline.job.datasink`);
+  (:mod:`pipeline.batch.output_tasks`);
 - validation and the engine actors report what they finish to a counter actor (``num_cpus=0``)
   that the driver polls for the progress line while the job runs.
 """
@@ -31,17 +31,16 @@ import time
 
 import pyarrow as pa
 import ray
-from ray.data.datasource.datasink import WriteResult
 
 from pipeline.engine.resolve import build_catalog, place
-from pipeline.job import progress
-from pipeline.job.actors import GenerateStage, ProgressActor, actor_gpus, final_counts, rows_per_call, start_engines, startup_failure
-from pipeline.job.connect import connect, on_driver_node, require_gpus
-from pipeline.job.datasink import DatasetSink, Prepared, RecordFolder, preparing
-from pipeline.job.feed import Feed, result
-from pipeline.job.read import start_read, start_registry
-from pipeline.job.skip import SharedSkipFilter
-from pipeline.job.summary import RunSummary
+from pipeline.batch import progress
+from pipeline.batch.engine_actors import ActorEngines, ProgressActor, actor_gpus, final_counts, rows_per_call, start_engines, startup_failure
+from pipeline.batch.connect import connect, on_driver_node, require_gpus
+from pipeline.batch.output_tasks import OutputWriter, Prepared, RecordFolder, preparing
+from pipeline.batch.dispatch import Dispatcher, result
+from pipeline.batch.reading import start_read, start_registry
+from pipeline.batch.shared_skip_filter import SharedSkipFilter
+from pipeline.batch.summary import RunSummary
 from pipeline.output.ownership import ownership_warnings
 from pipeline.spec.batching import block_rows
 from pipeline.spec.catalog import Catalog
@@ -54,7 +53,7 @@ from pipeline.storage.units import plan_units
 log = logging.getLogger(__name__)
 
 
-def run(spec: JobSpec, stage: type[GenerateStage] = GenerateStage) -> RunSummary:
+def run(spec: JobSpec, stage: type[ActorEngines] = ActorEngines) -> RunSummary:
     """Run a job spec to completion and return its summary.
 
     Fails before any generation for problems with the spec or the table as a whole
@@ -98,7 +97,7 @@ def run(spec: JobSpec, stage: type[GenerateStage] = GenerateStage) -> RunSummary
 
 
 def prepare(spec: JobSpec, run_id: str, started: float, catalog: Catalog) -> tuple[Prepared, SharedSkipFilter]:
-    """The output prepared for this run (:func:`~pipeline.job.datasink.prepare_output`), by a
+    """The output prepared for this run (:func:`~pipeline.batch.output_tasks.prepare_output`), by a
     task: the driver logs its warnings and gets what read tasks skip (the request ids
     earlier runs committed, see :class:`~pipeline.spec.validate.Validator`'s ``skip``) as
     refs to 8-byte hashes in the object store, read zero-copy by every read task. The
@@ -137,15 +136,15 @@ def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator,
     registry = start_registry() if spec.input.id_column else None
     actors = start_engines(spec, catalog, counter, stage)
     shared = ray.put(validator)  # once: every read task reads the same copy
-    datasink = DatasetSink(spec, run_id, catalog, started, counter, prepared)
+    output_writer = OutputWriter(spec, run_id, catalog, started, counter, prepared)
     writer = write_part.options(num_cpus=rt.task_cpus)
-    sink_ref = ray.put(datasink)
+    writer_ref = ray.put(output_writer)
 
     def write(slices: list) -> ray.ObjectRef:
-        return writer.remote(sink_ref, [(start, stop) for _, start, stop in slices], *(ref for ref, _, _ in slices))
+        return writer.remote(writer_ref, [(start, stop) for _, start, stop in slices], *(ref for ref, _, _ in slices))
 
     folder = RecordFolder(spec, run_id)
-    feed = Feed(
+    dispatcher = Dispatcher(
         units=table.units,
         start_read=lambda unit: start_read(spec, unit, shared, rows_per_block, registry, counter),
         actors=actors,
@@ -157,7 +156,7 @@ def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator,
     poll = lambda: ray.get(counter.snapshot.remote(), timeout=5)  # noqa: E731
     try:
         with progress.ProgressPrinter(poll, table.rows, rt.progress_interval_s, sys.stderr):
-            reports = feed.run()
+            reports = dispatcher.run()
     finally:
         for actor in [*actors, *([registry] if registry is not None else [])]:
             ray.kill(actor)  # frees their GPUs now, not when the driver exits
@@ -165,8 +164,7 @@ def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator,
     report = part_files.WriteReport()
     for part in reports:
         report.add(part)
-    written = sum(p["bytes"] for p in report.parts)
-    datasink.on_write_complete(WriteResult(num_rows=report.images + report.errors, size_bytes=written, write_returns=[report]))
+    output_writer.finish(report)
     counts = final_counts(counter)
     return RunSummary(
         run_id=run_id,
@@ -198,8 +196,8 @@ LOOKAHEAD_PER_ACTOR = 2
 
 
 @ray.remote
-def write_part(datasink: DatasetSink, bounds: list[tuple[int, int]], *blocks: pa.Table) -> part_files.WriteReport:
+def write_part(output_writer: OutputWriter, bounds: list[tuple[int, int]], *blocks: pa.Table) -> part_files.WriteReport:
     """A part write task: rows ``start:stop`` of each generated block, as one part, through
-    the datasink (atomic parts). Ray retries it as it is, so a retry writes the same rows."""
+    the output writer (atomic parts). Ray retries it as it is, so a retry writes the same rows."""
     tables = [block.slice(start, stop - start) for block, (start, stop) in zip(blocks, bounds)]
-    return datasink.write([pa.concat_tables(tables, promote_options="permissive")], None)
+    return output_writer.write(pa.concat_tables(tables, promote_options="permissive"))

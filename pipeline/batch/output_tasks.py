@@ -1,5 +1,5 @@
-"""The write side of the batch job: a Ray Data datasink that writes each block as atomic
-parts and commits it with a record at once (:mod:`pipeline.storage.part_files`); the folding of
+"""The write side of the batch job: the output writer that part write tasks call to write
+each slice of generated rows as atomic parts and commit it with a record at once (:mod:`pipeline.storage.part_files`); the folding of
 those records as the run goes (:class:`RecordFolder`); at the end, the run manifest and
 the dataset card. And
 preparing the output before a run: ``output.mode``, adopting what interrupted runs
@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import pyarrow as pa
 import ray
-from ray.data.block import BlockAccessor
-from ray.data.datasource import Datasink
-from ray.data.datasource.datasink import WriteResult
 
 from pipeline.errors import ImagegenError
-from pipeline.job.actors import final_counts
-from pipeline.job.feed import result
+from pipeline.batch.engine_actors import final_counts
+from pipeline.batch.dispatch import result
 from pipeline.output import card
 from pipeline.spec.catalog import Catalog, ModelEntry
 from pipeline.spec.config import JobSpec, OutputConfig
@@ -27,9 +24,11 @@ from pipeline.spec.validate import REQUEST_ID_SCHEME, scheme_warning
 from pipeline.storage import commit_protocol, dataset_schema, filesystem, fold, lock, part_files, skip_filter, supersede
 
 
-class DatasetSink(Datasink[part_files.WriteReport]):
-    """Writes each block as atomic parts; on completion writes the run manifest, then
-    regenerates the dataset card (README.md) over all the output's runs."""
+class OutputWriter:
+    """Writes generated rows as atomic parts (:meth:`write`, in the part write tasks); once
+    every write returned, the run manifest, then the dataset card (README.md) over all the
+    output's runs (:meth:`finish`, on the driver). Plain data: pickled to the write tasks
+    once, by ref."""
 
     def __init__(self, spec: JobSpec, run_id: str, catalog: Catalog, started: float, counter: Any, prepared: Optional["Prepared"] = None):
         self._prepared = prepared or Prepared()
@@ -41,20 +40,18 @@ class DatasetSink(Datasink[part_files.WriteReport]):
         self._counter = counter
         self.report: part_files.WriteReport | None = None
 
-    def write(self, blocks: Iterable[pa.Table], ctx: Any) -> part_files.WriteReport:
+    def write(self, table: pa.Table) -> part_files.WriteReport:
+        """Write ``table``'s rows as parts and their commit record; an empty table writes nothing."""
         fs, root = filesystem.open_url(self._output.url, self._output.storage_options)
         report = part_files.WriteReport()
-        for block in blocks:
-            table = BlockAccessor.for_block(block).to_arrow()
-            if table.num_rows:
-                lock.check_lease(fs, root, self._run_id, self._output.url)  # no part after a lost lease
-                report.add(part_files.write_block(fs, root, self._run_id, table))
+        if table.num_rows:
+            lock.check_lease(fs, root, self._run_id, self._output.url)  # no part after a lost lease
+            report.add(part_files.write_block(fs, root, self._run_id, table))
         return report
 
-    def on_write_complete(self, write_result: WriteResult[part_files.WriteReport]) -> None:
-        report = part_files.WriteReport()
-        for part in write_result.write_returns:
-            report.add(part)
+    def finish(self, report: part_files.WriteReport) -> None:
+        """The run's end, given the sum of every write's report: leftovers of retried writes
+        go, then the manifest, the superseded error rows and the card."""
         finished = time.time()
         counts = final_counts(self._counter)
         fs, root = filesystem.open_url(self._output.url, self._output.storage_options)
