@@ -99,11 +99,11 @@ def one_process(work: Path, call: int, seconds: float, rows_limit: int) -> dict:
     the sink. Returns rows/s (and rows/s with the engine's sleep taken out)."""
     import pyarrow as pa
 
-    from pipeline.engine.resolve import build_catalog
-    from pipeline.engine.stages import BlockTimes, ImageEncoder, generate_table
+    from pipeline.engine.resolve_catalog import build_catalog
+    from pipeline.engine.table_generation import BlockTimes, ImageEncoder, generate_table
     from pipeline.batch.reading import cut
-    from pipeline.spec.batching import block_rows, order_for_engine
-    from pipeline.spec.seen_ids import SeenIds, id_batches
+    from pipeline.spec.bucketing import block_rows, order_for_engine
+    from pipeline.spec.duplicate_ids import SeenIds, id_batches
     from pipeline.spec.validate import Validator
     from pipeline.storage import filesystem, part_files
     from pipeline.storage.units import plan_units, read_unit

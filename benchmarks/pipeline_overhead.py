@@ -40,7 +40,7 @@ def bare_loop(n: int, args, cache: str) -> float:
     """Build the engine and generate + encode n images in this process, batch by batch."""
     import torch
 
-    from pipeline.engine.encode import encode_image
+    from pipeline.engine.image_encoding import encode_image
     from pipeline.engine.engine import Engine
     from pipeline.engine.requests import GenerationRequest
     from pipeline.spec.model_config import ModelConfig

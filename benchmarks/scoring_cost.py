@@ -46,10 +46,11 @@ def main() -> None:
 
     import torch
 
-    from pipeline.engine.encode import encode_image, phash64
+    from pipeline.engine.image_encoding import encode_image
+    from pipeline.engine.perceptual_hash import phash64
     from pipeline.engine.engine import Engine
     from pipeline.engine.requests import GenerationRequest
-    from pipeline.engine.scoring import ClipScorer, scorer_fingerprint
+    from pipeline.engine.clip_scorer import ClipScorer, scorer_fingerprint
     from pipeline.spec.model_config import ModelConfig, ScoringConfig
 
     torch.set_num_threads(args.threads)

@@ -29,7 +29,7 @@ import ray
 import requests
 from ray import serve
 
-from pipeline.engine.encode import encode_image
+from pipeline.engine.image_encoding import encode_image
 from pipeline.engine.engine import Engine
 from pipeline.engine.requests import GenerationRequest
 from pipeline.serve.app import start

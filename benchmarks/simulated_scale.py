@@ -39,8 +39,8 @@ sys.path.insert(0, str(REPO))
 PARTI = REPO / "tests" / "data" / "prompts" / "partiprompts" / "PartiPrompts.tsv"
 
 from pipeline.engine.engine import GenerationResult  # noqa: E402
-from pipeline.engine.model_cache import CacheStats  # noqa: E402
-from pipeline.engine.stages import ImageEncoder  # noqa: E402
+from pipeline.engine.resident_models import CacheStats  # noqa: E402
+from pipeline.engine.table_generation import ImageEncoder  # noqa: E402
 from pipeline.batch.engine_actors import ActorEngines  # noqa: E402
 
 

@@ -253,7 +253,7 @@ def test_the_job_prepares_its_output_in_a_task_and_keeps_the_skipped_ids_off_the
     part; the driver logs what it did, and gets the ids to skip as object refs only."""
     import ray
 
-    from pipeline.engine.resolve import build_catalog
+    from pipeline.engine.resolve_catalog import build_catalog
     from pipeline.batch.run import prepare
 
     fs, root = out

@@ -189,7 +189,7 @@ def test_tiny_lora_loads_and_changes_images(cache, tmp_path, name):
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_the_driver_table_of_tiny_models_is_what_loads(engines, name):
     # The catalog learns a tiny model's scheduler and size rule without building it.
-    from pipeline.engine.resolve import TINY_MODELS as KNOWN
+    from pipeline.engine.resolve_catalog import TINY_MODELS as KNOWN
 
     pipe = engines(name).pipe
     transformer = getattr(pipe, "transformer", None)
@@ -212,9 +212,9 @@ def test_the_stage_refuses_an_image_whose_size_is_not_its_rows(engines):
 
     import pyarrow as pa
 
-    from pipeline.engine.model_cache import ModelCache
-    from pipeline.engine.resolve import build_catalog
-    from pipeline.engine.stages import ImageEncoder, generate_table
+    from pipeline.engine.resident_models import ModelCache
+    from pipeline.engine.resolve_catalog import build_catalog
+    from pipeline.engine.table_generation import ImageEncoder, generate_table
     from pipeline.spec import schema as S
     from pipeline.spec.load import parse_spec
     from pipeline.spec.validate import Validator

@@ -18,7 +18,7 @@ def test_auto_precision_on_cuda_is_float16_and_recorded(model_cache):
 
     from pipeline.engine.engine import Engine
     from pipeline.engine.requests import GenerationRequest
-    from pipeline.engine.resolve import build_catalog, place
+    from pipeline.engine.resolve_catalog import build_catalog, place
     from pipeline.spec.load import parse_spec
     from pipeline.spec.validate import Validator
 

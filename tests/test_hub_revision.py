@@ -44,7 +44,7 @@ def test_hub_commit_comes_from_the_cache_offline_and_moves_with_main(model_cache
 
     cache = hub_cache(tmp_path / "hub", ensure_tiny(model_cache), main=COMMIT_1)
     script = (
-        "from pipeline.engine.resolve import build_catalog; from pipeline.spec.load import parse_spec; import json;"
+        "from pipeline.engine.resolve_catalog import build_catalog; from pipeline.spec.load import parse_spec; import json;"
         "e = build_catalog(parse_spec({'input': {'url': 'x.csv'}, 'model': {'ref': 'org/tiny'}})).models['org/tiny'];"
         "print(json.dumps([e.commit, e.fingerprint, e.family.name]))"
     )

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.engine.encode import sha256_hex
+from pipeline.engine.image_encoding import sha256_hex
 from pipeline.errors import ImagegenError, InputError, StorageError
 from pipeline.batch.run import run
 from pipeline.spec.load import load_spec
@@ -244,7 +244,7 @@ def test_model_from_an_s3_prefix(make_spec, model_cache, s3, tmp_path):
     import numpy as np
 
     from pipeline.engine.engine import Engine
-    from pipeline.engine.model_ref import fingerprint
+    from pipeline.engine.weight_sources import fingerprint
     from pipeline.engine.requests import GenerationRequest
     from pipeline.engine.tiny_models import ensure_tiny
     from pipeline.spec.model_config import ModelConfig

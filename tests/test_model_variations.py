@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.engine.resolve import build_catalog
+from pipeline.engine.resolve_catalog import build_catalog
 from pipeline.engine.tiny_models import build_tiny_lora
 from pipeline.spec import schema as S
 from pipeline.spec.validate import Validator

@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.engine.model_cache import ModelCache
-from pipeline.engine.resolve import build_catalog
+from pipeline.engine.resident_models import ModelCache
+from pipeline.engine.resolve_catalog import build_catalog
 
 pytestmark = pytest.mark.ray
 

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_the_default_batch_size_auto_end_to_end(ray_cluster, make_spec, tmp_path):
     from pipeline.batch.run import run
     from pipeline.output.verify import verify
-    from pipeline.spec.batching import block_rows
+    from pipeline.spec.bucketing import block_rows
 
     pd.DataFrame({"prompt": [f"a kite number {i}" for i in range(10)]}).to_csv(tmp_path / "p.csv", index=False)
     spec = make_spec({"url": str(tmp_path / "p.csv")}, runtime={"batch_size": "auto"}, defaults={"width": 16, "height": 16, "steps": 1})

@@ -96,7 +96,7 @@ def test_each_image_gets_its_own_verdict(tmp_path_factory, model_cache, plain):
 
 @pytest.fixture(scope="module")
 def scorer(model_cache):
-    from pipeline.engine.scoring import ClipScorer, scorer_fingerprint
+    from pipeline.engine.clip_scorer import ClipScorer, scorer_fingerprint
 
     config = ScoringConfig(ref="tiny-clip", cache_dir=model_cache)
     return ClipScorer(config, "cpu", scorer_fingerprint(config))
@@ -127,7 +127,7 @@ def test_clip_score_matches_transformers(scorer, plain, model_cache):
 
 
 def test_scorer_refs_take_the_forms_model_refs_do(scorer, model_cache, tmp_path, plain):
-    from pipeline.engine.scoring import ClipScorer, scorer_fingerprint
+    from pipeline.engine.clip_scorer import ClipScorer, scorer_fingerprint
     from pipeline.engine.tiny_clip import ensure_tiny_clip
     from pipeline.errors import ModelError
 
@@ -155,7 +155,8 @@ def test_scorer_refs_take_the_forms_model_refs_do(scorer, model_cache, tmp_path,
 def test_phash_is_imagehash_of_the_stored_image(plain):
     import imagehash
 
-    from pipeline.engine.encode import encode_image, phash64
+    from pipeline.engine.image_encoding import encode_image
+    from pipeline.engine.perceptual_hash import phash64
 
     for pixels in plain[:3]:
         stored = Image.open(io.BytesIO(encode_image(pixels, "png")))
@@ -196,7 +197,7 @@ def test_outputs_from_before_the_quality_columns_still_inspect_and_report(tmp_pa
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.engine.encode import encode_image
+    from pipeline.engine.image_encoding import encode_image
     from pipeline.output.card import card_text
     from pipeline.output.inspect import format_inspection, inspect_output
     from pipeline.output.report import read_output, render_html
@@ -243,9 +244,9 @@ def test_scoring_overlaps_the_next_diffusers_call(tmp_path, model_cache):
     import pandas as pd
 
     from pipeline.engine.requests import GenerationResult
-    from pipeline.engine.resolve import build_catalog
-    from pipeline.engine.scoring import Scores
-    from pipeline.engine.stages import BlockTimes, ImageEncoder, generate_table
+    from pipeline.engine.resolve_catalog import build_catalog
+    from pipeline.engine.clip_scorer import Scores
+    from pipeline.engine.table_generation import BlockTimes, ImageEncoder, generate_table
     from pipeline.spec.load import parse_spec
     from pipeline.spec.validate import Validator
     from pipeline.storage.tables import read_input

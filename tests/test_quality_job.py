@@ -35,7 +35,7 @@ def base_spec(table: Path, out: Path, model_cache: str, models: dict, **sections
 
 def request_ids(spec) -> set[str]:
     """The request ids the spec's validator gives the table's rows (what a run would make)."""
-    from pipeline.engine.resolve import build_catalog, place
+    from pipeline.engine.resolve_catalog import build_catalog, place
     from pipeline.spec.validate import Validator
     from pipeline.storage.tables import read_input
 
@@ -81,7 +81,7 @@ def pixels(row: dict) -> np.ndarray:
 def test_images_carry_verdicts_scores_and_hashes(scored, model_cache):
     import imagehash
 
-    from pipeline.engine.scoring import ClipScorer, scorer_fingerprint
+    from pipeline.engine.clip_scorer import ClipScorer, scorer_fingerprint
     from pipeline.batch.summary import format_summary
     from pipeline.spec.load import parse_spec
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.spec import schema as S
-from pipeline.spec.seen_ids import SeenIds, find_duplicate_ids, unit_ids
+from pipeline.spec.duplicate_ids import SeenIds, find_duplicate_ids, unit_ids
 from pipeline.storage import units
 
 PARTI = Path(__file__).resolve().parent / "data" / "prompts" / "partiprompts" / "PartiPrompts.tsv"
@@ -63,7 +63,7 @@ def test_a_streamed_unit_registers_its_ids_in_batches_and_repeats_stay_exact(tmp
     import json
 
     from pipeline.spec.config import InputConfig
-    from pipeline.spec.seen_ids import id_batches
+    from pipeline.spec.duplicate_ids import id_batches
 
     rng = np.random.default_rng(1)
     ids = [f"id-{v}" for v in rng.integers(0, 6000, 10_000)]
@@ -90,7 +90,7 @@ def test_a_streamed_unit_registers_its_ids_in_batches_and_repeats_stay_exact(tmp
 def test_the_registry_holds_a_unit_until_every_earlier_unit_registered_its_last_batch():
     import asyncio
 
-    from pipeline.batch.reading import IdRegistry
+    from pipeline.batch.id_registry import IdRegistry
 
     async def scenario() -> list[str]:
         registry, answered = IdRegistry(), []

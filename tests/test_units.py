@@ -7,11 +7,11 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pipeline.engine.encode import encode_image, sha256_hex
-from pipeline.engine.model_ref import ModelRef, fingerprint, parse_ref
+from pipeline.engine.image_encoding import encode_image, sha256_hex
+from pipeline.engine.weight_sources import ModelRef, fingerprint, parse_ref
 from pipeline.engine.requests import GenerationRequest
 from pipeline.errors import ModelError
-from pipeline.spec.batching import block_rows, group_by_bucket, halves, order_for_engine
+from pipeline.spec.bucketing import block_rows, group_by_bucket, halves, order_for_engine
 from pipeline.spec.model_config import ModelConfig
 
 
@@ -101,7 +101,7 @@ def test_local_fingerprint_follows_file_contents(tmp_path):
 
 
 def test_pickle_weights_need_an_explicit_opt_in(tmp_path):
-    from pipeline.engine.model_ref import check_weights_format
+    from pipeline.engine.weight_sources import check_weights_format
 
     (tmp_path / "model_index.json").write_text("{}")
     (tmp_path / "unet").mkdir()

@@ -5,7 +5,7 @@ import dataclasses
 import pyarrow as pa
 import pytest
 
-from pipeline.engine.resolve import build_catalog, place
+from pipeline.engine.resolve_catalog import build_catalog, place
 from pipeline.spec import schema as S
 from pipeline.spec.load import parse_spec
 from pipeline.spec.validate import REQUEST_ID_SCHEME, Validator, derive_seed, scheme_warning
@@ -174,7 +174,7 @@ def test_committed_requests_are_skipped():
 
 
 def test_repeated_ids_are_rejected_after_their_first_row():
-    from pipeline.spec.seen_ids import find_duplicate_ids
+    from pipeline.spec.duplicate_ids import find_duplicate_ids
 
     table = pa.table({
         "key": ["a", "b", "a", None, "a"],
@@ -275,7 +275,7 @@ def test_float_ids_read_as_csv_does_and_nan_ids_are_empty():
         S.INPUT_SOURCE: ["t.parquet"] * 4,
         S.INPUT_ROW: list(range(4)),
     })
-    from pipeline.spec.seen_ids import find_duplicate_ids
+    from pipeline.spec.duplicate_ids import find_duplicate_ids
 
     duplicates = find_duplicate_ids([table], "key")
     assert duplicates == {"t.parquet#3": "t.parquet#0"}
@@ -287,7 +287,7 @@ def test_float_ids_read_as_csv_does_and_nan_ids_are_empty():
 
 
 def test_identical_repeated_rows_get_their_own_error_row_ids():
-    from pipeline.spec.seen_ids import find_duplicate_ids
+    from pipeline.spec.duplicate_ids import find_duplicate_ids
 
     table = pa.table({"key": ["a"] * 3, "prompt": ["p"] * 3, S.INPUT_SOURCE: ["t.csv"] * 3, S.INPUT_ROW: [0, 1, 2]})
     v = validator(input={"id_column": "key"})

@@ -17,8 +17,8 @@ from typing import Any, Optional
 import pyarrow as pa
 import ray
 
-from pipeline.engine.resolve import place
-from pipeline.engine.stages import BlockTimes, ImageEncoder, generate_table
+from pipeline.engine.resolve_catalog import place
+from pipeline.engine.table_generation import BlockTimes, ImageEncoder, generate_table
 from pipeline.errors import ModelError
 from pipeline.batch import progress
 from pipeline.spec.catalog import Catalog
@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 class ActorEngines:
     """An engine actor: generates and encodes block after block.
 
-    Holds a cache of resident engines (see :mod:`pipeline.engine.model_cache`), an image
-    encoder's thread pool (see :func:`~pipeline.engine.stages.generate_table`) and, with a
+    Holds a cache of resident engines (see :mod:`pipeline.engine.resident_models`), an image
+    encoder's thread pool (see :func:`~pipeline.engine.table_generation.generate_table`) and, with a
     ``scoring`` section, the CLIP scorer that pool runs (loaded here, beside the default
     model, on the same device). The default model
     is loaded in the constructor, so a model that cannot load fails the job at start rather
@@ -47,7 +47,7 @@ class ActorEngines:
         threads = max(1, int(rt.cpus_per_actor))
         # Ray gives the actor a CPU share; torch would otherwise spin one thread per core.
         torch.set_num_threads(threads)
-        from pipeline.engine.model_cache import ModelCache, default_budget
+        from pipeline.engine.resident_models import ModelCache, default_budget
 
         device = catalog.models[catalog.default_model].config.device
         budget = int(rt.model_memory_gb * 1e9) if rt.model_memory_gb else default_budget(device)
@@ -126,7 +126,7 @@ def _load_scorer(catalog: Catalog):
     if catalog.scorer is None:
         return None
     from pipeline.engine.engine import resolve_device
-    from pipeline.engine.scoring import ClipScorer
+    from pipeline.engine.clip_scorer import ClipScorer
 
     device = resolve_device(catalog.models[catalog.default_model].config)
     return ClipScorer(catalog.scorer.config, device, catalog.scorer.fingerprint)
@@ -164,7 +164,7 @@ def actor_gpus(spec: JobSpec) -> float:
 
 def engine_catalog(catalog: Catalog, gpus: float) -> Catalog:
     """The catalog an engine actor gets: devices and dtypes made concrete for its GPU
-    reservation (:func:`pipeline.engine.resolve.place`)."""
+    reservation (:func:`pipeline.engine.resolve_catalog.place`)."""
 
     return place(catalog, gpus)
 

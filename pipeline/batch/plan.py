@@ -24,11 +24,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pipeline.engine.resolve import build_catalog, place, recorded_models
+from pipeline.engine.resolve_catalog import build_catalog, place, recorded_models
 from pipeline.output.ownership import ownership_warnings
 from pipeline.spec import schema as S
 from pipeline.spec.config import JobSpec, PlanConfig, ThroughputEntry
-from pipeline.spec.seen_ids import SeenIds, id_batches
+from pipeline.spec.duplicate_ids import SeenIds, id_batches
 from pipeline.spec.validate import PROBLEMS, Validator, scheme_warning
 from pipeline.storage import commit_protocol, filesystem, part_files, tables
 from pipeline.storage.skip_filter import CommittedIds
@@ -261,7 +261,7 @@ def _tally_on_cluster(spec: JobSpec, validator: Validator, units: list[ReadUnit]
 
     from pipeline.batch.connect import connect
     from pipeline.batch.dispatch import result
-    from pipeline.batch.reading import start_registry
+    from pipeline.batch.id_registry import start_registry
 
     connect(spec.runtime)
     registry = start_registry() if spec.input.id_column else None
@@ -292,7 +292,7 @@ def _tally_unit(spec: JobSpec, unit: ReadUnit, validator: Validator, committed, 
 
 def _recorded_models(spec: JobSpec, plan: Plan) -> Optional[dict]:
     """The models of the output's latest run (how ``device: auto`` ran there; see
-    :func:`~pipeline.engine.resolve.place`); warns when its request ids are of an older scheme."""
+    :func:`~pipeline.engine.resolve_catalog.place`); warns when its request ids are of an older scheme."""
     if spec.output.mode == "overwrite":
         return None
     fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)

@@ -8,31 +8,29 @@ driver takes blocks only as actors free up, see :mod:`pipeline.batch.dispatch`).
 
 Validation runs in the read task, so bad rows never reach a GPU; each chunk of a file
 (:data:`~pipeline.storage.tables.CHUNK_ROWS` rows) is sorted by model, adapter and bucket
-(:func:`~pipeline.spec.batching.order_for_engine`) before it is cut into blocks. Blocks never
+(:func:`~pipeline.spec.bucketing.order_for_engine`) before it is cut into blocks. Blocks never
 span read units, so the blocks, and so the diffusers calls, do not depend on how many
 units run at once.
 
 Duplicate ids: with ``input.id_column`` set, each task registers its unit's id hashes
-with one :class:`IdRegistry` actor, in unit order (a batch of rows at a time), and learns
-which of its rows repeat an earlier row's id (:mod:`pipeline.spec.seen_ids`); the driver
+with one :class:`~pipeline.batch.id_registry.IdRegistry` actor, in unit order (a batch of rows at a time), and learns
+which of its rows repeat an earlier row's id (:mod:`pipeline.spec.duplicate_ids`); the driver
 never reads the table.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import pyarrow as pa
 import ray
 
 from pipeline.batch import progress
-from pipeline.batch.connect import on_driver_node
-from pipeline.spec.batching import order_for_engine
+from pipeline.spec.bucketing import order_for_engine
 from pipeline.spec.config import JobSpec
-from pipeline.spec.seen_ids import SeenIds, id_batches
+from pipeline.spec.duplicate_ids import id_batches
 from pipeline.spec.validate import Validator
 from pipeline.storage.units import ReadUnit, read_unit
 
@@ -40,39 +38,6 @@ log = logging.getLogger(__name__)
 
 # Blocks a read task may yield ahead of the driver taking them (Ray's generator backpressure).
 READ_AHEAD_BLOCKS = 4
-
-
-class IdRegistry:
-    """The ids the job has seen, and the first row of each (see :mod:`pipeline.spec.seen_ids`).
-
-    Units register in unit order (``seq``), whatever order their tasks run in: a task
-    waits until every earlier unit has registered its last batch, so "the first row with
-    an id" is the first in table order. A unit registers in batches (a big text file is
-    read as a stream), ``last`` on its final one. A retried task registers its unit again
-    and gets the same answers. An asyncio actor: waiting registrations do not hold its thread.
-    """
-
-    def __init__(self) -> None:
-        self._seen = SeenIds()
-        self._next = 0
-        self._turn: Optional[asyncio.Condition] = None
-
-    async def register(self, seq: int, ids: tuple, last: bool = True) -> dict[str, str]:
-        if self._turn is None:
-            self._turn = asyncio.Condition()
-        async with self._turn:
-            await self._turn.wait_for(lambda: seq <= self._next)
-            repeats = self._seen.register(*ids)
-            if last and seq == self._next:
-                self._next += 1
-                self._turn.notify_all()
-        return repeats
-
-
-def start_registry() -> Any:
-    """The job's id registry actor (no CPU reserved: it answers a call per batch of a read
-    unit), on the driver's node: the ids seen so far must not be lost with a worker."""
-    return ray.remote(num_cpus=0, max_concurrency=1000)(IdRegistry).options(scheduling_strategy=on_driver_node()).remote()
 
 
 def cut(chunks: Iterator[pa.Table], rows: int) -> Iterator[pa.Table]:

@@ -1,7 +1,7 @@
 """The batch job on Ray: read units -> validate -> generate + encode (engine actors) -> parts.
 
 This is the only place stages are chained and resources attached. The logic of each
-stage lives in pure modules (:mod:`pipeline.spec.validate`, :mod:`pipeline.engine.stages`,
+stage lives in pure modules (:mod:`pipeline.spec.validate`, :mod:`pipeline.engine.table_generation`,
 :mod:`pipeline.storage.part_files`); here they are wired to Ray:
 
 - the table is cut into read units (runs of Parquet row groups, or files) from its listing
@@ -32,17 +32,18 @@ import time
 import pyarrow as pa
 import ray
 
-from pipeline.engine.resolve import build_catalog, place
+from pipeline.engine.resolve_catalog import build_catalog, place
 from pipeline.batch import progress
 from pipeline.batch.engine_actors import ActorEngines, ProgressActor, actor_gpus, final_counts, rows_per_call, start_engines, startup_failure
 from pipeline.batch.connect import connect, on_driver_node, require_gpus
 from pipeline.batch.output_tasks import OutputWriter, Prepared, RecordFolder, preparing
 from pipeline.batch.dispatch import Dispatcher, result
-from pipeline.batch.reading import start_read, start_registry
+from pipeline.batch.id_registry import start_registry
+from pipeline.batch.reading import start_read
 from pipeline.batch.shared_skip_filter import SharedSkipFilter
 from pipeline.batch.summary import RunSummary
 from pipeline.output.ownership import ownership_warnings
-from pipeline.spec.batching import block_rows
+from pipeline.spec.bucketing import block_rows
 from pipeline.spec.catalog import Catalog
 from pipeline.spec.config import JobSpec
 from pipeline.spec.validate import Validator

@@ -3,14 +3,14 @@
 :mod:`.engine` holds one loaded pipeline and generates (one generator per image, failures
 per row, out-of-memory halving); :mod:`.requests` is what it is asked and answers;
 :mod:`.family_calls` each family's call conventions (encode-once); :mod:`.kernels` the
-attention kernel, VAE chunks and compile cache; :mod:`.model_cache` an LRU of engines per
-process; :mod:`.model_ref` where weights come from (local, ``s3://``, hub, tiny) and
-their fingerprint; :mod:`.resolve` resolving a spec's models and adapters into a
+attention kernel, VAE chunks and compile cache; :mod:`.resident_models` the in-memory LRU of loaded
+engines per process; :mod:`.weight_sources` where weights come from (local, ``s3://``, hub, tiny) and
+their fingerprint; :mod:`.resolve_catalog` resolving a spec's models and adapters into a
 :class:`~pipeline.spec.catalog.Catalog` on the driver; :mod:`.adapters` LoRA files;
 :mod:`.tiny_models` the random-weight models built offline for tests and the demo
-(:mod:`.tiny_clip` the tiny CLIP scorer and safety checker); :mod:`.scoring` the CLIP
-scorer kept resident beside the pipelines (``clip_score``); :mod:`.encode` pixels ->
-PNG/WebP/JPEG bytes and the perceptual hash; :mod:`.stages` the code an engine actor
+(:mod:`.tiny_clip` the tiny CLIP scorer and safety checker); :mod:`.clip_scorer` the CLIP
+scorer kept resident beside the pipelines (``clip_score``); :mod:`.image_encoding` pixels ->
+PNG/WebP/JPEG bytes; :mod:`.perceptual_hash` the 64-bit pHash; :mod:`.table_generation` the code an engine actor
 runs on a block (Arrow requests in, Arrow image and error rows out).
 
 May import :mod:`pipeline.spec`, :mod:`pipeline.storage` and :mod:`pipeline.errors`.

@@ -32,10 +32,11 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from pipeline.engine import family_calls, model_ref
+from pipeline.engine import family_calls, weight_sources
+from pipeline.engine.call_size import CallSizes
 from pipeline.engine.kernels import decode_in_chunks, input_shapes, is_out_of_memory, set_attention, use_compile_cache
 from pipeline.engine.requests import AdapterError, GenerationRequest, GenerationResult, ImageFlagged, ImageIsNaN
-from pipeline.spec.batching import group_by_bucket, halves
+from pipeline.spec.bucketing import group_by_bucket, halves
 from pipeline.spec.families import SCHEDULER_CLASSES
 from pipeline.spec.model_config import LoraConfig, ModelConfig
 
@@ -105,14 +106,13 @@ class Engine:
         self.adapters = dict(adapters or {})
         self._loaded_adapters: set[str] = set()
         self._adapter_setting: Optional[tuple[str, float]] = None
-        # (width, height) -> the most images per call that did not run out of memory.
-        self._oom_caps: dict[tuple[int, int], int] = {}
+        self.call_sizes = CallSizes(config.engine.max_batch_pixels)
         self.device = resolve_device(config)
         dtype_name = config.dtype if config.dtype != "auto" else ("float16" if self.device == "cuda" else "float32")
         self.dtype = getattr(torch, dtype_name)
-        location = model_ref.materialize(config)
+        location = weight_sources.materialize(config)
         kwargs = {"dtype": self.dtype, "use_safetensors": not config.allow_pickle}
-        if model_ref.parse_ref(config.ref).kind == "hub":
+        if weight_sources.parse_ref(config.ref).kind == "hub":
             kwargs["revision"] = config.revision
         if config.safety_checker == "off":
             kwargs["safety_checker"] = None  # not loaded at all (pipelines without one ignore it)
@@ -190,18 +190,9 @@ class Engine:
         return results  # type: ignore[return-value]
 
     def call_size(self, request: GenerationRequest) -> int:
-        """The most images one diffusers call of ``request``'s size takes.
-
-        Memory for activations grows with images x pixels, so one pixel budget
-        (``engine.max_batch_pixels``) gives each size its own batch: 16 images at 512x512
-        are 4 at 1024x1024. A call that ran out of memory caps its size at half of what
-        failed for the rest of the engine's life, so the next batch does not fail again.
-        Unbounded (the whole group) when neither applies.
-        """
-        pixels = request.width * request.height
-        budget = self.config.engine.max_batch_pixels
-        size = max(1, budget // pixels) if budget else 1 << 30
-        return min(size, self._oom_caps.get((request.width, request.height), size))
+        """The most images one diffusers call of ``request``'s size takes (the pixel budget
+        and out-of-memory caps of :class:`~pipeline.engine.call_size.CallSizes`)."""
+        return self.call_sizes.size(request.width, request.height)
 
     def count_tokens(self, prompts: list[str]) -> list[int]:
         """Tokens each prompt takes in the family's longest text encoder, special tokens
@@ -226,9 +217,7 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - one bad row must not take its batch down
             self._after_failure(exc)
             if is_out_of_memory(exc) and len(group) > 1:
-                key = (batch[0].width, batch[0].height)
-                self._oom_caps[key] = min(self._oom_caps.get(key, len(group)), len(group) // 2)
-                log.warning("out of memory at %d images of %dx%d; calls of that size now take at most %d", len(group), *key, self._oom_caps[key])
+                self.call_sizes.ran_out_of_memory(batch[0].width, batch[0].height, len(group))
             if len(group) > 1:
                 log.warning("a call of %d images failed (%s: %s); retrying in halves", len(group), type(exc).__name__, exc)
                 for half in halves(group):

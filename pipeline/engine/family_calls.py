@@ -40,7 +40,7 @@ _PRIMARY_TOKENIZER = {"sd": "tokenizer", "sdxl": "tokenizer", "sd3": "tokenizer_
 
 def call_kwargs(pipe, family: Family, batch: list[GenerationRequest], encode_once: bool) -> dict:
     """Keyword arguments for ``pipe(**kwargs, generator=..., output_type="np")`` for
-    ``batch``, a uniform group (see :data:`pipeline.spec.batching.BUCKET_FIELDS`).
+    ``batch``, a uniform group (see :data:`pipeline.spec.bucketing.BUCKET_FIELDS`).
 
     With ``encode_once`` the texts come as embeddings, each distinct text encoded once
     (made under ``torch.inference_mode``: fit for the call, not for autograd); otherwise

@@ -1,6 +1,6 @@
 """What the engine is asked for and what it answers: plain data, shared by the engine,
 the families' call conventions (:mod:`pipeline.engine.family_calls`) and the stage that
-turns Arrow blocks into requests (:mod:`pipeline.engine.stages`). Its own module so that
+turns Arrow blocks into requests (:mod:`pipeline.engine.table_generation`). Its own module so that
 those import it without importing each other."""
 
 from __future__ import annotations

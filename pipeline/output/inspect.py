@@ -23,7 +23,7 @@ from typing import Any, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.engine.resolve import build_catalog, place, recorded_models
+from pipeline.engine.resolve_catalog import build_catalog, place, recorded_models
 from pipeline.output.duplicates import DEFAULT_DISTANCE, Duplicates, find_duplicates, format_duplicates
 from pipeline.spec import schema as S
 from pipeline.spec.config import JobSpec

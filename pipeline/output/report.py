@@ -3,7 +3,7 @@
 The page holds a contact sheet of a sample of the images (thumbnails embedded as data
 URIs, with prompt and parameters; spread evenly over the runs, or the lowest
 ``clip_score`` first), the quality of each model (``clip_score`` distribution, share
-flagged by the safety checker: :mod:`pipeline.output.quality`), the runs and their counts (from the manifests), a
+flagged by the safety checker: :mod:`pipeline.output.score_section`), the runs and their counts (from the manifests), a
 throughput-over-time chart per run with one line per engine actor (inline SVG), the
 error breakdown with examples, and the latest run's spec. It references nothing outside
 itself, so it can be mailed, attached to a ticket or opened offline.
@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import yaml
 from PIL import Image
 
-from pipeline.output import quality
+from pipeline.output import score_section
 from pipeline.spec import schema as S
 from pipeline.spec.section import absolute_if_local
 from pipeline.storage import commit_protocol, filesystem, record_format
@@ -79,7 +79,7 @@ def read_output(url: str, storage_options: dict | None = None, sample: int = DEF
                     images += rows
                 else:
                     errors += _read(fs, path, None).to_pylist()
-        picks = quality.lowest_scores(images, sample) if order == "score" else []
+        picks = score_section.lowest_scores(images, sample) if order == "score" else []
         order = "score" if picks else "spread"
         picks = picks or _spread(len(images), sample)
         by_part: dict[str, list[int]] = defaultdict(list)
@@ -148,7 +148,7 @@ def render_html(data: OutputData) -> str:
         f"<h1>imagegen output report</h1><p class=meta>{e(data.url)}<br>{len(data.manifests)} run(s), "
         f"{n_images} images, {n_errors} error rows; page made {e(time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()))}</p>",
         _contact_sheet(data.samples, n_images, data.order),
-        quality.quality_section(data.images),
+        score_section.quality_section(data.images),
         _runs_table(data.manifests),
         _charts(data.images, data.manifests),
         _errors(data.errors),

@@ -36,11 +36,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.engine.resolve import build_catalog, place, recorded_models
+from pipeline.engine.resolve_catalog import build_catalog, place, recorded_models
 from pipeline.output.ownership import unowned_images
 from pipeline.spec import schema as S
 from pipeline.spec.config import JobSpec
-from pipeline.spec.seen_ids import find_duplicate_ids
+from pipeline.spec.duplicate_ids import find_duplicate_ids
 from pipeline.spec.validate import Validator
 from pipeline.storage import commit_protocol, filesystem, record_format, skip_filter, supersede, tables
 

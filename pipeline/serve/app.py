@@ -5,7 +5,7 @@ job uses: an HTTP body becomes a raw row and goes through the same
 :class:`~pipeline.spec.validate.Validator` (spec defaults, limits, seed derivation, request id);
 images are made and encoded by the same :class:`~pipeline.batch.engine_actors.ActorEngines` (resident
 :class:`~pipeline.engine.engine.Engine`\ s, built in the replica, never pickled from the driver;
-it runs :func:`~pipeline.engine.stages.generate_table`). So a request and the equivalent
+it runs :func:`~pipeline.engine.table_generation.generate_table`). So a request and the equivalent
 prompt-table row get the same request id, seed and image bytes.
 
 HTTP contract (``POST {route_prefix}v1/images/generations``): every field of OpenAI's
@@ -52,14 +52,14 @@ from ray.serve import Application
 from ray.serve.config import AutoscalingConfig, BackpressureConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.engine.resolve import build_catalog
-from pipeline.engine.stages import ImageEncoder, generate_table, to_generation_requests
+from pipeline.engine.resolve_catalog import build_catalog
+from pipeline.engine.table_generation import ImageEncoder, generate_table, to_generation_requests
 from pipeline.batch.engine_actors import ActorEngines, actor_gpus, engine_catalog
 from pipeline.serve.auth import KeyCheck, check_exposure, load_key_digests
 from pipeline.serve.drain import DrainClient
 from pipeline.serve.http_api import Encoding, RequestError, error, images_response, serving_spec, validate_request
 from pipeline.spec import schema as S
-from pipeline.spec.batching import group_by_bucket
+from pipeline.spec.bucketing import group_by_bucket
 from pipeline.spec.catalog import Catalog
 from pipeline.spec.config import JobSpec
 from pipeline.spec.load import load_spec

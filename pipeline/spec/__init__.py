@@ -3,7 +3,7 @@
 The job spec's pydantic sections (:mod:`.config`, :mod:`.model_config`, :mod:`.section`)
 and how a YAML file becomes one (:mod:`.load`); the output's column names and Arrow
 schemas (:mod:`.schema`); which parameters and schedulers each model family takes
-(:mod:`.families`); bucket keys and block sizes (:mod:`.batching`); the resolved models
+(:mod:`.families`); bucket keys and block sizes (:mod:`.bucketing`); the resolved models
 and adapters as plain data (:mod:`.catalog`); and a raw row -> a request or an error row
 (:mod:`.validate`: request ids, seeds, defaults).
 

@@ -1,6 +1,6 @@
 """The job's models and adapters as resolved data: :class:`Catalog`.
 
-Built once on the driver by :func:`pipeline.engine.resolve.build_catalog` (which reads
+Built once on the driver by :func:`pipeline.engine.resolve_catalog.build_catalog` (which reads
 model indexes and hashes adapter files) and shipped as plain data to the validator
 (request ids, row checks) and the engine actors (which model and adapter a row names), so
 nothing is looked up twice or differently in two places. Pure: no I/O here.

@@ -181,7 +181,7 @@ class RuntimeConfig(Section):
     once (one Ray Data block); the engine splits them into uniform diffusers calls of at
     most ``model.engine.max_batch_pixels``. ``auto`` (the default) sizes blocks from the
     table's row count so that each actor gets about 8, within 64-256 rows
-    (:func:`pipeline.spec.batching.block_rows`): Ray's overhead is per block, so tiny blocks put
+    (:func:`pipeline.spec.bucketing.block_rows`): Ray's overhead is per block, so tiny blocks put
     it on the GPUs' path, while big ones make a long tail of the last blocks with most
     actors idle, and more rows lost to a crash. ``model_memory_gb`` bounds the models one engine
     actor keeps loaded when the spec has several (least recently used out first); unset,

@@ -79,13 +79,13 @@ class Validator:
     """Checks rows against one job spec. Build once per job (or per actor) and reuse.
 
     ``catalog`` holds the spec's models and adapters as resolved on the driver (see
-    :mod:`pipeline.engine.resolve`): a row's model decides which parameters it may set (its
+    :mod:`pipeline.engine.resolve_catalog`): a row's model decides which parameters it may set (its
     family), and the model's fingerprint and the adapter's digest go into every request
     id, so a different model or adapter never reuses an image. Requests whose id ``skip``
     holds (committed by an earlier run: anything with ``contains(ids) -> bool array``, such
     as :class:`~pipeline.storage.commit_protocol.SkipFilter`) are dropped from the stream. ``duplicates``
     maps the position (``source#row``) of each repeat of an id to the id's first position
-    (see :mod:`pipeline.spec.seen_ids`); a repeat is rejected, the first occurrence is not.
+    (see :mod:`pipeline.spec.duplicate_ids`); a repeat is rejected, the first occurrence is not.
     """
 
     spec: JobSpec

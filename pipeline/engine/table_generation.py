@@ -18,11 +18,12 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from pipeline.engine.encode import encode_image, phash64, sha256_hex
-from pipeline.engine.model_cache import ModelCache
+from pipeline.engine.image_encoding import encode_image, sha256_hex
+from pipeline.engine.perceptual_hash import phash64
+from pipeline.engine.resident_models import ModelCache
 from pipeline.engine.requests import GenerationRequest
 from pipeline.spec import schema as S
-from pipeline.spec.batching import group_by_bucket
+from pipeline.spec.bucketing import group_by_bucket
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +213,8 @@ class ImageEncoder:
     """Encodes images on a small thread pool: ``submit(pixels)`` returns a future of
     ``(bytes, sha256, phash)``. One per engine actor (or Serve replica), for its lifetime.
 
-    With a ``scorer`` (:class:`pipeline.engine.scoring.ClipScorer`), ``score(images,
-    prompts)`` returns a future of the call's :class:`~pipeline.engine.scoring.Scores`,
+    With a ``scorer`` (:class:`pipeline.engine.clip_scorer.ClipScorer`), ``score(images,
+    prompts)`` returns a future of the call's :class:`~pipeline.engine.clip_scorer.Scores`,
     computed on the same threads: like encoding, it runs while the next diffusers call
     does, and the block waits for it only at its end."""
 

@@ -4,7 +4,7 @@ A job with several models gives each engine actor a :class:`ModelCache`. Loading
 is the slowest thing an actor does (seconds to minutes for real weights), so the cache
 keeps every model that fits in its memory budget and evicts the least recently used
 only when the next one would not fit. Rows reach actors sorted by model (see
-:func:`pipeline.spec.batching.order_for_engine`), so an actor whose budget holds fewer models
+:func:`pipeline.spec.bucketing.order_for_engine`), so an actor whose budget holds fewer models
 than the job uses still swaps rarely; ``swaps`` counts the loads that had to evict.
 
 Knows nothing of Ray. The size of a model before loading is estimated from its weight
@@ -123,10 +123,10 @@ class ModelCache:
 def estimated_bytes(entry: ModelEntry) -> int:
     """The model's weight files' total size: what loading it will take, roughly. Zero
     when the files are not local yet (a hub model before its first download)."""
-    from pipeline.engine import model_ref
+    from pipeline.engine import weight_sources
 
     try:
-        location = model_ref.materialize(entry.config)
+        location = weight_sources.materialize(entry.config)
     except Exception:  # noqa: BLE001 - the load itself will report the problem
         return 0
     if not os.path.isdir(location):

@@ -2,7 +2,7 @@
 
 Each engine actor (and Serve replica) loads the spec's ``scoring`` model once, on the
 engine's device, and scores every diffusers call's images against their prompts on the
-image encoder's threads (:class:`pipeline.engine.stages.ImageEncoder`), so the next
+image encoder's threads (:class:`pipeline.engine.table_generation.ImageEncoder`), so the next
 diffusers call starts while the last one is scored, as it does while the last one is
 PNG-encoded. On a GPU the scorer's kernels share the device's stream with the next call:
 it delays that call by the scorer's GPU time (a CLIP forward over the call's images),
@@ -14,7 +14,7 @@ as 0 there). The prompt is cut to the text encoder's length (77 tokens for CLIP)
 each image says whether its prompt was (``clip_prompt_truncated``). Each distinct prompt
 of a call goes through the text encoder once.
 
-Weights come through :mod:`pipeline.engine.model_ref` as the pipelines' do (a tiny one
+Weights come through :mod:`pipeline.engine.weight_sources` as the pipelines' do (a tiny one
 built offline, a local folder, an ``s3://`` prefix, a hub id), safetensors only; the
 scorer's fingerprint is computed on the driver and written beside each score.
 """
@@ -27,11 +27,11 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.engine import model_ref
+from pipeline.engine import weight_sources
 from pipeline.engine.tiny_clip import TINY_SCORERS, ensure_tiny_clip
 from pipeline.spec.model_config import ScoringConfig
 
-CLIP_WEIGHTS = model_ref.WeightsKind(
+CLIP_WEIGHTS = weight_sources.WeightsKind(
     field="scoring.ref",
     marker="config.json",
     saved_by="a CLIP model saved with transformers' save_pretrained (config.json, model.safetensors, tokenizer and preprocessor files)",
@@ -43,8 +43,8 @@ CLIP_WEIGHTS = model_ref.WeightsKind(
 def scorer_fingerprint(config: ScoringConfig) -> str:
     """Check the scorer's ref and weights on the driver (a pickle-only folder is refused:
     the scorer loads safetensors only) and return its fingerprint."""
-    model_ref.check_weights_format(config, CLIP_WEIGHTS)
-    return model_ref.fingerprint(config, CLIP_WEIGHTS)
+    weight_sources.check_weights_format(config, CLIP_WEIGHTS)
+    return weight_sources.fingerprint(config, CLIP_WEIGHTS)
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,8 @@ class ClipScorer:
         self.fingerprint = fingerprint
         self.device = device
         dtype_name = config.dtype if config.dtype != "auto" else ("float16" if device == "cuda" else "float32")
-        location = model_ref.materialize(config, CLIP_WEIGHTS)
-        revision = {"revision": config.revision} if model_ref.parse_ref(config.ref, CLIP_WEIGHTS).kind == "hub" else {}
+        location = weight_sources.materialize(config, CLIP_WEIGHTS)
+        revision = {"revision": config.revision} if weight_sources.parse_ref(config.ref, CLIP_WEIGHTS).kind == "hub" else {}
         model = transformers.CLIPModel.from_pretrained(location, dtype=getattr(torch, dtype_name), use_safetensors=True, **revision)
         self.model = model.to(device).eval()
         processor = transformers.AutoProcessor.from_pretrained(location, **revision)

@@ -1,4 +1,4 @@
-"""Image array -> encoded bytes, digest and perceptual hash. Runs on the encoder's
+"""Image array -> encoded bytes (PNG/WebP/JPEG) and their digest. Runs on the encoder's
 threads, off the GPU's path."""
 
 from __future__ import annotations
@@ -26,15 +26,3 @@ def encode_image(pixels: np.ndarray, fmt: str, quality: int = 95) -> bytes:
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def phash64(pixels: np.ndarray) -> int:
-    """The image's 64-bit perceptual hash as an unsigned integer: ``imagehash.phash``
-    (grayscale, 32x32, DCT, the 8x8 lowest frequencies against their median), its bits in
-    imagehash's order, so ``int(str(imagehash.phash(image)), 16)`` of the same pixels is
-    the same number. Near-duplicates differ in few bits (Hamming distance); unrelated
-    images in about 32. Computed from the generated pixels, before any lossy encoding:
-    a JPEG or WebP file may hash a bit or two away."""
-    import imagehash
-
-    return int(str(imagehash.phash(Image.fromarray(pixels))), 16)

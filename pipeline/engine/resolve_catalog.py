@@ -14,7 +14,7 @@ import dataclasses
 import json
 from typing import Optional
 
-from pipeline.engine import adapters, model_ref
+from pipeline.engine import adapters, weight_sources
 from pipeline.errors import ModelError, SpecError
 from pipeline.spec.catalog import AdapterEntry, Catalog, ModelEntry, ScorerEntry
 from pipeline.spec.config import JobSpec
@@ -46,7 +46,7 @@ def build_catalog(spec: JobSpec) -> Catalog:
     loras = {name: AdapterEntry(name, config, adapters.digest(name, config)) for name, config in spec.loras.items()}
     scorer = None
     if spec.scoring is not None:
-        from pipeline.engine.scoring import scorer_fingerprint
+        from pipeline.engine.clip_scorer import scorer_fingerprint
 
         scorer = ScorerEntry(spec.scoring, scorer_fingerprint(spec.scoring))
     return Catalog(models, spec.default_model(), loras, scorer)
@@ -67,10 +67,10 @@ def _check_default_size(spec: JobSpec, models: dict[str, ModelEntry]) -> None:
 
 def _model_entry(name: str, config: ModelConfig, setting: str) -> ModelEntry:
     """``setting`` is where the spec sets this model (``model``, ``models.NAME``), for messages."""
-    model_ref.check_weights_format(config)
-    ref = model_ref.parse_ref(config.ref)
-    commit = model_ref.hub_commit(ref.location, config.revision) if ref.kind == "hub" else None
-    fingerprint = model_ref.fingerprint(config, commit=commit)
+    weight_sources.check_weights_format(config)
+    ref = weight_sources.parse_ref(config.ref)
+    commit = weight_sources.hub_commit(ref.location, config.revision) if ref.kind == "hub" else None
+    fingerprint = weight_sources.fingerprint(config, commit=commit)
     pinned = config.model_copy(update={"revision": commit}) if commit else config  # what the engine loads
     declared = FAMILIES[config.family] if config.family else None
     index = read_model_index(pinned, required=declared is None)
@@ -152,7 +152,7 @@ def _family(name: str, config: ModelConfig, class_name: str, declared: Optional[
 def _latent_geometry(config: ModelConfig) -> tuple[int, int]:
     """(the VAE's downsampling, the transformer's patch size) of the model, as diffusers
     computes them from the saved configs; the usual (8, 2) where they cannot be read."""
-    ref = model_ref.parse_ref(config.ref)
+    ref = weight_sources.parse_ref(config.ref)
     if ref.kind == "tiny":
         return TINY_MODELS[ref.location][2:]
     try:
@@ -175,7 +175,7 @@ def _saved_scheduler(index: Optional[dict]) -> Optional[str]:
 
 def _read_model_json(config: ModelConfig, relative: str) -> dict:
     """A JSON file of the model's folder (local, remote or on the hub)."""
-    ref = model_ref.parse_ref(config.ref)
+    ref = weight_sources.parse_ref(config.ref)
     if ref.kind == "hub":
         return _hub_model_index(ref.location, config.revision, relative)
     fs, root = filesystem.open_url(ref.location, config.storage_options)
@@ -193,7 +193,7 @@ def read_model_index(config: ModelConfig, required: bool = True) -> Optional[dic
     """The model's ``model_index.json`` (made up from :data:`TINY_MODELS` for a tiny
     model). When it cannot be read (a hub id without network access):
     :class:`ModelError` if ``required``, else None."""
-    ref = model_ref.parse_ref(config.ref)
+    ref = weight_sources.parse_ref(config.ref)
     if ref.kind == "tiny":
         class_name, scheduler_class = TINY_MODELS[ref.location][:2]
         return {"_class_name": class_name, "scheduler": ["diffusers", scheduler_class]}
