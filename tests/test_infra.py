@@ -30,7 +30,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 REPO = Path(__file__).resolve().parent.parent
 INFRA = REPO / "infra"
-KUBE_MANIFESTS = ("raycluster.yaml", "rayjob.yaml", "rayservice.yaml", "cronjob.yaml")
+KUBE_MANIFESTS = ("kuberay-raycluster.yaml", "kuberay-rayjob.yaml", "kuberay-rayservice.yaml", "kuberay-cronjob.yaml")
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]
 IMAGE = f"imagegen:{VERSION}"
@@ -59,9 +59,9 @@ def walk(node: Any) -> Iterator[dict[str, Any]]:
 def ray_clusters() -> dict[str, dict[str, Any]]:
     """Every Ray cluster the manifests describe, by where it is described."""
     return {
-        "raycluster.yaml": manifest("raycluster.yaml", "RayCluster")["spec"],
-        "rayjob.yaml": manifest("rayjob.yaml", "RayJob")["spec"]["rayClusterSpec"],
-        "rayservice.yaml": manifest("rayservice.yaml", "RayService")["spec"]["rayClusterConfig"],
+        "kuberay-raycluster.yaml": manifest("kuberay-raycluster.yaml", "RayCluster")["spec"],
+        "kuberay-rayjob.yaml": manifest("kuberay-rayjob.yaml", "RayJob")["spec"]["rayClusterSpec"],
+        "kuberay-rayservice.yaml": manifest("kuberay-rayservice.yaml", "RayService")["spec"]["rayClusterConfig"],
     }
 
 
@@ -139,7 +139,7 @@ def test_every_ray_container_runs_the_project_image_from_its_working_directory()
             if "image" in node and node.get("name") != "launch":  # the CronJob's kubectl pod
                 images.setdefault(node["image"], []).append(name)
     assert set(images) == {IMAGE}, images
-    assert {name for names in images.values() for name in names} == {"raycluster.yaml", "rayjob.yaml", "rayservice.yaml"}
+    assert {name for names in images.values() for name in names} == {"kuberay-raycluster.yaml", "kuberay-rayjob.yaml", "kuberay-rayservice.yaml"}
     assert f"-t {IMAGE} " in (INFRA / "Dockerfile").read_text()
     for where, cluster in ray_clusters().items():
         for container in ray_containers(cluster):
@@ -190,7 +190,7 @@ def test_dockerfile_cuda_base_torch_first_then_the_pinned_package_non_root():
 # -- Ray clusters: GPUs, heads, caches ------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["raycluster.yaml", "rayjob.yaml", "rayservice.yaml"])
+@pytest.mark.parametrize("where", ["kuberay-raycluster.yaml", "kuberay-rayjob.yaml", "kuberay-rayservice.yaml"])
 def test_gpu_workers_request_what_they_limit_and_cache_models_where_the_image_does(where):
     cluster = ray_clusters()[where]
     head = cluster["headGroupSpec"]["rayStartParams"]
@@ -220,7 +220,7 @@ def _capacity(cluster: dict[str, Any], replicas: str) -> tuple[int, int]:
 
 
 def test_rayjob_entrypoint_is_the_cli_on_a_spec_that_fits_its_cluster():
-    rayjob = manifest("rayjob.yaml", "RayJob")
+    rayjob = manifest("kuberay-rayjob.yaml", "RayJob")
     spec = load_job_spec(shlex.split(rayjob["spec"]["entrypoint"]))
     assert yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"]) == {"working_dir": workdir()}
     gpus, cpus = _capacity(rayjob["spec"]["rayClusterSpec"], "replicas")
@@ -232,7 +232,7 @@ def test_rayjob_entrypoint_is_the_cli_on_a_spec_that_fits_its_cluster():
 
 
 def test_rayjob_lifecycle_ends_the_cluster_bounds_the_run_and_names_each_run_afresh():
-    rayjob = manifest("rayjob.yaml", "RayJob")
+    rayjob = manifest("kuberay-rayjob.yaml", "RayJob")
     life = rayjob["spec"]
     assert life["shutdownAfterJobFinishes"] is True
     assert isinstance(life["ttlSecondsAfterFinished"], int) and 0 <= life["ttlSecondsAfterFinished"] <= 3600
@@ -242,8 +242,8 @@ def test_rayjob_lifecycle_ends_the_cluster_bounds_the_run_and_names_each_run_afr
 
 
 def test_raycluster_fits_the_cluster_spec_users_submit_to_it():
-    cluster = manifest("raycluster.yaml", "RayCluster")["spec"]
-    text = (INFRA / "raycluster.yaml").read_text()
+    cluster = manifest("kuberay-raycluster.yaml", "RayCluster")["spec"]
+    text = (INFRA / "kuberay-raycluster.yaml").read_text()
     submitted = re.search(r"imagegen submit (\S+)", text).group(1)
     spec = load_job_spec(["python", "jobs/generate.py", submitted])
     gpus_now, cpus = _capacity(cluster, "minReplicas")
@@ -251,13 +251,13 @@ def test_raycluster_fits_the_cluster_spec_users_submit_to_it():
     assert spec.runtime.gpus_per_actor <= gpus_now  # pipeline.batch.connect.require_gpus passes at the start
     assert spec.runtime.num_actors * spec.runtime.gpus_per_actor <= gpus_max
     assert spec.runtime.cpus_per_actor + spec.runtime.task_cpus <= cpus
-    name = manifest("raycluster.yaml", "RayCluster")["metadata"]["name"]
+    name = manifest("kuberay-raycluster.yaml", "RayCluster")["metadata"]["name"]
     assert f"svc/{name}-head-svc 8265:8265" in text
-    assert name != manifest("rayservice.yaml", "RayService")["metadata"]["name"], "their head Services would clash"
+    assert name != manifest("kuberay-rayservice.yaml", "RayService")["metadata"]["name"], "their head Services would clash"
 
 
 def test_rayservice_builds_the_app_from_a_spec_that_loads_and_fits():
-    service = manifest("rayservice.yaml", "RayService")["spec"]
+    service = manifest("kuberay-rayservice.yaml", "RayService")["spec"]
     serve_config = yaml.safe_load(service["serveConfigV2"])
     (app,) = serve_config["applications"]
     module, _, attribute = app["import_path"].partition(":")
@@ -273,7 +273,7 @@ def test_rayservice_builds_the_app_from_a_spec_that_loads_and_fits():
 
 
 def test_serve_config_in_jobs_names_a_spec_that_loads():
-    serve_config = yaml.safe_load((REPO / "jobs" / "serve_config.yaml").read_text())
+    serve_config = yaml.safe_load((REPO / "jobs" / "serve-deploy.yaml").read_text())
     from pipeline.serve.app import AppArgs
 
     for app in serve_config["applications"]:
@@ -282,7 +282,7 @@ def test_serve_config_in_jobs_names_a_spec_that_loads():
 
 
 def test_cluster_launcher_installs_torch_first_then_the_pinned_package_on_gpu_workers():
-    config = yaml.safe_load((INFRA / "cluster.yaml").read_text())
+    config = yaml.safe_load((INFRA / "ray-launcher.yaml").read_text())
     assert config["provider"]["type"] == "aws"
     types = config["available_node_types"]
     assert config["head_node_type"] in types
@@ -313,14 +313,14 @@ def test_cluster_launcher_installs_torch_first_then_the_pinned_package_on_gpu_wo
 
 
 def test_cronjob_forbids_overlap_and_waits_for_the_rayjob_it_creates_from_rayjob_yaml():
-    docs = {d["kind"]: d for d in documents("cronjob.yaml")}
+    docs = {d["kind"]: d for d in documents("kuberay-cronjob.yaml")}
     cron = docs["CronJob"]["spec"]
     assert cron["concurrencyPolicy"] == "Forbid"
     fields = cron["schedule"].split()
     assert len(fields) == 5 and all(re.fullmatch(r"[\d*/,-]+", f) for f in fields), cron["schedule"]
     job = cron["jobTemplate"]["spec"]
     assert job["backoffLimit"] == 0  # retries are the RayJob's
-    rayjob = manifest("rayjob.yaml", "RayJob")["spec"]
+    rayjob = manifest("kuberay-rayjob.yaml", "RayJob")["spec"]
     assert job["activeDeadlineSeconds"] > rayjob["activeDeadlineSeconds"]
 
     pod = job["template"]["spec"]
@@ -328,8 +328,8 @@ def test_cronjob_forbids_overlap_and_waits_for_the_rayjob_it_creates_from_rayjob
     script = container["args"][0]
     (mount,) = container["volumeMounts"]
     (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
-    # The ConfigMap is made from infra/rayjob.yaml by the command in the file's header.
-    made = re.search(r"kubectl create configmap (\S+) --from-file=(\S+)=infra/rayjob\.yaml", (INFRA / "cronjob.yaml").read_text())
+    # The ConfigMap is made from infra/kuberay-rayjob.yaml by the command in the file's header.
+    made = re.search(r"kubectl create configmap (\S+) --from-file=(\S+)=infra/kuberay-rayjob\.yaml", (INFRA / "kuberay-cronjob.yaml").read_text())
     assert made and volume["configMap"]["name"] == made.group(1)
     assert f"kubectl create -f {mount['mountPath']}/{made.group(2)} " in script
     assert 'kubectl get rayjob "$name"' in script and "jobDeploymentStatus" in script  # it waits for the run
@@ -343,7 +343,7 @@ def test_cronjob_forbids_overlap_and_waits_for_the_rayjob_it_creates_from_rayjob
 
 
 def test_rayservice_drains_within_its_pods_grace_and_takes_keys_from_a_secret():
-    service = manifest("rayservice.yaml", "RayService")["spec"]
+    service = manifest("kuberay-rayservice.yaml", "RayService")["spec"]
     (app,) = yaml.safe_load(service["serveConfigV2"])["applications"]
     from pipeline.serve.app import AppArgs
 

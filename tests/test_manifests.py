@@ -34,7 +34,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 INFRA = REPO / "infra"
 CRDS = REPO / "tests" / "data" / "kuberay-crds"
-KUBE_FILES = ("raycluster.yaml", "rayjob.yaml", "rayservice.yaml", "cronjob.yaml")
+KUBE_FILES = ("kuberay-raycluster.yaml", "kuberay-rayjob.yaml", "kuberay-rayservice.yaml", "kuberay-cronjob.yaml")
 KUBERAY_SCHEMAS = {"RayCluster": "raycluster_v1.json", "RayJob": "rayjob_v1.json", "RayService": "rayservice_v1.json"}
 # KubeRay's operator limits (ray-operator/controllers/ray/utils/validation.go, v1.7.0).
 NAME_LIMITS = {"RayCluster": 53, "RayJob": 47, "RayService": 47}

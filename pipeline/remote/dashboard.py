@@ -194,7 +194,7 @@ def _probe(address: str) -> None:
     hint = (
         "Check the address: it is the head node's dashboard (port 8265 unless `ray start --dashboard-port` says "
         "otherwise), reachable from here only if the head was started with --dashboard-host=0.0.0.0 (or through "
-        "`ray dashboard cluster.yaml` / `kubectl port-forward`); and check the cluster is up (`ray status`)."
+        "`ray dashboard infra/ray-launcher.yaml` / `kubectl port-forward`); and check the cluster is up (`ray status`)."
     )
     try:
         with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S) as answer:

@@ -275,7 +275,7 @@ class AppArgs(BaseModel):
 
 def app_builder(args: dict[str, Any]) -> Application:
     """Application builder for ``serve deploy`` / ``serve run`` / a RayService: ``args`` is
-    ``{"spec": path, "overrides": ["key.path=value", ...]}`` (see ``jobs/serve_config.yaml``).
+    ``{"spec": path, "overrides": ["key.path=value", ...]}`` (see ``jobs/serve-deploy.yaml``).
 
     The config file's ``http_options`` and ``route_prefix`` apply there; the spec's
     ``serve.host``, ``serve.port`` and ``serve.route_prefix`` only apply to ``imagegen serve``.
