@@ -137,3 +137,14 @@ def test_nothing_reads_or_links_a_path_outside_the_repository():
         if "../shared" in text or '"shared" / "data"' in text or "parents[2]" in text:
             offenders.append(name)
     assert not offenders, f"these files read or link a path outside the repository: {offenders}"
+
+
+def test_every_module_is_in_architectures_where_a_behaviour_lives_table():
+    """ARCHITECTURE.md's table is the map a newcomer reads: a module missing from it is a
+    module nobody is told about."""
+    text = (PACKAGE.parent / "ARCHITECTURE.md").read_text()
+    start = text.index("## Where a behaviour lives")
+    table = text[start : text.index("\n## ", start + 1)]
+    files = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"]
+    missing = sorted(f for f in files if f"`{f}`" not in table and f"`{f} (" not in table)
+    assert not missing, f"modules not in ARCHITECTURE.md's 'Where a behaviour lives' table: {missing}"

@@ -10,7 +10,8 @@ The search is exact, not sampled: distinct hashes are split into ``distance + 1`
 blocks, and two hashes within ``distance`` bits agree on at least one whole block
 (pigeonhole), so only hashes sharing a block value are compared. Its cost grows with
 the images per block value: about ``n^2 / 2^(64 / (distance + 1))`` comparisons per
-block, seconds for a million images at the default distance, more for a larger one.
+block: at the default distance about a second for 100,000 images and about a minute for
+a million on a 2-core VM (``benchmarks/duplicate_search.py``), more for a larger distance.
 
 Pure: reads four columns of each committed images part through :mod:`pipeline.storage`;
 parts written before ``phash`` existed count as not hashed.
