@@ -20,6 +20,7 @@ from PIL import Image
 from pipeline.engine.image_encoding import sha256_hex
 from pipeline.errors import ImagegenError, InputError, StorageError
 from pipeline.batch.run import run
+from pipeline.batch.summary import format_summary
 from pipeline.spec.load import load_spec
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
@@ -139,6 +140,9 @@ def test_rerun_resumes_and_grown_table_adds_only_new_rows(ray_cluster, make_spec
     assert run(spec).images == 6
     again = run(spec)
     assert (again.images, again.errors) == (0, 0)
+    # A rerun that makes nothing still read every row: it says so, not "rows in 0".
+    assert (again.input_rows, again.skipped) == (0, 6)
+    assert "rows in      6  (0 made this run, 6 already in the output)" in format_summary(again)
     write_csv(table, parti_rows(prompts, 9))
     grown = run(spec)
     assert grown.images == 3

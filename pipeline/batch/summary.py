@@ -16,7 +16,7 @@ class RunSummary:
 
     run_id: str
     output: str
-    input_rows: int
+    input_rows: int  # rows this run made images or error rows for
     images: int
     errors: int
     errors_by_stage: dict[str, int]
@@ -30,6 +30,7 @@ class RunSummary:
     encode_wait_seconds: float = 0.0  # summed over engine actors: idle, waiting for encoding
     scoring_seconds: Optional[float] = None  # summed over engine actors: the CLIP scorer's; None without one
     parts: list[dict[str, Any]] = field(repr=False, default_factory=list)
+    skipped: int = 0  # rows read whose every image the output already held: not made again
     adopted: int = 0  # requests not made again: an interrupted run had committed them
     adopted_from: list[str] = field(default_factory=list)  # those interrupted runs
     recovery: Any = None  # pipeline.storage.commit_protocol.Recovery: what was removed before the run
@@ -54,7 +55,7 @@ def format_summary(s: RunSummary) -> str:
     by_stage = ", ".join(f"{stage}: {n}" for stage, n in sorted(s.errors_by_stage.items())) or "none"
     lines = [
         f"run {s.run_id} finished in {s.wall_seconds:.1f} s",
-        f"  rows in      {s.input_rows}",
+        f"  rows in      {s.input_rows + s.skipped}  ({s.input_rows} made this run, {s.skipped} already in the output)",
         f"  images out   {s.images}  ({s.images_per_second:.2f} images/s)",
         f"  errors       {s.errors}  ({by_stage})",
         f"  model loads  {s.model_loads}  ({s.model_swaps} swaps, {s.swaps_per_1000_images:.1f} per 1000 images)",

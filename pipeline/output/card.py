@@ -1,4 +1,8 @@
-"""The output's ``README.md``: a Hugging Face dataset card, regenerated at each commit.
+"""The output's ``README.md``: a Hugging Face dataset card, regenerated when a run completes.
+
+It describes the complete runs (their manifests): what a crashed run committed is in the
+output from the moment it is committed, and in the card once a later run has adopted it
+and completed.
 
 The YAML header names two configs, ``images`` (the default) and ``errors``, each with
 its ``data_files`` and its features, so ``datasets.load_dataset(OUTPUT, "images")`` (or
