@@ -7,6 +7,7 @@ without a traceback; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Sequence
 
@@ -34,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     _spec_arguments(serve, "jobs/serve.yaml (its serve section sets host, port, batching)", "serve.port=8080")
     # The server itself, started by `imagegen serve` in a session of its own (pipeline.serve.process).
     serve.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
-    run.add_argument("--verbose", action="store_true", help="also print Ray Data's operator progress and info logs here (else they go only to Ray's log folder)")
+    run.add_argument("--verbose", action="store_true", help="also print imagegen's info-level log lines (model loads, compiles, superseded error rows)")
     verify = commands.add_parser("verify", help="check an output against the dataset contract; exit 1 on any violation")
     verify.add_argument("output", help="the output URL (a folder, s3://bucket/prefix, ...)")
     verify.add_argument("--input", metavar="SPEC", help="the job spec: also check every input row is accounted for")
@@ -94,13 +95,14 @@ def _cluster_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.batch.logs import route_ray_data_logs
     from pipeline.batch.run import run
     from pipeline.batch.summary import format_summary
     from pipeline.spec.load import load_spec
 
     spec = load_spec(args.spec, args.overrides)
-    route_ray_data_logs(verbose=args.verbose)
+    if args.verbose:
+        logging.basicConfig(format="%(name)s: %(message)s")
+        logging.getLogger("pipeline").setLevel(logging.INFO)
     summary = run(spec)
     print(format_summary(summary))
     return 0
