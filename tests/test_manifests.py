@@ -28,6 +28,7 @@ from typing import Any, Iterator
 
 import jsonschema
 import kubernetes_validate
+import pydantic
 import pytest
 import yaml
 
@@ -177,7 +178,7 @@ def test_rayservice_serve_config_matches_ray_serves_schema():
     ServeDeploySchema.model_validate(config)
     broken = copy.deepcopy(config)
     broken["applications"][0]["imprt_path"] = broken["applications"][0].pop("import_path")
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="import_path"):
         ServeDeploySchema.model_validate(broken)
 
 

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from pipeline.errors import StorageError
 from pipeline.spec import schema as S
 from pipeline.storage import filesystem, part_files, record_format
 
@@ -31,10 +32,11 @@ def test_the_default_batch_size_auto_end_to_end(ray_cluster, make_spec, tmp_path
     from pipeline.batch.run import run
     from pipeline.output.verify import verify
     from pipeline.spec.bucketing import block_rows
+    from pipeline.spec.config import RuntimeConfig
 
     pd.DataFrame({"prompt": [f"a kite number {i}" for i in range(10)]}).to_csv(tmp_path / "p.csv", index=False)
     spec = make_spec({"url": str(tmp_path / "p.csv")}, runtime={"batch_size": "auto"}, defaults={"width": 16, "height": 16, "steps": 1})
-    assert spec.runtime.batch_size == "auto"
+    assert RuntimeConfig().batch_size == "auto"  # what a spec that says nothing gets
     summary = run(spec)
     assert (summary.images, summary.errors) == (10, 0)
     assert summary.block_rows == block_rows("auto", 10, 1) and summary.block_rows >= 10  # a small table: one block per actor
@@ -103,7 +105,7 @@ def test_an_atomic_write_that_fails_leaves_nothing(tmp_path):
     (tmp_path / "images").mkdir()
     target = filesystem.join(root, "images", "part-x.parquet")
     os.mkdir(target)  # the rename onto it fails after the data is written
-    with pytest.raises(Exception):
+    with pytest.raises(StorageError, match="part-x.parquet"):
         filesystem.atomic_write(fs, target, b"data")
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["part-x.parquet"], "no temporary left"
 
@@ -120,6 +122,6 @@ def test_the_row_total_comes_from_parquet_footers_only(tmp_path):
     assert middle < len(data) - footer
     data[100:middle] = b"\xff" * (middle - 100)  # the data pages ruined, the footer intact
     path.write_bytes(bytes(data))
-    with pytest.raises(Exception):
+    with pytest.raises(OSError, match="Invalid"):
         pq.read_table(path)  # reading the rows fails...
     assert tables.count_rows(InputConfig(url=str(path))) == 1000  # ...counting them does not
