@@ -665,6 +665,9 @@ def test_keys_from_an_environment_variable_and_exposure_rules(tmp_path):
     with pytest.raises(SpecError, match="api_keys_env") as pasted:
         parse_spec(_spec_data(tmp_path, 8000, api_keys_env="sk-live-abc"), source="a key written in the spec")
     assert "sk-live-abc" not in str(pasted.value)
+    # A per-key cap counts by key: without keys it is a spec error naming the fields.
+    with pytest.raises(SpecError, match="max_ongoing_requests_per_key counts requests by API key: set api_keys_file or api_keys_env"):
+        parse_spec(_spec_data(tmp_path, 8000, max_ongoing_requests_per_key=2), source="a cap without keys")
     # Non-loopback without keys: refused unless allow_unauthenticated says so.
     open_spec = parse_spec(_spec_data(tmp_path, 8000, host="0.0.0.0"), source="open")
     with pytest.raises(SpecError, match="allow_unauthenticated"):
