@@ -346,6 +346,7 @@ def test_rayservice_drains_within_its_pods_grace_and_takes_keys_from_a_secret():
     service = manifest("kuberay-rayservice.yaml", "RayService")["spec"]
     (app,) = yaml.safe_load(service["serveConfigV2"])["applications"]
     from pipeline.serve.app import AppArgs
+    from pipeline.serve.process import SHUTDOWN_MARGIN_S
 
     args = AppArgs.model_validate(app["args"])
     spec = load_spec(repo_path(args.spec), args.overrides)
@@ -356,7 +357,11 @@ def test_rayservice_drains_within_its_pods_grace_and_takes_keys_from_a_secret():
         pod = group["template"]["spec"]
         (container,) = pod["containers"]
         command = container["lifecycle"]["preStop"]["exec"]["command"]
-        assert command[0] == "sleep" and grace <= int(command[1]) < pod["terminationGracePeriodSeconds"], container["name"]
+        # The drain's deadline is the grace plus imagegen's shutdown margin; the pod's own
+        # stop after the preStop sleep gets at least that margin too.
+        sleep = int(command[1])
+        assert command[0] == "sleep" and grace + SHUTDOWN_MARGIN_S <= sleep, container["name"]
+        assert sleep + SHUTDOWN_MARGIN_S <= pod["terminationGracePeriodSeconds"], container["name"]
         # The key variable the spec names comes from a Secret, on every node (Serve builds
         # the app, and reads the keys, on any of them); never a value in the manifest.
         (variable,) = [e for e in container.get("env", []) if e["name"] == spec.serve.api_keys_env]

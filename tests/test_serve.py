@@ -1,15 +1,20 @@
 """The online front: a real Serve app on 127.0.0.1 with the tiny model, driven over HTTP.
 
-One local Ray (2 CPUs) and one app for the module; the overload test deploys a second,
-small app beside it. Waits are polls with a deadline, never bare sleeps.
+One local Ray (2 CPUs) and one app for the module (with the drain coordinator that
+``imagegen serve`` gives it); tests that need other settings deploy a second, small app
+beside it. A test that shuts Serve down leaves the next one a restarted app, so the tests
+can run in any order. Waits are polls with a deadline, never bare sleeps.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import http.client
 import io
 import json
 import os
+import random
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -26,9 +31,12 @@ from ray import serve
 
 from pipeline.errors import SpecError
 from pipeline.batch.run import run as run_batch
-from pipeline.serve.app import _serve_http_host, build_app, start
+from pipeline.serve.app import APP_NAME, _serve_http_host, api, build_app, start
 from pipeline.serve.auth import KeyCheck, check_exposure, digest, load_key_digests
-from pipeline.serve.http_api import default_id
+from pipeline.serve.drain import NAMESPACE, DrainState, actor_name
+from pipeline.serve.gate import OPEN_PATHS
+from pipeline.serve.http_api import MAX_BODY_DEPTH, default_id
+from pipeline.serve.in_flight import InFlight, KeyBusy
 from pipeline.spec.load import parse_spec
 
 from polling import free_port, wait_for
@@ -95,12 +103,28 @@ def ray_session():
 
 
 @pytest.fixture(scope="module")
-def app(ray_session, workdir):
-    """The main app: returns (base URL, spec)."""
+def main_spec(ray_session, workdir):
     spec = parse_spec(_spec_data(workdir, free_port()), source="test spec")
-    url = start(spec)
-    _serving(lambda: requests.get(f"{url}/healthz", timeout=5).status_code == 200, "the app to answer /healthz")
-    return url, spec
+    # As `imagegen serve` runs it: /healthz then reports the app-wide in-flight count. The
+    # handle is held for the module: the actor lives as long as it.
+    drain = DrainState.options(name=actor_name(APP_NAME), namespace=NAMESPACE).remote()
+    yield spec
+    del drain
+
+
+@pytest.fixture
+def app(main_spec):
+    """The main app, (re)started if Serve is not running it: returns (base URL, spec)."""
+    sv = main_spec.serve
+    url = f"http://{sv.host}:{sv.port}"
+    try:
+        up = requests.get(f"{url}/healthz", timeout=10).status_code == 200
+    except requests.ConnectionError:
+        up = False
+    if not up:
+        start(main_spec, drain=actor_name(APP_NAME))
+        _serving(lambda: requests.get(f"{url}/healthz", timeout=5).status_code == 200, "the app to answer /healthz")
+    return url, main_spec
 
 
 def _generate(url: str, body: dict[str, Any], timeout: float = 120) -> requests.Response:
@@ -189,9 +213,127 @@ def test_bad_request_is_a_4xx_naming_the_field(app, body, param):
 
 def test_body_that_is_not_json_is_a_400(app):
     url, _ = app
-    response = requests.post(f"{url}/v1/images/generations", data=b"{not json", timeout=30)
+    response = requests.post(f"{url}/v1/images/generations", data=b"{not json", headers=JSON, timeout=30)
     assert response.status_code == 400
     assert "JSON" in response.json()["error"]["message"]
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+def _openai_error(response: requests.Response) -> dict[str, Any]:
+    """The error of an OpenAI-shaped error body (fails on any other body)."""
+    error = response.json()["error"]
+    assert isinstance(error["message"], str) and error["message"] and {"type", "param", "code"} <= set(error), response.text
+    return error
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/json; charset=latin-1"],
+)
+def test_only_json_bodies_are_read_and_no_cors_headers(app, content_type):
+    # What a web page can send cross-site without a preflight (text/plain, forms): refused
+    # before any work, however valid the JSON inside.
+    url, _ = app
+    body = json.dumps({"prompt": "made by a web page", "size": "32x32"}).encode()
+    headers = {"Origin": "http://evil.example"} | ({"Content-Type": content_type} if content_type else {})
+    response = requests.post(f"{url}/v1/images/generations", data=body, headers=headers, timeout=30)
+    assert response.status_code == 415, response.text
+    assert _openai_error(response)["code"] == "unsupported_media_type"
+    # No CORS: a preflight is not granted, so a browser never sends the JSON request either.
+    preflight = requests.options(
+        f"{url}/v1/images/generations",
+        headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"},
+        timeout=30,
+    )
+    for answer in (response, preflight):
+        assert not [h for h in answer.headers if h.lower().startswith("access-control-")], answer.headers
+
+
+def test_json_with_a_charset_is_read(app):
+    url, _ = app
+    body = json.dumps({"prompt": "a red fox", "size": "32x32", "steps": 1}).encode()
+    response = requests.post(f"{url}/v1/images/generations", data=body, headers={"Content-Type": "application/json; charset=utf-8"}, timeout=120)
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    "raw, param, text",
+    [
+        (b'{"prompt": "x\\ud800"}', "prompt", "lone surrogate (U+D800)"),
+        (b'{"prompt": "ok", "negative_prompt": ["\\udfff"]}', "negative_prompt", "lone surrogate (U+DFFF)"),
+        (b'{"prompt": "x", "seed": NaN}', None, "NaN"),
+        (b'{"prompt": "x", "guidance_scale": 1e400}', None, "beyond the range"),
+        (b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", None, "5000 digits"),
+        (b"[" * 100_000 + b"]" * 100_000, None, "nested too deeply"),
+        (b'{"prompt": ' + b"[" * 40 + b"]" * 40 + b"}", "prompt", "nested too deeply"),
+        (b'{"prompt": "caf\xe9"}', None, "not UTF-8"),
+    ],
+)
+def test_bodies_no_encoder_can_take_are_a_400_naming_the_field(app, raw, param, text):
+    url, _ = app
+    response = requests.post(f"{url}/v1/images/generations", data=raw, headers=JSON, timeout=30)
+    assert response.status_code == 400, response.text
+    error = _openai_error(response)
+    assert error["param"] == param and text in error["message"], error
+
+
+def _fuzz_value(rng: random.Random, depth: int = 0) -> Any:
+    """A JSON value from the corners: edge text, extreme numbers, odd types, nesting."""
+    texts = ["", " ", "x\ud800", "\udc00x", "\ud83d\ude00", "\x00", "a\u202eb", "e\u0301", "\uffff", "\U0010ffff", "x" * 10_000, "64x64", "0x0", "auto", "-1x-1", "１２８x１２８", "null"]
+    numbers = [0, -1, 1, 2, 3, -0.0, 0.5, 1e-320, 1e308, -1e308, 2**31, 2**53 + 1, 2**63, -(2**63) - 1, 2**64, 10**40, True, False]
+    roll = rng.random()
+    if roll < 0.35:
+        return rng.choice(texts)
+    if roll < 0.7:
+        return rng.choice(numbers)
+    if roll < 0.75 or depth > 3:
+        return None
+    if roll < 0.88:
+        return [_fuzz_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return {rng.choice(["prompt", "n", "", "\ud800", "a" * 300]): _fuzz_value(rng, depth + 1) for _ in range(rng.randrange(3))}
+
+
+FUZZ_FIELDS = ["prompt", "n", "size", "seed", "steps", "quality", "model", "id", "negative_prompt", "guidance_scale", "output_format",
+               "output_compression", "response_format", "style", "user", "lora", "lora_scale", "max_sequence_length", "stream", "frame_count"]
+
+
+def _fuzz_body(rng: random.Random) -> bytes:
+    kind = rng.random()
+    if kind < 0.1:  # anything at all as the whole body
+        return json.dumps(_fuzz_value(rng), ensure_ascii=rng.random() < 0.5).encode("utf-8", errors="surrogatepass")
+    if kind < 0.15:  # deep nesting, sometimes past any parser's recursion
+        depth = rng.choice([MAX_BODY_DEPTH, MAX_BODY_DEPTH + 1, 999, 50_000])
+        return b'{"prompt": ' + b"[" * depth + b"]" * depth + b"}"
+    if kind < 0.2:  # broken bytes
+        return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 40)))
+    # A cheap valid request with one to three fields replaced by corner values: mostly
+    # 400s, and the valid ones stay tiny (at most 3 steps and 3 images of 32x32).
+    body: dict[str, Any] = {"prompt": "fuzz", "size": "32x32", "steps": 1}
+    for name in rng.sample(FUZZ_FIELDS, rng.randrange(1, 4)):
+        body[name] = _fuzz_value(rng)
+    text = json.dumps(body, ensure_ascii=rng.random() < 0.5)
+    return text.encode("utf-8", errors="surrogatepass")
+
+
+def test_fuzzed_bodies_are_never_a_5xx(app):
+    """Every bad body is a 4xx in OpenAI's shape; nothing the client sends is a 5xx."""
+    url, _ = app
+    rng = random.Random(23)
+    bodies = [_fuzz_body(rng) for _ in range(160)]
+
+    def post(raw: bytes) -> requests.Response:
+        return requests.post(f"{url}/v1/images/generations", data=raw, headers=JSON, timeout=120)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(post, bodies))
+    wrong = [(raw[:120], r.status_code, r.text[:300]) for raw, r in zip(bodies, answers) if r.status_code >= 500 or r.status_code not in (200, 400)]
+    assert not wrong, wrong
+    for answer in answers:
+        if answer.status_code == 400:
+            _openai_error(answer)
+    assert 0 < sum(a.status_code == 200 for a in answers) < len(answers)  # both kinds were tried
 
 
 def test_same_request_ids_and_bytes_as_the_batch_job(app, workdir):
@@ -252,6 +394,84 @@ def test_overload_is_a_503_with_retry_after(app, workdir):
         assert set(codes) <= {200, 503}, codes
     finally:
         serve.delete("overload")
+
+
+def _health(url: str) -> dict[str, Any]:
+    return requests.get(f"{url}/healthz", timeout=30).json()
+
+
+def test_abandoned_requests_drop_their_queued_images_and_count_until_the_engine_is_done(app):
+    """Clients that give up (an SDK timing out and retrying does this) take their waiting
+    images with them; what is on the engine still counts as in flight until it returns."""
+    url, spec = app
+    before = _health(url)["replica"]
+    heavy = [{"prompt": f"abandoned {i}", "n": 8, "steps": 12, "seed": i} for i in range(3)]
+    connections = []
+    for body in heavy:
+        connection = http.client.HTTPConnection(spec.serve.host, spec.serve.port, timeout=60)
+        connection.request("POST", "/v1/images/generations", body=json.dumps(body), headers=JSON)
+        connections.append(connection)
+    _serving(lambda: _health(url)["replica"]["in_flight"] == 3 and _health(url)["replica"]["images_running"] > 0, "the first request on the engine")
+    for connection in connections:
+        connection.close()  # the clients go away; the server only sees the connections close
+
+    samples = []
+
+    def settled() -> bool:
+        samples.append(_health(url))
+        return samples[-1]["replica"]["in_flight"] == 0
+
+    def gone() -> bool:  # every request the replica still holds is one whose client left
+        samples.append(_health(url))
+        return samples[-1]["replica"]["in_flight"] == samples[-1]["replica"]["abandoned"]
+
+    _serving(gone, "the server to see the clients gone")
+    small = _generate(url, {"prompt": "a small request", "size": "32x32", "steps": 1})
+    _serving(settled, "the abandoned work to end")
+    after = _health(url)["replica"]
+
+    assert small.status_code == 200, small.text
+    assert small.json()["data"][0]["batch_size"] == 1  # made alone, not with anything abandoned
+    made = after["images_discarded"] - before["images_discarded"]
+    dropped = after["images_dropped"] - before["images_dropped"]
+    # Only the call on the engine when the clients left was made (one batch); the other
+    # 16 images never started, and so were not ahead of the small request.
+    assert made + dropped == 24 and 0 < made <= spec.serve.max_batch_size, (made, dropped)
+    working = [h for h in samples if h["replica"]["images_running"]]
+    assert any(h["replica"]["abandoned"] for h in working), "the abandoned work was seen on the engine"
+    # While the engine works for clients that left, the server never says it is idle.
+    assert all(h["replica"]["in_flight"] >= 1 and h["in_flight"] >= 1 for h in working), working
+
+
+def test_in_flight_counts_abandoned_work_for_admission_and_limits_each_key():
+    """The replica's ledger alone (no Serve): a slot held by abandoned work is not free;
+    a key at its share is refused at once, even while its requests wait for a slot."""
+
+    async def scenario() -> list[str]:
+        events: list[str] = []
+        ledger = InFlight(slots=1, per_key=2)
+        first = await ledger.admit("a", on_release=lambda: events.append("first released"))
+        ledger.queue(first, 3)
+        assert ledger.start(first)  # one image on the engine
+        ledger.abandon(first)  # the client leaves: 2 images dropped, 1 still running
+        ledger.leave(first)
+        assert not ledger.start(first)  # a batch that reaches a dropped image skips it
+        waiting = asyncio.ensure_future(ledger.admit("a", on_release=lambda: events.append("second released")))
+        await asyncio.sleep(0)
+        assert not waiting.done(), "the slot is still held by the abandoned request's running image"
+        with pytest.raises(KeyBusy):
+            await ledger.admit("a")  # key a holds one and waits for another: its share
+        other = asyncio.ensure_future(ledger.admit("b"))
+        ledger.finish(first)  # the engine returns: discarded, and the slot is free
+        second = await waiting
+        events.append(f"dropped {ledger.dropped}, discarded {ledger.discarded}, in flight {ledger.counts().in_flight}")
+        other.cancel()  # a client that leaves while waiting holds nothing
+        await asyncio.gather(other, return_exceptions=True)
+        ledger.leave(second)
+        assert ledger.counts().in_flight == 0 and not ledger._by_key
+        return events
+
+    assert asyncio.run(scenario()) == ["first released", "dropped 2, discarded 1, in flight 1", "second released"]
 
 
 def test_requests_pick_a_model_and_an_adapter(app, workdir):
@@ -359,17 +579,43 @@ def test_unknown_route_answers_in_openai_shape(app):
     assert response.status_code == 404 and "message" in response.json()["error"]
 
 
+def _route_table(router: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """(path, method) of every route the app serves, FastAPI's documentation routes and
+    included routers too: read from the app, so a route added later is in it."""
+    found = []
+    for route in router.routes:
+        inner = getattr(route, "original_router", None)  # an included router
+        if inner is not None:
+            found += _route_table(inner, prefix + route.include_context.prefix)
+        else:
+            found += [(prefix + route.path, method) for method in sorted(route.methods or ["GET"])]
+    return found
+
+
 def test_api_keys_bearer_401_healthz_open_and_keys_never_logged(app, workdir):
     url, main_spec = app
     keys = workdir / "keys.txt"
     good, wrong = "sk-imagegen-test-GOOD-0123456789", "sk-imagegen-test-WRONG-9876543210"
     keys.write_text(f"# the front's keys\n{good}\n\nsk-another-key\n")
-    data = _spec_data(workdir, main_spec.serve.port, route_prefix="/keyed", api_keys_file=str(keys))
+    data = _spec_data(workdir, main_spec.serve.port, route_prefix="/keyed", api_keys_file=str(keys), max_ongoing_requests_per_key=1)
     start(parse_spec(data, source="keyed spec"), name="keyed")
     base = url.rstrip("/") + "/keyed"
     try:
         health = _serving(lambda: requests.get(f"{base}/healthz", timeout=5), "the keyed app", timeout=90)
         assert health.status_code == 200  # probes need no key
+        # Route by route, from the app's own table: only /healthz answers without a key.
+        routes = _route_table(api)
+        assert {"/docs", "/redoc", "/openapi.json", "/v1/models", "/v1/images/generations", "/healthz"} <= {path for path, _ in routes}
+        for path, method in routes:
+            for headers in ({}, {"Authorization": f"Bearer {wrong}"}, {"Authorization": good}):
+                answer = requests.request(method, f"{base}{path}", headers=headers | JSON, data=b"{}", timeout=30)
+                if path in OPEN_PATHS:
+                    assert answer.status_code == 200, (method, path)
+                else:
+                    assert answer.status_code == 401 and answer.headers["WWW-Authenticate"] == "Bearer", (method, path, answer.status_code)
+                    if method != "HEAD":  # a HEAD answer has no body
+                        assert _openai_error(answer)["code"] == "invalid_api_key"
+        assert requests.get(f"{base}/docs", headers={"Authorization": f"Bearer {good}"}, timeout=30).status_code == 200
         with pytest.raises(openai.AuthenticationError) as caught:
             _client(base, wrong).images.generate(prompt="a red fox")
         assert caught.value.status_code == 401 and caught.value.code == "invalid_api_key"
@@ -382,6 +628,18 @@ def test_api_keys_bearer_401_healthz_open_and_keys_never_logged(app, workdir):
         answer = _client(base, good).images.generate(prompt="a red fox", size="32x32")
         assert len(answer.data) == 1
         assert [m.id for m in _client(base, "sk-another-key").models.list()] == ["tiny"]
+
+        # max_ongoing_requests_per_key=1: a key with a request in flight gets 429 for the
+        # next; another key is served meanwhile.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            slow = pool.submit(_client(base, good).images.generate, prompt="a slow fox", n=4, extra_body={"steps": 20})
+            _serving(lambda: _health(base)["replica"]["images_running"] > 0, "the slow request on the engine")
+            with pytest.raises(openai.RateLimitError) as limited:
+                _client(base, good).images.generate(prompt="one more", size="32x32")
+            assert limited.value.response.headers["Retry-After"] == f"{main_spec.serve.retry_after_s:g}"
+            other = _client(base, "sk-another-key").images.generate(prompt="another key", size="32x32", extra_body={"steps": 1})
+            assert len(other.data) == 1  # admitted while the first key was at its limit
+            assert len(slow.result().data) == 4
         assert _serve_http_host() == "127.0.0.1"  # what app_builder checks exposure against
     finally:
         serve.delete("keyed")
@@ -407,6 +665,9 @@ def test_keys_from_an_environment_variable_and_exposure_rules(tmp_path):
     with pytest.raises(SpecError, match="api_keys_env") as pasted:
         parse_spec(_spec_data(tmp_path, 8000, api_keys_env="sk-live-abc"), source="a key written in the spec")
     assert "sk-live-abc" not in str(pasted.value)
+    # A per-key cap counts by key: without keys it is a spec error naming the fields.
+    with pytest.raises(SpecError, match="max_ongoing_requests_per_key counts requests by API key: set api_keys_file or api_keys_env"):
+        parse_spec(_spec_data(tmp_path, 8000, max_ongoing_requests_per_key=2), source="a cap without keys")
     # Non-loopback without keys: refused unless allow_unauthenticated says so.
     open_spec = parse_spec(_spec_data(tmp_path, 8000, host="0.0.0.0"), source="open")
     with pytest.raises(SpecError, match="allow_unauthenticated"):

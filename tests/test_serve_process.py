@@ -146,13 +146,17 @@ def test_sigterm_finishes_requests_in_flight_refuses_new_ones_and_exits_0(tmp_pa
 def test_sigint_stops_waiting_at_the_grace_period(tmp_path):
     server = Server(tmp_path, grace_s=2)
     try:
+        ray_processes = _server_session_members(server)
         with ThreadPoolExecutor(max_workers=1) as pool:
             slow = pool.submit(server.generate, {"prompt": "a very slow lighthouse", "steps": 400, "n": 8})
             _serving(lambda: server.health().json().get("in_flight") == 1, "the request to be in flight")
             server.process.send_signal(signal.SIGINT)
-            # Exits once the grace period is over, not when the request would have finished.
+            # Exits once the grace period is over, not when the request would have finished:
+            # the running generation is cut off with the server's Ray, not waited for.
             assert server.process.wait(timeout=120) == 0, server.output()
             assert "still in flight: they are cut off" in server.output()
+            assert "did not finish within" not in server.output()  # no need for the watchdog
+            assert not any(_alive(pid) for pid in ray_processes), "the server's Ray went with it"
             try:
                 answered = slow.result().status_code == 200
             except requests.RequestException:

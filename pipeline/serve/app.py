@@ -23,11 +23,17 @@ the README, field by field), plus the extensions ``seed``, ``negative_prompt``, 
   and ``batch_size`` (the images in the Serve batch this image was made in) and
   ``bucket_size`` (those sharing its diffusers call).
 - keys: with ``serve.api_keys_file`` / ``api_keys_env``, every route but ``/healthz``
-  needs ``Authorization: Bearer KEY`` (401 otherwise; see :mod:`.auth`).
+  needs ``Authorization: Bearer KEY`` (401 otherwise), and only ``application/json``
+  bodies are read (415 otherwise): :mod:`.gate`, in front of every route.
+- a request is owned by its connection (:mod:`.in_flight`): a client that goes away takes
+  its images that have not started with it; those on the engine are discarded when their
+  call returns, and until then the request counts (``/healthz``, admission, the drain).
 - errors: OpenAI's body ``{"error": {"message", "type", "param", "code", "errors": [...]}}``:
   400 naming each bad field as the client spelled it (``n``, ``size``...), or a body that
-  is not JSON; 401 without a valid key; 404/405 for other routes; 500 when generation
-  fails; 503 while ``imagegen serve`` shuts down (:mod:`.drain`), and 503 with
+  is not JSON (or not Unicode text); 401 without a valid key; 404/405 for other routes;
+  415 for other body types; 429 with ``Retry-After`` past
+  ``serve.max_ongoing_requests_per_key``; 500 when generation fails (or on a bug: never a
+  plain-text answer); 503 while ``imagegen serve`` shuts down (:mod:`.drain`), and 503 with
   ``Retry-After`` from Serve's proxy when more than ``serve.max_queued_requests``
   requests wait for a replica (that body is Serve's).
 """
@@ -37,8 +43,9 @@ the README, field by field), plus the extensions ``seed``, ``negative_prompt``, 
 # string annotations no longer resolve.
 
 import asyncio
-import json
+import logging
 import time
+from dataclasses import asdict
 from typing import Any, Optional
 
 import pyarrow as pa
@@ -57,7 +64,9 @@ from pipeline.engine.table_generation import ImageEncoder, generate_table, to_ge
 from pipeline.batch.engine_actors import ActorEngines, actor_gpus, engine_catalog
 from pipeline.serve.auth import KeyCheck, check_exposure, load_key_digests
 from pipeline.serve.drain import DrainClient
-from pipeline.serve.http_api import Encoding, RequestError, error, images_response, serving_spec, validate_request
+from pipeline.serve.gate import Gate
+from pipeline.serve.http_api import Encoding, RequestError, error, images_response, parse_json_body, serving_spec, validate_request
+from pipeline.serve.in_flight import InFlight, KeyBusy, Ticket
 from pipeline.spec import schema as S
 from pipeline.spec.bucketing import group_by_bucket
 from pipeline.spec.catalog import Catalog
@@ -66,7 +75,15 @@ from pipeline.spec.load import load_spec
 from pipeline.spec.validate import REQUEST_SCHEMA, Validator
 
 APP_NAME = "imagegen"
+log = logging.getLogger(__name__)
 api = FastAPI(title="imagegen", description="OpenAI-shaped image generation on the imagegen engine.")
+
+
+def _replica_keys() -> KeyCheck:
+    return serve.get_replica_context().servable_object.keys
+
+
+api.add_middleware(Gate, keys=_replica_keys)
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -78,6 +95,13 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     return error(400, "invalid_request_error", [(None, f"{request.method} {request.url.path}: {exc.errors()}")])
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # A bug still answers in OpenAI's shape (SDKs show the message); the trace goes to the log.
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return error(500, "server_error", [(None, f"the server failed on this request ({type(exc).__name__}); see the server log")])
 
 
 @serve.deployment(name="ImageServer")
@@ -98,22 +122,11 @@ class ImageServer:
         self.stage = ActorEngines(spec, catalog)
         self.keys = KeyCheck(key_digests)
         self.drain = DrainClient(drain)
+        self.in_flight = InFlight(spec.serve.max_ongoing_requests, spec.serve.max_ongoing_requests_per_key)
         self.encoders: dict[Encoding, ImageEncoder] = {Encoding(spec.output.format, spec.output.quality): self.stage.encoder}
         self.started = int(time.time())
         self._generate.set_max_batch_size(spec.serve.max_batch_size)
         self._generate.set_batch_wait_timeout_s(spec.serve.batch_wait_timeout_s)
-
-    def _unauthorized(self, request: Request) -> Optional[JSONResponse]:
-        if self.keys.allows(request.headers.get("authorization")):
-            return None
-        # Never echo what was sent: it may be a key of something else.
-        return error(
-            401,
-            "invalid_request_error",
-            [(None, "a valid API key is needed: send the header 'Authorization: Bearer KEY' (OpenAI clients: api_key=KEY)")],
-            code="invalid_api_key",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
 
     def _shutting_down(self) -> JSONResponse:
         return error(
@@ -124,29 +137,47 @@ class ImageServer:
             headers={"Retry-After": f"{self.spec.serve.retry_after_s:g}"},
         )
 
+    def _key_busy(self) -> JSONResponse:
+        limit = self.spec.serve.max_ongoing_requests_per_key
+        return error(
+            429,
+            "rate_limit_error",
+            [(None, f"this API key already has {limit} request(s) in flight (serve.max_ongoing_requests_per_key); retry when one is answered")],
+            code="rate_limit_exceeded",
+            headers={"Retry-After": f"{self.spec.serve.retry_after_s:g}"},
+        )
+
     @api.post("/v1/images/generations")
     async def generations(self, request: Request) -> JSONResponse:
-        refused = self._unauthorized(request)
-        if refused is not None:
-            return refused
+        # Counted in the drain from here until the ticket is released, which may be after
+        # this handler returns: a client that left still has its running images on the engine.
         if not await self.drain.admit():
             return self._shutting_down()
         try:
-            return await self._generations(request)
-        finally:
+            ticket = await self.in_flight.admit(request.state.api_key, on_release=self.drain.done)
+        except KeyBusy:
             self.drain.done()
+            return self._key_busy()
+        except BaseException:
+            self.drain.done()
+            raise
+        try:
+            return await self._generations(request, ticket)
+        except BaseException:  # cancelled: the client has gone (or a bug): its images that wait will not start
+            self.in_flight.abandon(ticket)
+            raise
+        finally:
+            self.in_flight.leave(ticket)
 
-    async def _generations(self, request: Request) -> JSONResponse:
+    async def _generations(self, request: Request, ticket: Ticket) -> JSONResponse:
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return error(400, "invalid_request_error", [(None, f"the request body is not valid JSON: {exc}")])
-        try:
+            body = parse_json_body(await request.body())
             requests, parsed = validate_request(self.validator, self.spec, body)
         except RequestError as exc:
             unknown = any(": unknown field;" in message for _, message in exc.problems)
             return error(400, "invalid_request_error", exc.problems, code="unknown_parameter" if unknown else "invalid_value")
-        rows = await asyncio.gather(*(self._generate((r, parsed.encoding)) for r in requests))
+        self.in_flight.queue(ticket, len(requests))
+        rows = await asyncio.gather(*(self._generate((r, parsed.encoding, ticket)) for r in requests))
         failed = [r for r in rows if r.get(S.ERROR_STAGE)]
         if failed:
             return error(
@@ -158,10 +189,7 @@ class ImageServer:
         return JSONResponse(images_response(rows, parsed, int(time.time())))
 
     @api.get("/v1/models")
-    async def models(self, request: Request) -> Any:
-        refused = self._unauthorized(request)
-        if refused is not None:
-            return refused
+    async def models(self) -> Any:
         return {
             "object": "list",
             "data": [
@@ -183,21 +211,35 @@ class ImageServer:
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        # Open without a key: load balancers and probes call it. 503 while draining, so
-        # they stop sending requests here.
+        # Open without a key (gate.OPEN_PATHS): load balancers and probes call it. 503 while
+        # draining, so they stop sending requests here. The app-wide count is read before
+        # this replica's: a request whose images run here then was already counted there.
         default = self.catalog.models[self.catalog.default_model]
         body: dict[str, Any] = {"status": "ok", "model": default.name, "model_fingerprint": default.fingerprint}
         drain = await self.drain.status()
         if drain is not None:
             body.update(status="draining" if drain["draining"] else "ok", in_flight=drain["in_flight"])
+        body["replica"] = asdict(self.in_flight.counts())
         return JSONResponse(body, status_code=503 if body["status"] == "draining" else 200)
 
     # The decorator needs literals; __init__ replaces them with the spec's serve settings.
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def _generate(self, items: list[tuple[dict[str, Any], Encoding]]) -> list[dict[str, Any]]:
-        # Off the event loop, so requests keep being validated and queued for the next
-        # batch while this one is on the engine. One batch at a time (Serve's default).
-        return await asyncio.to_thread(self._generate_now, items)
+    async def _generate(self, items: list[tuple[dict[str, Any], Encoding, Ticket]]) -> list[Optional[dict[str, Any]]]:
+        # Images of clients that have gone are skipped here (None: nobody reads it).
+        live = [i for i, (_, _, ticket) in enumerate(items) if self.in_flight.start(ticket)]
+        rows: list[Optional[dict[str, Any]]] = [None] * len(items)
+        if not live:
+            return rows
+        try:
+            # Off the event loop, so requests keep being validated and queued for the next
+            # batch while this one is on the engine. One batch at a time (Serve's default).
+            made = await asyncio.to_thread(self._generate_now, [items[i][:2] for i in live])
+        finally:
+            for i in live:
+                self.in_flight.finish(items[i][2])
+        for i, row in zip(live, made):
+            rows[i] = row
+        return rows
 
     def _generate_now(self, items: list[tuple[dict[str, Any], Encoding]]) -> list[dict[str, Any]]:
         # One engine pass per encoding in the batch: the encoder is per block (as in the

@@ -100,12 +100,16 @@ class KeyCheck:
 
     def allows(self, authorization: Optional[str]) -> bool:
         """True when no keys are configured, or the header is ``Bearer <one of the keys>``."""
-        if not self._digests:
-            return True
+        return not self._digests or self.identify(authorization) is not None
+
+    def identify(self, authorization: Optional[str]) -> Optional[str]:
+        """The digest (hex) of the key in a ``Bearer <key>`` header, if it is one of the keys;
+        else None (always None without keys). The digest names the key in per-key limits."""
         scheme, _, key = (authorization or "").strip().partition(" ")
         presented = hashlib.sha256(key.strip().encode("utf-8")).digest()
         # Compare with every digest, without stopping at a match: constant time overall.
-        matched = False
+        found: Optional[bytes] = None
         for known in self._digests:
-            matched |= hmac.compare_digest(presented, known)
-        return matched and scheme.lower() == "bearer"
+            if hmac.compare_digest(presented, known):
+                found = known
+        return found.hex() if found is not None and scheme.lower() == "bearer" else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -63,6 +64,9 @@ _ACCEPTED_FIELDS = frozenset({*_BODY_TO_ROW, *OPENAI_CHOICES, *IGNORED_FIELDS, "
 # Row columns that the API names differently.
 _ROW_TO_BODY = {"num_images": "n", "width": "size", "height": "size"}
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+# An images body is an object of scalars (and the odd list): deeper is no request, and a
+# bound keeps every later walk (hashing, messages) far from Python's recursion limit.
+MAX_BODY_DEPTH = 16
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,84 @@ class RequestError(ValueError):
     def __init__(self, problems: list[tuple[Optional[str], str]]):
         super().__init__("; ".join(message for _, message in problems))
         self.problems = problems
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """A request body -> its JSON value, or :class:`RequestError` saying what is wrong with
+    it: not UTF-8, not JSON, ``NaN``/``Infinity`` or a number too large for a float (JSON has
+    neither), nesting deeper than :data:`MAX_BODY_DEPTH`, or text that is not Unicode (a
+    lone surrogate such as ``"\\ud800"``, which no encoder can write). Each problem names
+    the top-level field it is in."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError([(None, f"the request body is not UTF-8 text (byte {exc.start}); send JSON in UTF-8")]) from None
+    try:
+        body = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_whole_number)
+    except RecursionError:
+        raise RequestError([(None, f"the request body is nested too deeply; at most {MAX_BODY_DEPTH} levels")]) from None
+    except ValueError as exc:  # JSONDecodeError, or a number the hooks below refuse
+        raise RequestError([(None, f"the request body is not valid JSON: {exc}")]) from None
+    problems = _value_problems(body)
+    if problems:
+        raise RequestError(problems)
+    return body
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _whole_number(text: str) -> int:
+    # Python refuses to read integers of over 4300 digits with a message about its own
+    # settings; no field takes anything near this long.
+    if len(text.lstrip("-")) > 64:
+        raise ValueError(f"a whole number of {len(text.lstrip('-'))} digits is beyond the range of numbers this API takes")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is beyond the range of numbers this API takes")
+    return value
+
+
+def _value_problems(body: Any) -> list[tuple[Optional[str], str]]:
+    """Text that is not Unicode, and nesting past :data:`MAX_BODY_DEPTH`, in ``body``; each
+    named by its top-level field. Iterative: a body is not trusted to be shallow."""
+    problems: dict[Optional[str], str] = {}
+    stack: list[tuple[Any, Optional[str], int]] = [(body, None, 0)]
+    while stack:
+        value, name, depth = stack.pop()
+        if depth > MAX_BODY_DEPTH:
+            problems.setdefault(name, f"{name or 'the request body'}: nested too deeply; at most {MAX_BODY_DEPTH} levels")
+            continue
+        if isinstance(value, dict):
+            for key, item in value.items():
+                field_name = name if depth else key
+                if _not_unicode(key):
+                    problems.setdefault(None, f"a field name is not Unicode text: {_surrogate_message(key)}")
+                    field_name = None
+                stack.append((item, field_name, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, name, depth + 1) for item in value)
+        elif isinstance(value, str) and _not_unicode(value):
+            problems.setdefault(name, f"{name or 'the request body'}: not Unicode text: {_surrogate_message(value)}")
+    return sorted(problems.items(), key=lambda item: item[0] or "")
+
+
+def _not_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _surrogate_message(text: str) -> str:
+    at = next(i for i, char in enumerate(text) if 0xD800 <= ord(char) <= 0xDFFF)
+    return f"a lone surrogate (U+{ord(text[at]):04X}) at character {at}; escape only whole characters (a pair \\ud83d\\ude00 is fine)"
 
 
 def default_id(prompt: Any) -> str:

@@ -10,6 +10,14 @@ Two processes, so that a signal to the whole process group (systemd's, a shell's
   to finish (:mod:`.drain`), then it shuts down and exits 0. A second SIGINT (Ctrl-C)
   skips the rest of the wait.
 
+The deadline holds whatever is running: the process is gone within ``shutdown_grace_s +
+SHUTDOWN_MARGIN_S`` of the signal. Requests still running at the end of the grace period
+are cut off by killing the server's own Ray processes outright (an orderly
+``ray.shutdown()`` under a running generation waits for its workers, 11 s past the grace
+at high load); an idle shutdown is orderly, and a watchdog kills what is left if even that
+overruns the margin (exit 1). Supervisors' stop timeouts (systemd ``TimeoutStopSec``, a
+pod's ``terminationGracePeriodSeconds``) need to be at least the sum.
+
 Without the split, a local Ray started by ``ray.init`` shares our process group: a group
 SIGTERM kills its raylet and GCS at once, in-flight requests fail and the driver hangs
 on a dead cluster. If the supervisor itself is killed, the kernel sends the server
@@ -19,6 +27,7 @@ SIGTERM (``PR_SET_PDEATHSIG``), so it still drains.
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import socket
 import subprocess
@@ -39,6 +48,10 @@ from pipeline.spec.config import JobSpec
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1
+# After shutdown_grace_s, this long for the shutdown itself (killing Ray's processes takes
+# well under a second; an orderly shutdown of an idle local Ray, a few): the process is
+# gone within shutdown_grace_s + SHUTDOWN_MARGIN_S of the signal. README and infra/ agree.
+SHUTDOWN_MARGIN_S = 5.0
 
 
 def supervise(child_argv: list[str]) -> int:
@@ -116,7 +129,9 @@ def serve_until_interrupted(spec: JobSpec, announce: Callable[[str], None] = pri
         url = start(spec, drain=actor_name(APP_NAME))
         announce(f"serving {', '.join(spec.named_models())} at {url}/v1/images/generations (Ctrl-C or SIGTERM to stop)")
         signals.wait()
-        cut_off = _drain(drain, sv.shutdown_grace_s, signals.name, announce)
+        deadline = time.monotonic() + sv.shutdown_grace_s
+        _watchdog(deadline + SHUTDOWN_MARGIN_S, announce)
+        cut_off = _drain(drain, deadline, sv.shutdown_grace_s, signals.name, announce)
     except KeyboardInterrupt:
         announce("SIGINT again: stopping now, without waiting for requests in flight")
         cut_off = -1
@@ -132,21 +147,26 @@ def serve_until_interrupted(spec: JobSpec, announce: Callable[[str], None] = pri
             signals.restore()
 
 
-def _drain(drain: "ray.actor.ActorHandle", grace_s: float, why: str, announce: Callable[[str], None]) -> int:
-    """Refuse new requests, wait up to ``grace_s`` for those in flight; return how many
-    were still in flight at the end."""
-    in_flight = ray.get(drain.drain.remote(), timeout=30)
+def _drain(drain: "ray.actor.ActorHandle", deadline: float, grace_s: float, why: str, announce: Callable[[str], None]) -> int:
+    """Refuse new requests, wait until ``deadline`` (monotonic) at most for those in
+    flight; return how many were still in flight at the end (-1: the coordinator did not
+    answer in time, so unknown)."""
+    try:
+        in_flight = ray.get(drain.drain.remote(), timeout=max(0.1, deadline - time.monotonic()))
+    except ray.exceptions.GetTimeoutError:
+        announce(f"the drain coordinator did not answer within serve.shutdown_grace_s={grace_s:g}; stopping now")
+        return -1
     announce(f"{why}: taking no new requests (503); waiting up to {grace_s:g} s for {in_flight} in flight (Ctrl-C again to stop now)")
-    deadline = time.monotonic() + grace_s
     while in_flight:
         left = deadline - time.monotonic()
         if left <= 0:
             announce(f"grace period (serve.shutdown_grace_s={grace_s:g}) over with {in_flight} request(s) still in flight: they are cut off")
             return in_flight
         # One-second slices: the main thread stays free to take a second Ctrl-C. A slow
-        # answer (a loaded machine) is no reason to cut requests off: ask again.
+        # answer (a loaded machine) is no reason to cut requests off before the deadline:
+        # ask again, but never past it.
         try:
-            in_flight = ray.get(drain.wait_idle.remote(min(left, 1.0)), timeout=min(left, 1.0) + 30)
+            in_flight = ray.get(drain.wait_idle.remote(min(left, 1.0)), timeout=left)
         except ray.exceptions.GetTimeoutError:
             continue
     announce("no request in flight")
@@ -154,16 +174,73 @@ def _drain(drain: "ray.actor.ActorHandle", grace_s: float, why: str, announce: C
 
 
 def _shut_down(joined: bool, idle: bool) -> None:
+    """Idle: an orderly shutdown (on a cluster we joined, our app deleted; Serve too if it
+    was the last). Requests cut off: nothing is waited for. Our own Ray's processes are
+    killed and the process exits 0 at once (an orderly shutdown would wait for the
+    generations still running, and so would Ray's exit handler); a joined cluster keeps
+    running, without our app."""
+    if not idle and not joined:
+        _kill_own_processes()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     try:
         if joined and ray.is_initialized():
-            # A cluster we only joined lives on: remove our app; Serve too if it was the last.
             serve.delete(APP_NAME, _blocking=idle)
             if idle and not serve.status().applications:
                 serve.shutdown()
-        # A local Ray we started goes with ray.shutdown(); nothing is in flight (or what is
-        # left was given its grace period), so there is nothing to wait for.
     finally:
         ray.shutdown()
+
+
+def _watchdog(at: float, announce: Callable[[str], None]) -> None:
+    """At monotonic time ``at``, if the process is still here: say so, kill our Ray's
+    processes and exit 1, whatever the main thread is stuck in."""
+
+    def expire() -> None:
+        time.sleep(max(0.0, at - time.monotonic()))
+        announce(f"the shutdown did not finish within serve.shutdown_grace_s + {SHUTDOWN_MARGIN_S:g} s: stopping Ray's processes now")
+        _kill_own_processes()
+        os._exit(1)
+
+    threading.Thread(target=expire, name="shutdown-deadline", daemon=True).start()
+
+
+def _kill_own_processes() -> None:
+    """SIGKILL every process this server started: its descendants, and, when it leads its
+    session (``imagegen serve`` starts it so), the rest of its session, which Ray's
+    daemons stay in even once re-parented. Never anything outside them."""
+    me = os.getpid()
+    table = _process_table()
+    doomed = set()
+    frontier = [me]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, (ppid, _) in table.items() if ppid == parent and pid not in doomed]
+        doomed.update(children)
+        frontier += children
+    if os.getsid(0) == me:
+        doomed.update(pid for pid, (_, sid) in table.items() if sid == me)
+    doomed.discard(me)
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _process_table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, session id), from /proc (Linux; elsewhere empty: nothing killed)."""
+    table = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if entry.isdigit():
+            try:
+                # The command name may hold spaces and parentheses; fields resume after the last ')'.
+                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            table[int(entry)] = (int(fields[1]), int(fields[3]))
+    return table
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -226,6 +226,9 @@ class ServeConfig(Section):
     ``api_keys_env`` (the NAME of an environment variable holding them, comma or
     whitespace separated); never a key itself, which would end up in manifests and
     configs. With keys, every route but ``/healthz`` needs ``Authorization: Bearer KEY``.
+    ``max_ongoing_requests_per_key`` caps the requests one key may hold in a replica at once
+    (of its ``max_ongoing_requests``), so no key can take the whole front; past it, 429 with
+    ``Retry-After``. It needs keys (without them there is no key to count by).
     Listening on a non-loopback ``host`` without keys is refused unless
     ``allow_unauthenticated: true``. ``shutdown_grace_s``: on SIGTERM/SIGINT new requests
     get 503 and those in flight get this long to finish (also each replica's graceful
@@ -247,6 +250,7 @@ class ServeConfig(Section):
     api_keys_file: Optional[str] = None
     api_keys_env: Optional[str] = None
     allow_unauthenticated: bool = False
+    max_ongoing_requests_per_key: Optional[int] = Field(None, ge=1)
     shutdown_grace_s: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
@@ -257,6 +261,8 @@ class ServeConfig(Section):
         # value that is not a variable name may well be a key pasted in by mistake.
         if self.api_keys_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_keys_env):
             raise ValueError("api_keys_env must be the NAME of an environment variable (letters, digits, _) that holds the keys, never a key")
+        if self.max_ongoing_requests_per_key is not None and self.api_keys_file is None and self.api_keys_env is None:
+            raise ValueError("max_ongoing_requests_per_key counts requests by API key: set api_keys_file or api_keys_env too, or remove it")
         bad = {name: steps for name, steps in self.quality_steps.items() if steps < 1}
         if bad:
             raise ValueError(f"quality_steps must be whole numbers of steps >= 1, got {bad}")
