@@ -15,7 +15,7 @@ Reading (:func:`read_commits`) decides, deterministically and without writing:
 - a record that cannot be read (truncated, digest mismatch) is *dropped*;
 - a record one of whose parts is missing, or whose size differs from the record's
   (a truncated Parquet file), is *dropped* whole: a part is adopted whole or not at all;
-- records are taken in order (run id, which sorts by start time; compacted records
+- records are taken in order (run id, which sorts by the run's sequence number; compacted records
   first; then name). A record holding a request id an earlier accepted record already
   holds is *superseded* whole (a write Ray retried with another block composition): the
   first one wins, so no request id is counted twice;
@@ -306,7 +306,7 @@ def _legacy_records(fs: fsspec.AbstractFileSystem, root: str, covered: set[str],
 
 
 def read_manifests(fs: fsspec.AbstractFileSystem, root: str) -> list[dict[str, Any]]:
-    """The run manifests in ``root``, oldest first (run ids sort by start); unreadable ones skipped."""
+    """The run manifests in ``root``, oldest first (run ids sort by sequence number, see :mod:`.lock`); unreadable ones skipped."""
     runs_dir = filesystem.join(root, RUNS_DIR)
     if not fs.isdir(runs_dir):
         return []
