@@ -45,3 +45,32 @@ def test_two_records_whose_ids_share_a_hash_but_not_an_id_are_both_kept(output):
     part_files.write_block(fs, root, "r000000000002-y", with_ids(stream_block(range(5, 7)), [twin("a", 2), twin("e", 9)]))
     again = commit_protocol.read_commits(fs, root)
     assert len(again.superseded) == 1 and sorted(r.name for r in again.records) == sorted(first.records + later.records)
+
+
+def test_ids_of_32_digits_sharing_their_first_16_are_different_owners(tmp_path):
+    """Input ids such as zero-padded numbers of 32 digits look like request ids: read by
+    their first 16 digits they were one id, and an image of a removed row went unreported."""
+    from pipeline.output.ownership import unowned_images
+    from pipeline.spec.load import parse_spec
+
+    kept, removed = f"{1:032d}", f"{2:032d}"
+    (tmp_path / "in.csv").write_text(f"key,prompt\n{kept},a kite\n")
+    spec = parse_spec({"input": {"url": str(tmp_path / "in.csv"), "id_column": "key"}, "model": {"ref": "tiny"}, "output": {"url": str(tmp_path / "out")}})
+    fs, root = filesystem.open_url(spec.output.url)
+    block = stream_block(range(0, 2))
+    block = block.set_column(block.schema.get_field_index(S.ID), S.ID, pa.array([kept, removed]))
+    report = part_files.write_block(fs, root, "r000000000001-x", block)
+    part_files.write_manifest(fs, root, "r000000000001-x", {"run_id": "r000000000001-x", "status": "complete", "parts": report.parts})
+    assert unowned_images(spec, fs, root).images == 1
+
+
+def test_two_ids_whose_short_hashes_collide_are_not_taken_for_repeats(monkeypatch):
+    """A digest crafted to collide in the 8 bytes that used to decide: the rest of it tells
+    the ids apart; a true repeat is still one."""
+    from pipeline.spec import duplicate_ids
+    from pipeline.spec.duplicate_ids import SeenIds, unit_ids
+
+    real = duplicate_ids.id_hash
+    monkeypatch.setattr(duplicate_ids, "id_hash", lambda text: b"collides" + real(text)[8:])
+    table = pa.table({"id": ["a", "b", "a"], S.INPUT_SOURCE: ["t.csv"] * 3, S.INPUT_ROW: [0, 1, 2]})
+    assert SeenIds().register(*unit_ids([table], "id")) == {"t.csv#2": "t.csv#0"}
