@@ -205,6 +205,8 @@ def prepare_output(spec: JobSpec, run_id: str = "", started: float = 0.0, catalo
                 f"{spec.output.url} already holds {len(runs)} run(s) and output.mode is error_if_exists; "
                 "choose another output.url, or set output.mode to incremental or overwrite"
             )
+        if run_id:  # the repair deletes: only under a live lease
+            lock.check_lease(fs, root, run_id, spec.output.url)
         recovery = commit_protocol.repair(fs, root, found)
         older_ids = scheme_warning(manifests) if spec.output.mode == "incremental" else None
         interrupted = part_files.interrupted_runs(manifests, found)

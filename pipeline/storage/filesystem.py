@@ -209,8 +209,9 @@ def read_versioned(fs: fsspec.AbstractFileSystem, path: str) -> Optional[Version
         except FileNotFoundError:
             return None
         data = _read_body(fs, answer["Body"])
-        now = email.utils.parsedate_to_datetime(answer["ResponseMetadata"]["HTTPHeaders"]["date"])
-        return Versioned(data, answer["ETag"], (now - answer["LastModified"]).total_seconds())
+        date = answer.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        now = email.utils.parsedate_to_datetime(date).timestamp() if date else time.time()  # a store that sends no Date
+        return Versioned(data, answer["ETag"], now - answer["LastModified"].timestamp())
 
 
 def create_versioned(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> Optional[str]:
