@@ -17,7 +17,7 @@ import pytest
 from pipeline.errors import LeaseLost, RunConflict
 from pipeline.batch.run import run
 from pipeline.output.verify import verify
-from pipeline.storage import filesystem
+from pipeline.storage import filesystem, part_files
 from pipeline.storage.lock import LOCK_NAME, OutputLock, check_lease, live_holder
 
 from s3_proxy import S3Proxy
@@ -450,3 +450,30 @@ def test_a_run_that_loses_its_lease_stops_writing_and_says_so(ray_cluster, make_
     assert not direct.exists(f"{root}/_commits"), "nothing committed after the lease was lost"
     assert json.loads(direct.cat_file(f"{root}/{LOCK_NAME}"))["run_id"] == other.run_id
     other.release()
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_run_that_lost_its_lease_rewrites_no_error_part(where, tmp_path, s3):
+    """The error-part rewrite deletes and rewrites committed files: it checks the lease
+    before each step, so a run whose output was taken over leaves the files alone."""
+    from pipeline.storage import supersede
+    from test_durability import stream_block
+
+    if where == "local":
+        fs, root = filesystem.open_url(str(tmp_path / "out"))
+    else:
+        fs, root = s3[0], f"{s3[1]}/out"
+    lock = OutputLock.acquire(fs, root, "run-a", "x")
+    try:
+        first, later = "20260101T000000Z-aaaaaaaa", lock.run_id
+        block = part_files.write_block(fs, root, first, stream_block(range(0, 4), failed={2}))
+        part_files.write_manifest(fs, root, first, {"run_id": first, "status": "complete", "parts": block.parts, "counts": {}})
+        again = part_files.write_block(fs, root, later, stream_block(range(2, 3)))
+        part_files.write_manifest(fs, root, later, {"run_id": later, "status": "complete", "parts": again.parts, "counts": {}})
+        before = sorted(fs.find(filesystem.join(root, "errors")))
+        fs.pipe_file(filesystem.join(root, LOCK_NAME), json.dumps({"run_id": "run-b", "host": "elsewhere", "pid": 1, "lease_s": 60}).encode())
+        with pytest.raises(LeaseLost, match="run-b"):
+            supersede.supersede_errors(fs, root, check=lambda: check_lease(fs, root, later, "x"))
+        assert sorted(fs.find(filesystem.join(root, "errors"))) == before
+    finally:
+        lock.release()
