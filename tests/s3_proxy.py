@@ -1,5 +1,7 @@
 """A fault-injecting HTTP proxy on 127.0.0.1 in front of moto's S3 server: real requests,
-real failures (HTTP 500, 503, dropped connections), chosen per request by a rule.
+real failures (HTTP 500, 503, dropped connections), chosen per request by a rule; a gate
+may hold a request until the test lets it go (to force an interleaving of two clients),
+and every request's method, path and headers are kept (to assert a condition header).
 s3fs and botocore are never patched: they meet the faults over the wire."""
 
 from __future__ import annotations
@@ -15,18 +17,28 @@ _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer",
 
 # (method, path) -> None to forward, or "500", "503" or "reset".
 FaultRule = Callable[[str, str], Optional[str]]
+# (method, path, headers with lower-case names) -> None; may block to hold the request.
+Gate = Callable[[str, str, dict], None]
+
+
+def forward_all(method: str, path: str) -> Optional[str]:
+    return None
 
 
 class S3Proxy(ThreadingHTTPServer):
     """Forwards to ``upstream`` unless ``rule(method, path)`` names a fault; counts what
-    it injected and forwarded. ``rule`` may be replaced while the proxy runs."""
+    it injected and forwarded. ``rule`` may be replaced while the proxy runs. ``gate``,
+    when given, sees each request first, outside the proxy's own lock, and may block it;
+    ``requests`` lists (method, path, headers) of every request in arrival order."""
 
     daemon_threads = True
 
-    def __init__(self, upstream: str, rule: FaultRule):
+    def __init__(self, upstream: str, rule: FaultRule = forward_all, gate: Optional[Gate] = None):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.upstream = urlsplit(upstream)
         self.rule = rule
+        self.gate = gate
+        self.requests: list[tuple[str, str, dict]] = []
         self.lock = threading.Lock()
         self.injected = {"500": 0, "503": 0, "reset": 0}
         self.forwarded = 0
@@ -36,7 +48,11 @@ class S3Proxy(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
-    def next_fault(self, method: str, path: str) -> Optional[str]:
+    def next_fault(self, method: str, path: str, headers: dict) -> Optional[str]:
+        with self.lock:
+            self.requests.append((method, path, headers))
+        if self.gate is not None:
+            self.gate(method, path, headers)
         with self.lock:
             fault = self.rule(method, path)
             if fault is None:
@@ -75,7 +91,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self) -> None:
         body = self._body()
-        fault = self.server.next_fault(self.command, urlsplit(self.path).path)
+        fault = self.server.next_fault(self.command, urlsplit(self.path).path, {k.lower(): v for k, v in self.headers.items()})
         if fault == "reset":
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)

@@ -93,7 +93,8 @@ class OutputWriter:
         )
         # Retried and fixed rows leave errors/. A task: with error parts present it reads the
         # output's commit records (8 bytes an image), which the driver must not hold.
-        result(superseding.options(num_cpus=self._spec.runtime.task_cpus).remote(self._output))
+        result(superseding.options(num_cpus=self._spec.runtime.task_cpus).remote(self._output, self._run_id))
+        lock.check_lease(fs, root, self._run_id, self._output.url)  # the card replaces README.md
         card.write_card(fs, root)
         self.report = report
 
@@ -125,11 +126,12 @@ class RecordFolder:
 
 
 @ray.remote
-def superseding(output: OutputConfig) -> None:
-    """The end-of-run task that removes superseded error rows (:mod:`pipeline.storage.supersede`)."""
+def superseding(output: OutputConfig, run_id: str) -> None:
+    """The end-of-run task that removes superseded error rows (:mod:`pipeline.storage.supersede`),
+    each rewrite after a check that run ``run_id`` still holds the lease."""
     fs, root = filesystem.open_url(output.url, output.storage_options)
     with filesystem.storage_errors(output.url, "write"):
-        supersede.supersede_errors(fs, root)
+        supersede.supersede_errors(fs, root, check=lambda: lock.check_lease(fs, root, run_id, output.url))
 
 
 @ray.remote
@@ -203,6 +205,8 @@ def prepare_output(spec: JobSpec, run_id: str = "", started: float = 0.0, catalo
                 f"{spec.output.url} already holds {len(runs)} run(s) and output.mode is error_if_exists; "
                 "choose another output.url, or set output.mode to incremental or overwrite"
             )
+        if run_id:  # the repair deletes: only under a live lease
+            lock.check_lease(fs, root, run_id, spec.output.url)
         recovery = commit_protocol.repair(fs, root, found)
         older_ids = scheme_warning(manifests) if spec.output.mode == "incremental" else None
         interrupted = part_files.interrupted_runs(manifests, found)

@@ -76,6 +76,7 @@ def run(spec: JobSpec, stage: type[ActorEngines] = ActorEngines) -> RunSummary:
     # must never delete the parts of a run still in flight.
     fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
     lock = OutputLock.acquire(fs, root, run_id, spec.output.url, lease_s=spec.output.lock_lease_s)
+    run_id = lock.run_id  # numbered under the lock: "later" is a larger number, not a later clock
     try:
         prepared, skip = prepare(spec, run_id, started, catalog)  # adopts what interrupted runs committed
         # Beside the work, not before it: the check reads every input id and every committed

@@ -7,7 +7,7 @@ and the dataset doubles without any error. :func:`unowned_images` finds the imag
 identity no current row has, so ``imagegen validate`` and ``imagegen run`` can warn before
 any work and ``imagegen verify --input`` can report them.
 
-Costs one pass over the input's ids, held as 8-byte hashes (or, without an id column, its
+Costs one pass over the input's ids, held as 16-byte digests of their text (or, without an id column, its
 row count per file: Parquet from the footers), and one over the ``id``, ``source`` and
 ``row_index`` columns of the committed image parts, compared as Arrow columns: nothing per
 image is kept. Pure: no Ray.
@@ -26,11 +26,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import StorageError
-from pipeline.spec import schema as S
+from pipeline.spec import duplicate_ids, schema as S
 from pipeline.spec.cells import RowError, id_text
 from pipeline.spec.config import JobSpec
 from pipeline.storage import commit_protocol, filesystem, record_format, tables
-from pipeline.storage.skip_filter import CommittedIds, id_hashes
 
 _SHOWN = 5
 
@@ -90,22 +89,31 @@ def unowned_images(spec: JobSpec, fs: fsspec.AbstractFileSystem, root: str) -> U
 
 def _owner(spec: JobSpec) -> Callable[[pa.Table], np.ndarray]:
     """``owned(images)``: for each image row (``id``, ``source``, ``row_index``), whether a
-    current input row has its identity. Vectorised, and compact on the driver: the input's
-    ids are held as 8-byte hashes (as the skip filter holds request ids), not as strings."""
+    current input row has its identity. Vectorised, and compact: the input's ids are held
+    as 16-byte digests of their whole text (:func:`~pipeline.spec.duplicate_ids.id_hash`),
+    not as strings, and not as the skip filter's 8-byte request-id hashes (which read an
+    id of 32 hex digits by its first 16: ids sharing those would be taken for one)."""
     inp = spec.input
     if inp.id_column:
-        hashes = []
+        digests = []
         for chunk in tables.read_input(inp):
             if inp.id_column in chunk.column_names:
-                texts = []
                 for value in chunk.column(inp.id_column).to_pylist():
                     try:
-                        texts.append(id_text(value))
+                        text = id_text(value)
                     except RowError:
                         continue
-                hashes.append(id_hashes(pa.array([x for x in texts if x is not None], pa.string())))
-        ids = CommittedIds(np.concatenate(hashes) if hashes else None)
-        return lambda images: ids.contains(images.column(S.ID))
+                    if text is not None:
+                        digests.append(duplicate_ids.id_hash(text))
+        ids = np.unique(np.array(digests, f"S{duplicate_ids.DIGEST_BYTES}"))
+
+        def owned_ids(images: pa.Table) -> np.ndarray:
+            wanted = np.array([duplicate_ids.id_hash(x or "") for x in images.column(S.ID).to_pylist()], ids.dtype)
+            if not len(ids):
+                return np.zeros(len(wanted), bool)
+            return ids[np.minimum(np.searchsorted(ids, wanted), len(ids) - 1)] == wanted
+
+        return owned_ids
     rows = tables.rows_per_file(inp)
 
     def owned(images: pa.Table) -> np.ndarray:

@@ -5,12 +5,12 @@ A row whose id repeats an earlier row's id is rejected, naming the earlier row (
 order, rows in file order. The job reads the table as a sequence of read units (groups
 of Parquet row groups, or whole files) on the cluster; each unit registers its ids with one
 :class:`SeenIds` in unit order and learns which of its rows repeat an earlier id. The
-record keeps no Python object per id: 8-byte hashes of the id text in sorted numpy
-arrays beside the first row's position (about 20 bytes an id: 2 GB for 100M ids).
+record keeps no Python object per id: 16-byte digests of the whole id text in sorted
+numpy arrays beside the first row's position (about 28 bytes an id: 2.8 GB for 100M ids).
 
-Trade-off: ids are compared by a 64-bit hash, so two different ids collide with
-probability about n^2 / 2^65 over the table (3e-4 for 100M distinct ids); a collision
-rejects a good row as a repeat, with a message naming the row it collided with.
+Trade-off: ids are compared by a 128-bit digest (as request ids are themselves), so two
+different ids are taken for one with odds of about n^2 / 2^129 (1.5e-23 for 100M distinct
+ids); an 8-byte hash (3e-4 at 100M) would reject a good row as a repeat.
 
 Pure: numpy only; the job puts one in a Ray actor (:mod:`pipeline.batch.reading`).
 """
@@ -27,9 +27,13 @@ from pipeline.spec import schema as S
 from pipeline.spec.cells import RowError, id_text
 
 
-def id_hash(text: str) -> int:
-    """A stable 64-bit hash of an id's text (the same in every process and run)."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+DIGEST_BYTES = 16
+
+
+def id_hash(text: str) -> bytes:
+    """A stable 128-bit digest of an id's whole text (the same in every process and run).
+    Module-level, called through the module, so that tests can replace it to craft collisions."""
+    return hashlib.blake2b(text.encode(), digest_size=DIGEST_BYTES).digest()
 
 
 def unit_ids(chunks: Iterable[pa.Table], id_column: str) -> "UnitIds":
@@ -37,7 +41,7 @@ def unit_ids(chunks: Iterable[pa.Table], id_column: str) -> "UnitIds":
     index, row)``, one entry per row with a non-empty id; ``sources`` names the files."""
     sources: list[str] = []
     index: dict[str, int] = {}
-    hashes: list[int] = []
+    hashes: list[bytes] = []
     where: list[int] = []
     rows: list[int] = []
     for chunk in chunks:
@@ -57,7 +61,7 @@ def unit_ids(chunks: Iterable[pa.Table], id_column: str) -> "UnitIds":
             hashes.append(id_hash(text))
             where.append(index[source])
             rows.append(row)
-    return sources, np.array(hashes, np.uint64), np.array(where, np.int32), np.array(rows, np.int64)
+    return sources, np.array(hashes, f"S{DIGEST_BYTES}"), np.array(where, np.int32), np.array(rows, np.int64)
 
 
 # Rows of a read unit registered at once: a Parquet unit's worth (see
@@ -112,7 +116,7 @@ def _batched(chunks: Iterable[pa.Table], rows: int) -> Iterator[list[pa.Table]]:
 
 
 class SeenIds:
-    """Id hashes seen so far -> the position (file, row) of the first row that had each.
+    """Id digests seen so far -> the position (file, row) of the first row that had each.
 
     Kept as a few sorted levels (log-structured: a new unit's ids make a level, and levels
     of like size merge), so adding n ids costs O(n log n) over a job and a lookup one binary

@@ -7,15 +7,20 @@ to check, never a botocore traceback.
 
 from __future__ import annotations
 
+import email.utils
 import fcntl
+import hashlib
 import os
 import posixpath
 import shutil
+import time
 import uuid
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
 
 import fsspec
+import fsspec.asyn
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import StorageError
@@ -160,19 +165,9 @@ def fill_folder_once(target: str, fill: Callable[[str], None], marker: str) -> s
 
 def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
     """Write ``path`` only if it does not exist yet; False if it does. Atomic on local
-    disks (``O_EXCL``) and on S3 (a conditional PUT, ``If-None-Match: *``)."""
-    with storage_errors(path, "create"):
-        try:
-            if is_local(fs):
-                os.makedirs(posixpath.dirname(path), exist_ok=True)
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-            else:
-                fs.pipe_file(path, data, mode="create")
-        except FileExistsError:
-            return False
-    return True
+    disks (a whole temporary file hard-linked to ``path``, so no reader sees it half
+    written) and on S3 (a conditional PUT, ``If-None-Match: *``)."""
+    return create_versioned(fs, path, data) is not None
 
 
 def arrow_filesystem(fs: fsspec.AbstractFileSystem):
@@ -180,3 +175,152 @@ def arrow_filesystem(fs: fsspec.AbstractFileSystem):
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     return PyFileSystem(FSSpecHandler(fs))
+
+
+# -- versioned files: compare-and-swap on one small file (the output's lock) --------------
+
+
+@dataclass
+class Versioned:
+    """A small file as read with its version: ``version`` changes with every write (the
+    ETag on object stores, the sha256 of the bytes locally); ``age_s`` is the time since
+    its last write by the store's own clock (S3's ``Date`` minus ``Last-Modified``, 1 s
+    resolution; locally the kernel's clock against the file's mtime), so every reader
+    judges it by one clock, whatever its own says."""
+
+    data: bytes
+    version: str
+    age_s: float
+
+
+def read_versioned(fs: fsspec.AbstractFileSystem, path: str) -> Optional[Versioned]:
+    """``path``'s bytes, version and age, read in one request; None when it does not exist."""
+    with storage_errors(path, "read"):
+        if is_local(fs):
+            try:
+                with open(path, "rb") as f:
+                    data, mtime = f.read(), os.fstat(f.fileno()).st_mtime
+            except FileNotFoundError:
+                return None
+            return Versioned(data, hashlib.sha256(data).hexdigest(), time.time() - mtime)
+        bucket, key, _ = fs.split_path(path)
+        try:
+            answer = fs.call_s3("get_object", Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            return None
+        data = _read_body(fs, answer["Body"])
+        date = answer.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        now = email.utils.parsedate_to_datetime(date).timestamp() if date else time.time()  # a store that sends no Date
+        return Versioned(data, answer["ETag"], now - answer["LastModified"].timestamp())
+
+
+def create_versioned(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> Optional[str]:
+    """:func:`create_exclusive`, returning the new file's version (None: it existed)."""
+    with storage_errors(path, "create"):
+        if is_local(fs):
+            parent = posixpath.dirname(path)
+            os.makedirs(parent, exist_ok=True)
+            tmp = _local_temp(parent, path, data)
+            try:
+                os.link(tmp, path)  # exclusive, and the file is whole when it appears
+            except FileExistsError:
+                return None
+            finally:
+                os.remove(tmp)
+            return hashlib.sha256(data).hexdigest()
+        try:
+            answer = fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return None
+        return answer["ETag"]
+
+
+def replace_versioned(fs: fsspec.AbstractFileSystem, path: str, data: bytes, version: str) -> Optional[str]:
+    """Replace ``path`` with ``data`` only if it is still at ``version``; the new version,
+    or None when it changed or is gone (nothing written). S3: one PUT with ``If-Match``.
+    Local: the compare and the rename happen under an ``flock`` of the folder, which every
+    replace and remove takes (released by the kernel if the process dies); the new bytes
+    are a whole file renamed into place."""
+    with storage_errors(path, "write"):
+        if not is_local(fs):
+            try:
+                return fs.pipe_file(path, data, IfMatch=version)["ETag"]
+            except OSError as exc:
+                if _precondition_failed(exc):
+                    return None
+                raise
+        parent = posixpath.dirname(path)
+        tmp = _local_temp(parent, path, data)
+        try:
+            with _folder_locked(parent):
+                if _local_version(path) != version:
+                    return None
+                os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return hashlib.sha256(data).hexdigest()
+
+
+def remove_versioned(fs: fsspec.AbstractFileSystem, path: str, version: str) -> bool:
+    """Remove ``path`` only if it is still at ``version``; False when it changed or is gone."""
+    with storage_errors(path, "remove"):
+        if not is_local(fs):
+            bucket, key, _ = fs.split_path(path)
+            try:
+                fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
+            except FileNotFoundError:
+                return False
+            except OSError as exc:
+                if _precondition_failed(exc):
+                    return False
+                raise
+            finally:
+                fs.invalidate_cache(path)
+            return True
+        with _folder_locked(posixpath.dirname(path)):
+            if _local_version(path) != version:
+                return False
+            os.remove(path)
+        return True
+
+
+def _read_body(fs: fsspec.AbstractFileSystem, body: Any) -> bytes:
+    async def read() -> bytes:
+        async with body:
+            return await body.read()
+
+    return fsspec.asyn.sync(fs.loop, read)
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    cause = exc.__cause__
+    response = getattr(cause, "response", None) or {}
+    return response.get("Error", {}).get("Code") == "PreconditionFailed" or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412
+
+
+def _local_temp(parent: str, path: str, data: bytes) -> str:
+    tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def _local_version(path: str) -> Optional[str]:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+@contextmanager
+def _folder_locked(folder: str) -> Iterator[None]:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock

@@ -42,7 +42,8 @@ _RAW_FIELDS = (S.PROMPT, S.NEGATIVE_PROMPT, S.SEED, S.WIDTH, S.HEIGHT, S.STEPS, 
 
 
 def new_run_id() -> str:
-    """Sortable by start time, unique across concurrent runs."""
+    """Unique across concurrent runs, readable (its start time); the lock numbers it
+    (:func:`~pipeline.storage.lock.numbered_run_id`), and that number orders runs."""
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
 
 

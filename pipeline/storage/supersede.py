@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import fsspec
 import pyarrow as pa
@@ -104,10 +104,11 @@ def _read(fs: fsspec.AbstractFileSystem, root: str, relative: str, columns: list
         return pq.read_table(f, columns=columns)
 
 
-def supersede_errors(fs: fsspec.AbstractFileSystem, root: str) -> Superseded:
+def supersede_errors(fs: fsspec.AbstractFileSystem, root: str, check: Callable[[], None] = lambda: None) -> Superseded:
     """Remove the error rows that later runs superseded (see the module docstring) from the
     committed output at ``root``; mark every run checked. Call it after a run's manifest is
-    written, holding the output's lock."""
+    written, holding the output's lock; ``check()`` runs before every rewrite and removal
+    and raises if the lease was lost (:func:`~pipeline.storage.lock.check_lease`)."""
     manifests = commit_protocol.read_manifests(fs, root)
     unchecked = {m["run_id"] for m in manifests if not m.get(CHECKED)}
     done = Superseded()
@@ -147,7 +148,9 @@ def supersede_errors(fs: fsspec.AbstractFileSystem, root: str) -> Superseded:
                         later[key] = run_id
     if later:
         for record in found.records:
+            check()
             _rewrite_record(fs, root, record, later, done)
+    check()
     if done.parts:
         for manifest in commit_protocol.read_manifests(fs, root):
             parts = manifest.get("parts", [])
