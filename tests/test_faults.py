@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from ray import cloudpickle as ray_cloudpickle
 
 from pipeline.batch.run import run
 from pipeline.output.verify import verify
@@ -248,3 +249,126 @@ def test_a_read_that_failed_on_a_dead_actor_stops_the_job(ray_cluster):
     with pytest.raises(ActorDiedError, match="actor died|killed"):
         feed.run()
     assert ray.get([e.ready.remote() for e in engines]) == [0, 0]  # the failed input never ran a call
+
+
+# Ray's workers cannot import this module: what its remote code uses travels by value.
+ray_cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def first_time(flag: Path) -> bool:
+    """True for the one caller, across processes, that creates ``flag``."""
+    try:
+        os.close(os.open(flag, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return False
+    return True
+
+
+@pytest.mark.timeout(150)  # without a deadline the job waits on the hung call for ever
+def test_a_hung_call_is_given_up_and_its_actor_restarted(ray_cluster, make_spec, prompts, tmp_path):
+    """The job's first engine call never returns, as on a hung GPU: past the deadline
+    (the floor, before any call has finished) its block goes back to the queue, the actor
+    is killed for Ray to restart, and the restarted actor makes every row, once."""
+    from pipeline.batch.engine_actors import ActorEngines
+
+    flag = tmp_path / "hung"
+
+    class HangsOnce(ActorEngines):
+        def __call__(self, batch):
+            if first_time(flag):
+                threading.Event().wait()  # hung: only a kill ends it
+            return super().__call__(batch)
+
+    n = 12
+    spec = make_spec({"url": prompt_table(tmp_path / "p.csv", prompts, n)}, runtime={"call_deadline_floor_s": 6})
+    summary = run(spec, stage=HangsOnce)
+    assert flag.exists()
+    assert summary.faults == {"calls_lost": 0, "calls_overdue": 1, "blocks_remade": 0, "parts_rewritten": 0}
+    assert (summary.images, summary.errors) == (n, 0)
+    assert_exactly_once(spec, n)
+
+
+def feed_blocks(n_blocks: int, rows: int):
+    """A read task's stream of ``n_blocks`` blocks of ``rows`` rows, numbered."""
+    import pyarrow as pa
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def read(unit):
+        for b in range(n_blocks):
+            yield pa.table({"x": list(range(b * rows, (b + 1) * rows))})
+
+    return lambda unit: read.options(num_returns="streaming").remote(unit)
+
+
+@pytest.mark.timeout(120)
+def test_an_actor_lost_twice_in_a_row_stays_in_the_pool(ray_cluster, tmp_path):
+    """The only engine actor dies in its first call, and again while the feed asks whether
+    it is back: both are losses Ray restarts it from, so the job goes on with it."""
+    import pyarrow as pa
+    import ray
+
+    from pipeline.batch.dispatch import Dispatcher
+
+    @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
+    class DiesTwice:
+        def generate(self, block):
+            if first_time(tmp_path / "died-in-call"):
+                os._exit(1)
+            return block, block.num_rows
+
+        def ready(self):
+            if (tmp_path / "died-in-call").exists() and first_time(tmp_path / "died-in-ready"):
+                os._exit(1)
+            return True
+
+    @ray.remote(num_cpus=0)
+    def write(*blocks):
+        return pa.concat_tables(blocks).column("x").to_pylist()
+
+    feed = Dispatcher(
+        units=["unit"], start_read=feed_blocks(3, 2), actors=[DiesTwice.remote()],
+        write=lambda slices: write.remote(*(ref for ref, _, _ in slices)), rows_per_part=2, lookahead=2,
+    )
+    assert sorted(x for part in feed.run() for x in part) == list(range(6))
+    assert (tmp_path / "died-in-ready").exists()
+    assert feed.faults.calls_lost >= 1  # the call it died in, and the one queued behind it if any
+
+
+@pytest.mark.timeout(120)
+def test_a_lost_writer_writes_again_without_generating_again(ray_cluster, tmp_path):
+    """A part's write task dies (its process goes, Ray's retries off): the part is written
+    again from the generated blocks it had; no block is generated twice."""
+    import pyarrow as pa
+    import ray
+
+    from pipeline.batch.dispatch import Dispatcher
+
+    @ray.remote(num_cpus=0)
+    class Counting:
+        def __init__(self):
+            self.calls = 0
+
+        def generate(self, block):
+            self.calls += 1
+            return block, block.num_rows
+
+        def ready(self):
+            return self.calls
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def write(bounds, *blocks):
+        if first_time(tmp_path / "writer-died"):
+            os._exit(1)
+        return [x for b, (start, stop) in zip(blocks, bounds) for x in b.column("x").to_pylist()[start:stop]]
+
+    engine = Counting.remote()
+    feed = Dispatcher(
+        units=["unit"], start_read=feed_blocks(3, 2), actors=[engine],
+        write=lambda slices: write.remote([(a, b) for _, a, b in slices], *(ref for ref, _, _ in slices)),
+        rows_per_part=3, lookahead=2,
+    )
+    assert sorted(x for part in feed.run() for x in part) == list(range(6))
+    assert (tmp_path / "writer-died").exists()
+    assert ray.get(engine.ready.remote()) == 3  # one call per block
+    assert (feed.faults.parts_rewritten, feed.faults.blocks_remade) == (1, 0)
