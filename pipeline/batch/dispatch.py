@@ -327,7 +327,7 @@ class Dispatcher:
 
     def _lost(self, i: int, fault: RayFault) -> None:
         """Actor ``i`` was lost: asked until it answers, unless it can never come back."""
-        self._answered[i] = False
+        self._answered[i], self._since[i] = False, None  # its other calls fail too: none is running
         if fault.kind is Fault.ACTOR_FAILED:
             self._up[i] = False
             self._alive.discard(i)
