@@ -344,7 +344,6 @@ def test_an_actor_lost_twice_in_a_row_stays_in_the_pool(ray_cluster, tmp_path):
 def test_a_lost_writer_writes_again_without_generating_again(ray_cluster, tmp_path):
     """A part's write task dies (its process goes, Ray's retries off): the part is written
     again from the generated blocks it had; no block is generated twice."""
-    import pyarrow as pa
     import ray
 
     from pipeline.batch.dispatch import Dispatcher
