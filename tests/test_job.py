@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -242,6 +243,10 @@ def test_cli_runs_the_demo(model_cache, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "images out   64" in result.stdout and f"{tmp_path}/out" in result.stdout
     assert len(images_of(tmp_path / "out")) == 64
+    # Ray core's error lines ("[date time E pid tid] file.cc:line: ..."): none in a healthy run.
+    # Engine actors with arguments in the object store printed one (ray-project/ray#53727).
+    core_errors = re.findall(r"^\[[\d-]+ [\d:,]+ E \d+ \d+\] .*$", result.stderr, re.MULTILINE)
+    assert not core_errors, core_errors
 
 
 def test_model_from_an_s3_prefix(make_spec, model_cache, s3, tmp_path):

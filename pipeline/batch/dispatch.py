@@ -17,12 +17,26 @@ bounded by the number of actors or by ``output.rows_per_part``, never by the tab
 The engine actors live for the whole job: the read of the next unit overlaps the last
 blocks of the one before, so actors never wait at a unit's boundary.
 
-Faults: a call whose actor died (process killed, node lost) goes back to the front of
-the queue for another actor, and the actor is used again once Ray has restarted it (a
-``ready`` call answers). A part whose generated blocks were lost with a node has those
-blocks made again from their validated blocks (which Ray itself can re-read). An error
-raised by the job's own code (a file that cannot be read, an output that cannot be
-written) stops the job with that error.
+Faults, each read once by :func:`~pipeline.batch.ray_faults.read_fault` and handled as
+itself:
+
+- a lost actor (process killed, node lost): its calls go back to the front of the queue
+  for other actors, and the actor is used again once Ray has restarted it (a ``ready``
+  call answers), however often it is lost; only an actor whose constructor raised leaves
+  the pool;
+- a hung call: each call has a deadline (:class:`CallDeadline`: a multiple of the slowest
+  recent call, never under a floor that covers a model load); past it, the actor's
+  calls go to other actors and the actor is killed for Ray to restart;
+- a lost object: a part whose generated block was lost with a node has that block, and
+  only that one, made again from its validated block;
+- a lost writer (its process or node went, Ray's own retries spent): the part is written
+  again from the same generated blocks, never generated again;
+- the job's own error (a file that cannot be read, an output that cannot be written,
+  a validated block Ray cannot read again) stops the job with that error.
+
+A block in flight through :data:`MAX_RETRIES` lost or hung calls, or a part lost as often,
+stops the job: the cause is then the block (a prompt that crashes or hangs the engine)
+or a cluster losing nodes faster than the job can write.
 """
 
 from __future__ import annotations
@@ -31,12 +45,13 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import ray
-from ray.exceptions import ActorUnavailableError, ObjectLostError, RayActorError, RayError, RayTaskError
+from ray.exceptions import RayError, RayTaskError
 
-from pipeline.errors import ClusterError, ImagegenError
+from pipeline.batch.ray_faults import Fault, RayFault, read_fault, unwrap
+from pipeline.errors import ClusterError
 from pipeline.storage.units import ReadUnit
 
 log = logging.getLogger(__name__)
@@ -45,7 +60,7 @@ MAX_READS = 2  # read tasks at once: the next unit's read overlaps the tail of t
 DEPTH = 2  # calls queued per actor
 POLL_S = 1.0
 REPING_S = 1.0  # how often a restarting actor is asked whether it is back
-MAX_REMAKES = 3  # times a part's lost blocks are made again before the job gives up
+MAX_RETRIES = 3  # lost or hung calls of one block, or lost writes of one part, before the job gives up
 
 
 @dataclass(eq=False)
@@ -58,6 +73,7 @@ class Block:
     rows: int = 0
     placed: bool = False  # already cut into parts
     remaking: bool = False
+    losses: int = 0  # its calls lost with their actor or past their deadline
 
 
 @dataclass(eq=False)
@@ -65,18 +81,56 @@ class Part:
     """Rows ``start:stop`` of each of its blocks, in order."""
 
     slices: list[tuple[Block, int, int]]
-    remakes: int = 0
+    retries: int = 0
 
     @property
     def blocks(self) -> list[Block]:
         return [b for b, _, _ in self.slices]
 
 
-def unwrap(exc: RayTaskError) -> Exception:
-    """The job's own error inside a Ray task error, so the user reads its message, not a
-    remote traceback; other errors are kept as they are."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, ImagegenError) else exc
+@dataclass
+class CallDeadline:
+    """How long an engine call may run before its actor is taken for hung: ``factor``
+    times the slowest seconds per row of the last ``window`` calls, times ``block_rows``
+    (the most rows a block holds: the driver never learns a block's rows before its call
+    ends), and never under ``floor_s``, which alone applies until a call has finished.
+
+    A call's clock starts when it can run: when its actor has answered ``ready`` (its
+    constructor, with the default model's load, is not timed) and the call before it on
+    that actor has ended. The floor must cover what a call itself may load: another
+    model on first use, a first compile. Generous on purpose: a call taken for hung
+    costs a model load on a restarted actor, a hung one costs the job. The bookkeeping
+    is per call, never per row."""
+
+    floor_s: float
+    factor: float
+    block_rows: int
+    window: int = 32
+    _per_row: deque = field(default_factory=deque, repr=False)
+    _seconds: float = field(default=0.0, repr=False)
+
+    def __post_init__(self) -> None:
+        self._per_row = deque(maxlen=self.window)
+        self._seconds = self.floor_s
+
+    def record(self, seconds: float, rows: int) -> None:
+        """A call of ``rows`` rows finished in ``seconds``."""
+        self._per_row.append(seconds / max(rows, 1))
+        self._seconds = max(self.floor_s, self.factor * max(self._per_row) * self.block_rows)
+
+    @property
+    def seconds(self) -> float:
+        return self._seconds
+
+
+@dataclass
+class FaultCounts:
+    """What the feed recovered from in a run (all zero in a run without faults)."""
+
+    calls_lost: int = 0  # calls lost with their actor (process or node), sent to another actor
+    calls_overdue: int = 0  # calls past their deadline: sent to another actor, their actor restarted
+    blocks_remade: int = 0  # generated blocks lost with a node, made again
+    parts_rewritten: int = 0  # part writes run again after their writer was lost
 
 
 def result(refs: Any) -> Any:
@@ -91,8 +145,10 @@ def result(refs: Any) -> Any:
 class Dispatcher:
     """Runs the loop. ``start_read(unit)`` launches a read task (a stream of block refs);
     ``write(slices)`` launches a part's write task over ``[(generated ref, start, stop)]``
-    and returns its ref; ``actors`` are engine actors with ``generate`` and ``ready``;
-    ``written(result)`` hears each part write's result as it comes."""
+    and returns its ref; ``actors`` are engine actors with ``generate`` and ``ready``,
+    restartable by Ray; ``written(result)`` hears each part write's result as it comes;
+    ``deadline`` bounds each engine call (None: calls are never given up). ``faults``
+    counts what was recovered from."""
 
     units: Iterable[ReadUnit]
     start_read: Callable[[ReadUnit], Any]
@@ -102,31 +158,47 @@ class Dispatcher:
     lookahead: int
     depth: int = DEPTH
     written: Callable[[Any], None] = lambda result: None
+    deadline: Optional[CallDeadline] = None
     results: list[Any] = field(default_factory=list)
+    faults: FaultCounts = field(default_factory=FaultCounts)
 
     def run(self) -> list[Any]:
         """Feed every unit through; returns the write tasks' results (one per part)."""
         pending_units = deque(self.units)
         reads: list[Any] = []
+        n = len(self.actors)
         self._ready: deque[Block] = deque()
         self._calls: dict[Any, tuple[int, Block, Any]] = {}
-        self._load = [0] * len(self.actors)
-        self._up = [True] * len(self.actors)
-        self._alive = set(range(len(self.actors)))
-        self._pings: dict[Any, int] = {}  # ready call -> actor, for actors lost and restarting
+        self._load = [0] * n
+        self._up = [True] * n
+        self._alive = set(range(n))
+        # Per actor: its calls in the order they run (the first is running), since when the
+        # first has run (None until the actor has answered ready), whether it has answered.
+        self._order: list[deque[Any]] = [deque() for _ in range(n)]
+        self._since: list[Optional[float]] = [None] * n
+        self._answered = [False] * n
+        self._pings: dict[Any, int] = {}  # ready call -> actor, for actors starting or restarting
         self._repings: dict[int, float] = {}  # actor -> when to ask it again (monotonic seconds)
+        self._asking: set[int] = set()  # actors with a ready call pending or due
         self._queue: deque[Block] = deque()  # generated, not yet all in parts
         self._offset = 0  # rows of _queue[0] already in a part
         self._queued = 0  # rows in _queue not yet in a part
         self._waiting: list[Part] = []  # parts whose blocks are being made (again)
         self._writes: dict[Any, Part] = {}
+        for i in range(n):  # first in each actor's queue: answers once its constructor ran
+            self._ping(i)
+        next_check = time.monotonic() + POLL_S
         while True:
             while pending_units and len(reads) < MAX_READS and len(self._ready) < self.lookahead:
                 reads.append(self.start_read(pending_units.popleft()))
+            now = time.monotonic()
             for i, due in list(self._repings.items()):
-                if due <= time.monotonic():
+                if due <= now:
                     del self._repings[i]
-                    self._pings[self.actors[i].ready.remote()] = i
+                    self._ping(i)
+            if self.deadline is not None and now >= next_check:
+                next_check = now + POLL_S
+                self._give_up_overdue(now)
             self._dispatch()
             generating = pending_units or reads or self._ready or self._calls
             if not generating:
@@ -152,7 +224,7 @@ class Dispatcher:
                     self._written(ref)
                 elif ref in self._pings:
                     self._pinged(ref)
-                else:
+                elif ref in reads:
                     try:
                         self._ready.append(Block(next(ref)))
                     except StopIteration:
@@ -170,29 +242,49 @@ class Dispatcher:
             out, rows = self.actors[i].generate.options(num_returns=2).remote(block.source)
             self._calls[rows] = (i, block, out)
             self._load[i] += 1
+            self._order[i].append(rows)
+            if len(self._order[i]) == 1 and self._answered[i]:
+                self._since[i] = time.monotonic()
+
+    def _ended(self, i: int, ref: Any) -> Optional[float]:
+        """Takes a call off actor ``i``'s order; the seconds it ran, when known."""
+        self._load[i] -= 1
+        order, now = self._order[i], time.monotonic()
+        if order and order[0] == ref:
+            order.popleft()
+            ran = now - self._since[i] if self._since[i] is not None else None
+            self._since[i] = now if order and self._answered[i] else None
+            return ran
+        order.remove(ref)  # a call that failed with its actor, behind the one running
+        return None
 
     def _called(self, ref: Any) -> None:
         i, block, out = self._calls.pop(ref)
-        self._load[i] -= 1
+        ran = self._ended(i, ref)
         try:
             block.rows = ray.get(ref)
-        except RayTaskError as exc:
-            # First: a call whose input (a read task) failed raises a RayTaskError, which is
-            # also a RayActorError when the read failed on a dead actor; sending that block
-            # to another actor would fail it again, forever.
-            raise unwrap(exc) from None
-        except RayActorError as exc:
+        except RayError as exc:
+            fault = read_fault(exc)
+            if fault.kind is Fault.JOB_ERROR:
+                # A call whose input (a read task) failed, also when the read failed on a
+                # dead actor: sending its block to another actor would fail it again, forever.
+                raise fault.error from None
+            if fault.kind is Fault.LOST_OBJECT:
+                raise ClusterError(
+                    f"a validated block was lost with a node and Ray could not read it again ({type(exc).__name__}); "
+                    "run the same command again: it keeps what this run committed and makes the rest"
+                ) from None
+            self._lost(i, fault)
+            if fault.kind is Fault.ACTOR_FAILED:  # not the block's doing
+                self._ready.appendleft(block)
+                return
             log.warning("engine actor %d was lost (%s); its block goes to another actor", i, type(exc).__name__)
-            self._ready.appendleft(block)
-            if self._up[i]:
-                self._up[i] = False
-                self._pings[self.actors[i].ready.remote()] = i
+            self.faults.calls_lost += 1
+            self._again(block)
             return
-        except ObjectLostError as exc:
-            raise ClusterError(
-                f"a validated block was lost with a node and Ray could not read it again ({type(exc).__name__}); "
-                "run the same command again: it keeps what this run committed and makes the rest"
-            ) from None
+        self._answered[i] = True
+        if ran is not None and self.deadline is not None:
+            self.deadline.record(ran, block.rows)
         block.out, block.remaking = out, False
         if not block.placed:
             block.placed = True
@@ -204,22 +296,69 @@ class Dispatcher:
             for part in waiting:
                 self._launch(part)
 
+    def _again(self, block: Block) -> None:
+        """``block`` goes back to the front of the queue, for another actor."""
+        block.losses += 1
+        if block.losses > MAX_RETRIES:
+            raise ClusterError(
+                f"a block's call was lost or hung on {block.losses} engine actors in turn; one of its prompts may crash "
+                "or hang the engine (see the actors' logs), or the cluster is losing nodes faster than the job can run"
+            )
+        self._ready.appendleft(block)
+
+    def _give_up_overdue(self, now: float) -> None:
+        """Actors whose running call is past its deadline: their calls go to other actors
+        and Ray restarts them (``ray.kill`` with ``no_restart=False``)."""
+        limit = self.deadline.seconds
+        for i, since in enumerate(self._since):
+            if since is None or now - since <= limit:
+                continue
+            log.warning(
+                "engine actor %d's call has run %.0f s, past its deadline of %.0f s (runtime.call_deadline_*); "
+                "its blocks go to other actors and the actor is restarted", i, now - since, limit,
+            )
+            self.faults.calls_overdue += 1
+            order = self._order[i]
+            while order:  # from the last, so that the blocks keep their order at the front
+                self._again(self._calls.pop(order.pop())[1])
+            self._load[i], self._since[i] = 0, None
+            ray.kill(self.actors[i], no_restart=False)
+            self._lost(i, RayFault(Fault.LOST_ACTOR, TimeoutError("past its deadline")))
+
+    def _lost(self, i: int, fault: RayFault) -> None:
+        """Actor ``i`` was lost: asked until it answers, unless it can never come back."""
+        self._answered[i], self._since[i] = False, None  # its other calls fail too: none is running
+        if fault.kind is Fault.ACTOR_FAILED:
+            self._up[i] = False
+            self._alive.discard(i)
+            if not self._alive:
+                raise ClusterError(f"every engine actor has failed; the last one: {fault.error}") from None
+        else:
+            self._up[i] = False
+            if i not in self._asking:
+                self._ping(i)
+
+    def _ping(self, i: int) -> None:
+        self._asking.add(i)
+        self._pings[self.actors[i].ready.remote()] = i
+
     def _pinged(self, ref: Any) -> None:
         i = self._pings.pop(ref)
         try:
             ray.get(ref)
-        except ActorUnavailableError:  # still restarting: ask again in a while
-            self._repings[i] = time.monotonic() + REPING_S
-            return
         except RayError as exc:
-            self._alive.discard(i)
-            if not self._alive:
-                cause = getattr(exc, "cause", None)  # an error in the actor's constructor, as raised there
-                if isinstance(cause, RayTaskError) and isinstance(unwrap(cause), ImagegenError):
-                    raise unwrap(cause) from None
-                raise ClusterError(f"every engine actor has failed; the last one: {exc}") from None
+            fault = read_fault(exc)
+            if fault.kind is Fault.ACTOR_FAILED:
+                self._asking.discard(i)
+                self._lost(i, fault)
+            else:  # restarting, or lost again (however often): ask again in a while
+                self._up[i] = False
+                self._repings[i] = time.monotonic() + REPING_S
             return
-        self._up[i] = True
+        self._asking.discard(i)
+        self._up[i] = self._answered[i] = True
+        if self._order[i] and self._since[i] is None:
+            self._since[i] = time.monotonic()
 
     # -- parts -----------------------------------------------------------------------------
 
@@ -249,18 +388,31 @@ class Dispatcher:
         part = self._writes.pop(ref)
         try:
             report = ray.get(ref)
-        except RayTaskError as exc:
-            raise unwrap(exc) from None
-        except RayError as exc:  # its generated blocks were lost (a node went): make them again
-            part.remakes += 1
-            if part.remakes > MAX_REMAKES:
-                raise ClusterError(f"a part's images were lost {part.remakes} times ({exc}); the cluster is losing nodes faster than the job can write") from None
-            log.warning("a part's generated blocks were lost (%s); making them again", type(exc).__name__)
-            for block in part.blocks:
-                if not block.remaking:
-                    block.out, block.remaking = None, True
-                    self._ready.appendleft(block)
-            self._waiting.append(part)
+        except RayError as exc:
+            fault = read_fault(exc)
+            if fault.kind is Fault.JOB_ERROR:
+                raise fault.error from None
+            part.retries += 1
+            if part.retries > MAX_RETRIES:
+                raise ClusterError(f"a part's write was lost {part.retries} times ({type(exc).__name__}); the cluster is losing nodes faster than the job can write") from None
+            if fault.kind is Fault.LOST_OBJECT:
+                self._remake(part, fault.lost_object, type(exc).__name__)
+            else:  # the writer went, not its inputs: write the same generated blocks again
+                log.warning("a part's write task was lost (%s); writing it again", type(exc).__name__)
+                self.faults.parts_rewritten += 1
+                self._launch(part)
             return
         self.results.append(report)
         self.written(report)
+
+    def _remake(self, part: Part, lost: Optional[str], why: str) -> None:
+        """Makes again the block of ``part`` that was lost (every block, when Ray did not
+        say which); blocks already being made again are waited for."""
+        gone = [b for b in part.blocks if b.remaking or (lost is not None and b.out.hex() == lost)] or part.blocks
+        log.warning("%d generated block(s) of a part were lost (%s); making them again", len(gone), why)
+        for block in gone:
+            if not block.remaking:
+                self.faults.blocks_remade += 1
+                block.out, block.remaking = None, True
+                self._ready.appendleft(block)
+        self._waiting.append(part)

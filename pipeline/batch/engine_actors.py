@@ -93,9 +93,17 @@ class ActorEngines:
 class EngineActor:
     """The job's engine actor process: one :class:`ActorEngines` (or a subclass, as the
     benchmarks' sleeping stage) kept for the whole job, fed block after block by the driver
-    (:mod:`pipeline.batch.dispatch`)."""
+    (:mod:`pipeline.batch.dispatch`).
 
-    def __init__(self, stage: type, spec: JobSpec, catalog: Catalog, counter: Any = None):
+    Its constructor's arguments are plain data, passed by value, and the progress counter
+    is named, not passed: Ray keeps by-value arguments with the actor's creation task, so
+    a restart after any node's loss finds them, while an argument in the object store (an
+    object ref, a value over Ray's inline limit, or an actor handle, which carries a
+    reference) may be gone with its node or owner and the restart then fails
+    (ray-project/ray#53727)."""
+
+    def __init__(self, stage: type, spec: JobSpec, catalog: Catalog, counter_name: Optional[str] = None):
+        counter = ray.get_actor(counter_name) if counter_name is not None else None
         self.stage = stage(spec, catalog, counter)
 
     def generate(self, block: pa.Table) -> tuple[pa.Table, int]:
@@ -109,16 +117,30 @@ class EngineActor:
         return True
 
 
-def start_engines(spec: JobSpec, catalog: Catalog, counter: Any, stage: type = ActorEngines) -> list[Any]:
+def start_engines(spec: JobSpec, catalog: Catalog, counter_name: Optional[str], stage: type = ActorEngines) -> list[Any]:
     """Create the job's ``runtime.num_actors`` engine actors, each reserving its CPUs and
-    GPUs. A lost actor is restarted by Ray (``max_restarts``) but its calls are not retried
+    GPUs, reporting to the progress counter named ``counter_name``. A lost actor is
+    restarted by Ray (``max_restarts``) but its calls are not retried
     (``max_task_retries=0``): the driver gives an interrupted block to another actor at
-    once rather than wait for a restart that may never come (no GPU left for it)."""
+    once rather than wait for a restart that may never come (no GPU left for it).
+
+    The arguments go by value (see :class:`EngineActor`); arguments over Ray's inline limit
+    would go to the object store, so a catalog that large is logged as a risk to restarts."""
     rt = spec.runtime
     gpus = actor_gpus(spec)
     remote = ray.remote(EngineActor).options(num_cpus=rt.cpus_per_actor, num_gpus=gpus, max_restarts=-1, max_task_retries=0)
-    placed = engine_catalog(catalog, gpus)
-    return [remote.remote(stage, spec, placed, counter) for _ in range(rt.num_actors)]
+    args = (stage, spec, engine_catalog(catalog, gpus), counter_name)
+    largest = max(len(ray.cloudpickle.dumps(arg)) for arg in args)
+    if largest > INLINE_LIMIT_BYTES:
+        log.warning(
+            "an engine actor's constructor argument takes %d bytes, over Ray's inline limit (%d): it goes to the object "
+            "store, and an actor lost with a node may then fail to restart (ray-project/ray#53727)", largest, INLINE_LIMIT_BYTES,
+        )
+    return [remote.remote(*args) for _ in range(rt.num_actors)]
+
+
+# Ray's max_direct_call_object_size: a task argument larger than this is put in the object store.
+INLINE_LIMIT_BYTES = 100 * 1024
 
 
 def _load_scorer(catalog: Catalog):

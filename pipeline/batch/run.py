@@ -25,9 +25,11 @@ stage lives in pure modules (:mod:`pipeline.spec.validate`, :mod:`pipeline.engin
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
+import uuid
 
 import pyarrow as pa
 import ray
@@ -37,7 +39,7 @@ from pipeline.batch import progress
 from pipeline.batch.engine_actors import ActorEngines, ProgressActor, actor_gpus, final_counts, rows_per_call, start_engines, startup_failure
 from pipeline.batch.connect import connect, on_driver_node, require_gpus
 from pipeline.batch.output_tasks import OutputWriter, Prepared, RecordFolder, preparing
-from pipeline.batch.dispatch import Dispatcher, result
+from pipeline.batch.dispatch import CallDeadline, Dispatcher, result
 from pipeline.batch.id_registry import start_registry
 from pipeline.batch.reading import start_read
 from pipeline.batch.shared_skip_filter import SharedSkipFilter
@@ -132,11 +134,13 @@ def _warned(ownership: ray.ObjectRef) -> list[str]:
 def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator, started: float, stage: type, prepared: Prepared) -> RunSummary:
     """The pipeline itself; the caller holds the output's lock."""
     rt = spec.runtime
-    counter = ProgressActor.options(scheduling_strategy=on_driver_node()).remote()
+    # Named, so that engine actors find it by name, also after a restart (see EngineActor).
+    counter_name = f"imagegen-progress-{uuid.uuid4().hex}"
+    counter = ProgressActor.options(name=counter_name, scheduling_strategy=on_driver_node()).remote()
     table = plan_units(spec.input)
     rows_per_block = block_rows(rt.batch_size, table.rows, rt.num_actors, rows_per_call(spec, catalog))
     registry = start_registry() if spec.input.id_column else None
-    actors = start_engines(spec, catalog, counter, stage)
+    actors = start_engines(spec, catalog, counter_name, stage)
     shared = ray.put(validator)  # once: every read task reads the same copy
     output_writer = OutputWriter(spec, run_id, catalog, started, counter, prepared)
     writer = write_part.options(num_cpus=rt.task_cpus)
@@ -154,6 +158,7 @@ def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator,
         rows_per_part=spec.output.rows_per_part,
         lookahead=LOOKAHEAD_PER_ACTOR * rt.num_actors,
         written=folder.add,
+        deadline=CallDeadline(rt.call_deadline_floor_s, rt.call_deadline_factor, rows_per_block),
     )
     poll = lambda: ray.get(counter.snapshot.remote(), timeout=5)  # noqa: E731
     try:
@@ -189,6 +194,7 @@ def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator,
         adopted=counts.adopted,
         adopted_from=prepared.interrupted,
         recovery=prepared.recovery,
+        faults=dataclasses.asdict(dispatcher.faults),
     )
 
 

@@ -34,6 +34,7 @@ class RunSummary:
     adopted: int = 0  # requests not made again: an interrupted run had committed them
     adopted_from: list[str] = field(default_factory=list)  # those interrupted runs
     recovery: Any = None  # pipeline.storage.commit_protocol.Recovery: what was removed before the run
+    faults: dict[str, int] = field(default_factory=dict)  # what the feed recovered from (pipeline.batch.dispatch.FaultCounts)
     # Found before any work, worth a user's attention (images no current input row owns).
     warnings: list[str] = field(default_factory=list)
 
@@ -63,6 +64,7 @@ def format_summary(s: RunSummary) -> str:
         *([f"  scoring      {s.scoring_seconds:.1f} s scoring images with CLIP (all actors; on the encoders' threads, overlapping generation)"] if s.scoring_seconds is not None else []),
         f"  start-up     {ready}",
         *_recovery_lines(s),
+        *_fault_lines(s),
         f"  output       {s.output}",
         f"                 images/  {images_parts} new part(s)",
         f"                 errors/  {errors_parts} new part(s)",
@@ -72,6 +74,13 @@ def format_summary(s: RunSummary) -> str:
     ]
     lines += [f"  warning      {w}" for w in s.warnings]
     return "\n".join(lines)
+
+
+def _fault_lines(s: RunSummary) -> list[str]:
+    """What the feed recovered from (calls lost or past their deadline, blocks made
+    again, parts written again); nothing in a run without faults."""
+    seen = [f"{n} {name.replace('_', ' ')}" for name, n in s.faults.items() if n]
+    return [f"  faults       {', '.join(seen)}"] if seen else []
 
 
 def _recovery_lines(s: RunSummary) -> list[str]:

@@ -186,6 +186,13 @@ class RuntimeConfig(Section):
     actors idle, and more rows lost to a crash. ``model_memory_gb`` bounds the models one engine
     actor keeps loaded when the spec has several (least recently used out first); unset,
     half the actor's device memory (GPU memory on CUDA, RAM on CPU).
+
+    ``call_deadline_factor`` and ``call_deadline_floor_s`` bound each engine call: one
+    that runs longer than ``call_deadline_factor`` times the slowest recent call (per row,
+    for a full block), and longer than ``call_deadline_floor_s``, is taken for hung: its
+    block goes to another actor and its actor is restarted. The floor alone applies until
+    a first call has finished; it must cover what a call may load (another model on first
+    use, a first compile): raise it when models load from slow storage.
     """
 
     address: Optional[str] = None
@@ -196,6 +203,8 @@ class RuntimeConfig(Section):
     task_cpus: float = Field(0.5, gt=0)
     progress_interval_s: float = Field(10.0, gt=0)
     model_memory_gb: Optional[float] = Field(None, gt=0)
+    call_deadline_factor: float = Field(5.0, ge=1)
+    call_deadline_floor_s: float = Field(600.0, gt=0)
 
     @field_validator("batch_size", mode="before")
     @classmethod
