@@ -58,12 +58,14 @@ def _blocks(stream: BinaryIO) -> Iterator[bytes]:
     """The file's bytes in blocks cut after a newline (the last one may lack it), the
     byte-order mark Excel's "CSV UTF-8" starts with removed: pyarrow drops it from the first
     column's name, so text-only column types keyed by the name with the mark would miss
-    that column and it would be type-guessed (id 007 -> 7)."""
+    that column and it would be type-guessed (id 007 -> 7). A first block that is not
+    line-based text raises :class:`InputError` (:func:`_check_text`)."""
     rest, first = b"", True
     while True:
         data = stream.read(TEXT_BLOCK_BYTES)
         if first:
             data, first = data.removeprefix(codecs.BOM_UTF8), False
+            _check_text(data)
         if not data:
             break
         data = rest + data
@@ -76,7 +78,11 @@ def _blocks(stream: BinaryIO) -> Iterator[bytes]:
 
 
 class _Joined(io.RawIOBase):
-    """Blocks already read, then the rest of a stream: one readable file for pyarrow."""
+    """Blocks already read, then the rest of a stream: one readable file for pyarrow.
+
+    A read is filled across blocks (short only at the end, or by the CR it holds back):
+    pyarrow takes each read as a block, and a row that straddles two block boundaries
+    fails the file."""
 
     def __init__(self, head: bytes, rest: Iterator[bytes]):
         self._buffer, self._at, self._rest = memoryview(head), 0, rest
@@ -85,15 +91,23 @@ class _Joined(io.RawIOBase):
         return True
 
     def readinto(self, target) -> int:
-        while self._at == len(self._buffer):
-            block = next(self._rest, None)
-            if block is None:
-                return 0
-            self._buffer, self._at = memoryview(block), 0
-        n = min(len(target), len(self._buffer) - self._at)
-        target[:n] = self._buffer[self._at : self._at + n]
-        self._at += n
-        return n
+        filled = 0
+        while filled < len(target):
+            if self._at == len(self._buffer):
+                block = next(self._rest, None)
+                if block is None:
+                    break
+                self._buffer, self._at = memoryview(block), 0
+            n = min(len(target) - filled, len(self._buffer) - self._at)
+            target[filled : filled + n] = self._buffer[self._at : self._at + n]
+            self._at += n
+            filled += n
+        if filled == len(target) > 1 and target[filled - 1] == 0x0D:
+            # Never end a block between a CR and what follows: pyarrow (26) drops the LF of
+            # a quoted CRLF cut there ("a\r\nb" read back as "a\rb").
+            self._at -= 1
+            filled -= 1
+        return filled
 
 
 def _csv(stream: BinaryIO) -> Iterator[pa.Table]:
@@ -107,13 +121,18 @@ def _csv(stream: BinaryIO) -> Iterator[pa.Table]:
             break
     if not head.strip():
         return
-    names = next(csv.reader([head.lstrip(b"\r\n").split(b"\n", 1)[0].decode("utf-8", errors="replace").rstrip("\r")]))
+    try:
+        names = next(csv.reader([head.lstrip(b"\r\n").split(b"\n", 1)[0].decode("utf-8", errors="replace").rstrip("\r")]))
+    except csv.Error as exc:
+        raise InputError(f"not a readable CSV file: its header does not parse ({exc})") from None
     _check_names(names)
     try:
         reader = pacsv.open_csv(
             _Joined(head, blocks),
             read_options=pacsv.ReadOptions(block_size=TEXT_BLOCK_BYTES, use_threads=False),
-            parse_options=pacsv.ParseOptions(delimiter=",", quote_char='"'),
+            # Quote-aware block boundaries: a quoted field may hold newlines (LLM-written
+            # prompts do), and a block cut at one of them fails the file or splits its row.
+            parse_options=pacsv.ParseOptions(delimiter=",", quote_char='"', newlines_in_values=True),
             # Binary first: one undecodable cell must not fail the whole file.
             convert_options=pacsv.ConvertOptions(column_types={name: pa.binary() for name in names}, strings_can_be_null=False),
         )
@@ -124,6 +143,17 @@ def _csv(stream: BinaryIO) -> Iterator[pa.Table]:
             yield _decode_binary_columns(pa.Table.from_batches([batch]))
     except pa.ArrowInvalid as exc:
         raise InputError(f"not a readable CSV file: {exc}") from None
+
+
+def _check_text(head: bytes) -> None:
+    """Refuse, with one message, a file that is not line-based text: binary data (a NUL
+    byte in its first 8 KB, git's test) or lines ended by CR alone (classic Mac OS), which
+    would be one endless line here (blocks are cut at newlines, so the reader would hold
+    the whole file) and is rare enough to ask for a conversion."""
+    if b"\0" in head[:8192]:
+        raise InputError("not a text file: it holds NUL bytes (binary data?); check that the file is the table its name says")
+    if b"\r" in head and b"\n" not in head:
+        raise InputError("its lines end in CR alone (classic Mac OS line ends); save it with LF or CRLF line ends")
 
 
 def _check_names(names: list[str]) -> None:
