@@ -27,7 +27,8 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
 from pipeline.spec.config import InputConfig
-from pipeline.storage import filesystem, tables
+from pipeline.spec.schema import passthrough_columns
+from pipeline.storage import filesystem, table_readers, tables
 
 # Rows (Parquet) or bytes (text) a unit aims at: a read task's worth. Large enough that a
 # unit's fixed costs (a task, a Parquet footer, a duplicate-id registration) stay small;
@@ -77,9 +78,8 @@ def plan_units(inp: InputConfig, unit_rows: Optional[int] = None, unit_bytes: Op
     most ``unit_bytes`` bytes in all (:data:`UNIT_BYTES`) unless one file is larger."""
     unit_rows = unit_rows or UNIT_ROWS
     unit_bytes = unit_bytes or UNIT_BYTES
-    fs, base, files = filesystem.list_table(inp.url, inp.storage_options)
-    if not files:
-        raise InputError(f"no prompt-table files at {inp.url!r}")
+    listing = tables.list_input(inp)
+    fs, files = listing.fs, listing.files
     units: list[ReadUnit] = []
     pending: list[Piece] = []
     pending_size = 0
@@ -93,9 +93,13 @@ def plan_units(inp: InputConfig, unit_rows: Optional[int] = None, unit_bytes: Op
 
     if inp.format == "parquet":
         with ThreadPoolExecutor(8) as pool:
-            footers = list(pool.map(lambda path: _row_groups(fs, path, inp.url), files))
+            footers, schemas = zip(*pool.map(lambda path: _footer(fs, path, inp.url), files))
+        # Before any work: a pass-through column of two types would stop the run at its first
+        # part holding both.
+        data = [(listing.source(path), pa.schema([schema.field(n) for n in table_readers.parquet_columns(schema)])) for path, schema in zip(files, schemas)]
+        tables.check_column_types(data, {n for _, schema in data for n in passthrough_columns(inp, schema.names)})
         for path, groups in zip(files, footers):
-            source, first = filesystem.relative_name(path, base), 0
+            source, first = listing.source(path), 0
             chosen: list[int] = []
             for index, rows in enumerate(groups):
                 if pending_size and pending_size + rows > unit_rows:
@@ -116,19 +120,21 @@ def plan_units(inp: InputConfig, unit_rows: Optional[int] = None, unit_bytes: Op
     for path in files:
         if pending and pending_size + sizes[path] > unit_bytes:
             close()
-        pending.append(Piece(path, filesystem.relative_name(path, base)))
+        pending.append(Piece(path, listing.source(path)))
         pending_size += sizes[path]
     close()
     return TablePlan(units, tables.count_rows(inp), sizes)
 
 
-def _row_groups(fs, path: str, url: str) -> list[int]:
+def _footer(fs, path: str, url: str) -> tuple[list[int], pa.Schema]:
+    """A Parquet file's row-group sizes and schema, from its footer."""
     with filesystem.storage_errors(path, "read"), fs.open(path, "rb") as f:
         try:
-            meta = pq.ParquetFile(f).metadata
+            parquet = pq.ParquetFile(f)
         except (pa.ArrowInvalid, OSError) as exc:
             raise InputError(f"{url}: {path}: not a readable Parquet file: {exc}") from None
-        return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        meta = parquet.metadata
+        return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)], parquet.schema_arrow
 
 
 def read_unit(inp: InputConfig, unit: ReadUnit, chunk_rows: int = tables.CHUNK_ROWS) -> Iterator[pa.Table]:
@@ -138,21 +144,9 @@ def read_unit(inp: InputConfig, unit: ReadUnit, chunk_rows: int = tables.CHUNK_R
     for piece in unit.pieces:
         with filesystem.storage_errors(piece.path, "read"), fs.open(piece.path, "rb") as f:
             try:
-                if piece.row_groups is None:
-                    yield from tables.read_file(f, inp.format, piece.source, chunk_rows)
-                else:
-                    yield from _row_group_chunks(f, piece, chunk_rows)
+                yield from tables.read_file(f, inp.format, piece.source, chunk_rows, inp.id_column, piece.row_groups, piece.first_row)
             except InputError as exc:
                 raise InputError(f"{inp.url}: {piece.path}: {exc}") from None
-
-
-def _row_group_chunks(f, piece: Piece, chunk_rows: int) -> Iterator[pa.Table]:
-    try:
-        parquet = pq.ParquetFile(f)
-        batches = parquet.iter_batches(batch_size=chunk_rows, row_groups=list(piece.row_groups))
-        yield from tables.numbered((pa.Table.from_batches([b]) for b in batches), piece.source, chunk_rows, piece.first_row)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"not a readable Parquet file: {exc}") from None
 
 
 def text_advice(plan: TablePlan, fmt: str) -> list[str]:
