@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable, Iterator, Optional
 
@@ -19,7 +20,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
 from pipeline.spec.config import InputConfig, format_suffixes
-from pipeline.spec.schema import INPUT_ROW, INPUT_SOURCE, SOURCE
+from pipeline.spec.schema import INPUT_ROW, INPUT_SOURCE, SOURCE, passthrough_columns
 from pipeline.storage import filesystem, table_readers
 
 CHUNK_ROWS = table_readers.CHUNK_ROWS
@@ -111,7 +112,27 @@ def preflight(inp: InputConfig) -> list[str]:
                 f"{setting} is {column!r}, but {inp.url} has no such column; its columns are {columns}. "
                 f"Set {setting} to one of them."
             )
-    return list_input(inp).notes()
+    listing = list_input(inp)
+    if inp.format == "parquet" and len(listing.files) > 1:
+        _check_parquet_types(inp, listing)
+    return listing.notes()
+
+
+def _check_parquet_types(inp: InputConfig, listing: Listing) -> None:
+    """A pass-through column of two types in two Parquet files, from their footers (read
+    on a few threads): refused before any work, not at the first part holding both."""
+
+    def schema(path: str) -> tuple[str, pa.Schema]:
+        with filesystem.storage_errors(path, "read"), listing.fs.open(path, "rb") as f:
+            try:
+                found = pq.read_schema(f)
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise InputError(f"{inp.url}: {path}: not a readable Parquet file: {exc}") from None
+        carried = passthrough_columns(inp, table_readers.parquet_columns(found))
+        return listing.source(path), pa.schema([found.field(name) for name in carried])
+
+    with ThreadPoolExecutor(8) as pool:
+        check_column_types(list(pool.map(schema, listing.files)))
 
 
 HEAD_BYTES = 1 << 20

@@ -27,8 +27,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
 from pipeline.spec.config import InputConfig
-from pipeline.spec.schema import passthrough_columns
-from pipeline.storage import filesystem, table_readers, tables
+from pipeline.storage import filesystem, tables
 
 # Rows (Parquet) or bytes (text) a unit aims at: a read task's worth. Large enough that a
 # unit's fixed costs (a task, a Parquet footer, a duplicate-id registration) stay small;
@@ -93,11 +92,7 @@ def plan_units(inp: InputConfig, unit_rows: Optional[int] = None, unit_bytes: Op
 
     if inp.format == "parquet":
         with ThreadPoolExecutor(8) as pool:
-            footers, schemas = zip(*pool.map(lambda path: _footer(fs, path, inp.url), files))
-        # Before any work: a pass-through column of two types would stop the run at its first
-        # part holding both.
-        data = [(listing.source(path), pa.schema([schema.field(n) for n in table_readers.parquet_columns(schema)])) for path, schema in zip(files, schemas)]
-        tables.check_column_types(data, {n for _, schema in data for n in passthrough_columns(inp, schema.names)})
+            footers = list(pool.map(lambda path: _row_groups(fs, path, inp.url), files))
         for path, groups in zip(files, footers):
             source, first = listing.source(path), 0
             chosen: list[int] = []
@@ -126,15 +121,13 @@ def plan_units(inp: InputConfig, unit_rows: Optional[int] = None, unit_bytes: Op
     return TablePlan(units, tables.count_rows(inp), sizes)
 
 
-def _footer(fs, path: str, url: str) -> tuple[list[int], pa.Schema]:
-    """A Parquet file's row-group sizes and schema, from its footer."""
+def _row_groups(fs, path: str, url: str) -> list[int]:
     with filesystem.storage_errors(path, "read"), fs.open(path, "rb") as f:
         try:
-            parquet = pq.ParquetFile(f)
+            meta = pq.ParquetFile(f).metadata
         except (pa.ArrowInvalid, OSError) as exc:
             raise InputError(f"{url}: {path}: not a readable Parquet file: {exc}") from None
-        meta = parquet.metadata
-        return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)], parquet.schema_arrow
+        return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
 
 
 def read_unit(inp: InputConfig, unit: ReadUnit, chunk_rows: int = tables.CHUNK_ROWS) -> Iterator[pa.Table]:
