@@ -1,4 +1,5 @@
-"""A prompt table as a whole: its files read in order, rows numbered, its head and counts.
+"""A prompt table as a whole: its files (:func:`list_input`, the one listing) read in
+order, rows numbered, its head and counts.
 
 Each row gets its identity from where it sits: ``__source`` (the file) and ``__row`` (its
 position in that file), so a row without an id column keeps the same identity however
@@ -95,8 +96,9 @@ def read_input(inp: InputConfig, chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.Ta
 def preflight(inp: InputConfig) -> list[str]:
     """Check the table as a whole before any work: its files exist and the first readable
     rows have the columns ``inp`` names. Raises :class:`InputError` saying which setting
-    to change. Reads only the head of the files it opens (:func:`head`), so it costs the
-    same for a table of any size. Returns the lines naming the files not read
+    to change. Reads only the head of the files it opens (:func:`head`) and, for a
+    Parquet table of several files, every footer (a pass-through column's one type):
+    never the rows of a table of any size. Returns the lines naming the files not read
     (:meth:`Listing.notes`), for the caller to print first."""
     first = head(inp)
     if first is None:
