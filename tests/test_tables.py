@@ -214,13 +214,21 @@ def test_a_file_that_is_not_line_based_text_is_one_input_error():
         read(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "tsv")
 
 
-def test_a_json_id_is_text_decided_by_its_own_value_not_its_neighbours():
+def test_a_json_id_is_text_decided_by_its_own_value_not_its_neighbours(tmp_path):
+    from pipeline.spec.cells import id_text
+    from pipeline.spec.config import InputConfig
+    from pipeline.storage.units import plan_units, read_unit
+
+    def ids(name: str, data: bytes) -> list:
+        (tmp_path / name).write_bytes(data)
+        inp = InputConfig(url=str(tmp_path / name), id_column="id")
+        table = pa.concat_tables([t for unit in plan_units(inp).units for t in read_unit(inp, unit)], promote_options="permissive")
+        return [id_text(v) if v is not None else None for v in table.column("id").to_pylist()]
+
     floats = b'{"id": 1.0, "prompt": "a"}\n{"id": 2.0, "prompt": "b"}\n'
     grown = floats + b'{"id": "x", "prompt": "c"}\n{"id": 7, "prompt": "d"}\n{"id": "1.0", "prompt": "e"}\n'
-    for data in (floats, grown):
-        ids = pa.concat_tables(list(read_file(io.BytesIO(data), "jsonl", "f.jsonl", id_column="id"))).column("id").to_pylist()
-        assert ids[:2] == ["1", "2"]
-    assert ids[2:] == ["x", "7", "1.0"]  # a string stays the string it is
+    assert ids("floats.jsonl", floats) == ["1", "2"]
+    assert ids("grown.jsonl", grown) == ["1", "2", "x", "7", "1.0"]  # a string stays the string it is
     array = json.dumps([{"id": 1.0, "prompt": "a"}, {"id": "x", "prompt": "b"}, {"id": 2.0**60, "prompt": "c"}]).encode()
     table = pa.concat_tables(list(read_file(io.BytesIO(array), "json", "f.json", id_column="id")))
     assert table.column("id").to_pylist()[:2] == ["1", "x"]
