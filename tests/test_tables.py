@@ -171,3 +171,77 @@ def test_a_big_text_file_is_read_a_block_at_a_time(fmt, monkeypatch):
     assert table.column("prompt").to_pylist() == expected
     assert [str(n) for n in table.column("n").to_pylist()] == [str(i) for i in range(len(prompts))] + (["-1"] if fmt == "tsv" else [])
     assert table.column(INPUT_ROW).to_pylist() == list(range(len(expected)))
+
+
+def multiline_prompts(n: int) -> list[str]:
+    """Prompts as LLMs write them: many lines, ended by LF, CRLF or CR, with commas and
+    quotes, so a block cut at a line end lands inside a quoted field almost always."""
+    ends = ["\n", "\r\n", "\r", "\n\n"]
+    return [
+        "".join(f'line {k} of prompt {i}, a "quoted" word{ends[(i + k) % 4]}' for k in range(i % 90)) + f"prompt {i}"
+        for i in range(n)
+    ]
+
+
+def csv_bytes(rows: list[list[str]], lineterminator: str = "\r\n") -> bytes:
+    """A CSV as Python's csv.writer writes it (CRLF row ends by default)."""
+    import csv
+
+    out = io.StringIO(newline="")
+    csv.writer(out, lineterminator=lineterminator).writerows(rows)
+    return out.getvalue().encode()
+
+
+@pytest.mark.parametrize("block_bytes", [1 << 20, 8 << 10])
+def test_csv_with_quoted_newlines_reads_back_as_written_wherever_a_block_ends(block_bytes, monkeypatch):
+    from pipeline.storage import table_readers
+
+    monkeypatch.setattr(table_readers, "TEXT_BLOCK_BYTES", block_bytes)
+    prompts = multiline_prompts(1200)
+    data = csv_bytes([["prompt", "n"], *([p, str(i)] for i, p in enumerate(prompts))])
+    assert len(data) > 2 << 20  # more than one of the reader's 1 MB blocks
+    table = read(data, "csv")
+    assert table.column("prompt").to_pylist() == prompts
+    assert table.column("n").to_pylist() == [str(i) for i in range(len(prompts))]
+
+
+def test_a_file_that_is_not_line_based_text_is_one_input_error():
+    with pytest.raises(InputError, match=r"lines end in CR alone \(classic Mac OS"):
+        read(b"prompt,n\ra cat,1\ra dog,2\r", "csv")
+    with pytest.raises(InputError, match="not a text file: it holds NUL bytes"):
+        read(bytes(range(256)) * 40, "csv")
+    with pytest.raises(InputError, match="not a text file"):
+        read(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "tsv")
+
+
+def test_a_json_id_is_text_decided_by_its_own_value_not_its_neighbours(tmp_path):
+    from pipeline.spec.cells import id_text
+    from pipeline.spec.config import InputConfig
+    from pipeline.storage.units import plan_units, read_unit
+
+    def ids(name: str, data: bytes) -> list:
+        (tmp_path / name).write_bytes(data)
+        inp = InputConfig(url=str(tmp_path / name), id_column="id")
+        table = pa.concat_tables([t for unit in plan_units(inp).units for t in read_unit(inp, unit)], promote_options="permissive")
+        return [id_text(v) if v is not None else None for v in table.column("id").to_pylist()]
+
+    floats = b'{"id": 1.0, "prompt": "a"}\n{"id": 2.0, "prompt": "b"}\n'
+    grown = floats + b'{"id": "x", "prompt": "c"}\n{"id": 7, "prompt": "d"}\n{"id": "1.0", "prompt": "e"}\n'
+    assert ids("floats.jsonl", floats) == ["1", "2"]
+    assert ids("grown.jsonl", grown) == ["1", "2", "x", "7", "1.0"]  # a string stays the string it is
+    array = json.dumps([{"id": 1.0, "prompt": "a"}, {"id": "x", "prompt": "b"}, {"id": 2.0**60, "prompt": "c"}]).encode()
+    table = pa.concat_tables(list(read_file(io.BytesIO(array), "json", "f.json", id_column="id")))
+    assert table.column("id").to_pylist()[:2] == ["1", "x"]
+    assert "at or above 2**53" in table.column(READ_ERROR).to_pylist()[2]  # refused, as a float id in Parquet is
+
+
+def test_a_lone_surrogate_is_a_read_error_row_not_a_crash():
+    lines = [b'{"prompt": "x\\ud800y"}', b'{"prompt": "a smiling face \\ud83d\\ude00"}', b'{"prompt": "ok", "note": "\\udfff"}']
+    table = read(b"\n".join(lines) + b"\n", "jsonl")
+    errors = table.column(READ_ERROR).to_pylist()
+    assert errors[0] == "line 1 holds a lone surrogate U+D800, which is not text (no encoder can write it)"
+    assert errors[1] is None and table.column("prompt").to_pylist()[1] == "a smiling face \U0001f600"
+    assert "U+DFFF" in errors[2]
+    array = read(b'[{"prompt": "x\\ud800y"}, {"prompt": "fine"}]', "json")
+    assert array.column(READ_ERROR).to_pylist()[0].startswith("object 0 holds a lone surrogate")
+    pq.write_table(table, io.BytesIO())  # every cell encodable: the row can be written

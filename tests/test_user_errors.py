@@ -124,3 +124,16 @@ def test_s3_without_credentials(job, tmp_path, s3):
         result = imagegen(command, str(job), "--set", f"input.url=s3://{bucket}/prompts.csv", "--set", f"input.storage_options.endpoint_url={endpoint}", env=env)
         assert_user_error(result, f"cannot read '{bucket}/prompts.csv': no S3 credentials were found", "storage_options")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_file_that_is_not_what_its_name_says(job, tmp_path):
+    (tmp_path / "mac.csv").write_bytes(b"text,seed\ra red kite,1\ra blue boat,2\r")  # classic Mac OS line ends
+    (tmp_path / "photo.csv").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    for command, name, fragment in [
+        ("validate", "mac.csv", "its lines end in CR alone (classic Mac OS line ends); save it with LF or CRLF line ends"),
+        ("run", "mac.csv", "its lines end in CR alone"),
+        ("validate", "photo.csv", "not a text file: it holds NUL bytes (binary data?)"),
+    ]:
+        result, _ = imagegen(command, str(job), "--set", f"input.url={tmp_path}/{name}")
+        assert_user_error(result, f"imagegen: error: {tmp_path}/{name}", fragment)
+    assert not (tmp_path / "out").exists()

@@ -24,6 +24,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
+import pyarrow as pa
+
 from pipeline.engine.resolve_catalog import build_catalog, place, recorded_models
 from pipeline.output.ownership import ownership_warnings
 from pipeline.spec import schema as S
@@ -100,6 +102,7 @@ class Plan:
     price_per_gpu_hour: Optional[float] = None
     warnings: list[str] = field(default_factory=list)
     checked: str = "in this process"  # where every row was validated
+    skipped: list[str] = field(default_factory=list)  # files of the input folder not read, and why
 
     @property
     def images_to_make(self) -> int:
@@ -161,6 +164,9 @@ class Tally:
     reasons: Counter = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)
     buckets: dict[tuple, list[int]] = field(default_factory=dict)  # (model, w, h, steps) -> [rows, images]
+    # Each distinct schema of the pass-through columns, with the first file that had it:
+    # types that do not promote stop the job where they meet, so validate refuses them.
+    column_types: list[tuple[str, pa.Schema]] = field(default_factory=list)
 
     def add(self, other: "Tally") -> None:
         """Add a later unit's tally (its examples count only for reasons new here)."""
@@ -175,12 +181,21 @@ class Tally:
             bucket = self.buckets.setdefault(key, [0, 0])
             bucket[0] += rows
             bucket[1] += images
+        for where, schema in other.column_types:
+            self.add_column_types(where, schema)
+
+    def add_column_types(self, where: str, schema: pa.Schema) -> None:
+        if all(schema != known for _, known in self.column_types):
+            self.column_types.append((where, schema))
 
 
 def tally_rows(validator: Validator, chunks: list, committed) -> Tally:
     """Validate raw rows as the job would and count them (``committed``: what the job skips)."""
     tally = Tally()
     for chunk in chunks:
+        carried = S.passthrough_columns(validator.spec.input, chunk.column_names)
+        if carried and chunk.num_rows:
+            tally.add_column_types(chunk.column(S.INPUT_SOURCE)[0].as_py(), chunk.select(carried).schema)
         for raw in chunk.to_pylist():
             tally.rows += 1
             requests = validator.validate_row(raw)
@@ -217,10 +232,10 @@ def make_plan(spec: JobSpec, on_cluster: Optional[bool] = None) -> Plan:
     (``on_cluster``; by default by the table's size, see :data:`LOCAL_ROWS`). Reads the
     output only to learn what an incremental run would skip; never writes."""
     catalog = build_catalog(spec)
-    tables.preflight(spec.input)
+    skipped = tables.preflight(spec.input)
     inp = spec.input
     table = plan_units(inp)
-    plan = Plan(input_url=inp.url, num_actors=spec.runtime.num_actors, price_per_gpu_hour=spec.plan.price_per_gpu_hour)
+    plan = Plan(input_url=inp.url, num_actors=spec.runtime.num_actors, price_per_gpu_hour=spec.plan.price_per_gpu_hour, skipped=skipped)
     committed = _committed_ids(spec, plan)
     validator = Validator(spec, place(catalog, None, _recorded_models(spec, plan)))
     if on_cluster is None:
@@ -239,6 +254,7 @@ def make_plan(spec: JobSpec, on_cluster: Optional[bool] = None) -> Plan:
             for chunks, repeats in id_batches(read_unit(inp, unit), inp.id_column, lambda ids, last: seen.register(*ids)):
                 tally.add(tally_rows(dataclasses.replace(validator, duplicates=repeats), chunks, committed))
         plan.warnings += ownership_warnings(spec) if check_ownership else []
+    tables.check_column_types(tally.column_types)
     plan.warnings += text_advice(table, inp.format)
     plan.rows, plan.valid_rows, plan.rejected_rows = tally.rows, tally.valid_rows, tally.rejected_rows
     plan.already_committed = tally.already_committed
@@ -325,6 +341,7 @@ def format_plan(plan: Plan, source: str) -> str:
     lines = [
         f"spec {source} is valid",
         f"input      {plan.input_url}",
+        *(f"           {note}" for note in plan.skipped),
         f"rows       {plan.rows}: {plan.valid_rows} valid, {plan.rejected_rows} rejected (every row checked, {plan.checked})",
     ]
     if plan.reasons:

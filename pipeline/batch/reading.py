@@ -32,6 +32,7 @@ from pipeline.spec.bucketing import order_for_engine
 from pipeline.spec.config import JobSpec
 from pipeline.spec.duplicate_ids import id_batches
 from pipeline.spec.validate import Validator
+from pipeline.storage.tables import concat_rows
 from pipeline.storage.units import ReadUnit, read_unit
 
 log = logging.getLogger(__name__)
@@ -48,12 +49,12 @@ def cut(chunks: Iterator[pa.Table], rows: int) -> Iterator[pa.Table]:
         carry.append(chunk)
         held += chunk.num_rows
         while held >= rows:
-            table = pa.concat_tables(carry, promote_options="permissive").combine_chunks()
+            table = concat_rows(carry).combine_chunks()
             yield table.slice(0, rows)
             rest = table.slice(rows)
             carry, held = [rest], rest.num_rows
     if held:
-        yield pa.concat_tables(carry, promote_options="permissive").combine_chunks()
+        yield concat_rows(carry).combine_chunks()
 
 
 def validated_blocks(spec: JobSpec, unit: ReadUnit, validator: Validator, block_rows: int, registry: Any, counter: Any) -> Iterator[pa.Table]:

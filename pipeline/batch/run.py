@@ -67,7 +67,8 @@ def run(spec: JobSpec, stage: type[ActorEngines] = ActorEngines) -> RunSummary:
     started = time.time()
     run_id = part_files.new_run_id()
     catalog = build_catalog(spec)
-    tables.preflight(spec.input)
+    for note in tables.preflight(spec.input):  # files of the input folder not read, first
+        log.warning("%s", note)
     # The cluster is checked before the output is touched: a job that cannot run must not
     # clear an output (mode: overwrite) or take its lock.
     connect(spec.runtime)
@@ -208,5 +209,5 @@ LOOKAHEAD_PER_ACTOR = 2
 def write_part(output_writer: OutputWriter, bounds: list[tuple[int, int]], *blocks: pa.Table) -> part_files.WriteReport:
     """A part write task: rows ``start:stop`` of each generated block, as one part, through
     the output writer (atomic parts). Ray retries it as it is, so a retry writes the same rows."""
-    tables = [block.slice(start, stop - start) for block, (start, stop) in zip(blocks, bounds)]
-    return output_writer.write(pa.concat_tables(tables, promote_options="permissive"))
+    slices = [block.slice(start, stop - start) for block, (start, stop) in zip(blocks, bounds)]
+    return output_writer.write(tables.concat_rows(slices))

@@ -33,6 +33,11 @@ _FORMAT_BY_SUFFIX: dict[str, InputFormat] = {
     ".json": "json",
 }
 
+
+def format_suffixes(fmt: str) -> tuple[str, ...]:
+    """The name endings of ``fmt``'s files: a folder's other files are not read as ``fmt``."""
+    return tuple(suffix for suffix, known in _FORMAT_BY_SUFFIX.items() if known == fmt)
+
 # The per-row parameters: a prompt-table column of the same name (or mapped through
 # `input.columns`) overrides the default for that row.
 ROW_PARAMETERS = (

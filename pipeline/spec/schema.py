@@ -11,6 +11,8 @@ import json
 
 import pyarrow as pa
 
+from pipeline.spec.config import ROW_PARAMETERS, InputConfig
+
 # Identity and parameters: decided by validation.
 REQUEST_ID = "request_id"
 ID = "id"
@@ -165,6 +167,17 @@ RESERVED_NAMES = frozenset(
 # Hugging Face `datasets` reads features from this schema metadata key; columns it does not
 # name are typed from Arrow, so naming the image column is enough for PIL images on load.
 HF_METADATA = {b"huggingface": json.dumps({"info": {"features": {IMAGE: {"_type": "Image"}}}}).encode()}
+
+
+def passthrough_columns(inp: InputConfig, column_names: list[str]) -> list[str]:
+    """The one rule for which input columns are carried to the output as they are: all
+    but the prompt, the id, the parameter columns and the reader's own (a pandas index
+    never gets here: the reader drops it)."""
+    consumed = {inp.prompt_column, INPUT_SOURCE, INPUT_ROW, READ_ERROR, READ_TEXT}
+    consumed |= {inp.column_for(p) for p in ROW_PARAMETERS}
+    if inp.id_column:
+        consumed.add(inp.id_column)
+    return [c for c in column_names if c not in consumed]
 
 
 def passthrough_name(column: str) -> str:

@@ -33,7 +33,7 @@ import pyarrow as pa
 from pipeline.spec import cells
 from pipeline.spec import schema as S
 from pipeline.spec.catalog import AdapterEntry, Catalog, ModelEntry
-from pipeline.spec.config import ROW_PARAMETERS, JobSpec
+from pipeline.spec.config import JobSpec
 from pipeline.spec.schema import READ_ERROR, READ_TEXT
 
 # How request ids are made. 1: until dtype, device class and the hub commit entered them;
@@ -268,13 +268,8 @@ class Validator:
 
     def passthrough_columns(self, column_names: list[str]) -> list[str]:
         """Input columns that are carried to the output as they are: all but the prompt,
-        the id, the parameter columns and the reader's own."""
-        inp = self.spec.input
-        consumed = {inp.prompt_column, S.INPUT_SOURCE, S.INPUT_ROW, READ_ERROR, READ_TEXT}
-        consumed |= {inp.column_for(p) for p in ROW_PARAMETERS}
-        if inp.id_column:
-            consumed.add(inp.id_column)
-        return [c for c in column_names if c not in consumed]
+        the id, the parameter columns and the reader's own (:func:`~pipeline.spec.schema.passthrough_columns`)."""
+        return S.passthrough_columns(self.spec.input, column_names)
 
     def validate_table(self, table: pa.Table) -> pa.Table:
         """A table of raw rows -> one row per image request (or per rejected row), with

@@ -73,34 +73,6 @@ def storage_errors(url: str, action: str) -> Iterator[None]:
         raise StorageError(f"cannot {action} {url!r}: {exc}") from None
 
 
-def list_files(fs: fsspec.AbstractFileSystem, path: str, suffixes: tuple[str, ...] = ()) -> list[str]:
-    """The files at ``path``: the path itself if it is a file, else the files below it
-    (hidden and ``_``-prefixed names skipped), sorted so runs see them in one order."""
-    with storage_errors(path, "read"):
-        if fs.isfile(path):
-            return [path]
-        if not fs.isdir(path):
-            raise FileNotFoundError(path)
-        found = []
-        for name in sorted(fs.find(path)):
-            base = posixpath.basename(name)
-            if base.startswith((".", "_")):
-                continue
-            if suffixes and not base.lower().endswith(suffixes):
-                continue
-            found.append(name)
-        return found
-
-
-def list_table(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
-    """A prompt table's files: ``(filesystem, base folder, files)``. ``url`` may be one file
-    or a folder of files; names relative to the base identify rows (see :func:`relative_name`)."""
-    fs, path = open_url(url, storage_options)
-    files = list_files(fs, path)
-    base = path.rstrip("/") if files != [path] else posixpath.dirname(path)
-    return fs, base, files
-
-
 def relative_name(path: str, base: str) -> str:
     """``path`` relative to ``base``: independent of where the table is stored."""
     return path[len(base) + 1 :] if path.startswith(base + "/") else posixpath.basename(path)

@@ -17,7 +17,7 @@ import csv
 import io
 import json
 import re
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -25,19 +25,22 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
+from pipeline.spec import cells
 from pipeline.spec.schema import READ_ERROR, READ_TEXT
 
 # Rows a reader puts in one table (JSONL lines, TSV records, Parquet batch rows).
 CHUNK_ROWS = 4096
 
 
-def _parquet(stream: BinaryIO) -> Iterator[pa.Table]:
+def _parquet(stream: BinaryIO, row_groups: Optional[tuple[int, ...]] = None) -> Iterator[pa.Table]:
+    """A Parquet file's rows (only ``row_groups`` when given), without a pandas index."""
     try:
         # Parquet needs random access (footer first); Ray's file streams are sequential.
         source = stream if getattr(stream, "seekable", lambda: False)() else pa.BufferReader(stream.read())
         parquet = pq.ParquetFile(source)
-        data_columns = [name for name in parquet.schema_arrow.names if not _PANDAS_INDEX.fullmatch(name)]
-        for batch in parquet.iter_batches(batch_size=CHUNK_ROWS, columns=data_columns):
+        data_columns = parquet_columns(parquet.schema_arrow)
+        groups = list(row_groups) if row_groups is not None else None
+        for batch in parquet.iter_batches(batch_size=CHUNK_ROWS, row_groups=groups, columns=data_columns):
             yield pa.Table.from_batches([batch])
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"not a readable Parquet file: {exc}") from None
@@ -46,6 +49,11 @@ def _parquet(stream: BinaryIO) -> Iterator[pa.Table]:
 # pandas stores an unnamed index (any but a plain 0..n-1 range) as a column of this name:
 # row positions of a DataFrame, not data. A named index keeps its name and stays a column.
 _PANDAS_INDEX = re.compile(r"__index_level_\d+__")
+
+
+def parquet_columns(schema: pa.Schema) -> list[str]:
+    """The columns of a Parquet file that are data: all but an unnamed pandas index."""
+    return [name for name in schema.names if not _PANDAS_INDEX.fullmatch(name)]
 
 
 # Bytes a text reader takes from its file at a time, so a file of any size is read in
@@ -58,12 +66,14 @@ def _blocks(stream: BinaryIO) -> Iterator[bytes]:
     """The file's bytes in blocks cut after a newline (the last one may lack it), the
     byte-order mark Excel's "CSV UTF-8" starts with removed: pyarrow drops it from the first
     column's name, so text-only column types keyed by the name with the mark would miss
-    that column and it would be type-guessed (id 007 -> 7)."""
+    that column and it would be type-guessed (id 007 -> 7). A first block that is not
+    line-based text raises :class:`InputError` (:func:`_check_text`)."""
     rest, first = b"", True
     while True:
         data = stream.read(TEXT_BLOCK_BYTES)
         if first:
             data, first = data.removeprefix(codecs.BOM_UTF8), False
+            _check_text(data)
         if not data:
             break
         data = rest + data
@@ -76,7 +86,11 @@ def _blocks(stream: BinaryIO) -> Iterator[bytes]:
 
 
 class _Joined(io.RawIOBase):
-    """Blocks already read, then the rest of a stream: one readable file for pyarrow."""
+    """Blocks already read, then the rest of a stream: one readable file for pyarrow.
+
+    A read is filled across blocks (short only at the end, or by the CR it holds back):
+    pyarrow takes each read as a block, and a row that straddles two block boundaries
+    fails the file."""
 
     def __init__(self, head: bytes, rest: Iterator[bytes]):
         self._buffer, self._at, self._rest = memoryview(head), 0, rest
@@ -85,15 +99,23 @@ class _Joined(io.RawIOBase):
         return True
 
     def readinto(self, target) -> int:
-        while self._at == len(self._buffer):
-            block = next(self._rest, None)
-            if block is None:
-                return 0
-            self._buffer, self._at = memoryview(block), 0
-        n = min(len(target), len(self._buffer) - self._at)
-        target[:n] = self._buffer[self._at : self._at + n]
-        self._at += n
-        return n
+        filled = 0
+        while filled < len(target):
+            if self._at == len(self._buffer):
+                block = next(self._rest, None)
+                if block is None:
+                    break
+                self._buffer, self._at = memoryview(block), 0
+            n = min(len(target) - filled, len(self._buffer) - self._at)
+            target[filled : filled + n] = self._buffer[self._at : self._at + n]
+            self._at += n
+            filled += n
+        if filled == len(target) > 1 and target[filled - 1] == 0x0D:
+            # Never end a block between a CR and what follows: pyarrow (26) drops the LF of
+            # a quoted CRLF cut there ("a\r\nb" read back as "a\rb").
+            self._at -= 1
+            filled -= 1
+        return filled
 
 
 def _csv(stream: BinaryIO) -> Iterator[pa.Table]:
@@ -107,13 +129,18 @@ def _csv(stream: BinaryIO) -> Iterator[pa.Table]:
             break
     if not head.strip():
         return
-    names = next(csv.reader([head.lstrip(b"\r\n").split(b"\n", 1)[0].decode("utf-8", errors="replace").rstrip("\r")]))
+    try:
+        names = next(csv.reader([head.lstrip(b"\r\n").split(b"\n", 1)[0].decode("utf-8", errors="replace").rstrip("\r")]))
+    except csv.Error as exc:
+        raise InputError(f"not a readable CSV file: its header does not parse ({exc})") from None
     _check_names(names)
     try:
         reader = pacsv.open_csv(
             _Joined(head, blocks),
             read_options=pacsv.ReadOptions(block_size=TEXT_BLOCK_BYTES, use_threads=False),
-            parse_options=pacsv.ParseOptions(delimiter=",", quote_char='"'),
+            # Quote-aware block boundaries: a quoted field may hold newlines (LLM-written
+            # prompts do), and a block cut at one of them fails the file or splits its row.
+            parse_options=pacsv.ParseOptions(delimiter=",", quote_char='"', newlines_in_values=True),
             # Binary first: one undecodable cell must not fail the whole file.
             convert_options=pacsv.ConvertOptions(column_types={name: pa.binary() for name in names}, strings_can_be_null=False),
         )
@@ -124,6 +151,17 @@ def _csv(stream: BinaryIO) -> Iterator[pa.Table]:
             yield _decode_binary_columns(pa.Table.from_batches([batch]))
     except pa.ArrowInvalid as exc:
         raise InputError(f"not a readable CSV file: {exc}") from None
+
+
+def _check_text(head: bytes) -> None:
+    """Refuse, with one message, a file that is not line-based text: binary data (a NUL
+    byte in its first 8 KB, git's test) or lines ended by CR alone (classic Mac OS), which
+    would be one endless line here (blocks are cut at newlines, so the reader would hold
+    the whole file) and is rare enough to ask for a conversion."""
+    if b"\0" in head[:8192]:
+        raise InputError("not a text file: it holds NUL bytes (binary data?); check that the file is the table its name says")
+    if b"\r" in head and b"\n" not in head:
+        raise InputError("its lines end in CR alone (classic Mac OS line ends); save it with LF or CRLF line ends")
 
 
 def _check_names(names: list[str]) -> None:
@@ -260,10 +298,11 @@ def _decode_binary_columns(table: pa.Table) -> pa.Table:
     return result
 
 
-def _jsonl(stream: BinaryIO) -> Iterator[pa.Table]:
+def _jsonl(stream: BinaryIO, id_column: Optional[str] = None) -> Iterator[pa.Table]:
     """A JSONL file, :data:`CHUNK_ROWS` lines at a time. Column types are worked out per
-    chunk (:func:`rows_to_table`); validation parses each value on its own row, so a
-    row's fate does not depend on its neighbours."""
+    chunk (:func:`rows_to_table`), but the id column is text value by value
+    (:func:`_checked`); validation parses each value on its own row, so a row's fate and
+    identity do not depend on its neighbours."""
     rows: list[dict[str, Any]] = []
     number = 0
     for block in _blocks(stream):
@@ -278,6 +317,8 @@ def _jsonl(stream: BinaryIO) -> Iterator[pa.Table]:
                 row = {READ_ERROR: f"line {number} is {reason}", READ_TEXT: line.decode("utf-8", errors="replace")}
             if not isinstance(row, dict):
                 row = {READ_ERROR: f"line {number} is a JSON {type(row).__name__}, not an object", READ_TEXT: line.decode()}
+            elif READ_ERROR not in row:
+                row = _checked(row, id_column, f"line {number}", line.decode() if _SURROGATE_ESCAPE.search(line) else None)
             rows.append(row)
             if len(rows) >= CHUNK_ROWS:
                 yield rows_to_table(rows)
@@ -286,15 +327,42 @@ def _jsonl(stream: BinaryIO) -> Iterator[pa.Table]:
         yield rows_to_table(rows)
 
 
-def _json(stream: BinaryIO) -> Iterator[pa.Table]:
+def _json(stream: BinaryIO, id_column: Optional[str] = None) -> Iterator[pa.Table]:
+    raw = stream.read()
     try:
-        data = json.loads(stream.read())
+        data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"not a readable JSON file: {exc}") from None
     if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
         raise InputError("a .json prompt table must be an array of objects; use .jsonl for one object per line")
+    escapes = bool(_SURROGATE_ESCAPE.search(raw))
+    data = [_checked(row, id_column, f"object {i}", json.dumps(row) if escapes else None) for i, row in enumerate(data)]
     if data:
         yield rows_to_table(data)
+
+
+# A JSON escape of a UTF-16 surrogate (\ud800-\udfff): a pair is one character, a lone
+# one is a str that no encoder can write (Python's json accepts it).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _checked(row: dict[str, Any], id_column: Optional[str], where: str, text: Optional[str]) -> dict[str, Any]:
+    """A parsed JSON row as the table gets it: its id as text, decided by its own value
+    (:func:`~pipeline.spec.cells.id_text`: ``1.0`` is ``"1"`` whatever the rows around
+    it hold, where a column's type would follow its chunk's mix); or a row marked with
+    :data:`READ_ERROR` when its id cannot be one, or when it holds a lone surrogate
+    (checked only when ``text``, its JSON text, has a surrogate escape)."""
+    if text is not None:
+        try:
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return {READ_ERROR: f"{where} holds a lone surrogate U+{ord(exc.object[exc.start]):04X}, which is not text (no encoder can write it)", READ_TEXT: text}
+    if id_column is not None and row.get(id_column) is not None and not isinstance(row[id_column], str):
+        try:
+            row[id_column] = cells.id_text(row[id_column])
+        except cells.RowError as exc:
+            return {READ_ERROR: f"{where}: {exc}", READ_TEXT: json.dumps(row)}
+    return row
 
 
 def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -317,11 +385,17 @@ def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.table(columns)
 
 
-READERS = {
-    "parquet": _parquet,
-    "csv": _csv,
+def read(stream: BinaryIO, fmt: str, id_column: Optional[str] = None, row_groups: Optional[tuple[int, ...]] = None) -> Iterator[pa.Table]:
+    """One file of format ``fmt`` as tables of raw rows: the only way the job, ``validate``
+    and ``verify`` read a file, so they never read one differently. ``id_column`` is
+    made text value by value where a format's types follow the rows around a value
+    (JSON, JSONL); ``row_groups`` reads only those of a Parquet file."""
+    if fmt == "parquet":
+        return _parquet(stream, row_groups)
+    if fmt in ("json", "jsonl"):
+        return _JSON_READERS[fmt](stream, id_column)
     # Quotes enclose a TSV field only when they enclose all of it (see _tsv).
-    "tsv": _tsv,
-    "jsonl": _jsonl,
-    "json": _json,
-}
+    return {"csv": _csv, "tsv": _tsv}[fmt](stream)
+
+
+_JSON_READERS = {"jsonl": _jsonl, "json": _json}

@@ -77,9 +77,8 @@ def plan_units(inp: InputConfig, unit_rows: Optional[int] = None, unit_bytes: Op
     most ``unit_bytes`` bytes in all (:data:`UNIT_BYTES`) unless one file is larger."""
     unit_rows = unit_rows or UNIT_ROWS
     unit_bytes = unit_bytes or UNIT_BYTES
-    fs, base, files = filesystem.list_table(inp.url, inp.storage_options)
-    if not files:
-        raise InputError(f"no prompt-table files at {inp.url!r}")
+    listing = tables.list_input(inp)
+    fs, files = listing.fs, listing.files
     units: list[ReadUnit] = []
     pending: list[Piece] = []
     pending_size = 0
@@ -95,7 +94,7 @@ def plan_units(inp: InputConfig, unit_rows: Optional[int] = None, unit_bytes: Op
         with ThreadPoolExecutor(8) as pool:
             footers = list(pool.map(lambda path: _row_groups(fs, path, inp.url), files))
         for path, groups in zip(files, footers):
-            source, first = filesystem.relative_name(path, base), 0
+            source, first = listing.source(path), 0
             chosen: list[int] = []
             for index, rows in enumerate(groups):
                 if pending_size and pending_size + rows > unit_rows:
@@ -116,7 +115,7 @@ def plan_units(inp: InputConfig, unit_rows: Optional[int] = None, unit_bytes: Op
     for path in files:
         if pending and pending_size + sizes[path] > unit_bytes:
             close()
-        pending.append(Piece(path, filesystem.relative_name(path, base)))
+        pending.append(Piece(path, listing.source(path)))
         pending_size += sizes[path]
     close()
     return TablePlan(units, tables.count_rows(inp), sizes)
@@ -138,21 +137,9 @@ def read_unit(inp: InputConfig, unit: ReadUnit, chunk_rows: int = tables.CHUNK_R
     for piece in unit.pieces:
         with filesystem.storage_errors(piece.path, "read"), fs.open(piece.path, "rb") as f:
             try:
-                if piece.row_groups is None:
-                    yield from tables.read_file(f, inp.format, piece.source, chunk_rows)
-                else:
-                    yield from _row_group_chunks(f, piece, chunk_rows)
+                yield from tables.read_file(f, inp.format, piece.source, chunk_rows, inp.id_column, piece.row_groups, piece.first_row)
             except InputError as exc:
                 raise InputError(f"{inp.url}: {piece.path}: {exc}") from None
-
-
-def _row_group_chunks(f, piece: Piece, chunk_rows: int) -> Iterator[pa.Table]:
-    try:
-        parquet = pq.ParquetFile(f)
-        batches = parquet.iter_batches(batch_size=chunk_rows, row_groups=list(piece.row_groups))
-        yield from tables.numbered((pa.Table.from_batches([b]) for b in batches), piece.source, chunk_rows, piece.first_row)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"not a readable Parquet file: {exc}") from None
 
 
 def text_advice(plan: TablePlan, fmt: str) -> list[str]:
