@@ -6,8 +6,15 @@ generates the same number of images by calling the engine in-process, in batches
 of ``serve.max_batch_size``, with the replica's thread count. Prints a markdown table:
 requests/s, p50/p99 latency, and the mean Serve batch size each image was made in.
 
+With ``--abandoners K``, each concurrency level runs a second time beside K careless
+clients: each sends a heavy request (``--abandon-n`` images of ``--abandon-steps`` steps)
+and hangs up after ``--abandon-after-s``, again and again, until the well-behaved load is
+done (an SDK that times out and retries). Their rows give the well-behaved requests'
+latency beside that mix, and the images the replica dropped (never started) and
+discarded (made for a client that had left) meanwhile, from ``/healthz``.
+
     .venv/bin/python benchmarks/serve_load.py jobs/serve.yaml --requests 64 \\
-        --set serve.min_replicas=1 --set serve.max_replicas=1
+        --set serve.min_replicas=1 --set serve.max_replicas=1 --abandoners 4
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ class Row:
     seconds: float
     latencies: list[float]
     mean_batch: float
+    abandoned: str = "-"
 
     def cells(self) -> list[str]:
         ordered = sorted(self.latencies)
@@ -58,6 +66,7 @@ class Row:
             f"{p50 * 1000:.0f}",
             f"{p99 * 1000:.0f}",
             f"{self.mean_batch:.1f}",
+            self.abandoned,
         ]
 
 
@@ -108,6 +117,48 @@ def http_load(url: str, clients: int, count: int, offset: int) -> Row:
     )
 
 
+def with_abandoners(url: str, clients: int, count: int, offset: int, abandoners: int, body: dict, after_s: float) -> Row:
+    """:func:`http_load` beside ``abandoners`` clients that each send ``body`` and hang up
+    after ``after_s``, over and over until the load is done."""
+    stop = threading.Event()
+    sent = [0] * abandoners
+
+    def careless(i: int) -> None:
+        while not stop.is_set():
+            sent[i] += 1
+            try:
+                requests.post(f"{url}/v1/images/generations", json={**body, "seed": sent[i], "prompt": f"abandoned {i}"}, timeout=(5, after_s))
+            except requests.RequestException:
+                pass  # gave up: what it came for
+
+    before = requests.get(f"{url}/healthz", timeout=60).json()["replica"]
+    threads = [threading.Thread(target=careless, args=(i,), daemon=True) for i in range(abandoners)]
+    for thread in threads:
+        thread.start()
+    try:
+        row = http_load(url, clients, count, offset)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    _wait_idle(url)
+    after = requests.get(f"{url}/healthz", timeout=60).json()["replica"]
+    dropped = after["images_dropped"] - before["images_dropped"]
+    discarded = after["images_discarded"] - before["images_discarded"]
+    row.mode = f"serve + {abandoners} abandoning"
+    row.abandoned = f"{sum(sent)} sent, {dropped} img dropped, {discarded} discarded"
+    return row
+
+
+def _wait_idle(url: str, timeout: float = 600.0) -> None:
+    """Until the replica holds nothing (abandoned work included), so rows do not overlap."""
+    deadline = time.monotonic() + timeout
+    while requests.get(f"{url}/healthz", timeout=60).json()["replica"]["in_flight"]:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the replica still holds requests")
+        time.sleep(0.2)
+
+
 def direct(engine: Engine, spec, count: int, batch: int, fmt: str, quality: int) -> Row:
     """The engine in-process: ``count`` images in calls of ``batch``, each encoded. A call's
     latency is every one of its images' latency."""
@@ -134,6 +185,10 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     parser.add_argument("--clients", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--abandoners", type=int, default=0, help="careless clients beside each level (0: none)")
+    parser.add_argument("--abandon-n", type=int, default=4, help="images per abandoned request")
+    parser.add_argument("--abandon-steps", type=int, default=0, help="steps per abandoned image (0: 4x defaults.steps)")
+    parser.add_argument("--abandon-after-s", type=float, default=0.5, help="seconds before a careless client hangs up")
     args = parser.parse_args()
 
     spec = load_spec(args.spec, [*args.overrides, "serve.host=127.0.0.1", f"serve.port={_free_port()}", "model.device=cpu"])
@@ -145,8 +200,12 @@ def main() -> None:
         url = start(spec)
         _wait_healthy(url)
         http_load(url, clients=4, count=8, offset=10_000)  # warm-up: first calls pay lazy init
+        heavy = {"n": args.abandon_n, "steps": args.abandon_steps or 4 * spec.defaults.steps}
         for n, clients in enumerate(args.clients):
             rows.append(http_load(url, clients, args.requests, offset=n * args.requests))
+            if args.abandoners:
+                offset = (len(args.clients) + n) * args.requests
+                rows.append(with_abandoners(url, clients, args.requests, offset, args.abandoners, heavy, args.abandon_after_s))
         serve.shutdown()
         ray.shutdown()
 
@@ -171,7 +230,7 @@ def main() -> None:
         f"batch_wait_timeout_s {sv.batch_wait_timeout_s}, max_ongoing_requests {sv.max_ongoing_requests}, "
         f"replicas {sv.min_replicas}-{sv.max_replicas}\n"
     )
-    header = ["mode", "clients", "ok", "requests/s", "p50 ms", "p99 ms", "mean batch"]
+    header = ["mode", "clients", "ok", "requests/s", "p50 ms", "p99 ms", "mean batch", "abandoned requests"]
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
     for row in rows:
