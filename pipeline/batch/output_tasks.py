@@ -21,7 +21,7 @@ from pipeline.output import card
 from pipeline.spec.catalog import Catalog, ModelEntry
 from pipeline.spec.config import JobSpec, OutputConfig
 from pipeline.spec.validate import REQUEST_ID_SCHEME, scheme_warning
-from pipeline.storage import commit_protocol, dataset_schema, filesystem, fold, lock, part_files, skip_filter, supersede
+from pipeline.storage import commit_protocol, dataset_schema, filesystem, fold, lock, ownership_marker, part_files, skip_filter, supersede
 
 
 class OutputWriter:
@@ -192,7 +192,10 @@ def prepare_output(spec: JobSpec, run_id: str = "", started: float = 0.0, catalo
     output took a driver from 280 to 640 MB), so the job runs it as a task
     (:func:`preparing`); warnings are returned, not logged, for the caller to log."""
     fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
+    ownership_marker.check_output(fs, root, spec.output.url)  # nothing removed or replaced that is not ours
     with filesystem.storage_errors(spec.output.url, "prepare"):
+        if run_id:
+            ownership_marker.mark_output(fs, root)
         if spec.output.mode == "overwrite":
             part_files.clear_output(fs, root)
         found = commit_protocol.read_commits(fs, root)
@@ -219,6 +222,7 @@ def prepare_output(spec: JobSpec, run_id: str = "", started: float = 0.0, catalo
                 start.update(models=model_details(catalog), model_fingerprint=catalog.models[catalog.default_model].fingerprint)
             part_files.write_manifest(fs, root, run_id, start)
     warnings = [f"{spec.output.url}: {older_ids}"] if older_ids else []
+    warnings += ownership_marker.card_warning(fs, root, spec.output.url)
     if recovery.removed_parts:
         warnings.append(f"removed {len(recovery.removed_parts)} part(s) without a commit record, left by an interrupted run")
     warnings += [f"dropped commit record {name}: {why}; its rows are made again" for name, why in recovery.dropped_records]

@@ -30,7 +30,7 @@ from pipeline.spec import schema as S
 from pipeline.spec.config import JobSpec, PlanConfig, ThroughputEntry
 from pipeline.spec.duplicate_ids import SeenIds, id_batches
 from pipeline.spec.validate import PROBLEMS, Validator, scheme_warning
-from pipeline.storage import commit_protocol, filesystem, part_files, tables
+from pipeline.storage import commit_protocol, filesystem, ownership_marker, part_files, tables
 from pipeline.storage.skip_filter import CommittedIds
 from pipeline.storage.units import ReadUnit, plan_units, read_unit, text_advice
 
@@ -221,6 +221,9 @@ def make_plan(spec: JobSpec, on_cluster: Optional[bool] = None) -> Plan:
     inp = spec.input
     table = plan_units(inp)
     plan = Plan(input_url=inp.url, num_actors=spec.runtime.num_actors, price_per_gpu_hour=spec.plan.price_per_gpu_hour)
+    out_fs, out_root = filesystem.open_url(spec.output.url, spec.output.storage_options)
+    ownership_marker.check_output(out_fs, out_root, spec.output.url)  # the job refuses a folder it did not make
+    plan.warnings += ownership_marker.card_warning(out_fs, out_root, spec.output.url)
     committed = _committed_ids(spec, plan)
     validator = Validator(spec, place(catalog, None, _recorded_models(spec, plan)))
     if on_cluster is None:

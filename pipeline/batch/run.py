@@ -47,7 +47,7 @@ from pipeline.spec.bucketing import block_rows
 from pipeline.spec.catalog import Catalog
 from pipeline.spec.config import JobSpec
 from pipeline.spec.validate import Validator
-from pipeline.storage import filesystem, part_files, tables
+from pipeline.storage import filesystem, ownership_marker, part_files, tables
 from pipeline.storage.lock import OutputLock
 from pipeline.storage.units import plan_units
 
@@ -75,6 +75,7 @@ def run(spec: JobSpec, stage: type[ActorEngines] = ActorEngines) -> RunSummary:
     # The lock comes before anything touches the output: cleaning up uncommitted parts
     # must never delete the parts of a run still in flight.
     fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
+    ownership_marker.check_output(fs, root, spec.output.url)  # not even a lock in a folder that is not ours
     lock = OutputLock.acquire(fs, root, run_id, spec.output.url, lease_s=spec.output.lock_lease_s)
     try:
         prepared, skip = prepare(spec, run_id, started, catalog)  # adopts what interrupted runs committed
@@ -83,7 +84,7 @@ def run(spec: JobSpec, stage: type[ActorEngines] = ActorEngines) -> RunSummary:
         ownership = ray.remote(ownership_warnings).options(num_cpus=spec.runtime.task_cpus).remote(spec)
         validator = Validator(spec, catalog, skip=skip)
         summary = _execute(spec, run_id, catalog, validator, started, stage, prepared)
-        summary.warnings.extend(_warned(ownership))
+        summary.warnings.extend([*prepared.warnings, *_warned(ownership)])
         return summary
     except Exception as exc:
         # However the job failed (a writer's LeaseLost arrives wrapped by Ray), a lost
