@@ -67,3 +67,41 @@ def test_the_card_never_replaces_a_readme_imagegen_did_not_write(ray_cluster, ma
     assert (out / "README.md").read_text() == "# our team's notes on this dataset\n"
     assert "imagegen dataset card" in (out / "IMAGEGEN_CARD.md").read_text()
     assert any("README.md was not written by imagegen" in w for w in summary.warnings)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_row_made_once_and_rejected_later_stays_in_one_place(ray_cluster, make_spec, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.batch.run import run
+    from pipeline.engine.resolve_catalog import build_catalog, place
+    from pipeline.output.verify import verify
+    from pipeline.spec import schema as S
+    from pipeline.spec.validate import Validator
+    from pipeline.storage import part_files, tables
+
+    (tmp_path / "p.csv").write_text("prompt,width\na wide cat,64\na small dog,32\n")
+    first = make_spec({"url": str(tmp_path / "p.csv")})
+    assert run(first).images == 2
+    tightened = make_spec({"url": str(tmp_path / "p.csv")}, limits={"max_width": 32})
+    summary = run(tightened)
+    assert summary.errors == 1  # the run's verdict on the wide row, under today's spec...
+
+    def ids(kind: str) -> list[str]:
+        folder = tmp_path / "out" / kind
+        return pq.read_table(folder).column(S.ID).to_pylist() if folder.is_dir() and any(folder.iterdir()) else []
+
+    assert len(ids("images")) == 2 and not set(ids("images")) & set(ids("errors"))  # ...but its image stands
+    report = verify(tightened.output.url, spec=tightened)
+    assert report.ok, report.format()
+    # verify sees an error row of a row with an image, whichever run wrote it.
+    fs, root = filesystem.open_url(tightened.output.url)
+    validator = Validator(tightened, place(build_catalog(tightened), None))
+    rejected = validator.validate_table(next(tables.read_input(tightened.input)).slice(0, 1))
+    for f in [*S.ENCODE_FIELDS, *S.GENERATION_FIELDS, *S.QUALITY_FIELDS]:  # as the engine hands it on
+        rejected = rejected.append_column(f, pa.nulls(rejected.num_rows, f.type))
+    part_files.write_block(fs, root, "run-later", rejected)
+    report = verify(tightened.output.url)
+    assert [v for v in report.violations if v.startswith("input rows both in the images and in the errors")], report.format()

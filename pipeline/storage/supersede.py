@@ -16,6 +16,11 @@ each error part holding one is rewritten without it.
   earlier row's (``error_type`` ``DuplicateId``) has that other row's id, so it is
   matched by its position (``source``, ``row_index``) instead, and it offers nothing by id.
 
+**An image stands.** An error row of an input row that has a committed image, from any
+run, earlier or later, also leaves ``errors/``: a row made once and rejected later (a
+tightened limit, a failed retry under a changed spec) is in ``images/`` only. A row is
+never in both (``imagegen verify`` checks it).
+
 Rows rejected at read or validation are not made again while the input is unchanged, so
 they stay live until the input row or the spec changes; rows failed in generation get a
 fresh verdict from every run.
@@ -83,14 +88,16 @@ def _needs(rid: str, row_id: str, source: str, row_index: int, error_type: str) 
     return [("request", rid), row]
 
 
-def superseded_mask(errors: pa.Table, later: dict[tuple, str]) -> list[bool]:
+def superseded_mask(errors: pa.Table, later: dict[tuple, str], imaged: frozenset | set = frozenset()) -> list[bool]:
     """For each row of ``errors`` (with the key columns and ``error_type``): whether a run
-    later than its own settled one of its keys. ``later`` maps key -> the latest run id
-    that settled it."""
+    later than its own settled one of its keys, or its input row has an image (its ``id``
+    is in ``imaged``: an image stands, whichever verdict came later). ``later`` maps key
+    -> the latest run id that settled it."""
     columns = [errors.column(c).to_pylist() for c in (*KEY_COLUMNS, S.ERROR_TYPE)]
     mask = []
     for rid, row_id, source, row_index, run_id, error_type in zip(*columns):
-        mask.append(any(later.get(key, "") > run_id for key in _needs(rid, row_id, source, row_index, error_type)))
+        standing = error_type != S.ERROR_TYPE_DUPLICATE_ID and row_id in imaged
+        mask.append(standing or any(later.get(key, "") > run_id for key in _needs(rid, row_id, source, row_index, error_type)))
     return mask
 
 
@@ -124,6 +131,7 @@ def supersede_errors(fs: fsspec.AbstractFileSystem, root: str) -> Superseded:
     errors = [_read(fs, root, path, [*KEY_COLUMNS, S.ERROR_TYPE]) for path in error_parts]
     errors = pa.concat_tables(errors, promote_options="default") if errors else None
     later: dict[tuple, str] = {}
+    imaged: set[str] = set()
     if errors is not None and errors.num_rows:
         # The keys a later verdict could supersede an error row by come from the error rows
         # themselves (few); the later runs' rows are read as Arrow columns, and only those
@@ -145,9 +153,10 @@ def supersede_errors(fs: fsspec.AbstractFileSystem, root: str) -> Superseded:
                 for key, run_id in offers(table.filter(pc.fill_null(hit, False))):
                     if later.get(key, "") < run_id:
                         later[key] = run_id
-    if later:
+        imaged = _imaged(fs, root, found, errors.filter(pc.invert(duplicate)), unchecked)
+    if later or imaged:
         for record in found.records:
-            _rewrite_record(fs, root, record, later, done)
+            _rewrite_record(fs, root, record, later, done, imaged)
     if done.parts:
         for manifest in commit_protocol.read_manifests(fs, root):
             parts = manifest.get("parts", [])
@@ -161,13 +170,30 @@ def supersede_errors(fs: fsspec.AbstractFileSystem, root: str) -> Superseded:
     return done
 
 
+def _imaged(fs: fsspec.AbstractFileSystem, root: str, found: commit_protocol.Commits, errors: pa.Table, unchecked: set[str]) -> set[str]:
+    """The ids of the new error rows (those of the ``unchecked`` runs) that an image of
+    any run holds: an image stands, so those error rows leave (see the README's "one
+    verdict per row"). Reads the ``id`` column of every image part, and only when a run
+    left error rows (a run without any reads nothing here)."""
+    fresh = pc.unique(errors.filter(pc.is_in(errors.column(S.RUN_ID), pa.array(sorted(unchecked), pa.string()))).column(S.ID))
+    if not len(fresh):
+        return set()
+    held: set[str] = set()
+    for record in found.records:
+        for part in record.parts:
+            if part.kind == record_format.IMAGES_DIR and part.rows:
+                ids = _read(fs, root, part.path, [S.ID]).column(S.ID)
+                held.update(ids.filter(pc.fill_null(pc.is_in(ids, fresh), False)).to_pylist())
+    return held
+
+
 def _mark_checked(fs: fsspec.AbstractFileSystem, root: str) -> None:
     for manifest in commit_protocol.read_manifests(fs, root):
         if not manifest.get(CHECKED):
             _rewrite_manifest(fs, root, {**manifest, CHECKED: True})
 
 
-def _rewrite_record(fs: fsspec.AbstractFileSystem, root: str, record: record_format.Record, later: dict[tuple, str], done: Superseded) -> None:
+def _rewrite_record(fs: fsspec.AbstractFileSystem, root: str, record: record_format.Record, later: dict[tuple, str], done: Superseded, imaged: set[str]) -> None:
     """Rewrite ``record``'s error parts without their superseded rows, under a new commit
     record. Crash-safe at every step: the new parts and record are written before the old
     record and parts are removed; until then both records hold the same image ids, and
@@ -178,7 +204,7 @@ def _rewrite_record(fs: fsspec.AbstractFileSystem, root: str, record: record_for
             parts.append(part)
             continue
         keys = _read(fs, root, part.path, [*KEY_COLUMNS, S.ERROR_TYPE])
-        mask = superseded_mask(keys, later)
+        mask = superseded_mask(keys, later, imaged)
         if not any(mask):
             parts.append(part)
             continue
