@@ -105,3 +105,69 @@ def test_a_row_made_once_and_rejected_later_stays_in_one_place(ray_cluster, make
     part_files.write_block(fs, root, "run-later", rejected)
     report = verify(tightened.output.url)
     assert [v for v in report.violations if v.startswith("input rows both in the images and in the errors")], report.format()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_row_keeps_its_identity_when_other_rows_are_inserted_reordered_or_the_file_renamed(ray_cluster, make_spec, tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipeline.batch.run import run
+    from pipeline.output.verify import verify
+    from pipeline.spec import schema as S
+
+    table = tmp_path / "table"
+    table.mkdir()
+    (table / "p.csv").write_text("prompt,width\na cat,32\na dog,\na cat,32\n")
+    spec = make_spec({"url": str(table), "format": "csv"})
+    assert run(spec).images == 3
+    before = pq.read_table(tmp_path / "out" / "images").select([S.ID, S.SEED, S.SHA256]).to_pylist()
+    # Another file name, a row inserted at the top, the rows reordered, a width written as 32.0.
+    (table / "p.csv").unlink()
+    (table / "renamed.csv").write_text("prompt,width\na new bird,\na cat,32.0\na cat,32\na dog,\n")
+    summary = run(spec)
+    assert summary.images == 1, "only the new row is made"
+    after = pq.read_table(tmp_path / "out" / "images").select([S.ID, S.SEED, S.SHA256]).to_pylist()
+    assert len(after) == 4 and all(image in after for image in before)
+    report = verify(spec.output.url, spec=spec)
+    assert report.ok, report.format()
+
+
+def test_an_output_made_by_position_is_not_made_again_by_content(make_spec, tmp_path):
+    import json
+
+    from pipeline.batch.plan import make_plan
+    from pipeline.errors import SpecError
+
+    (tmp_path / "p.csv").write_text("prompt\na cat\n")
+    runs = tmp_path / "out" / "_runs"
+    runs.mkdir(parents=True)
+    manifest = {"run_id": "r1", "status": "complete", "request_id_scheme": 2, "spec": {"input": {"url": str(tmp_path / "p.csv")}},
+                "parts": [{"path": "images/part-r1-a-b.parquet", "rows": 5, "bytes": 1, "sha256": "0"}]}  # fmt: skip
+    (runs / "r1.json").write_text(json.dumps(manifest))
+    with pytest.raises(SpecError, match=r"identified by file and position .* none of its 5 image\(s\) would be recognised"):
+        make_plan(make_spec({"url": str(tmp_path / "p.csv")}), on_cluster=False)
+    kept = make_spec({"url": str(tmp_path / "p.csv"), "identity": "position"})
+    assert make_plan(kept, on_cluster=False).rows == 1  # the choice that keeps extending it as it was made
+
+
+def test_a_rows_content_is_the_same_in_every_format_and_counts_in_table_order():
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.spec import schema as S
+    from pipeline.spec.config import InputConfig
+    from pipeline.spec.occurrences import Occurrences, content_digest, numbered
+
+    inp = InputConfig(url="t.csv", columns={"steps": "n_steps"})
+    as_csv = {"prompt": "a cat", "width": "64", "n_steps": " 4 ", "negative_prompt": "", "note": "kept apart"}
+    as_parquet = {"prompt": "a cat", "width": 64.0, "n_steps": 4, "note": "another note"}
+    assert content_digest(as_csv, inp) == content_digest(as_parquet, inp)  # text, float, int; empty = absent; pass-through not content
+    assert content_digest({**as_parquet, "width": 65}, inp) != content_digest(as_parquet, inp)
+    assert content_digest({"prompt": "a cat "}, inp) != content_digest({"prompt": "a cat"}, inp)  # a prompt's text is kept exactly
+    counter = Occurrences()
+    assert counter.number(np.array([7, 3, 7, 7], np.uint64)).tolist() == [0, 0, 1, 2]
+    assert counter.number(np.array([3, 9, 7], np.uint64)).tolist() == [1, 0, 3]  # counts go on across batches
+    chunks = [pa.Table.from_pylist([{"prompt": p, S.INPUT_SOURCE: "t.csv", S.INPUT_ROW: i} for i, p in enumerate(["a", "b", "a"])])]
+    out = pa.concat_tables(numbered(chunks, inp))
+    assert out.column(S.INPUT_OCCURRENCE).to_pylist() == [0, 0, 1]

@@ -14,13 +14,13 @@ from typing import Any, Optional
 import pyarrow as pa
 import ray
 
-from pipeline.errors import ImagegenError
+from pipeline.errors import ImagegenError, SpecError
 from pipeline.batch.engine_actors import final_counts
 from pipeline.batch.dispatch import result
 from pipeline.output import card
 from pipeline.spec.catalog import Catalog, ModelEntry
 from pipeline.spec.config import JobSpec, OutputConfig
-from pipeline.spec.validate import REQUEST_ID_SCHEME, scheme_warning
+from pipeline.spec.validate import REQUEST_ID_SCHEME, identity_change, scheme_warning
 from pipeline.storage import commit_protocol, dataset_schema, filesystem, fold, lock, ownership_marker, part_files, skip_filter, supersede
 
 
@@ -193,6 +193,10 @@ def prepare_output(spec: JobSpec, run_id: str = "", started: float = 0.0, catalo
     (:func:`preparing`); warnings are returned, not logged, for the caller to log."""
     fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
     ownership_marker.check_output(fs, root, spec.output.url)  # nothing removed or replaced that is not ours
+    with filesystem.storage_errors(spec.output.url, "read"):
+        changed = identity_change(commit_protocol.read_manifests(fs, root), spec)
+    if changed:
+        raise SpecError(changed)
     with filesystem.storage_errors(spec.output.url, "prepare"):
         if run_id:
             ownership_marker.mark_output(fs, root)

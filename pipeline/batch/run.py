@@ -46,6 +46,7 @@ from pipeline.output.ownership import ownership_warnings
 from pipeline.spec.bucketing import block_rows
 from pipeline.spec.catalog import Catalog
 from pipeline.spec.config import JobSpec
+from pipeline.spec.occurrences import needs_registry
 from pipeline.spec.validate import Validator
 from pipeline.storage import filesystem, ownership_marker, part_files, tables
 from pipeline.storage.lock import OutputLock
@@ -135,7 +136,7 @@ def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator,
     counter = ProgressActor.options(scheduling_strategy=on_driver_node()).remote()
     table = plan_units(spec.input)
     rows_per_block = block_rows(rt.batch_size, table.rows, rt.num_actors, rows_per_call(spec, catalog))
-    registry = start_registry() if spec.input.id_column else None
+    registry = start_registry() if needs_registry(spec.input) else None
     actors = start_engines(spec, catalog, counter, stage)
     shared = ray.put(validator)  # once: every read task reads the same copy
     output_writer = OutputWriter(spec, run_id, catalog, started, counter, prepared)

@@ -1,9 +1,10 @@
 """Images in an output that no row of the current input owns.
 
-A row's identity is its id (``input.id_column``), else its file name and position. Without
-an id column, renaming the input file or converting it (CSV -> Parquet) gives every row a
-new identity: the next run makes every image again, with new seeds, beside the old ones,
-and the dataset doubles without any error. :func:`unowned_images` finds the images whose
+A row's identity is its id (``input.id_column``), else its content and occurrence
+(:mod:`pipeline.spec.occurrences`), or with ``input.identity: position`` its file name and
+position. A row edited or removed leaves its images owned by no row; with position
+identity, renaming the input file or converting it (CSV -> Parquet) gives every row a new
+identity: the next run makes every image again, with new seeds, beside the old ones. :func:`unowned_images` finds the images whose
 identity no current row has, so ``imagegen validate`` and ``imagegen run`` can warn before
 any work and ``imagegen verify --input`` can report them.
 
@@ -29,6 +30,7 @@ from pipeline.errors import StorageError
 from pipeline.spec import schema as S
 from pipeline.spec.cells import RowError, id_text
 from pipeline.spec.config import JobSpec
+from pipeline.spec.occurrences import numbered
 from pipeline.storage import commit_protocol, filesystem, record_format, tables
 from pipeline.storage.skip_filter import CommittedIds, id_hashes
 
@@ -49,6 +51,11 @@ class Unowned:
         text = f"{spec.output.url} holds {self.images} image(s) that no row of the current input owns (made from {sources}{more})."
         if spec.input.id_column:
             return text + f" Their ids are not in column {spec.input.id_column!r} of {spec.input.url}: rows removed, or ids changed."
+        if spec.input.identity == "content":
+            return text + (
+                " A row without input.id_column is its prompt and parameter cells and its occurrence among identical rows:"
+                " those rows were edited or removed. `imagegen prune SPEC --dry-run` lists them; without --dry-run it removes them."
+            )
         return text + (
             " Without input.id_column a row is its file name and position: a renamed, moved or converted input file"
             " makes every row new, and a run makes all its images again with new seeds beside the old ones."
@@ -93,6 +100,14 @@ def _owner(spec: JobSpec) -> Callable[[pa.Table], np.ndarray]:
     current input row has its identity. Vectorised, and compact on the driver: the input's
     ids are held as 8-byte hashes (as the skip filter holds request ids), not as strings."""
     inp = spec.input
+    if not inp.id_column and inp.identity == "content":
+        # The ids the validator gives such rows: `<content digest>#<occurrence>`.
+        hashes = [
+            id_hashes(pc.binary_join_element_wise(chunk.column(S.INPUT_CONTENT), pc.cast(chunk.column(S.INPUT_OCCURRENCE), pa.string()), "#"))
+            for chunk in numbered(tables.read_input(inp), inp)
+        ]
+        ids = CommittedIds(np.concatenate(hashes) if hashes else None)
+        return lambda images: ids.contains(images.column(S.ID))
     if inp.id_column:
         hashes = []
         for chunk in tables.read_input(inp):

@@ -42,6 +42,7 @@ from pipeline.output.ownership import unowned_images
 from pipeline.spec import schema as S
 from pipeline.spec.config import JobSpec
 from pipeline.spec.duplicate_ids import find_duplicate_ids
+from pipeline.spec.occurrences import numbered
 from pipeline.spec.validate import Validator
 from pipeline.storage import commit_protocol, filesystem, record_format, skip_filter, supersede, tables
 
@@ -190,7 +191,7 @@ def _unaccounted(spec: JobSpec, committed: set[str], imaged: set[str], report: V
     fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
     validator = Validator(spec, place(build_catalog(spec), None, recorded_models(commit_protocol.read_manifests(fs, root))), duplicates=duplicates)
     missing, rows = [], 0
-    for chunk in tables.read_input(spec.input):
+    for chunk in numbered(tables.read_input(spec.input), spec.input):
         for raw in chunk.to_pylist():
             rows += 1
             requests = validator.validate_row(raw)
