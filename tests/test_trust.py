@@ -112,7 +112,9 @@ def test_a_row_made_once_and_rejected_later_stays_in_one_place(ray_cluster, make
 def test_a_row_keeps_its_identity_when_other_rows_are_inserted_reordered_or_the_file_renamed(ray_cluster, make_spec, tmp_path):
     import pyarrow.parquet as pq
 
+    from pipeline.batch.plan import make_plan
     from pipeline.batch.run import run
+    from pipeline.output.ownership import prune
     from pipeline.output.verify import verify
     from pipeline.spec import schema as S
 
@@ -129,6 +131,15 @@ def test_a_row_keeps_its_identity_when_other_rows_are_inserted_reordered_or_the_
     assert summary.images == 1, "only the new row is made"
     after = pq.read_table(tmp_path / "out" / "images").select([S.ID, S.SEED, S.SHA256]).to_pylist()
     assert len(after) == 4 and all(image in after for image in before)
+    report = verify(spec.output.url, spec=spec)
+    assert report.ok, report.format()
+    # A row removed leaves its image owned by no row: validate says so, prune removes it (a dry run first).
+    (table / "renamed.csv").write_text("prompt,width\na new bird,\na cat,32.0\na dog,\n")
+    assert any("1 image(s) that no row of the current input owns" in w for w in make_plan(spec, on_cluster=False).warnings)
+    assert prune(spec, dry_run=True).images == 1 and pq.read_table(tmp_path / "out" / "images").num_rows == 4
+    assert prune(spec).images == 1
+    kept = pq.read_table(tmp_path / "out" / "images").select([S.ID, S.SEED, S.SHA256]).to_pylist()
+    assert len(kept) == 3 and all(image in after for image in kept)
     report = verify(spec.output.url, spec=spec)
     assert report.ok, report.format()
 

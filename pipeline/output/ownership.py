@@ -6,7 +6,8 @@ position. A row edited or removed leaves its images owned by no row; with positi
 identity, renaming the input file or converting it (CSV -> Parquet) gives every row a new
 identity: the next run makes every image again, with new seeds, beside the old ones. :func:`unowned_images` finds the images whose
 identity no current row has, so ``imagegen validate`` and ``imagegen run`` can warn before
-any work and ``imagegen verify --input`` can report them.
+any work and ``imagegen verify --input`` can report them; ``imagegen prune`` removes them
+(:func:`prune`, with ``--dry-run`` first).
 
 Costs one pass over the input's ids, held as 8-byte hashes (or, without an id column, its
 row count per file: Parquet from the footers), and one over the ``id``, ``source`` and
@@ -31,7 +32,8 @@ from pipeline.spec import schema as S
 from pipeline.spec.cells import RowError, id_text
 from pipeline.spec.config import JobSpec
 from pipeline.spec.occurrences import numbered
-from pipeline.storage import commit_protocol, filesystem, record_format, tables
+from pipeline.output import card
+from pipeline.storage import commit_protocol, filesystem, lock, ownership_marker, part_files, record_format, supersede, tables
 from pipeline.storage.skip_filter import CommittedIds, id_hashes
 
 _SHOWN = 5
@@ -93,6 +95,39 @@ def unowned_images(spec: JobSpec, fs: fsspec.AbstractFileSystem, root: str) -> U
             for item in pc.value_counts(stray.column(S.SOURCE)).to_pylist():
                 found.by_source[item["values"]] += item["counts"]
     return found
+
+
+def prune(spec: JobSpec, dry_run: bool = False) -> Unowned:
+    """``imagegen prune``: the images of ``spec``'s output that no row of its input owns
+    (see :func:`unowned_images`), removed unless ``dry_run``. Holds the output's lock; each
+    part holding one is rewritten without it under a new commit record (the way
+    superseded error rows leave, :func:`~pipeline.storage.supersede.drop_rows`), so a crash
+    at any step leaves the output consistent, then the card is rewritten. Never touches a
+    folder imagegen did not make (:func:`~pipeline.storage.ownership_marker.check_output`)."""
+    fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
+    ownership_marker.check_output(fs, root, spec.output.url)
+    if dry_run:
+        return unowned_images(spec, fs, root)
+    held = lock.OutputLock.acquire(fs, root, part_files.new_run_id(), spec.output.url, lease_s=spec.output.lock_lease_s)
+    try:
+        owned = _owner(spec)
+        found = Unowned()
+
+        def stray(images: pa.Table) -> list[bool]:
+            mask = ~owned(images)
+            for item in pc.value_counts(images.column(S.SOURCE).filter(pa.array(mask))).to_pylist():
+                found.by_source[item["values"]] += item["counts"]
+            return mask.tolist()
+
+        with filesystem.storage_errors(spec.output.url, "write"):
+            commits = commit_protocol.read_commits(fs, root)
+            found.images = supersede.drop_rows(fs, root, commits.records, record_format.IMAGES_DIR, [S.ID, S.SOURCE, S.ROW_INDEX], stray).rows
+            if found.images:
+                card.write_card(fs, root)
+        held.raise_if_lost()
+        return found
+    finally:
+        held.release()
 
 
 def _owner(spec: JobSpec) -> Callable[[pa.Table], np.ndarray]:

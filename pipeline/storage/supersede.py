@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import fsspec
 import pyarrow as pa
@@ -155,14 +155,7 @@ def supersede_errors(fs: fsspec.AbstractFileSystem, root: str) -> Superseded:
                         later[key] = run_id
         imaged = _imaged(fs, root, found, errors.filter(pc.invert(duplicate)), unchecked)
     if later or imaged:
-        for record in found.records:
-            _rewrite_record(fs, root, record, later, done, imaged)
-    if done.parts:
-        for manifest in commit_protocol.read_manifests(fs, root):
-            parts = manifest.get("parts", [])
-            kept = [done.parts.get(part["path"], part) for part in parts if done.parts.get(part["path"], part) is not None]
-            if kept != parts:
-                _rewrite_manifest(fs, root, {**manifest, "parts": sorted(kept, key=lambda part: part["path"])})
+        done = drop_rows(fs, root, found.records, record_format.ERRORS_DIR, [*KEY_COLUMNS, S.ERROR_TYPE], lambda keys: superseded_mask(keys, later, imaged))
     # Last: a crash before this leaves the runs unchecked, and the next run checks again.
     _mark_checked(fs, root)
     if done.rows:
@@ -193,30 +186,56 @@ def _mark_checked(fs: fsspec.AbstractFileSystem, root: str) -> None:
             _rewrite_manifest(fs, root, {**manifest, CHECKED: True})
 
 
-def _rewrite_record(fs: fsspec.AbstractFileSystem, root: str, record: record_format.Record, later: dict[tuple, str], done: Superseded, imaged: set[str]) -> None:
-    """Rewrite ``record``'s error parts without their superseded rows, under a new commit
+def drop_rows(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    records: list[record_format.Record],
+    kind: str,
+    columns: list[str],
+    drop: Callable[[pa.Table], list[bool]],
+) -> Superseded:
+    """Remove from the committed ``kind`` parts (``images`` or ``errors``) of ``records``
+    the rows ``drop`` marks (given each part's ``columns``): each part holding one is
+    rewritten without them under a new commit record, then the manifests listing it are
+    rewritten. Used for superseded error rows and by ``imagegen prune`` (images no row owns).
+    Call it holding the output's lock."""
+    done = Superseded()
+    for record in records:
+        _rewrite_record(fs, root, record, kind, columns, drop, done)
+    if done.parts:
+        for manifest in commit_protocol.read_manifests(fs, root):
+            parts = manifest.get("parts", [])
+            kept = [done.parts.get(part["path"], part) for part in parts if done.parts.get(part["path"], part) is not None]
+            if kept != parts:
+                _rewrite_manifest(fs, root, {**manifest, "parts": sorted(kept, key=lambda part: part["path"])})
+    return done
+
+
+def _rewrite_record(fs: fsspec.AbstractFileSystem, root: str, record: record_format.Record, kind: str, columns: list[str], drop: Callable[[pa.Table], list[bool]], done: Superseded) -> None:
+    """Rewrite ``record``'s ``kind`` parts without the rows ``drop`` marks, under a new commit
     record. Crash-safe at every step: the new parts and record are written before the old
     record and parts are removed; until then both records hold the same image ids, and
     :func:`~pipeline.storage.commit_protocol.read_commits` keeps exactly one of them."""
-    parts, removed_by_stage, changed = [], {}, False
+    parts, removed_by_stage, removed, changed = [], {}, 0, False
     for part in record.parts:
-        if part.kind != record_format.ERRORS_DIR:
+        if part.kind != kind:
             parts.append(part)
             continue
-        keys = _read(fs, root, part.path, [*KEY_COLUMNS, S.ERROR_TYPE])
-        mask = superseded_mask(keys, later, imaged)
+        mask = drop(_read(fs, root, part.path, columns))
         if not any(mask):
             parts.append(part)
             continue
         changed = True
         table = _read(fs, root, part.path)
         gone = table.filter(pa.array(mask))
-        for stage in gone.column(S.ERROR_STAGE).to_pylist():
-            removed_by_stage[stage] = removed_by_stage.get(stage, 0) + 1
+        if kind == record_format.ERRORS_DIR:
+            for stage in gone.column(S.ERROR_STAGE).to_pylist():
+                removed_by_stage[stage] = removed_by_stage.get(stage, 0) + 1
         kept = table.filter(pc.invert(pa.array(mask)))
         done.rows += gone.num_rows
+        removed += gone.num_rows
         if kept.num_rows:
-            entry = part_files.write_part(fs, root, record_format.ERRORS_DIR, record.run_id, kept)
+            entry = part_files.write_part(fs, root, kind, record.run_id, kept)
             parts.append(entry)
             done.parts[part.path] = {"path": entry.path, "rows": entry.rows, "bytes": entry.bytes, "sha256": entry.sha256}
         else:
@@ -225,7 +244,9 @@ def _rewrite_record(fs: fsspec.AbstractFileSystem, root: str, record: record_for
         return
     if parts:
         counts = dict(record.counts)
-        if counts:
+        if counts and kind == record_format.IMAGES_DIR:
+            counts["images"] = int(counts.get("images", 0)) - removed
+        elif counts:
             counts["errors"] = int(counts.get("errors", 0)) - sum(removed_by_stage.values())
             by_stage = dict(counts.get("errors_by_stage", {}))
             for stage, n in removed_by_stage.items():
