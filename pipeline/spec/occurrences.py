@@ -66,10 +66,25 @@ def canonical(value: Any) -> Any:
     return str(value)
 
 
+def content_columns(inp: InputConfig) -> dict[str, str]:
+    """The columns a row's content is made of: parameter name -> column name."""
+    return {"prompt": inp.prompt_column, **{p: inp.column_for(p) for p in ROW_PARAMETERS}}
+
+
 def content_digest(raw: dict[str, Any], inp: InputConfig) -> str:
     """The digest (32 hex digits, 128 bits) of a raw row's content: its prompt and parameter cells."""
-    columns = {"prompt": inp.prompt_column, **{p: inp.column_for(p) for p in ROW_PARAMETERS}}
-    content = {name: canonical(raw.get(column)) for name, column in columns.items()}
+    return _digest({name: raw.get(column) for name, column in content_columns(inp).items()})
+
+
+def table_digests(table: pa.Table, inp: InputConfig) -> list[str]:
+    """:func:`content_digest` of each row of ``table``, reading only its content columns."""
+    present = {name: column for name, column in content_columns(inp).items() if column in table.column_names}
+    values = [table.column(column).to_pylist() for column in present.values()]
+    return [_digest(dict(zip(present, row))) for row in zip(*values)] if present else [_digest({})] * table.num_rows
+
+
+def _digest(cells_by_name: dict[str, Any]) -> str:
+    content = {name: canonical(value) for name, value in cells_by_name.items()}
     text = json.dumps({k: v for k, v in content.items() if v is not None}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
@@ -138,7 +153,7 @@ def numbered_batches(
     pending: list[pa.Table] | None = None
 
     def finish(tables: list[pa.Table], last: bool) -> list[pa.Table]:
-        digests = [[content_digest(raw, inp) for raw in t.to_pylist()] for t in tables]
+        digests = [table_digests(t, inp) for t in tables]
         keys = np.array([content_key(d) for ds in digests for d in ds], np.uint64)
         occurrence = np.asarray(number(keys, last), np.int64)
         out, at = [], 0
