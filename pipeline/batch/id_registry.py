@@ -54,6 +54,11 @@ class IdRegistry:
 
         return await self._in_turn(seq, last, answer)
 
+    def absent(self, ids: list[str]) -> list[bool]:
+        """Once every unit is numbered: which content ids no row of the table has (see
+        :meth:`~pipeline.spec.occurrences.Occurrences.present`)."""
+        return [not here for here in self._occurrences.present(ids)]
+
     async def _in_turn(self, seq: int, last: bool, answer: Any) -> Any:
         if self._turn is None:
             self._turn = asyncio.Condition()

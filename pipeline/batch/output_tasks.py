@@ -49,9 +49,11 @@ class OutputWriter:
             report.add(part_files.write_block(fs, root, self._run_id, table))
         return report
 
-    def finish(self, report: part_files.WriteReport) -> None:
+    def finish(self, report: part_files.WriteReport, registry: Any = None) -> None:
         """The run's end, given the sum of every write's report: leftovers of retried writes
-        go, then the manifest, the superseded error rows and the card."""
+        go, then the manifest, the superseded error rows and the card. ``registry`` (the
+        job's id registry, every unit read) says which error rows' content ids are gone
+        from the input (content identity: their rows were edited or removed)."""
         finished = time.time()
         counts = final_counts(self._counter)
         fs, root = filesystem.open_url(self._output.url, self._output.storage_options)
@@ -93,7 +95,8 @@ class OutputWriter:
         )
         # Retried and fixed rows leave errors/. A task: with error parts present it reads the
         # output's commit records (8 bytes an image), which the driver must not hold.
-        result(superseding.options(num_cpus=self._spec.runtime.task_cpus).remote(self._output))
+        gone = registry if not self._spec.input.id_column and self._spec.input.identity == "content" else None
+        result(superseding.options(num_cpus=self._spec.runtime.task_cpus).remote(self._output, gone))
         card.write_card(fs, root)
         self.report = report
 
@@ -125,11 +128,13 @@ class RecordFolder:
 
 
 @ray.remote
-def superseding(output: OutputConfig) -> None:
-    """The end-of-run task that removes superseded error rows (:mod:`pipeline.storage.supersede`)."""
+def superseding(output: OutputConfig, registry: Any = None) -> None:
+    """The end-of-run task that removes superseded error rows (:mod:`pipeline.storage.supersede`),
+    and with ``registry`` those of rows no longer in the input."""
     fs, root = filesystem.open_url(output.url, output.storage_options)
+    gone = (lambda ids: ray.get(registry.absent.remote(ids))) if registry is not None else None
     with filesystem.storage_errors(output.url, "write"):
-        supersede.supersede_errors(fs, root)
+        supersede.supersede_errors(fs, root, gone)
 
 
 @ray.remote

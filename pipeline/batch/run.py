@@ -158,16 +158,21 @@ def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator,
     )
     poll = lambda: ray.get(counter.snapshot.remote(), timeout=5)  # noqa: E731
     try:
-        with progress.ProgressPrinter(poll, table.rows, rt.progress_interval_s, sys.stderr):
-            reports = dispatcher.run()
+        try:
+            with progress.ProgressPrinter(poll, table.rows, rt.progress_interval_s, sys.stderr):
+                reports = dispatcher.run()
+        finally:
+            for actor in actors:
+                ray.kill(actor)  # frees their GPUs now, not when the driver exits
+        folder.finish()
+        report = part_files.WriteReport()
+        for part in reports:
+            report.add(part)
+        # The registry has counted every row: it tells the end of the run which rows are gone.
+        output_writer.finish(report, registry)
     finally:
-        for actor in [*actors, *([registry] if registry is not None else [])]:
-            ray.kill(actor)  # frees their GPUs now, not when the driver exits
-    folder.finish()
-    report = part_files.WriteReport()
-    for part in reports:
-        report.add(part)
-    output_writer.finish(report)
+        if registry is not None:
+            ray.kill(registry)
     counts = final_counts(counter)
     return RunSummary(
         run_id=run_id,

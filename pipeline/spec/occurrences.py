@@ -127,6 +127,19 @@ class Occurrences:
             self._add(unique[~found], counts[~found].astype(np.int64))
         return before[inverse] + rank
 
+    def present(self, ids: list[str]) -> list[bool]:
+        """For each content id (``<digest>#<n>``, as the validator names a row): whether the
+        rows numbered so far include it (its content counted more than ``n`` times). Ids of
+        another form (an id column's, a position) are taken as present."""
+        parsed = [_parse(i) for i in ids]
+        keys = np.array([p[0] if p else 0 for p in parsed], np.uint64)
+        counts = np.zeros(len(ids), np.int64)
+        for level_keys, level_counts in self._levels:
+            at = np.minimum(np.searchsorted(level_keys, keys), len(level_keys) - 1)
+            hit = level_keys[at] == keys
+            counts[hit] = level_counts[at[hit]]
+        return [p is None or bool(count > p[1]) for p, count in zip(parsed, counts)]
+
     def _add(self, keys: np.ndarray, counts: np.ndarray) -> None:
         self._levels.append((keys, counts))
         while len(self._levels) > 1 and len(self._levels[-2][0]) <= 2 * len(self._levels[-1][0]):
@@ -134,6 +147,16 @@ class Occurrences:
             k, c = np.concatenate([k2, k1]), np.concatenate([c2, c1])
             order = np.argsort(k, kind="stable")
             self._levels.append((k[order], c[order]))
+
+
+def _parse(row_id: str) -> tuple[int, int] | None:
+    digest, _, n = row_id.partition("#")
+    if len(digest) != 32 or not n.isdigit():
+        return None
+    try:
+        return content_key(digest), int(n)
+    except ValueError:
+        return None
 
 
 def numbered_batches(

@@ -16,6 +16,11 @@ each error part holding one is rewritten without it.
   earlier row's (``error_type`` ``DuplicateId``) has that other row's id, so it is
   matched by its position (``source``, ``row_index``) instead, and it offers nothing by id.
 
+**A row no longer in the input.** With content identity, an edited row is a new row: the
+error row of what it was (a fixed typo, a corrected seed) leaves ``errors/`` at the end of
+the next run, which has counted every row of the table (``gone``). Images of such rows
+stay (they are data; ``imagegen prune`` removes them).
+
 **An image stands.** An error row of an input row that has a committed image, from any
 run, earlier or later, also leaves ``errors/``: a row made once and rejected later (a
 tightened limit, a failed retry under a changed spec) is in ``images/`` only. A row is
@@ -46,7 +51,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import fsspec
 import pyarrow as pa
@@ -111,10 +116,13 @@ def _read(fs: fsspec.AbstractFileSystem, root: str, relative: str, columns: list
         return pq.read_table(f, columns=columns)
 
 
-def supersede_errors(fs: fsspec.AbstractFileSystem, root: str) -> Superseded:
+def supersede_errors(fs: fsspec.AbstractFileSystem, root: str, gone: Optional[Callable[[list[str]], list[bool]]] = None) -> Superseded:
     """Remove the error rows that later runs superseded (see the module docstring) from the
-    committed output at ``root``; mark every run checked. Call it after a run's manifest is
-    written, holding the output's lock."""
+    committed output at ``root``; mark every run checked. ``gone(ids)`` (content identity:
+    the run's id registry, which has counted every row of the table) says which error
+    rows' ids no row of the input has any more: those rows were edited or removed, and
+    their error rows leave too. Call it after a run's manifest is written, holding the
+    output's lock."""
     manifests = commit_protocol.read_manifests(fs, root)
     unchecked = {m["run_id"] for m in manifests if not m.get(CHECKED)}
     done = Superseded()
@@ -154,6 +162,9 @@ def supersede_errors(fs: fsspec.AbstractFileSystem, root: str) -> Superseded:
                     if later.get(key, "") < run_id:
                         later[key] = run_id
         imaged = _imaged(fs, root, found, errors.filter(pc.invert(duplicate)), unchecked)
+        if gone is not None:
+            ids = pc.unique(errors.filter(pc.invert(duplicate)).column(S.ID)).to_pylist()
+            imaged |= {row_id for row_id, away in zip(ids, gone(ids)) if away}
     if later or imaged:
         done = drop_rows(fs, root, found.records, record_format.ERRORS_DIR, [*KEY_COLUMNS, S.ERROR_TYPE], lambda keys: superseded_mask(keys, later, imaged))
     # Last: a crash before this leaves the runs unchecked, and the next run checks again.
