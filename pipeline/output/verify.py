@@ -120,7 +120,7 @@ def verify(url: str, storage_options: dict | None = None, spec: JobSpec | None =
             unreadable.append(f"{relative} ({type(exc).__name__})")
             continue
         kind = relative.split("/", 1)[0]
-        keys[kind].append(table.select([c for c in (*supersede.KEY_COLUMNS, S.ERROR_TYPE) if c in table.column_names]))
+        keys[kind].append(table.select([c for c in (*supersede.KEY_COLUMNS, *supersede.VERDICT_COLUMNS) if c in table.column_names]))
         if kind == record_format.IMAGES_DIR:
             report.images += table.num_rows
             ids = table.column(S.REQUEST_ID)
@@ -140,7 +140,7 @@ def verify(url: str, storage_options: dict | None = None, spec: JobSpec | None =
 
     if spec is not None:
         made = {rid for ids in image_ids for rid in ids.to_pylist()}
-        imaged = {row_id for t in keys[record_format.IMAGES_DIR] for row_id in t.column(S.ID).to_pylist()}
+        imaged = set().union(*(supersede.image_keys(t) for t in keys[record_format.IMAGES_DIR]))
         missing = _unaccounted(spec, made | error_ids, imaged, report)
         report.add("input rows with no image and no error row", missing)
         _report_unowned(spec, fs, root, report)
@@ -171,7 +171,7 @@ def _in_two_places(keys: dict[str, list[pa.Table]], report: VerifyReport) -> Non
                 later[key] = run_id
     errors = [t for t in keys[record_format.ERRORS_DIR] if t.num_rows]
     # One verdict per row: an input row with an image has no error row, whichever came later.
-    imaged = {row_id for t in keys[record_format.IMAGES_DIR] for row_id in t.column(S.ID).to_pylist()} if errors else set()
+    imaged = set().union(*(supersede.image_keys(t) for t in keys[record_format.IMAGES_DIR])) if errors else set()
     stale, error_ids = [], Counter()
     for table in errors:
         for row, superseded in zip(table.select([S.ID, S.REQUEST_ID]).to_pylist(), supersede.superseded_mask(table, later, imaged)):

@@ -66,6 +66,23 @@ log = logging.getLogger(__name__)
 # Set in a run's manifest once its rows have been checked against every earlier error row.
 CHECKED = "errors_superseded"
 KEY_COLUMNS = [S.REQUEST_ID, S.ID, S.SOURCE, S.ROW_INDEX, S.RUN_ID]
+# What an error row's verdict is about: the whole row (rejected at read or validation), or
+# one image of it (failed in generation or encoding: image `image_index`).
+VERDICT_COLUMNS = [S.ERROR_TYPE, S.ERROR_STAGE, S.IMAGE_INDEX]
+WHOLE_ROW_STAGES = (S.STAGE_READ, S.STAGE_VALIDATE)
+
+
+def image_keys(table: pa.Table) -> set[str]:
+    """What the images of ``table`` (``id``, ``image_index``) settle for good: their rows, and
+    each image of them (:func:`standing_key`)."""
+    ids, indexes = table.column(S.ID).to_pylist(), table.column(S.IMAGE_INDEX).to_pylist()
+    return set(ids) | {f"{row_id}\x00{k}" for row_id, k in zip(ids, indexes)}
+
+
+def standing_key(row_id: str, stage: str, image_index: int) -> str:
+    """The key an image must hold for an error row to leave: its row's (a whole-row
+    rejection), or that one image's (a failed image of a row whose other images were made)."""
+    return row_id if stage in WHOLE_ROW_STAGES else f"{row_id}\x00{image_index}"
 
 
 @dataclass
@@ -93,16 +110,17 @@ def _needs(rid: str, row_id: str, source: str, row_index: int, error_type: str) 
     return [("request", rid), row]
 
 
-def superseded_mask(errors: pa.Table, later: dict[tuple, str], imaged: frozenset | set = frozenset()) -> list[bool]:
-    """For each row of ``errors`` (with the key columns and ``error_type``): whether a run
-    later than its own settled one of its keys, or its input row has an image (its ``id``
-    is in ``imaged``: an image stands, whichever verdict came later). ``later`` maps key
-    -> the latest run id that settled it."""
-    columns = [errors.column(c).to_pylist() for c in (*KEY_COLUMNS, S.ERROR_TYPE)]
+def superseded_mask(errors: pa.Table, later: dict[tuple, str], imaged: frozenset | set = frozenset(), gone: frozenset | set = frozenset()) -> list[bool]:
+    """For each row of ``errors`` (with :data:`KEY_COLUMNS` and :data:`VERDICT_COLUMNS`):
+    whether a run later than its own settled one of its keys; or an image stands for it
+    (its :func:`standing_key` is in ``imaged``, from :func:`image_keys`: whichever verdict
+    came later); or its row is ``gone`` from the input (ids). ``later`` maps key -> the
+    latest run id that settled it."""
+    columns = [errors.column(c).to_pylist() for c in (*KEY_COLUMNS, *VERDICT_COLUMNS)]
     mask = []
-    for rid, row_id, source, row_index, run_id, error_type in zip(*columns):
-        standing = error_type != S.ERROR_TYPE_DUPLICATE_ID and row_id in imaged
-        mask.append(standing or any(later.get(key, "") > run_id for key in _needs(rid, row_id, source, row_index, error_type)))
+    for rid, row_id, source, row_index, run_id, error_type, stage, index in zip(*columns):
+        own = error_type != S.ERROR_TYPE_DUPLICATE_ID and (standing_key(row_id, stage, index) in imaged or row_id in gone)
+        mask.append(own or any(later.get(key, "") > run_id for key in _needs(rid, row_id, source, row_index, error_type)))
     return mask
 
 
@@ -136,10 +154,11 @@ def supersede_errors(fs: fsspec.AbstractFileSystem, root: str, gone: Optional[Ca
         return done
     found = commit_protocol.read_commits(fs, root)
     error_parts = [part.path for record in found.records for part in record.parts if part.kind == record_format.ERRORS_DIR and part.rows]
-    errors = [_read(fs, root, path, [*KEY_COLUMNS, S.ERROR_TYPE]) for path in error_parts]
+    errors = [_read(fs, root, path, [*KEY_COLUMNS, *VERDICT_COLUMNS]) for path in error_parts]
     errors = pa.concat_tables(errors, promote_options="default") if errors else None
     later: dict[tuple, str] = {}
     imaged: set[str] = set()
+    gone_ids: set[str] = set()
     if errors is not None and errors.num_rows:
         # The keys a later verdict could supersede an error row by come from the error rows
         # themselves (few); the later runs' rows are read as Arrow columns, and only those
@@ -164,9 +183,10 @@ def supersede_errors(fs: fsspec.AbstractFileSystem, root: str, gone: Optional[Ca
         imaged = _imaged(fs, root, found, errors.filter(pc.invert(duplicate)), unchecked)
         if gone is not None:
             ids = pc.unique(errors.filter(pc.invert(duplicate)).column(S.ID)).to_pylist()
-            imaged |= {row_id for row_id, away in zip(ids, gone(ids)) if away}
-    if later or imaged:
-        done = drop_rows(fs, root, found.records, record_format.ERRORS_DIR, [*KEY_COLUMNS, S.ERROR_TYPE], lambda keys: superseded_mask(keys, later, imaged))
+            gone_ids = {row_id for row_id, away in zip(ids, gone(ids)) if away}
+    if later or imaged or gone_ids:
+        columns = [*KEY_COLUMNS, *VERDICT_COLUMNS]
+        done = drop_rows(fs, root, found.records, record_format.ERRORS_DIR, columns, lambda keys: superseded_mask(keys, later, imaged, gone_ids))
     # Last: a crash before this leaves the runs unchecked, and the next run checks again.
     _mark_checked(fs, root)
     if done.rows:
@@ -175,10 +195,10 @@ def supersede_errors(fs: fsspec.AbstractFileSystem, root: str, gone: Optional[Ca
 
 
 def _imaged(fs: fsspec.AbstractFileSystem, root: str, found: commit_protocol.Commits, errors: pa.Table, unchecked: set[str]) -> set[str]:
-    """The ids of the new error rows (those of the ``unchecked`` runs) that an image of
-    any run holds: an image stands, so those error rows leave (see the README's "one
-    verdict per row"). Reads the ``id`` column of every image part, and only when a run
-    left error rows (a run without any reads nothing here)."""
+    """:func:`image_keys` of the images of any run whose ids new error rows (those of the
+    ``unchecked`` runs) have: an image stands, so those error rows leave (see the README's
+    "one verdict per row"). Reads the ``id`` and ``image_index`` columns of every image
+    part, and only when a run left error rows (a run without any reads nothing here)."""
     fresh = pc.unique(errors.filter(pc.is_in(errors.column(S.RUN_ID), pa.array(sorted(unchecked), pa.string()))).column(S.ID))
     if not len(fresh):
         return set()
@@ -186,8 +206,8 @@ def _imaged(fs: fsspec.AbstractFileSystem, root: str, found: commit_protocol.Com
     for record in found.records:
         for part in record.parts:
             if part.kind == record_format.IMAGES_DIR and part.rows:
-                ids = _read(fs, root, part.path, [S.ID]).column(S.ID)
-                held.update(ids.filter(pc.fill_null(pc.is_in(ids, fresh), False)).to_pylist())
+                images = _read(fs, root, part.path, [S.ID, S.IMAGE_INDEX])
+                held |= image_keys(images.filter(pc.fill_null(pc.is_in(images.column(S.ID), fresh), False)))
     return held
 
 
