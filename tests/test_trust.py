@@ -79,6 +79,7 @@ def test_a_row_made_once_and_rejected_later_stays_in_one_place(ray_cluster, make
     from pipeline.engine.resolve_catalog import build_catalog, place
     from pipeline.output.verify import verify
     from pipeline.spec import schema as S
+    from pipeline.spec.occurrences import numbered
     from pipeline.spec.validate import Validator
     from pipeline.storage import part_files, tables
 
@@ -99,7 +100,7 @@ def test_a_row_made_once_and_rejected_later_stays_in_one_place(ray_cluster, make
     # verify sees an error row of a row with an image, whichever run wrote it.
     fs, root = filesystem.open_url(tightened.output.url)
     validator = Validator(tightened, place(build_catalog(tightened), None))
-    rejected = validator.validate_table(next(tables.read_input(tightened.input)).slice(0, 1))
+    rejected = validator.validate_table(next(numbered(tables.read_input(tightened.input), tightened.input)).slice(0, 1))
     for f in [*S.ENCODE_FIELDS, *S.GENERATION_FIELDS, *S.QUALITY_FIELDS]:  # as the engine hands it on
         rejected = rejected.append_column(f, pa.nulls(rejected.num_rows, f.type))
     part_files.write_block(fs, root, "run-later", rejected)
