@@ -40,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("output", help="the output URL (a folder, s3://bucket/prefix, ...)")
     verify.add_argument("--input", metavar="SPEC", help="the job spec: also check every input row is accounted for")
     verify.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a field of --input")
+    prune = commands.add_parser("prune", help="remove the images of an output that no row of the current input owns (edited or removed rows)")
+    prune.add_argument("output", help="the output URL (a folder, s3://bucket/prefix, ...)")
+    prune.add_argument("--input", metavar="SPEC", required=True, help="the job spec whose input rows own images")
+    prune.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    prune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a field of --input")
     _cluster_commands(commands)
     _output_commands(commands)
     return parser
@@ -139,6 +144,20 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _prune(args: argparse.Namespace) -> int:
+    from pipeline.output.ownership import prune
+
+    url, options, spec = _output_location(args.output, args.input, args.overrides)
+    spec = spec.model_copy(update={"output": spec.output.model_copy(update={"url": url, "storage_options": options})})
+    found = prune(spec, dry_run=args.dry_run)
+    if not found.images:
+        print(f"{url}: every image belongs to a row of the current input; nothing to remove")
+    else:
+        sources = ", ".join(f"{source} ({n})" for source, n in found.by_source.most_common())
+        print(f"{url}: {'would remove' if args.dry_run else 'removed'} {found.images} image(s) no current input row owns (made from {sources})")
+    return 0
+
+
 def _announce(line: str) -> None:
     print(f"imagegen: {line}", file=sys.stderr, flush=True)
 
@@ -191,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         handlers = {"run": _run, "serve": _serve, "verify": _verify, "submit": _submit, "status": _status, "logs": _logs}
-        handlers.update({"validate": _validate, "report": _report, "inspect": _inspect})
+        handlers.update({"validate": _validate, "report": _report, "inspect": _inspect, "prune": _prune})
         return handlers[args.command](args)
     except ImagegenError as exc:
         print(f"imagegen: error: {exc}", file=sys.stderr)

@@ -35,3 +35,7 @@ class ClusterError(ImagegenError):
 
 class LeaseLost(RunConflict):
     """This run's lease on its output ran out or was taken over: it must stop writing."""
+
+
+class ForeignOutput(StorageError):
+    """The output folder holds files imagegen did not write: a run would remove or replace them."""

@@ -8,6 +8,7 @@ import pytest
 from pipeline.engine.resolve_catalog import build_catalog, place
 from pipeline.spec import schema as S
 from pipeline.spec.load import parse_spec
+from pipeline.spec.occurrences import content_digest
 from pipeline.spec.validate import REQUEST_ID_SCHEME, Validator, derive_seed, scheme_warning
 
 
@@ -19,7 +20,7 @@ def with_fingerprint(v, fingerprint):
 
 
 def validator(**sections):
-    data = {"input": {"url": "t.csv", **sections.pop("input", {})}, "defaults": {"width": 64, "height": 64, "steps": 4, "seed": 11}}
+    data = {"input": {"url": "t.csv", "identity": "position", **sections.pop("input", {})}, "defaults": {"width": 64, "height": 64, "steps": 4, "seed": 11}}
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}
     spec = parse_spec(data)
@@ -76,18 +77,24 @@ def test_request_id_is_stable_and_covers_what_decides_pixels():
 
 
 def test_request_ids_are_stable_within_a_scheme():
-    # Request-id scheme 2 (dtype and device class in the id). Scheme 1 gave this row
-    # 2f3f6029dcdab561a268445f24226078; a change here needs a new REQUEST_ID_SCHEME and an
-    # upgrade note, or outputs made before it are regenerated without a word.
-    assert REQUEST_ID_SCHEME == 2
+    # Request-id scheme 3 (a row without an id column is its content and occurrence; with
+    # input.identity: position, ids are scheme 2's, which put dtype and device class in the
+    # id). Scheme 1 gave this row 2f3f6029dcdab561a268445f24226078; a change here needs a new
+    # REQUEST_ID_SCHEME and an upgrade note, or outputs made before it are regenerated without a word.
+    assert REQUEST_ID_SCHEME == 3
     v = validator()
     assert one(v, row(prompt="a cat", negative_prompt="blurry"))["request_id"] == "029555d7aaca58a8653e91d554be358b"
+    by_content = validator(input={"identity": "content"})
+    raw = row(prompt="a cat", negative_prompt="blurry")
+    numbered = {**raw, S.INPUT_CONTENT: content_digest(raw, by_content.spec.input), S.INPUT_OCCURRENCE: 0}
+    assert numbered[S.INPUT_CONTENT] == "04ccf8202b99daf34786e37984e759eb"
+    assert one(by_content, numbered)["request_id"] == "1377532ff71952f046b9490a77c22cc8"
 
 
 def test_dtype_and_device_class_are_in_the_request_id_and_on_the_row():
     cpu = one(validator(), row(prompt="a cat", seed=1))
     assert (cpu["dtype"], cpu["device"]) == ("float32", "cpu")  # auto on CPU
-    data = {"input": {"url": "t.csv"}, "defaults": {"width": 64, "height": 64, "steps": 4, "seed": 11}}
+    data = {"input": {"url": "t.csv", "identity": "position"}, "defaults": {"width": 64, "height": 64, "steps": 4, "seed": 11}}
     spec = parse_spec(data)
     on_gpu = with_fingerprint(Validator(spec, place(build_catalog(spec), gpus=1)), "fp-1")
     gpu = one(on_gpu, row(prompt="a cat", seed=1))

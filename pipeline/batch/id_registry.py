@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Optional
 
+import numpy as np
 import ray
 
 from pipeline.batch.connect import on_driver_node
 from pipeline.spec.duplicate_ids import SeenIds
+from pipeline.spec.occurrences import Occurrences
 
 
 class IdRegistry:
@@ -25,19 +27,48 @@ class IdRegistry:
 
     def __init__(self) -> None:
         self._seen = SeenIds()
+        self._occurrences = Occurrences()
+        self._answers: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._next = 0
         self._turn: Optional[asyncio.Condition] = None
 
     async def register(self, seq: int, ids: tuple, last: bool = True) -> dict[str, str]:
+        return await self._in_turn(seq, last, lambda: self._seen.register(*ids))
+
+    async def number(self, seq: int, batch: int, keys: np.ndarray, last: bool = True) -> np.ndarray:
+        """Content identity: each row's occurrence among rows of the same content key, in
+        table order (:class:`~pipeline.spec.occurrences.Occurrences`), for batch ``batch``
+        of unit ``seq``. A retried read task gets the same answers: each answer is kept,
+        sparse (only rows that repeat a content: nothing for a table of distinct rows)."""
+
+        def answer() -> np.ndarray:
+            if (seq, batch) in self._answers:
+                at, value = self._answers[(seq, batch)]
+                numbers = np.zeros(len(keys), np.int64)
+                numbers[at] = value
+                return numbers
+            numbers = self._occurrences.number(keys)
+            at = np.flatnonzero(numbers)
+            self._answers[(seq, batch)] = (at.astype(np.int32), numbers[at])
+            return numbers
+
+        return await self._in_turn(seq, last, answer)
+
+    def absent(self, ids: list[str]) -> list[bool]:
+        """Once every unit is numbered: which content ids no row of the table has (see
+        :meth:`~pipeline.spec.occurrences.Occurrences.present`)."""
+        return [not here for here in self._occurrences.present(ids)]
+
+    async def _in_turn(self, seq: int, last: bool, answer: Any) -> Any:
         if self._turn is None:
             self._turn = asyncio.Condition()
         async with self._turn:
             await self._turn.wait_for(lambda: seq <= self._next)
-            repeats = self._seen.register(*ids)
+            result = answer()
             if last and seq == self._next:
                 self._next += 1
                 self._turn.notify_all()
-        return repeats
+        return result
 
 
 def start_registry() -> Any:

@@ -14,14 +14,14 @@ from typing import Any, Optional
 import pyarrow as pa
 import ray
 
-from pipeline.errors import ImagegenError
+from pipeline.errors import ImagegenError, SpecError
 from pipeline.batch.engine_actors import final_counts
 from pipeline.batch.dispatch import result
 from pipeline.output import card
 from pipeline.spec.catalog import Catalog, ModelEntry
 from pipeline.spec.config import JobSpec, OutputConfig
-from pipeline.spec.validate import REQUEST_ID_SCHEME, scheme_warning
-from pipeline.storage import commit_protocol, dataset_schema, filesystem, fold, lock, part_files, skip_filter, supersede
+from pipeline.spec.validate import REQUEST_ID_SCHEME, identity_change, scheme_warning
+from pipeline.storage import commit_protocol, dataset_schema, filesystem, fold, lock, ownership_marker, part_files, skip_filter, supersede
 
 
 class OutputWriter:
@@ -49,9 +49,11 @@ class OutputWriter:
             report.add(part_files.write_block(fs, root, self._run_id, table))
         return report
 
-    def finish(self, report: part_files.WriteReport) -> None:
+    def finish(self, report: part_files.WriteReport, registry: Any = None) -> None:
         """The run's end, given the sum of every write's report: leftovers of retried writes
-        go, then the manifest, the superseded error rows and the card."""
+        go, then the manifest, the superseded error rows and the card. ``registry`` (the
+        job's id registry, every unit read) says which error rows' content ids are gone
+        from the input (content identity: their rows were edited or removed)."""
         finished = time.time()
         counts = final_counts(self._counter)
         fs, root = filesystem.open_url(self._output.url, self._output.storage_options)
@@ -93,7 +95,8 @@ class OutputWriter:
         )
         # Retried and fixed rows leave errors/. A task: with error parts present it reads the
         # output's commit records (8 bytes an image), which the driver must not hold.
-        result(superseding.options(num_cpus=self._spec.runtime.task_cpus).remote(self._output, self._run_id))
+        gone = registry if not self._spec.input.id_column and self._spec.input.identity == "content" else None
+        result(superseding.options(num_cpus=self._spec.runtime.task_cpus).remote(self._output, self._run_id, gone))
         lock.check_lease(fs, root, self._run_id, self._output.url)  # the card replaces README.md
         card.write_card(fs, root)
         self.report = report
@@ -126,12 +129,14 @@ class RecordFolder:
 
 
 @ray.remote
-def superseding(output: OutputConfig, run_id: str) -> None:
+def superseding(output: OutputConfig, run_id: str, registry: Any = None) -> None:
     """The end-of-run task that removes superseded error rows (:mod:`pipeline.storage.supersede`),
-    each rewrite after a check that run ``run_id`` still holds the lease."""
+    and with ``registry`` those of rows no longer in the input; each rewrite after a check
+    that run ``run_id`` still holds the lease."""
     fs, root = filesystem.open_url(output.url, output.storage_options)
+    gone = (lambda ids: ray.get(registry.absent.remote(ids))) if registry is not None else None
     with filesystem.storage_errors(output.url, "write"):
-        supersede.supersede_errors(fs, root, check=lambda: lock.check_lease(fs, root, run_id, output.url))
+        supersede.supersede_errors(fs, root, gone, check=lambda: lock.check_lease(fs, root, run_id, output.url))
 
 
 @ray.remote
@@ -194,7 +199,14 @@ def prepare_output(spec: JobSpec, run_id: str = "", started: float = 0.0, catalo
     output took a driver from 280 to 640 MB), so the job runs it as a task
     (:func:`preparing`); warnings are returned, not logged, for the caller to log."""
     fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
+    ownership_marker.check_output(fs, root, spec.output.url)  # nothing removed or replaced that is not ours
+    with filesystem.storage_errors(spec.output.url, "read"):
+        changed = identity_change(commit_protocol.read_manifests(fs, root), spec)
+    if changed:
+        raise SpecError(changed)
     with filesystem.storage_errors(spec.output.url, "prepare"):
+        if run_id:
+            ownership_marker.mark_output(fs, root)
         if spec.output.mode == "overwrite":
             part_files.clear_output(fs, root)
         found = commit_protocol.read_commits(fs, root)
@@ -223,6 +235,7 @@ def prepare_output(spec: JobSpec, run_id: str = "", started: float = 0.0, catalo
                 start.update(models=model_details(catalog), model_fingerprint=catalog.models[catalog.default_model].fingerprint)
             part_files.write_manifest(fs, root, run_id, start)
     warnings = [f"{spec.output.url}: {older_ids}"] if older_ids else []
+    warnings += ownership_marker.card_warning(fs, root, spec.output.url)
     if recovery.removed_parts:
         warnings.append(f"removed {len(recovery.removed_parts)} part(s) without a commit record, left by an interrupted run")
     warnings += [f"dropped commit record {name}: {why}; its rows are made again" for name, why in recovery.dropped_records]

@@ -18,6 +18,7 @@ process and seconds on a cluster).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 from collections import Counter
@@ -26,13 +27,15 @@ from typing import Optional
 
 import pyarrow as pa
 
+from pipeline.errors import SpecError
 from pipeline.engine.resolve_catalog import build_catalog, place, recorded_models
 from pipeline.output.ownership import ownership_warnings
 from pipeline.spec import schema as S
 from pipeline.spec.config import JobSpec, PlanConfig, ThroughputEntry
-from pipeline.spec.duplicate_ids import SeenIds, id_batches
-from pipeline.spec.validate import PROBLEMS, Validator, scheme_warning
-from pipeline.storage import commit_protocol, filesystem, part_files, tables
+from pipeline.spec.duplicate_ids import SeenIds
+from pipeline.spec.occurrences import Occurrences, identified_batches, needs_registry
+from pipeline.spec.validate import PROBLEMS, Validator, identity_change, scheme_warning
+from pipeline.storage import commit_protocol, filesystem, ownership_marker, part_files, tables
 from pipeline.storage.skip_filter import CommittedIds
 from pipeline.storage.units import ReadUnit, plan_units, read_unit, text_advice
 
@@ -236,6 +239,9 @@ def make_plan(spec: JobSpec, on_cluster: Optional[bool] = None) -> Plan:
     inp = spec.input
     table = plan_units(inp)
     plan = Plan(input_url=inp.url, num_actors=spec.runtime.num_actors, price_per_gpu_hour=spec.plan.price_per_gpu_hour, skipped=skipped)
+    out_fs, out_root = filesystem.open_url(spec.output.url, spec.output.storage_options)
+    ownership_marker.check_output(out_fs, out_root, spec.output.url)  # the job refuses a folder it did not make
+    plan.warnings += ownership_marker.card_warning(out_fs, out_root, spec.output.url)
     committed = _committed_ids(spec, plan)
     validator = Validator(spec, place(catalog, None, _recorded_models(spec, plan)))
     if on_cluster is None:
@@ -249,9 +255,10 @@ def make_plan(spec: JobSpec, on_cluster: Optional[bool] = None) -> Plan:
         plan.warnings += warnings
         plan.checked = f"on the Ray cluster, {len(table.units)} read task(s)"
     else:
-        seen = SeenIds()
+        seen, counted = SeenIds(), Occurrences()
         for unit in table.units:
-            for chunks, repeats in id_batches(read_unit(inp, unit), inp.id_column, lambda ids, last: seen.register(*ids)):
+            batches = identified_batches(read_unit(inp, unit), inp, lambda ids, last: seen.register(*ids), lambda keys, last: counted.number(keys))
+            for chunks, repeats in batches:
                 tally.add(tally_rows(dataclasses.replace(validator, duplicates=repeats), chunks, committed))
         plan.warnings += ownership_warnings(spec) if check_ownership else []
     tables.check_column_types(tally.column_types)
@@ -280,7 +287,7 @@ def _tally_on_cluster(spec: JobSpec, validator: Validator, units: list[ReadUnit]
     from pipeline.batch.id_registry import start_registry
 
     connect(spec.runtime)
-    registry = start_registry() if spec.input.id_column else None
+    registry = start_registry() if needs_registry(spec.input) else None
     shared, skip = ray.put(validator), ray.put(committed)
     task = ray.remote(_tally_unit).options(num_cpus=spec.runtime.task_cpus)
     try:
@@ -296,12 +303,15 @@ def _tally_unit(spec: JobSpec, unit: ReadUnit, validator: Validator, committed, 
     import ray
 
     tally = Tally()
-    id_column = spec.input.id_column if registry is not None else None
+    batches = itertools.count()
 
     def register(ids: tuple, last: bool) -> dict[str, str]:
         return ray.get(registry.register.remote(unit.seq, ids, last))
 
-    for chunks, repeats in id_batches(read_unit(spec.input, unit), id_column, register):
+    def number(keys, last: bool):
+        return ray.get(registry.number.remote(unit.seq, next(batches), keys, last))
+
+    for chunks, repeats in identified_batches(read_unit(spec.input, unit), spec.input, register, number):
         tally.add(tally_rows(dataclasses.replace(validator, duplicates=repeats), chunks, committed))
     return tally
 
@@ -314,6 +324,9 @@ def _recorded_models(spec: JobSpec, plan: Plan) -> Optional[dict]:
     fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
     with filesystem.storage_errors(spec.output.url, "read"):
         manifests = commit_protocol.read_manifests(fs, root)
+    changed = identity_change(manifests, spec)
+    if changed:
+        raise SpecError(changed)  # as the job would, before any work
     older_ids = scheme_warning(manifests)
     if older_ids:
         plan.warnings.append(older_ids)

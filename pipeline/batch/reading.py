@@ -15,22 +15,26 @@ units run at once.
 Duplicate ids: with ``input.id_column`` set, each task registers its unit's id hashes
 with one :class:`~pipeline.batch.id_registry.IdRegistry` actor, in unit order (a batch of rows at a time), and learns
 which of its rows repeat an earlier row's id (:mod:`pipeline.spec.duplicate_ids`); the driver
-never reads the table.
+never reads the table. Content identity (no id column, ``input.identity: content``) asks
+the same actor, in the same unit order, for each row's occurrence among identical rows
+(:mod:`pipeline.spec.occurrences`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from typing import Any, Iterator
 
+import numpy as np
 import pyarrow as pa
 import ray
 
 from pipeline.batch import progress
 from pipeline.spec.bucketing import order_for_engine
 from pipeline.spec.config import JobSpec
-from pipeline.spec.duplicate_ids import id_batches
+from pipeline.spec.occurrences import identified_batches
 from pipeline.spec.validate import Validator
 from pipeline.storage.tables import concat_rows
 from pipeline.storage.units import ReadUnit, read_unit
@@ -66,9 +70,13 @@ def validated_blocks(spec: JobSpec, unit: ReadUnit, validator: Validator, block_
     def register(ids: tuple, last: bool) -> dict[str, str]:
         return ray.get(registry.register.remote(unit.seq, ids, last))
 
+    batches = itertools.count()
+
+    def number(keys: np.ndarray, last: bool) -> np.ndarray:
+        return ray.get(registry.number.remote(unit.seq, next(batches), keys, last))
+
     def requests() -> Iterator[pa.Table]:
-        id_column = spec.input.id_column if registry is not None else None
-        for chunks, repeats in id_batches(read_unit(spec.input, unit), id_column, register):
+        for chunks, repeats in identified_batches(read_unit(spec.input, unit), spec.input, register, number):
             checker = dataclasses.replace(validator, duplicates=repeats) if repeats else validator
             while chunks:
                 chunk = chunks.pop(0)  # let each raw chunk go once validated

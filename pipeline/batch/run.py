@@ -48,8 +48,9 @@ from pipeline.output.ownership import ownership_warnings
 from pipeline.spec.bucketing import block_rows
 from pipeline.spec.catalog import Catalog
 from pipeline.spec.config import JobSpec
+from pipeline.spec.occurrences import needs_registry
 from pipeline.spec.validate import Validator
-from pipeline.storage import filesystem, part_files, tables
+from pipeline.storage import filesystem, ownership_marker, part_files, tables
 from pipeline.storage.lock import OutputLock
 from pipeline.storage.units import plan_units
 
@@ -78,6 +79,7 @@ def run(spec: JobSpec, stage: type[ActorEngines] = ActorEngines) -> RunSummary:
     # The lock comes before anything touches the output: cleaning up uncommitted parts
     # must never delete the parts of a run still in flight.
     fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
+    ownership_marker.check_output(fs, root, spec.output.url)  # not even a lock in a folder that is not ours
     lock = OutputLock.acquire(fs, root, run_id, spec.output.url, lease_s=spec.output.lock_lease_s)
     run_id = lock.run_id  # numbered under the lock: "later" is a larger number, not a later clock
     try:
@@ -87,7 +89,7 @@ def run(spec: JobSpec, stage: type[ActorEngines] = ActorEngines) -> RunSummary:
         ownership = ray.remote(ownership_warnings).options(num_cpus=spec.runtime.task_cpus).remote(spec)
         validator = Validator(spec, catalog, skip=skip)
         summary = _execute(spec, run_id, catalog, validator, started, stage, prepared)
-        summary.warnings.extend(_warned(ownership))
+        summary.warnings.extend([*prepared.warnings, *_warned(ownership)])
         return summary
     except Exception as exc:
         # However the job failed (a writer's LeaseLost arrives wrapped by Ray), a lost
@@ -140,7 +142,7 @@ def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator,
     counter = ProgressActor.options(name=counter_name, scheduling_strategy=on_driver_node()).remote()
     table = plan_units(spec.input)
     rows_per_block = block_rows(rt.batch_size, table.rows, rt.num_actors, rows_per_call(spec, catalog))
-    registry = start_registry() if spec.input.id_column else None
+    registry = start_registry() if needs_registry(spec.input) else None
     actors = start_engines(spec, catalog, counter_name, stage)
     shared = ray.put(validator)  # once: every read task reads the same copy
     output_writer = OutputWriter(spec, run_id, catalog, started, counter, prepared)
@@ -163,16 +165,21 @@ def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator,
     )
     poll = lambda: ray.get(counter.snapshot.remote(), timeout=5)  # noqa: E731
     try:
-        with progress.ProgressPrinter(poll, table.rows, rt.progress_interval_s, sys.stderr):
-            reports = dispatcher.run()
+        try:
+            with progress.ProgressPrinter(poll, table.rows, rt.progress_interval_s, sys.stderr):
+                reports = dispatcher.run()
+        finally:
+            for actor in actors:
+                ray.kill(actor)  # frees their GPUs now, not when the driver exits
+        folder.finish()
+        report = part_files.WriteReport()
+        for part in reports:
+            report.add(part)
+        # The registry has counted every row: it tells the end of the run which rows are gone.
+        output_writer.finish(report, registry)
     finally:
-        for actor in [*actors, *([registry] if registry is not None else [])]:
-            ray.kill(actor)  # frees their GPUs now, not when the driver exits
-    folder.finish()
-    report = part_files.WriteReport()
-    for part in reports:
-        report.add(part)
-    output_writer.finish(report)
+        if registry is not None:
+            ray.kill(registry)
     counts = final_counts(counter)
     return RunSummary(
         run_id=run_id,

@@ -29,9 +29,9 @@ import yaml
 
 from pipeline.output.duplicates import DEFAULT_DISTANCE
 from pipeline.spec import schema as S
-from pipeline.storage import commit_protocol, dataset_schema, filesystem, part_files, record_format
+from pipeline.storage import commit_protocol, dataset_schema, filesystem, ownership_marker, part_files, record_format
 
-CARD_NAME = "README.md"
+CARD_NAME = ownership_marker.CARD_NAME
 
 
 def write_card(fs: fsspec.AbstractFileSystem, root: str) -> str:
@@ -42,7 +42,8 @@ def write_card(fs: fsspec.AbstractFileSystem, root: str) -> str:
     dataset_schema.publish(fs, root, schemas)
     # The unified schema of every part (outputs from before it was recorded: the newest part's).
     images_schema = schemas.get(record_format.IMAGES_DIR) or part_files.newest_part_schema(fs, root, manifests, record_format.IMAGES_DIR)
-    path = filesystem.join(root, CARD_NAME)
+    # A README imagegen did not write stays; the card then goes beside it (ownership_marker).
+    path = filesystem.join(root, ownership_marker.card_name(fs, root))
     filesystem.atomic_write(fs, path, card_text(manifests, images_schema, name=posixpath.basename(root.rstrip("/"))).encode())
     return path
 
@@ -77,7 +78,7 @@ def card_text(manifests: list[dict[str, Any]], images_schema: Optional[pa.Schema
     if infos:
         header["dataset_info"] = infos
     front = yaml.safe_dump(header, sort_keys=False, allow_unicode=True, width=1000)
-    return f"---\n{front}---\n\n" + _body(manifests, spec, in_parts, name)
+    return f"---\n{front}---\n\n{ownership_marker.CARD_MARKER}\n\n" + _body(manifests, spec, in_parts, name)
 
 
 def _run_models(manifest: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:

@@ -27,6 +27,7 @@ from pipeline.engine.resolve_catalog import build_catalog, place, recorded_model
 from pipeline.output.duplicates import DEFAULT_DISTANCE, Duplicates, find_duplicates, format_duplicates
 from pipeline.spec import schema as S
 from pipeline.spec.config import JobSpec
+from pipeline.spec.occurrences import numbered
 from pipeline.spec.validate import Validator
 from pipeline.storage import commit_protocol, filesystem, part_files, record_format, skip_filter, tables
 from pipeline.storage.lock import live_holder
@@ -153,7 +154,7 @@ def left_to_make(spec: JobSpec, committed: skip_filter.CommittedIds, manifests: 
     table on this machine. Rows whose id repeats another's count as requests."""
     validator = Validator(spec, place(build_catalog(spec), None, recorded_models(manifests)), skip=committed)
     total = left = 0
-    for chunk in tables.read_input(spec.input):
+    for chunk in numbered(tables.read_input(spec.input), spec.input):
         requests, skipped = validator.validate_table_skipping(chunk)
         total += requests.num_rows + len(skipped)
         left += requests.num_rows

@@ -1,11 +1,13 @@
 """Images in an output that no row of the current input owns.
 
-A row's identity is its id (``input.id_column``), else its file name and position. Without
-an id column, renaming the input file or converting it (CSV -> Parquet) gives every row a
-new identity: the next run makes every image again, with new seeds, beside the old ones,
-and the dataset doubles without any error. :func:`unowned_images` finds the images whose
+A row's identity is its id (``input.id_column``), else its content and occurrence
+(:mod:`pipeline.spec.occurrences`), or with ``input.identity: position`` its file name and
+position. A row edited or removed leaves its images owned by no row; with position
+identity, renaming the input file or converting it (CSV -> Parquet) gives every row a new
+identity: the next run makes every image again, with new seeds, beside the old ones. :func:`unowned_images` finds the images whose
 identity no current row has, so ``imagegen validate`` and ``imagegen run`` can warn before
-any work and ``imagegen verify --input`` can report them.
+any work and ``imagegen verify --input`` can report them; ``imagegen prune`` removes them
+(:func:`prune`, with ``--dry-run`` first).
 
 Costs one pass over the input's ids, held as 16-byte digests of their text (or, without an id column, its
 row count per file: Parquet from the footers), and one over the ``id``, ``source`` and
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import fsspec
 import numpy as np
@@ -28,8 +30,10 @@ import pyarrow.parquet as pq
 from pipeline.errors import StorageError
 from pipeline.spec import duplicate_ids, schema as S
 from pipeline.spec.cells import RowError, id_text
-from pipeline.spec.config import JobSpec
-from pipeline.storage import commit_protocol, filesystem, record_format, tables
+from pipeline.spec.config import InputConfig, JobSpec
+from pipeline.spec.occurrences import numbered
+from pipeline.output import card
+from pipeline.storage import commit_protocol, filesystem, lock, ownership_marker, part_files, record_format, supersede, tables
 
 _SHOWN = 5
 
@@ -48,6 +52,11 @@ class Unowned:
         text = f"{spec.output.url} holds {self.images} image(s) that no row of the current input owns (made from {sources}{more})."
         if spec.input.id_column:
             return text + f" Their ids are not in column {spec.input.id_column!r} of {spec.input.url}: rows removed, or ids changed."
+        if spec.input.identity == "content":
+            return text + (
+                " A row without input.id_column is its prompt and parameter cells and its occurrence among identical rows:"
+                " those rows were edited or removed. `imagegen prune SPEC --dry-run` lists them; without --dry-run it removes them."
+            )
         return text + (
             " Without input.id_column a row is its file name and position: a renamed, moved or converted input file"
             " makes every row new, and a run makes all its images again with new seeds beside the old ones."
@@ -87,6 +96,57 @@ def unowned_images(spec: JobSpec, fs: fsspec.AbstractFileSystem, root: str) -> U
     return found
 
 
+def prune(spec: JobSpec, dry_run: bool = False) -> Unowned:
+    """``imagegen prune``: the images of ``spec``'s output that no row of its input owns
+    (see :func:`unowned_images`), removed unless ``dry_run``. Holds the output's lock; each
+    part holding one is rewritten without it under a new commit record (the way
+    superseded error rows leave, :func:`~pipeline.storage.supersede.drop_rows`), so a crash
+    at any step leaves the output consistent, then the card is rewritten. Never touches a
+    folder imagegen did not make (:func:`~pipeline.storage.ownership_marker.check_output`)."""
+    fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
+    ownership_marker.check_output(fs, root, spec.output.url)
+    if dry_run:
+        return unowned_images(spec, fs, root)
+    held = lock.OutputLock.acquire(fs, root, part_files.new_run_id(), spec.output.url, lease_s=spec.output.lock_lease_s)
+    try:
+        owned = _owner(spec)
+        found = Unowned()
+
+        def stray(images: pa.Table) -> list[bool]:
+            mask = ~owned(images)
+            for item in pc.value_counts(images.column(S.SOURCE).filter(pa.array(mask))).to_pylist():
+                found.by_source[item["values"]] += item["counts"]
+            return mask.tolist()
+
+        with filesystem.storage_errors(spec.output.url, "write"):
+            commits = commit_protocol.read_commits(fs, root)
+            found.images = supersede.drop_rows(fs, root, commits.records, record_format.IMAGES_DIR, [S.ID, S.SOURCE, S.ROW_INDEX], stray).rows
+            if found.images:
+                card.write_card(fs, root)
+        held.raise_if_lost()
+        return found
+    finally:
+        held.release()
+
+
+def _input_ids(inp: InputConfig) -> Iterator[str]:
+    """Every current input row's id text: its id column's value, or (content identity)
+    the validator's ``<content digest>#<occurrence>``."""
+    if not inp.id_column:
+        for chunk in numbered(tables.read_input(inp), inp):
+            yield from pc.binary_join_element_wise(chunk.column(S.INPUT_CONTENT), pc.cast(chunk.column(S.INPUT_OCCURRENCE), pa.string()), "#").to_pylist()
+        return
+    for chunk in tables.read_input(inp):
+        if inp.id_column in chunk.column_names:
+            for value in chunk.column(inp.id_column).to_pylist():
+                try:
+                    text = id_text(value)
+                except RowError:
+                    continue
+                if text is not None:
+                    yield text
+
+
 def _owner(spec: JobSpec) -> Callable[[pa.Table], np.ndarray]:
     """``owned(images)``: for each image row (``id``, ``source``, ``row_index``), whether a
     current input row has its identity. Vectorised, and compact: the input's ids are held
@@ -94,17 +154,8 @@ def _owner(spec: JobSpec) -> Callable[[pa.Table], np.ndarray]:
     not as strings, and not as the skip filter's 8-byte request-id hashes (which read an
     id of 32 hex digits by its first 16: ids sharing those would be taken for one)."""
     inp = spec.input
-    if inp.id_column:
-        digests = []
-        for chunk in tables.read_input(inp):
-            if inp.id_column in chunk.column_names:
-                for value in chunk.column(inp.id_column).to_pylist():
-                    try:
-                        text = id_text(value)
-                    except RowError:
-                        continue
-                    if text is not None:
-                        digests.append(duplicate_ids.id_hash(text))
+    if inp.id_column or inp.identity == "content":
+        digests = [duplicate_ids.id_hash(text) for text in _input_ids(inp)]
         ids = np.unique(np.array(digests, f"S{duplicate_ids.DIGEST_BYTES}"))
 
         def owned_ids(images: pa.Table) -> np.ndarray:

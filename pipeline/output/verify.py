@@ -11,7 +11,8 @@ Checks, each a list of violations in the report:
 - every manifest parses and every part a finished run's manifest lists exists;
 - no request id appears twice among the images;
 - every request and input row is in exactly one place: no error row that a later run's
-  image or error row for the same request or input row superseded (see
+  image or error row for the same request or input row superseded, and no error row of
+  an input row that has an image, whichever came first (see
   :mod:`pipeline.storage.supersede`), no request id both an image and an error row, and
   none twice among the errors;
 - every image's ``sha256`` matches its bytes;
@@ -41,6 +42,7 @@ from pipeline.output.ownership import unowned_images
 from pipeline.spec import schema as S
 from pipeline.spec.config import JobSpec
 from pipeline.spec.duplicate_ids import find_duplicate_ids
+from pipeline.spec.occurrences import numbered
 from pipeline.spec.validate import Validator
 from pipeline.storage import commit_protocol, filesystem, record_format, skip_filter, supersede, tables
 
@@ -118,7 +120,7 @@ def verify(url: str, storage_options: dict | None = None, spec: JobSpec | None =
             unreadable.append(f"{relative} ({type(exc).__name__})")
             continue
         kind = relative.split("/", 1)[0]
-        keys[kind].append(table.select([c for c in (*supersede.KEY_COLUMNS, S.ERROR_TYPE) if c in table.column_names]))
+        keys[kind].append(table.select([c for c in (*supersede.KEY_COLUMNS, *supersede.VERDICT_COLUMNS) if c in table.column_names]))
         if kind == record_format.IMAGES_DIR:
             report.images += table.num_rows
             ids = table.column(S.REQUEST_ID)
@@ -138,7 +140,8 @@ def verify(url: str, storage_options: dict | None = None, spec: JobSpec | None =
 
     if spec is not None:
         made = {rid for ids in image_ids for rid in ids.to_pylist()}
-        missing = _unaccounted(spec, made | error_ids, report)
+        imaged = set().union(*(supersede.image_keys(t) for t in keys[record_format.IMAGES_DIR]))
+        missing = _unaccounted(spec, made | error_ids, imaged, report)
         report.add("input rows with no image and no error row", missing)
         _report_unowned(spec, fs, root, report)
     return report
@@ -167,30 +170,34 @@ def _in_two_places(keys: dict[str, list[pa.Table]], report: VerifyReport) -> Non
             if later.get(key, "") < run_id:
                 later[key] = run_id
     errors = [t for t in keys[record_format.ERRORS_DIR] if t.num_rows]
+    # One verdict per row: an input row with an image has no error row, whichever came later.
+    imaged = set().union(*(supersede.image_keys(t) for t in keys[record_format.IMAGES_DIR])) if errors else set()
     stale, error_ids = [], Counter()
     for table in errors:
-        for row, superseded in zip(table.select([S.ID, S.REQUEST_ID]).to_pylist(), supersede.superseded_mask(table, later)):
+        for row, superseded in zip(table.select([S.ID, S.REQUEST_ID]).to_pylist(), supersede.superseded_mask(table, later, imaged)):
             error_ids[row[S.REQUEST_ID]] += 1
             if superseded:
                 stale.append(row[S.ID])
     image_ids = {rid for t in keys[record_format.IMAGES_DIR] for rid in t.column(S.REQUEST_ID).to_pylist()}
-    report.add("input rows both in the images and in the errors (an error row a later run superseded)", stale)
+    report.add("input rows both in the images and in the errors (an error row of a row with an image, or that a later run superseded)", stale)
     report.add("request ids both an image and an error row", sorted(set(error_ids) & image_ids))
     report.add("request ids with more than one error row", sorted(r for r, n in error_ids.items() if n > 1))
 
 
 
-def _unaccounted(spec: JobSpec, committed: set[str], report: VerifyReport) -> list[str]:
+def _unaccounted(spec: JobSpec, committed: set[str], imaged: set[str], report: VerifyReport) -> list[str]:
     duplicates = find_duplicate_ids(tables.read_input(spec.input), spec.input.id_column) if spec.input.id_column else {}
     # device: auto is taken as the output's latest run ran it (no actors here to decide).
     fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
     validator = Validator(spec, place(build_catalog(spec), None, recorded_models(commit_protocol.read_manifests(fs, root))), duplicates=duplicates)
     missing, rows = [], 0
-    for chunk in tables.read_input(spec.input):
+    for chunk in numbered(tables.read_input(spec.input), spec.input):
         for raw in chunk.to_pylist():
             rows += 1
             requests = validator.validate_row(raw)
             if any(r[S.REQUEST_ID] not in committed for r in requests):
+                if requests[0].get(S.ERROR_STAGE) and requests[0][S.ERROR_TYPE] != S.ERROR_TYPE_DUPLICATE_ID and requests[0][S.ID] in imaged:
+                    continue  # rejected today, made before: its image stands (one verdict per row)
                 missing.append(requests[0][S.ID])
     report.input_rows = rows
     return missing

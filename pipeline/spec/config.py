@@ -69,6 +69,9 @@ class InputConfig(Section):
     format: Optional[InputFormat] = None
     prompt_column: str = "prompt"
     id_column: Optional[str] = None
+    # Without id_column: a row is its content and occurrence (pipeline.spec.occurrences), or
+    # (position, as before request-id scheme 3) its file and row number.
+    identity: Literal["content", "position"] = "content"
     columns: dict[str, str] = Field(default_factory=dict)
     storage_options: dict[str, Any] = Field(default_factory=dict)
 

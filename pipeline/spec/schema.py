@@ -77,6 +77,10 @@ STAGE_ENCODE = "encode"
 # Columns the reader adds to every input row: the row's identity when no id column is given.
 INPUT_SOURCE = "__source"
 INPUT_ROW = "__row"
+# Added where rows are identified by content (pipeline.spec.occurrences): the row's content
+# digest and its occurrence among identical rows in table order.
+INPUT_CONTENT = "__content"
+INPUT_OCCURRENCE = "__occurrence"
 # Set by the reader on a row it could not parse (a bad JSONL line): the validator makes it an error row.
 READ_ERROR = "__read_error"
 # With READ_ERROR where the reader has no columns for the row: the text it could not parse
@@ -162,7 +166,7 @@ ERRORS_FIELDS = [
 
 RESERVED_NAMES = frozenset(
     f.name for f in [*REQUEST_FIELDS, *ERROR_FIELDS, *GENERATION_FIELDS, *ENCODE_FIELDS, *QUALITY_FIELDS, pa.field(RUN_ID, pa.string())]
-) | {INPUT_SOURCE, INPUT_ROW}
+) | {INPUT_SOURCE, INPUT_ROW, INPUT_CONTENT, INPUT_OCCURRENCE}
 
 # Hugging Face `datasets` reads features from this schema metadata key; columns it does not
 # name are typed from Arrow, so naming the image column is enough for PIL images on load.
@@ -173,7 +177,7 @@ def passthrough_columns(inp: InputConfig, column_names: list[str]) -> list[str]:
     """The one rule for which input columns are carried to the output as they are: all
     but the prompt, the id, the parameter columns and the reader's own (a pandas index
     never gets here: the reader drops it)."""
-    consumed = {inp.prompt_column, INPUT_SOURCE, INPUT_ROW, READ_ERROR, READ_TEXT}
+    consumed = {inp.prompt_column, INPUT_SOURCE, INPUT_ROW, INPUT_CONTENT, INPUT_OCCURRENCE, READ_ERROR, READ_TEXT}
     consumed |= {inp.column_for(p) for p in ROW_PARAMETERS}
     if inp.id_column:
         consumed.add(inp.id_column)

@@ -7,7 +7,9 @@ same seed and the same request id.
 Contracts (see ARCHITECTURE.md):
 
 - **Identity**: the row's ``id`` column value when ``input.id_column`` is set, else its
-  file and position (``source#row``).
+  content and its occurrence among identical rows (:mod:`pipeline.spec.occurrences`;
+  ``id`` is ``<digest>#<n>``), or with ``input.identity: position`` its file and position
+  (``source#row``).
 - **Seed**: the row's own ``seed`` when given; otherwise derived from the job seed and
   the identity, never from batch position. Image ``k`` of a row uses ``base + k``.
 - **Request id**: a digest of the identity, the image index and everything that decides
@@ -37,8 +39,11 @@ from pipeline.spec.config import JobSpec
 from pipeline.spec.schema import READ_ERROR, READ_TEXT
 
 # How request ids are made. 1: until dtype, device class and the hub commit entered them;
-# 2: with them. Recorded in every run manifest as ``request_id_scheme``.
-REQUEST_ID_SCHEME = 2
+# 2: with them; 3: a row without an id column is its content and occurrence
+# (input.identity: content), no longer its file and position (ids of rows with an id
+# column, or with input.identity: position, are those of 2). Recorded in every run
+# manifest as ``request_id_scheme``.
+REQUEST_ID_SCHEME = 3
 REQUEST_SCHEMA = pa.schema([*S.REQUEST_FIELDS, *S.ERROR_FIELDS])
 # Key of a rejected row's (parameter, message) pairs; parameter is None for a read error.
 PROBLEMS = "problems"
@@ -64,13 +69,42 @@ def scheme_warning(manifests: list[dict[str, Any]]) -> Optional[str]:
     if not manifests:
         return None
     old = manifests[-1].get("request_id_scheme", 1)
-    if old == REQUEST_ID_SCHEME:
+    if old >= 2:  # 2 -> 3 changed identities only: identity_change decides
         return None
     return (
         f"this output's images were made under request-id scheme {old}, this version makes scheme {REQUEST_ID_SCHEME} "
         "ids (the model's dtype, device class and a hub model's commit now enter them): its rows are not recognised "
         "as made and will be generated again beside the old images. To keep the datasets apart, set output.url to a "
         "new output (or output.mode: overwrite); see the README's upgrade notes"
+    )
+
+
+def made_by_position(manifest: dict[str, Any]) -> bool:
+    """Whether the run of ``manifest`` identified rows by file and position: no id column,
+    and a scheme before 3 or ``input.identity: position``."""
+    inp = manifest.get("spec", {}).get("input", {})
+    if inp.get("id_column"):
+        return False
+    return manifest.get("request_id_scheme", 1) < 3 or inp.get("identity") == "position"
+
+
+def identity_change(manifests: list[dict[str, Any]], spec: JobSpec) -> Optional[str]:
+    """Why a run of ``spec`` must not go into an output whose runs ``manifests`` are
+    (oldest first), or None: an incremental run that identifies rows by content into an
+    output whose latest run identified them by position would recognise none of its rows
+    and make every one again beside the old images. Said before any work (``run`` and
+    ``validate`` stop with it), with the two ways on."""
+    if not manifests or spec.output.mode != "incremental" or spec.input.id_column or spec.input.identity != "content":
+        return None
+    if not made_by_position(manifests[-1]):
+        return None
+    images = sum(p.get("rows", 0) for m in manifests for p in m.get("parts", []) if p.get("path", "").startswith("images/"))
+    return (
+        f"{spec.output.url} was made with rows identified by file and position (no input.id_column; request-id scheme "
+        f"{manifests[-1].get('request_id_scheme', 1)}), and this version identifies them by content (input.identity: content), "
+        f"so none of its {images} image(s) would be recognised and every row would be made again beside them. "
+        "Set input.identity: position to keep extending this output as it was made, or set input.id_column, "
+        "or write to a new output.url (or output.mode: overwrite) to make it with content identity"
     )
 
 
@@ -128,6 +162,11 @@ class Validator:
                     # Repeats of one id share its identity: their error rows need their own ids.
                     reject_identity = f"id:{display_id}@{source}#{row}"
             identity = f"id:{display_id}"
+        elif inp.identity == "content":
+            # Digest and occurrence come from the reader's numbering (pipeline.spec.occurrences):
+            # every path that validates rows without an id column numbers them first.
+            display_id = f"{raw[S.INPUT_CONTENT]}#{raw[S.INPUT_OCCURRENCE]}"
+            identity = f"content:{display_id}"
         else:
             display_id = f"{source}#{row}"
             identity = f"row:{display_id}"
@@ -318,5 +357,5 @@ def _model_columns(model: ModelEntry) -> dict[str, Any]:
 def _raw_json(raw: dict[str, Any]) -> str:
     if raw.get(READ_TEXT) is not None:  # a line the reader could not parse: the line is the row
         return raw[READ_TEXT]
-    visible = {k: v for k, v in raw.items() if k not in (S.INPUT_SOURCE, S.INPUT_ROW, READ_ERROR, READ_TEXT)}
+    visible = {k: v for k, v in raw.items() if k not in (S.INPUT_SOURCE, S.INPUT_ROW, S.INPUT_CONTENT, S.INPUT_OCCURRENCE, READ_ERROR, READ_TEXT)}
     return json.dumps(visible, ensure_ascii=False, default=str, sort_keys=True)

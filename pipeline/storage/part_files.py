@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.spec import schema as S
-from pipeline.storage import commit_protocol, filesystem, record_format, skip_filter
+from pipeline.storage import commit_protocol, filesystem, ownership_marker, record_format, skip_filter
 from pipeline.storage.commit_protocol import read_manifests
 from pipeline.storage.record_format import COMMITS_DIR, ERRORS_DIR, IMAGES_DIR, RUNS_DIR
 
@@ -236,8 +236,15 @@ def newest_part_schema(fs: fsspec.AbstractFileSystem, root: str, manifests: list
 
 
 def clear_output(fs: fsspec.AbstractFileSystem, root: str) -> None:
-    """``output.mode: overwrite``: remove what this package writes, nothing else."""
-    for name in (IMAGES_DIR, ERRORS_DIR, COMMITS_DIR, RUNS_DIR, "README.md"):
+    """``output.mode: overwrite``: remove what this package writes, nothing else. The caller
+    has checked the folder is an imagegen output whose ``images/`` and ``errors/`` hold only
+    its parts (:func:`~pipeline.storage.ownership_marker.check_output`); a README it did
+    not write stays."""
+    for name in (IMAGES_DIR, ERRORS_DIR, COMMITS_DIR, RUNS_DIR):
         path = filesystem.join(root, name)
         if fs.exists(path):
             fs.rm(path, recursive=True)
+    for name in (ownership_marker.CARD_NAME, ownership_marker.FALLBACK_CARD_NAME):
+        path = filesystem.join(root, name)
+        if fs.exists(path) and ownership_marker.is_card(filesystem.read_bytes(fs, path).decode("utf-8", "replace")):
+            fs.rm(path)
