@@ -29,6 +29,9 @@ class RunSummary:
     engine_seconds: float = 0.0  # summed over engine actors: in diffusers calls and model loads
     encode_wait_seconds: float = 0.0  # summed over engine actors: idle, waiting for encoding
     scoring_seconds: Optional[float] = None  # summed over engine actors: the CLIP scorer's; None without one
+    compile_seconds: float = 0.0  # summed over engine actors: torch.compile's part of engine_seconds
+    compiles: int = 0  # graphs compiled or loaded by torch.compile, all actors
+    compiles_from_cache: int = 0  # ... of them found in the compile cache (local or shared)
     parts: list[dict[str, Any]] = field(repr=False, default_factory=list)
     adopted: int = 0  # requests not made again: an interrupted run had committed them
     adopted_from: list[str] = field(default_factory=list)  # those interrupted runs
@@ -59,6 +62,7 @@ def format_summary(s: RunSummary) -> str:
         f"  errors       {s.errors}  ({by_stage})",
         f"  model loads  {s.model_loads}  ({s.model_swaps} swaps, {s.swaps_per_1000_images:.1f} per 1000 images)",
         f"  engines      {s.engine_seconds:.1f} s generating{busy}, {s.encode_wait_seconds:.1f} s waiting on image encoding (all actors), blocks of {s.block_rows} rows",
+        *([_compile_line(s)] if s.compiles else []),
         *([f"  scoring      {s.scoring_seconds:.1f} s scoring images with CLIP (all actors; on the encoders' threads, overlapping generation)"] if s.scoring_seconds is not None else []),
         f"  start-up     {ready}",
         *_recovery_lines(s),
@@ -71,6 +75,15 @@ def format_summary(s: RunSummary) -> str:
     ]
     lines += [f"  warning      {w}" for w in s.warnings]
     return "\n".join(lines)
+
+
+def _compile_line(s: RunSummary) -> str:
+    """torch.compile's share of the engines' time, apart from generating."""
+    fresh = s.compiles - s.compiles_from_cache
+    return (
+        f"  compiling    {s.compile_seconds:.1f} s of the engines' {s.engine_seconds:.1f} s (all actors): "
+        f"{s.compiles} graph(s), {fresh} compiled, {s.compiles_from_cache} loaded from the compile cache"
+    )
 
 
 def _recovery_lines(s: RunSummary) -> list[str]:
