@@ -164,3 +164,37 @@ def test_one_compile_per_image_size_shared_with_the_next_engine(model_cache, pla
     assert_within_tolerance(other.generate(requests()), plain, options)
     assert (other.compiles, other.compiles_from_cache) == (1, 1)  # traced, then found, not built
     assert CompileClock.totals()[:2] == (2, 1)
+
+
+def test_compile_auto_compiles_when_the_job_repays_it(tmp_path):
+    """compile: auto on the driver: on CUDA when each actor's images of the shape repay the
+    compile at the measured rates (fewer with a warm shared store); never on CPU or
+    without a job (serve); an explicit setting is kept. The CUDA pixel budget default too."""
+    from pipeline.engine import compile_cache
+    from pipeline.engine.gpu_rates import GPU_MAX_BATCH_PIXELS, compile_choice
+    from pipeline.engine.resolve_catalog import Workload, build_catalog, place
+
+    def placed(gpus, images, **engine):
+        model = {"ref": "tiny", "cache_dir": str(tmp_path / "cache"), "engine": engine}
+        catalog = build_catalog(parse_spec({"input": {"url": str(tmp_path / "p.csv")}, "model": model}))
+        work = Workload(512, 512, 25, images) if images != "serve" else None
+        return place(catalog, gpus, work=work).models["tiny"].config
+
+    cold = compile_choice("sd", 512, 512, 25, 1, warm=False).break_even_images
+    assert 800 < cold < 1000  # 41.5 s at 0.173 s eager / 0.127 s compiled an image (H200)
+    assert placed(1, cold * 0.9).engine.compile is False
+    assert placed(1, cold * 1.1).engine.compile is True
+    assert placed(0, cold * 10).engine.compile is False  # CPU
+    assert placed(1, "serve").engine.compile is False
+    assert placed(1, None).engine.compile is False  # the table's size is unknown
+    assert placed(1, 1, compile=True).engine.compile is True
+
+    # The shared store holds this model's graphs: far fewer images repay loading them.
+    url, _ = compile_cache.location(placed(1, 1))
+    os.makedirs(url)
+    open(os.path.join(url, "host-1" + compile_cache.ARTIFACT_SUFFIX), "wb").close()
+    assert placed(1, cold * 0.9).engine.compile is True
+
+    assert placed(1, 1).engine.max_batch_pixels == GPU_MAX_BATCH_PIXELS
+    assert placed(1, 1, max_batch_pixels=1024).engine.max_batch_pixels == 1024
+    assert placed(0, 1).engine.max_batch_pixels is None

@@ -64,7 +64,7 @@ class EngineOptions(Section):
     job (:func:`pipeline.engine.resolve_catalog.place`, logged with its reason): on CUDA,
     on when each actor's share of the default shape's images repays the compile at the
     measured H200 rates (:func:`pipeline.engine.gpu_rates.compile_choice`: about 900 SD 1.5
-    images at 512x512 on an empty cache, a few dozen when the shared store is warm); off
+    images at 512x512 on an empty cache, about 100 when the shared store is warm); off
     on CPU, for ``imagegen serve`` and for an engine built without a job. ``true`` /
     ``false`` force it. One graph per image size: the batch dimension is dynamic, so
     calls of other sizes do not compile again. The compile's seconds are counted apart
