@@ -20,6 +20,10 @@ Trade-offs worth knowing:
   libraries, so a CPU engine on a new machine skips tracing and code generation but still
   runs the C++ compiler. Actors of one node share the libraries through the node's
   ``model.cache_dir``/inductor.
+- **The driver sees the store it can reach.** ``compile: auto`` counts a warm store from the
+  driver (:func:`is_warm`): with the default store (``model.cache_dir``/compiled, local to
+  each node) a driver on another node sees it cold and decides as for an empty cache;
+  ``compile_cache_url`` on object storage is the same store for all.
 - **Engines starting together each compile.** The store shares what is finished; engines
   that reach a new shape at the same moment (a job's first minute) compile it side by side.
   Restarted actors, later shapes reached after the first save, and later runs load.
