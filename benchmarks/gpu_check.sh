@@ -10,8 +10,8 @@
 #
 # Wheels the machine lacks (diffusers, transformers, pydantic, ...; never Ray: the engine
 # and its gpu tests must run without it) go in .whl/ at the repository root. Limits add up
-# to 450 s: engine 110, pixels 70, compile-cold 120, compile-warm 60, tests 50, card 10,
-# with 30 s left for installs and start-up.
+# to 460 s: engine 110, pixels 70, compile-cold 120, compile-warm 60, tests 80, card 20,
+# with 20 s left for installs and start-up.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 cd "$(dirname "$0")/.."
@@ -43,6 +43,6 @@ check pixels "$(scale 70)"
 check compile-cold "$(scale 120)"
 check compile-warm "$(scale 60)"
 # The engine's gpu-marked tests, with Ray made unimportable: they must not need it.
-step tests 50 $PY -c "import sys; sys.modules['ray'] = None; import pytest; sys.exit(pytest.main(['tests/test_gpu.py', '-q', '-rs', '-p', 'no:cacheprovider']))"
+step tests 80 $PY -c "import sys; sys.modules['ray'] = None; import pytest; sys.exit(pytest.main(['tests/test_gpu.py', '-q', '-rs', '-p', 'no:cacheprovider']))"
 card
 kill %1 2>/dev/null; true
