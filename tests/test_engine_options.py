@@ -228,3 +228,15 @@ def test_validate_estimates_from_the_h200_rates_with_compile_time(tmp_path):
     assert long.buckets[0].rate.images_per_s > short.buckets[0].rate.images_per_s
     assert long.compile_hours == 2 * long.buckets[0].compile_seconds / 3600 > 0  # each actor compiles once
     assert long.gpu_hours == long.buckets[0].gpu_hours + long.compile_hours
+
+
+def test_summary_and_inspect_report_compile_seconds_apart_from_generation():
+    from pipeline.batch.summary import RunSummary, format_summary
+    from pipeline.output.inspect import Inspection, RunView, format_inspection
+
+    counts = {"compile_seconds": 41.5, "compiles": 2, "compiles_from_cache": 1}
+    summary = format_summary(RunSummary("r1", "/out", 10, 10, 0, {}, 90.0, engine_seconds=80.0, **counts))
+    assert "compiling    41.5 s of the engines' 80.0 s (all actors): 2 graph(s), 1 compiled, 1 loaded from the compile cache" in summary
+    assert "compiling" not in format_summary(RunSummary("r2", "/out", 10, 10, 0, {}, 90.0, engine_seconds=80.0))  # compile off: no line
+    run = RunView("r1", "complete", 1.0, 91.0, 10, 0, 10, **counts)
+    assert "compiling took 41.5 s of its engines' time, apart from generating: 2 graph(s), 1 compiled" in format_inspection(Inspection("/out", runs=[run]))
