@@ -153,14 +153,16 @@ class CompileClock:
 
     @classmethod
     def get(cls) -> "CompileClock":
-        """The process's clock, its callbacks registered on first use."""
-        if cls._instance is None:
-            from torch._dynamo.callback import callback_handler
+        """The process's clock, its callbacks registered on first use, and again after
+        ``torch._dynamo.reset()`` (which drops every callback)."""
+        from torch._dynamo.callback import callback_handler
 
-            clock = cls._instance = cls()
+        clock = cls._instance = cls._instance or cls()
+        if clock._start not in callback_handler.start_callbacks:
+            clock._started.clear()
             callback_handler.register_start_callback(clock._start)
             callback_handler.register_end_callback(clock._end)
-        return cls._instance
+        return clock
 
     @staticmethod
     def _cache_counts() -> tuple[int, int]:
