@@ -1,4 +1,5 @@
-"""On a CUDA GPU: `dtype: auto` runs float16 and the rows say so. Skipped without a GPU by
+"""On a CUDA GPU: `dtype: auto` runs float16 and the rows say so; the engine options take
+their measured CUDA defaults. Skipped without a GPU by
 the `gpu` marker's hook in conftest.py, which the last test checks on a CPU machine."""
 
 from __future__ import annotations
@@ -26,8 +27,12 @@ def test_auto_precision_on_cuda_is_float16_and_recorded(model_cache):
     catalog = place(build_catalog(spec), gpus=1)
     (row,) = Validator(spec, catalog).validate_row({"__source": "t.csv", "__row": 0, "prompt": "a cat"})
     assert (row["dtype"], row["device"]) == ("float16", "cuda")
-    engine = Engine(catalog.models["tiny"].loading_config())
+    config = catalog.models["tiny"].loading_config()
+    # The measured CUDA defaults (BENCHMARKS.md, H200): 16 images of 512x512 a call, no channels_last.
+    assert (config.engine.max_batch_pixels, config.engine.channels_last, config.engine.compile) == (16 * 512 * 512, False, False)
+    engine = Engine(config)
     assert engine.dtype == torch.float16 and engine.device == "cuda"
+    assert engine.call_size(GenerationRequest("a cat", "", 1, 512, 512, 2, 7.5)) == 16
     (result,) = engine.generate([GenerationRequest("a cat", "", 1, 32, 32, 2, 7.5)])
     assert result.ok and result.pixels.shape == (32, 32, 3)
 

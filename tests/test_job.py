@@ -64,7 +64,12 @@ def test_demo_spec_end_to_end(ray_cluster, model_cache, tmp_path):
         assert Image.open(io.BytesIO(row["image"]["bytes"])).size == (64, 64)
 
     manifest = json.loads((out / "_runs" / f"{summary.run_id}.json").read_text())
-    assert manifest["counts"] == {"input_rows": 64, "images": 64, "errors": 0, "errors_by_stage": {}, "model_loads": 2, "model_swaps": 0}
+    assert manifest["counts"] == {
+        "input_rows": 64, "images": 64, "errors": 0, "errors_by_stage": {}, "model_loads": 2, "model_swaps": 0,
+        "compile_seconds": 0.0, "compiles": 0, "compiles_from_cache": 0,  # compile: auto is off on CPU
+    }  # fmt: skip
+    # How the images were made: the engine options as resolved for the device.
+    assert manifest["models"]["tiny"]["engine"]["compile"] is False and manifest["models"]["tiny"]["engine"]["channels_last"] is False
     listed = {p["path"] for p in manifest["parts"]}
     assert listed == {f"images/{p.name}" for p in (out / "images").iterdir()}
     assert manifest["versions"]["ray"].startswith("2.60")

@@ -70,7 +70,8 @@ def test_built_in_throughput_cites_the_benchmarks_and_unknown_models_say_what_to
     generic = [ThroughputEntry(width=512, height=512, steps=25, images_per_s=2.0)]
     assert rate_for(generic, "org/other-model", 512, 512, 50).images_per_s == pytest.approx(1.0)
 
-    spec = make_spec({"url": write_csv(tmp_path / "p.csv", ROWS[:2])}, model={"ref": "org/other-model", "family": "sd", "revision": "0" * 40})
+    # A family without GPU figures (SD 1.x/XL get the H200's: tests/test_engine_options.py).
+    spec = make_spec({"url": write_csv(tmp_path / "p.csv", ROWS[:2])}, model={"ref": "org/other-model", "family": "flux", "revision": "0" * 40})
     plan = make_plan(spec)
     assert plan.gpu_hours is None and plan.cost is None
     assert "unknown: add a plan.throughput entry" in format_plan(plan, "job.yaml")

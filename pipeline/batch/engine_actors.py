@@ -17,6 +17,7 @@ from typing import Any, Optional
 import pyarrow as pa
 import ray
 
+from pipeline.engine.kernels import CompileClock
 from pipeline.engine.resolve_catalog import place
 from pipeline.engine.table_generation import BlockTimes, ImageEncoder, generate_table
 from pipeline.errors import ModelError
@@ -55,6 +56,7 @@ class ActorEngines:
         self.encoder = ImageEncoder(spec.output.format, spec.output.quality, threads, scorer=_load_scorer(catalog))
         self._counter = counter
         self._reported = self.models.stats
+        self._compiled = CompileClock.totals()
         try:
             self.models.get(catalog.default_model)
         except Exception as exc:  # noqa: BLE001 - one message for the whole job (see startup_failure)
@@ -85,9 +87,11 @@ class ActorEngines:
 
     def _report(self, finished: dict[str, Any]) -> None:
         stats, before = self.models.stats, self._reported
-        self._reported = stats
+        compiled, compiled_before = CompileClock.totals(), self._compiled
+        self._reported, self._compiled = stats, compiled
+        compiles = dict(zip(("compiles", "compiles_from_cache", "compile_seconds"), (now - then for now, then in zip(compiled, compiled_before))))
         if self._counter is not None:
-            self._counter.add.remote(model_loads=stats.loads - before.loads, model_swaps=stats.swaps - before.swaps, **finished)
+            self._counter.add.remote(model_loads=stats.loads - before.loads, model_swaps=stats.swaps - before.swaps, **compiles, **finished)
 
 
 class EngineActor:

@@ -88,6 +88,9 @@ class OutputWriter:
                     "errors_by_stage": report.errors_by_stage,
                     "model_loads": counts.model_loads,
                     "model_swaps": counts.model_swaps,
+                    "compile_seconds": counts.compile_seconds,
+                    "compiles": counts.compiles,
+                    "compiles_from_cache": counts.compiles_from_cache,
                 },
                 "parts": sorted(report.parts, key=lambda p: p["path"]),
                 "schemas": dataset_schema.promote(fs, root, commit_protocol.read_manifests(fs, root), report.parts),
@@ -166,6 +169,9 @@ def model_record(m: ModelEntry) -> dict[str, Any]:
         # flag | error | off, and whether the model ships a checker (null: unknown)
         "safety_checker": m.config.safety_checker,
         "has_safety_checker": m.has_safety_checker,
+        # How the engine ran it (speed options, resolved for the device): within their
+        # measured tolerance of the plain path, not bit-identical (README, "Engine options").
+        "engine": m.config.engine.model_dump(mode="json"),
     }
 
 

@@ -28,9 +28,11 @@ from typing import Optional
 import pyarrow as pa
 
 from pipeline.errors import SpecError
+from pipeline.engine.gpu_rates import WARM_COMPILE_SECONDS, compile_choice, measured_rate
 from pipeline.engine.resolve_catalog import build_catalog, place, recorded_models
 from pipeline.output.ownership import ownership_warnings
 from pipeline.spec import schema as S
+from pipeline.spec.catalog import ModelEntry
 from pipeline.spec.config import JobSpec, PlanConfig, ThroughputEntry
 from pipeline.spec.duplicate_ids import SeenIds
 from pipeline.spec.occurrences import Occurrences, identified_batches, needs_registry
@@ -48,7 +50,8 @@ LOCAL_ROWS = 200_000
 #   state, so 0.72 per actor;
 # - "Online front": the engine called directly at 64x64, 4 steps, batch 8, one thread:
 #   5.18 images/s.
-# No GPU figures exist yet: for a real model, give `plan.throughput` entries in the spec.
+# For a real model without an entry here or in the spec, the H200 figures of
+# pipeline.engine.gpu_rates apply (SD 1.5, SDXL; see gpu_rate).
 DEFAULT_THROUGHPUT: tuple[ThroughputEntry, ...] = (
     ThroughputEntry(model="tiny", width=128, height=128, steps=4, images_per_s=0.72),
     ThroughputEntry(model="tiny", width=64, height=64, steps=4, images_per_s=5.18),
@@ -75,9 +78,11 @@ class Bucket:
     rows: int = 0
     images: int = 0
     rate: Optional[Rate] = None
+    compile_seconds: float = 0.0  # per engine actor: compiling this shape before its first call
 
     @property
     def gpu_hours(self) -> Optional[float]:
+        """Hours generating, compile time not included (see :attr:`Plan.gpu_hours`)."""
         return self.images / self.rate.images_per_s / 3600 if self.rate else None
 
 
@@ -115,7 +120,12 @@ class Plan:
     def gpu_hours(self) -> Optional[float]:
         """Engine-actor hours over all buckets; None when any bucket has no throughput figure."""
         hours = [b.gpu_hours for b in self.buckets]
-        return None if any(h is None for h in hours) else sum(hours)  # type: ignore[arg-type]
+        return None if any(h is None for h in hours) else sum(hours) + self.compile_hours  # type: ignore[arg-type]
+
+    @property
+    def compile_hours(self) -> float:
+        """Engine-actor hours compiling: every actor compiles each shape it makes once."""
+        return sum(b.compile_seconds for b in self.buckets) * self.num_actors / 3600
 
     @property
     def cost(self) -> Optional[float]:
@@ -145,6 +155,30 @@ def rate_for(table: list[ThroughputEntry], model: str, width: int, height: int, 
         return Rate(nearest.images_per_s, "measured")
     scaled = nearest.images_per_s * nearest.width * nearest.height * nearest.steps / work
     return Rate(scaled, f"scaled from {nearest.width}x{nearest.height}, {nearest.steps} steps")
+
+
+def gpu_rate(entry: ModelEntry, bucket: Bucket, num_actors: int) -> tuple[Optional[Rate], float]:
+    """A bucket's rate from the H200 figures (:mod:`pipeline.engine.gpu_rates`), compiled or
+    eager as ``compile`` (``auto`` decided as the job would, from the bucket's images per
+    actor and whether the shared compile store is warm), and the seconds each actor spends
+    compiling it. ``(None, 0)`` for a model set to run on CPU or a family never measured."""
+    from pipeline.engine import compile_cache
+
+    config = entry.config
+    found = measured_rate(entry.family.name, bucket.width, bucket.height, bucket.steps)
+    if config.device == "cpu" or found is None:
+        return None, 0.0
+    measured, scale = found
+    config = config.model_copy(update={"device": "cuda", "dtype": config.dtype if config.dtype != "auto" else "float16"})
+    warm = compile_cache.is_warm(config)
+    compiled = config.engine.compile
+    if compiled == "auto":
+        compiled = compile_choice(entry.family.name, bucket.width, bucket.height, bucket.steps, bucket.images / num_actors, warm).compile
+    images_per_s = (measured.compiled_images_per_s if compiled else measured.eager_images_per_s) / scale
+    where = "measured" if scale == 1 else f"scaled from {measured.width}x{measured.height}, {measured.steps} steps"
+    how = ("compiled" + ("" if measured.compiled_measured else ", gain assumed")) if compiled else "eager"
+    seconds = (WARM_COMPILE_SECONDS if warm else measured.compile_seconds) if compiled else 0.0
+    return Rate(images_per_s, f"H200 {where}, {how}"), seconds
 
 
 def reason_of(message: str) -> str:
@@ -272,6 +306,8 @@ def make_plan(spec: JobSpec, on_cluster: Optional[bool] = None) -> Plan:
         # Throughput entries name a model by its ref; buckets by the spec's name for it.
         ref = catalog.models[bucket.model].config.ref
         bucket.rate = rate_for(throughput, ref, bucket.width, bucket.height, bucket.steps)
+        if bucket.rate is None:
+            bucket.rate, bucket.compile_seconds = gpu_rate(catalog.models[bucket.model], bucket, plan.num_actors)
         plan.buckets.append(bucket)
     return plan
 
@@ -378,6 +414,7 @@ def format_plan(plan: Plan, source: str) -> str:
         lines.append(
             f"estimate   {hours:.4g} GPU-hours (engine-actor hours), about {_duration(wall)} on {plan.num_actors} "
             "actor(s), start-up not included"
+            + (f", compiling included ({plan.compile_hours:.3g} h)" if plan.compile_hours else "")
         )
         cost = plan.cost
         lines.append(f"cost       {cost:.2f} at {plan.price_per_gpu_hour:g} per GPU-hour" if cost is not None else "cost       set plan.price_per_gpu_hour to see one")

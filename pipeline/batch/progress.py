@@ -35,9 +35,9 @@ _BAR_WIDTH = 24
 class Counts:
     """Input rows finished (imaged or rejected) this run, images and error rows among them,
     rows skipped because an earlier run already committed them, and the engine actors'
-    model loads and swaps (loads that evicted another model), seconds in diffusers calls,
-    seconds waiting for image encoding after a block's last call, and when the engine
-    actors became ready."""
+    model loads and swaps (loads that evicted another model), seconds in diffusers calls
+    (and the torch.compile part of them), seconds waiting for image encoding after a
+    block's last call, and when the engine actors became ready."""
 
     def engine_utilization(self, end: float) -> Optional[float]:
         """Share of the engine actors' time, from each one's start to ``end`` (epoch
@@ -55,6 +55,11 @@ class Counts:
     engine_seconds: float = 0.0
     encode_wait_seconds: float = 0.0
     scoring_seconds: float = 0.0  # the CLIP scorer's, on the encoders' threads
+    # torch.compile on the engine actors (inside engine_seconds): graphs compiled or
+    # loaded, those of them found in the compile cache, and their seconds.
+    compiles: int = 0
+    compiles_from_cache: int = 0
+    compile_seconds: float = 0.0
     # Engine actors that finished starting (default model loaded), and the sum of the
     # times (epoch seconds) they did so: with the end time, the seconds they were up.
     actors_ready: int = 0

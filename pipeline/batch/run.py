@@ -34,7 +34,7 @@ import uuid
 import pyarrow as pa
 import ray
 
-from pipeline.engine.resolve_catalog import build_catalog, place
+from pipeline.engine.resolve_catalog import build_catalog, place, workload
 from pipeline.batch import progress
 from pipeline.batch.engine_actors import ActorEngines, ProgressActor, actor_gpus, final_counts, rows_per_call, start_engines, startup_failure
 from pipeline.batch.connect import connect, on_driver_node, require_gpus
@@ -52,7 +52,7 @@ from pipeline.spec.occurrences import needs_registry
 from pipeline.spec.validate import Validator
 from pipeline.storage import filesystem, ownership_marker, part_files, tables
 from pipeline.storage.lock import OutputLock
-from pipeline.storage.units import plan_units
+from pipeline.storage.units import TablePlan, plan_units
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,9 @@ def run(spec: JobSpec, stage: type[ActorEngines] = ActorEngines) -> RunSummary:
     connect(spec.runtime)
     require_gpus(spec)
     # Device and dtype made concrete before any request id is made: both decide pixels.
-    catalog = place(catalog, actor_gpus(spec))
+    # The engine options too: compile: auto decides from the job's size.
+    table = plan_units(spec.input)
+    catalog = place(catalog, actor_gpus(spec), work=workload(spec, table.rows))
     # The lock comes before anything touches the output: cleaning up uncommitted parts
     # must never delete the parts of a run still in flight.
     fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
@@ -88,7 +90,7 @@ def run(spec: JobSpec, stage: type[ActorEngines] = ActorEngines) -> RunSummary:
         # image (a resume of 1M rows held 50 MB more on the driver, and waited for it).
         ownership = ray.remote(ownership_warnings).options(num_cpus=spec.runtime.task_cpus).remote(spec)
         validator = Validator(spec, catalog, skip=skip)
-        summary = _execute(spec, run_id, catalog, validator, started, stage, prepared)
+        summary = _execute(spec, run_id, catalog, validator, started, stage, prepared, table)
         summary.warnings.extend([*prepared.warnings, *_warned(ownership)])
         return summary
     except Exception as exc:
@@ -134,13 +136,14 @@ def _warned(ownership: ray.ObjectRef) -> list[str]:
     return warnings
 
 
-def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator, started: float, stage: type, prepared: Prepared) -> RunSummary:
+def _execute(
+    spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator, started: float, stage: type, prepared: Prepared, table: TablePlan
+) -> RunSummary:
     """The pipeline itself; the caller holds the output's lock."""
     rt = spec.runtime
     # Named, so that engine actors find it by name, also after a restart (see EngineActor).
     counter_name = f"imagegen-progress-{uuid.uuid4().hex}"
     counter = ProgressActor.options(name=counter_name, scheduling_strategy=on_driver_node()).remote()
-    table = plan_units(spec.input)
     rows_per_block = block_rows(rt.batch_size, table.rows, rt.num_actors, rows_per_call(spec, catalog))
     registry = start_registry() if needs_registry(spec.input) else None
     actors = start_engines(spec, catalog, counter_name, stage)
@@ -197,6 +200,9 @@ def _execute(spec: JobSpec, run_id: str, catalog: Catalog, validator: Validator,
         engine_seconds=counts.engine_seconds,
         encode_wait_seconds=counts.encode_wait_seconds,
         scoring_seconds=counts.scoring_seconds if catalog.scorer is not None else None,
+        compile_seconds=counts.compile_seconds,
+        compiles=counts.compiles,
+        compiles_from_cache=counts.compiles_from_cache,
         parts=report.parts,
         skipped=counts.skipped,
         adopted=counts.adopted,

@@ -29,6 +29,9 @@ class RunSummary:
     engine_seconds: float = 0.0  # summed over engine actors: in diffusers calls and model loads
     encode_wait_seconds: float = 0.0  # summed over engine actors: idle, waiting for encoding
     scoring_seconds: Optional[float] = None  # summed over engine actors: the CLIP scorer's; None without one
+    compile_seconds: float = 0.0  # summed over engine actors: torch.compile's part of engine_seconds
+    compiles: int = 0  # graphs compiled or loaded by torch.compile, all actors
+    compiles_from_cache: int = 0  # ... of them found in the compile cache (local or shared)
     parts: list[dict[str, Any]] = field(repr=False, default_factory=list)
     skipped: int = 0  # rows read whose every image the output already held: not made again
     adopted: int = 0  # requests not made again: an interrupted run had committed them
@@ -61,6 +64,7 @@ def format_summary(s: RunSummary) -> str:
         f"  errors       {s.errors}  ({by_stage})",
         f"  model loads  {s.model_loads}  ({s.model_swaps} swaps, {s.swaps_per_1000_images:.1f} per 1000 images)",
         f"  engines      {s.engine_seconds:.1f} s generating{busy}, {s.encode_wait_seconds:.1f} s waiting on image encoding (all actors), blocks of {s.block_rows} rows",
+        *([_compile_line(s)] if s.compiles else []),
         *([f"  scoring      {s.scoring_seconds:.1f} s scoring images with CLIP (all actors; on the encoders' threads, overlapping generation)"] if s.scoring_seconds is not None else []),
         f"  start-up     {ready}",
         *_recovery_lines(s),
@@ -81,6 +85,15 @@ def _fault_lines(s: RunSummary) -> list[str]:
     again, parts written again); nothing in a run without faults."""
     seen = [f"{n} {name.replace('_', ' ')}" for name, n in s.faults.items() if n]
     return [f"  faults       {', '.join(seen)}"] if seen else []
+
+
+def _compile_line(s: RunSummary) -> str:
+    """torch.compile's share of the engines' time, apart from generating."""
+    fresh = s.compiles - s.compiles_from_cache
+    return (
+        f"  compiling    {s.compile_seconds:.1f} s of the engines' {s.engine_seconds:.1f} s (all actors): "
+        f"{s.compiles} graph(s), {fresh} compiled, {s.compiles_from_cache} loaded from the compile cache"
+    )
 
 
 def _recovery_lines(s: RunSummary) -> list[str]:

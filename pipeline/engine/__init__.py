@@ -3,7 +3,9 @@
 :mod:`.engine` holds one loaded pipeline and generates (one generator per image, failures
 per row, out-of-memory halving); :mod:`.requests` is what it is asked and answers;
 :mod:`.family_calls` each family's call conventions (encode-once); :mod:`.kernels` the
-attention kernel, VAE chunks and compile cache; :mod:`.resident_models` the in-memory LRU of loaded
+attention kernel, VAE chunks, compiling and its clock; :mod:`.compile_cache` compiled graphs
+shared between engines; :mod:`.gpu_rates` the measured GPU rates and what follows from them
+(``compile: auto``); :mod:`.resident_models` the in-memory LRU of loaded
 engines per process; :mod:`.weight_sources` where weights come from (local, ``s3://``, hub, tiny) and
 their fingerprint; :mod:`.resolve_catalog` resolving a spec's models and adapters into a
 :class:`~pipeline.spec.catalog.Catalog` on the driver; :mod:`.adapters` LoRA files;

@@ -32,9 +32,9 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from pipeline.engine import family_calls, weight_sources
+from pipeline.engine import compile_cache, family_calls, weight_sources
 from pipeline.engine.call_size import CallSizes
-from pipeline.engine.kernels import decode_in_chunks, input_shapes, is_out_of_memory, set_attention, use_compile_cache
+from pipeline.engine.kernels import CompileClock, compile_batch_dynamic, decode_in_chunks, is_out_of_memory, set_attention, use_compile_cache
 from pipeline.engine.requests import AdapterError, GenerationRequest, GenerationResult, ImageFlagged, ImageIsNaN
 from pipeline.spec.bucketing import group_by_bucket, halves
 from pipeline.spec.families import SCHEDULER_CLASSES
@@ -141,43 +141,19 @@ class Engine:
                 module.to(memory_format=torch.channels_last)
         if options.vae_chunk_size is not None:
             self.pipe.vae.decode = decode_in_chunks(self.pipe.vae.decode, options.vae_chunk_size)
-        # Seconds spent compiling the denoiser so far; stays 0 without `compile`.
+        # What this engine's calls spent in torch.compile: compiles (graphs built or loaded),
+        # those found in the cache, seconds. All stay 0 without `compile`.
+        self.compiles = self.compiles_from_cache = 0
         self.compile_seconds = 0.0
-        if options.compile:
+        self._compiling = options.compile is True  # "auto" is the driver's to resolve; unresolved, it is off
+        if self._compiling:
             use_compile_cache(config.cache_dir)
-            compiled = torch.compile(denoiser)
-            self._time_compiles(compiled, type(denoiser).__name__)
-            setattr(self.pipe, denoiser_name, compiled)
+            compile_cache.load(config)
+            CompileClock.get()
+            setattr(self.pipe, denoiser_name, compile_batch_dynamic(denoiser))
+            if options.compile_vae:
+                self.pipe.vae.decoder = compile_batch_dynamic(self.pipe.vae.decoder)
         self._encode_once = options.encode_prompts_once
-
-    def _time_compiles(self, compiled, name: str) -> None:
-        """Add to ``compile_seconds`` the wall time of the first call at each new input
-        shape. Compiling (or loading from the cache) is nearly all of that call, so this
-        is an upper bound that is off by one denoiser step. Public hooks only: torch's own
-        compile metrics are private and change between releases."""
-        import torch
-
-        seen: set = set()
-        started: list[float] = []
-
-        def before(module, args, kwargs):
-            key = input_shapes((args, kwargs))
-            if key not in seen:
-                seen.add(key)
-                started.append(time.perf_counter())
-
-        def after(module, args, kwargs, output):
-            if not started:
-                return
-            if self.device == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - started.pop()
-            self.compile_seconds += seconds
-            log.info("torch.compile: first %s call at a new input shape took %.1f s (compiling or loading the cache)", name, seconds)
-
-        compiled.register_forward_pre_hook(before, with_kwargs=True)
-        # always_call: a call that fails (out of memory) must not leave its start behind.
-        compiled.register_forward_hook(after, with_kwargs=True, always_call=True)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Generate every request; uniform ones share diffusers calls of at most
@@ -256,10 +232,27 @@ class Engine:
         import torch
 
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in batch]
-        with torch.inference_mode():
-            kwargs = family_calls.call_kwargs(self.pipe, self.family, batch, self._encode_once)
-            output = self.pipe(**kwargs, generator=generators, output_type="np")
+        before = CompileClock.get().reading() if self._compiling else None
+        try:
+            with torch.inference_mode():
+                kwargs = family_calls.call_kwargs(self.pipe, self.family, batch, self._encode_once)
+                output = self.pipe(**kwargs, generator=generators, output_type="np")
+        finally:
+            if before is not None:
+                self._count_compiles(before)
         return np.asarray(output.images), getattr(output, "nsfw_content_detected", None)
+
+    def _count_compiles(self, before: tuple[int, int, float]) -> None:
+        """Add a call's compiles to this engine's counts; share what it built fresh."""
+        compiles, from_cache, seconds = (now - then for now, then in zip(CompileClock.get().reading(), before))
+        if not compiles:
+            return
+        self.compiles += compiles
+        self.compiles_from_cache += from_cache
+        self.compile_seconds += seconds
+        log.info("torch.compile: %d graph(s) in %.1f s (%d from the cache)", compiles, seconds, from_cache)
+        if compiles > from_cache:
+            compile_cache.save(self.config)
 
     def _use_adapter(self, digest: Optional[str], scale: float) -> None:
         """Make ``digest`` at ``scale`` the pipeline's one active adapter (None: no adapter)."""

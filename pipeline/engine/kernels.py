@@ -1,5 +1,6 @@
 """How the engine's denoiser and VAE run on the device: the attention kernel, VAE decoding
-in chunks, the compile cache, and recognising out-of-memory errors. Pure torch, no
+in chunks, compiling with a dynamic batch, the local compile cache and the clock of
+compiles, and recognising out-of-memory errors. Pure torch, no
 diffusers pipeline logic: the engine applies these to the modules it loaded."""
 
 from __future__ import annotations
@@ -109,18 +110,90 @@ def use_compile_cache(cache_dir: str) -> None:
     log.info("torch.compile: compiled graphs cached in %s", location)
 
 
-def input_shapes(value) -> tuple:
-    """Shapes and dtypes of the tensors in nested call arguments: what makes torch.compile
-    build a new graph (scalars and flags are constant across the engine's calls)."""
+def compile_batch_dynamic(module):
+    """``torch.compile(module)`` that builds one graph per input shape *except the batch*:
+    dimension 0 of every tensor argument is marked dynamic before each call, so a call of
+    another size (the last call of a bucket, a batch halved after running out of memory, a
+    chunk of the VAE) reuses the graph instead of compiling again. Height and width stay
+    static: kernels specialised to an image size are the fast ones.
+
+    ``maybe_mark_dynamic``, not ``mark_dynamic``: a batch of 1 (a call without
+    classifier-free guidance) is specialised by torch and must not be an error. The mark is
+    set from a hook on the compiled wrapper, outside the traced code (dynamo refuses to
+    trace the marking itself)."""
     import torch
 
-    if isinstance(value, torch.Tensor):
-        return (tuple(value.shape), str(value.dtype))
-    if isinstance(value, dict):
-        return tuple((k, input_shapes(v)) for k, v in sorted(value.items()))
-    if isinstance(value, (list, tuple)):
-        return tuple(input_shapes(v) for v in value)
-    return ()
+    def mark_batch(_module, args, kwargs):
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                torch._dynamo.maybe_mark_dynamic(value, 0)
+
+    compiled = torch.compile(module)
+    compiled.register_forward_pre_hook(mark_batch, with_kwargs=True)
+    return compiled
+
+
+class CompileClock:
+    """Dynamo's compiles in this process, from its compile start/end callbacks
+    (``torch._dynamo.callback``): how many, their seconds, and how many of them found their
+    graph in inductor's FX-graph cache (local, or loaded from the shared store) instead of
+    building it. Process-wide (dynamo's callbacks are); readers take differences.
+
+    Seconds are those dynamo spends compiling a frame (tracing, then inductor building or
+    loading the graph); the first run of the compiled code (CUDA graph capture, autotuning
+    at run time) is not in them."""
+
+    _instance: "CompileClock | None" = None
+
+    def __init__(self) -> None:
+        self.compiles = 0
+        self.from_cache = 0
+        self.seconds = 0.0
+        self._started: list[tuple[float, int, int]] = []
+
+    @classmethod
+    def get(cls) -> "CompileClock":
+        """The process's clock, its callbacks registered on first use, and again after
+        ``torch._dynamo.reset()`` (which drops every callback)."""
+        from torch._dynamo.callback import callback_handler
+
+        clock = cls._instance = cls._instance or cls()
+        if clock._start not in callback_handler.start_callbacks:
+            clock._started.clear()
+            callback_handler.register_start_callback(clock._start)
+            callback_handler.register_end_callback(clock._end)
+        return clock
+
+    @staticmethod
+    def _cache_counts() -> tuple[int, int]:
+        from torch._dynamo.utils import counters
+
+        return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+    def _start(self, _args) -> None:
+        import time
+
+        self._started.append((time.perf_counter(), *self._cache_counts()))
+
+    def _end(self, _args) -> None:
+        import time
+
+        if not self._started:
+            return
+        began, hits, misses = self._started.pop()
+        now_hits, now_misses = self._cache_counts()
+        self.compiles += 1
+        self.from_cache += int(now_hits > hits and now_misses == misses)
+        self.seconds += time.perf_counter() - began
+
+    def reading(self) -> tuple[int, int, float]:
+        """``(compiles, of them from the cache, seconds)`` so far."""
+        return self.compiles, self.from_cache, self.seconds
+
+    @classmethod
+    def totals(cls) -> tuple[int, int, float]:
+        """The process's reading; zeros when nothing compiled (no clock was started)."""
+        return cls._instance.reading() if cls._instance is not None else (0, 0, 0.0)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

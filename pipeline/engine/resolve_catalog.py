@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+from dataclasses import dataclass
 from typing import Optional
 
 from pipeline.engine import adapters, weight_sources
+from pipeline.engine.gpu_rates import GPU_MAX_BATCH_PIXELS, compile_choice
 from pipeline.errors import ModelError, SpecError
 from pipeline.spec.catalog import AdapterEntry, Catalog, ModelEntry, ScorerEntry
 from pipeline.spec.config import JobSpec
 from pipeline.spec.families import FAMILIES, SCHEDULER_CLASSES, Family, UnknownFamily, family_of_class
 from pipeline.spec.model_config import ModelConfig
 from pipeline.storage import filesystem
+
+log = logging.getLogger(__name__)
 
 # What each tiny model is built as (pipeline.engine.tiny_models), read from here so the
 # driver need not build a model to learn it: pipeline class, scheduler class, the VAE's
@@ -111,7 +116,26 @@ def recorded_models(manifests: list[dict]) -> Optional[dict[str, dict]]:
     return next((m.get("models") for m in reversed(manifests) if m.get("models")), None)
 
 
-def place(catalog: Catalog, gpus: float, recorded: Optional[dict[str, dict]] = None) -> Catalog:
+@dataclass(frozen=True)
+class Workload:
+    """What the driver knows of a job's size before it runs: the default image shape and the
+    images of it each engine actor will make (rows x images per row / actors; None when the
+    table's row count is unknown). ``compile: auto`` decides from it."""
+
+    width: int
+    height: int
+    steps: int
+    images_per_actor: Optional[float]
+
+
+def workload(spec: JobSpec, rows: Optional[int]) -> Workload:
+    """The job's :class:`Workload` from ``spec``'s defaults and its table's row count."""
+    d = spec.defaults
+    images = rows * d.num_images / spec.runtime.num_actors if rows is not None else None
+    return Workload(d.width, d.height, d.steps, images)
+
+
+def place(catalog: Catalog, gpus: float, recorded: Optional[dict[str, dict]] = None, work: Optional[Workload] = None) -> Catalog:
     """The catalog with each model's ``device`` and ``dtype`` made concrete, as the engine
     will run it; both decide pixels, so they enter every request id (and every image row).
 
@@ -120,7 +144,15 @@ def place(catalog: Catalog, gpus: float, recorded: Optional[dict[str, dict]] = N
     the device the output's latest run recorded for that model (``recorded``: the
     manifest's ``models``), else cpu. ``dtype: auto`` is float16 on cuda and float32 on
     cpu, the engine's rule. An explicit device is kept (a CPU engine on logical GPUs is how
-    several-GPU layouts are tested on machines without one)."""
+    several-GPU layouts are tested on machines without one).
+
+    The engine options are made concrete too, for the device (they change speed, not
+    request ids): on CUDA an unset ``max_batch_pixels`` becomes
+    :data:`~pipeline.engine.gpu_rates.GPU_MAX_BATCH_PIXELS`, and ``compile: auto`` becomes
+    true for the default model when ``work`` gives each actor enough images of its shape
+    to repay compiling (:func:`~pipeline.engine.gpu_rates.compile_choice`, which reads
+    whether the shared compile store is warm); false otherwise, on CPU, and without
+    ``work`` (``imagegen serve``, ``verify``)."""
 
     def placed(entry: ModelEntry) -> ModelEntry:
         config = entry.config
@@ -131,9 +163,29 @@ def place(catalog: Catalog, gpus: float, recorded: Optional[dict[str, dict]] = N
             else:
                 device = (recorded or {}).get(entry.name, {}).get("device") or "cpu"
         dtype = config.dtype if config.dtype != "auto" else ("float16" if device == "cuda" else "float32")
-        return dataclasses.replace(entry, config=config.model_copy(update={"device": device, "dtype": dtype}))
+        concrete = config.model_copy(update={"device": device, "dtype": dtype})
+        options = {"compile": _compile(entry, concrete, work if entry.name == catalog.default_model else None)}
+        if device == "cuda" and config.engine.max_batch_pixels is None:
+            options["max_batch_pixels"] = GPU_MAX_BATCH_PIXELS
+        concrete = concrete.model_copy(update={"engine": config.engine.model_copy(update=options)})
+        return dataclasses.replace(entry, config=concrete)
 
     return dataclasses.replace(catalog, models={name: placed(entry) for name, entry in catalog.models.items()})
+
+
+def _compile(entry: ModelEntry, config: ModelConfig, work: Optional[Workload]) -> bool:
+    """``compile`` made concrete: as set, or ``auto``'s answer (logged with its reason)."""
+    if config.engine.compile != "auto":
+        return config.engine.compile
+    if config.device != "cuda":
+        return False
+    if work is None:
+        return False  # serve and the read-only commands: no job to repay a compile
+    from pipeline.engine import compile_cache
+
+    choice = compile_choice(entry.family.name, work.width, work.height, work.steps, work.images_per_actor, compile_cache.is_warm(config))
+    log.info("model %s: compile: auto -> %s: %s", entry.name, str(choice.compile).lower(), choice.reason)
+    return choice.compile
 
 
 def _family(name: str, config: ModelConfig, class_name: str, declared: Optional[Family]) -> Family:

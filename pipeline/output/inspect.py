@@ -49,6 +49,10 @@ class RunView:
     adopted: Optional[int] = None  # requests it took over from interrupted runs
     adopted_by: Optional[str] = None  # for an interrupted run: the run that took its parts over
     last_commit_at: Optional[float] = None
+    # torch.compile on its engine actors (its manifest's counts; None before it finished)
+    compile_seconds: Optional[float] = None
+    compiles: int = 0
+    compiles_from_cache: int = 0
 
     def images_per_second(self) -> Optional[float]:
         """Images committed per second since the run started, up to its last commit."""
@@ -138,10 +142,12 @@ def _runs(state: commit_protocol.Commits, manifests: list[dict[str, Any]], holde
         if status == "running" and run_id != holder:
             status = "interrupted"  # no live run holds the lock: it died; the next run adopts it
         adopted = m.get("adopted", {}).get("requests") if isinstance(m.get("adopted"), dict) else None
+        counts = m.get("counts") or {}
         views.append(
             RunView(
                 run_id, status, m.get("started_at") or c.first_written_at, m.get("finished_at"), c.images, c.errors,
                 c.input_rows, adopted, m.get("adopted_by"), c.last_written_at,
+                counts.get("compile_seconds"), counts.get("compiles", 0), counts.get("compiles_from_cache", 0),
             )
         )
     return views
@@ -188,6 +194,11 @@ def format_inspection(found: Inspection) -> str:
     for run in found.runs:
         adopted = str(run.adopted) if run.adopted else "-"
         lines.append(f"{run.run_id:<27} {run.status:<12} {_time(run.started_at):<20} {run.images:>6} {run.errors:>8}  {adopted}")
+        if run.compiles:
+            lines.append(
+                f"  compiling took {run.compile_seconds:.1f} s of its engines' time, apart from generating: {run.compiles} graph(s), "
+                f"{run.compiles - run.compiles_from_cache} compiled, {run.compiles_from_cache} loaded from the compile cache"
+            )
         if run.status == "interrupted":
             lines.append(
                 f"  interrupted after its commit at {_time(run.last_commit_at)}; "

@@ -5,7 +5,7 @@ engine runs it (:class:`EngineOptions`), the LoRA adapters rows may name
 from __future__ import annotations
 
 import os
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, model_validator
 
@@ -23,16 +23,22 @@ class EngineOptions(Section):
     enters the request id. Precision is not here: ``model.dtype`` changes pixels by more
     than these options may.
 
-    **Tolerance.** Each option, and all of them together, keeps every image within 2/255
-    (largest absolute difference of a pixel channel) of the plain path (``attention:
-    sdpa``, every other option off), checked by tests/test_engine_options.py on the tiny
-    model on CPU in float32. On CUDA in float16/bfloat16 the check has not been run yet:
-    benchmarks/gpu_engine.py reports the same largest difference for each variant it
-    times, and is where it gets measured.
+    **Tolerance.** No option enters the request id, so each must keep images close to the
+    plain path (``attention: sdpa``, every other option off) in the same dtype; how close
+    is measured, not promised: README, "Engine options", gives the largest difference of a
+    pixel channel per option and where it was measured. On CPU in float32 every option
+    stays within 2/255 (tests/test_engine_options.py checks it). In half precision on CUDA
+    the H200 measured up to 7/255 (``fast``) and 8/255 (compiled) in bfloat16 with random
+    weights; there the difference is bounded by no test, only measured
+    (benchmarks/gpu_check.py). Each run's manifest records the resolved options of each
+    model (``models.NAME.engine``), so how every image was made is known.
 
-    **Defaults** are what is safe and no slower on CPU, where the test suite runs. The GPU
-    defaults are not measured yet (BENCHMARKS.md, "GPU engine"); after a GPU run we expect
-    ``channels_last`` and ``fuse_qkv`` to become true, and ``compile`` for long jobs.
+    **Defaults** are the measured choice per device. CPU: every option off but
+    ``encode_prompts_once``. CUDA (H200, 2026-12-04, BENCHMARKS.md): ``channels_last``
+    stays off (slower for UNet and VAE on both SD 1.5 and SDXL), ``max_batch_pixels``
+    unset becomes 16 images at 512x512 (4 at 1024x1024), and ``compile: auto`` compiles
+    the default model when the job gives each actor enough images of its shape to repay
+    the compile (+37% on SD 1.5 for 41.5 s of compiling on an empty cache).
 
     ``encode_prompts_once``: each distinct prompt and negative prompt of a call goes
     through the text encoders once (every family; see ``pipeline/family_calls.py``).
@@ -53,15 +59,27 @@ class EngineOptions(Section):
     memory at large batch sizes (the VAE decode at 1024x1024 can take more memory than the
     denoiser); unset decodes the whole call at once. 1 is what diffusers calls VAE slicing.
 
-    ``compile``: ``torch.compile`` of the denoiser. The first call at each new input shape
-    pays the compile time (``Engine.compile_seconds`` adds it up, and it is logged);
-    compiled graphs are cached under ``model.cache_dir``/inductor, so a restarted actor
-    loads them instead of compiling again.
+    ``compile``: ``torch.compile`` of the denoiser (``compile_vae``: of the VAE decoder
+    too; not measured to pay yet). ``auto`` (default) is decided on the driver before the
+    job (:func:`pipeline.engine.resolve_catalog.place`, logged with its reason): on CUDA,
+    on when each actor's share of the default shape's images repays the compile at the
+    measured H200 rates (:func:`pipeline.engine.gpu_rates.compile_choice`: about 900 SD 1.5
+    images at 512x512 on an empty cache, about 100 when the shared store is warm); off
+    on CPU, for ``imagegen serve`` and for an engine built without a job. ``true`` /
+    ``false`` force it. One graph per image size: the batch dimension is dynamic, so
+    calls of other sizes do not compile again. The compile's seconds are counted apart
+    (``Engine.compile_seconds``; the run summary, the manifest and ``inspect`` report
+    them). Compiled graphs are kept in ``model.cache_dir``/inductor on each node and
+    shared through a store (:mod:`pipeline.engine.compile_cache`):
+    ``compile_cache_url`` (object storage every node reaches, with
+    ``model.storage_options``), else ``model.cache_dir``/compiled on the node; an engine
+    loads what is there before its first call, so restarted actors, other nodes and later
+    runs load graphs instead of compiling them.
 
     ``max_batch_pixels``: the most pixels (images x width x height) one diffusers call
     takes, so each size gets its own batch from one memory budget (``4194304`` is 16
-    images at 512x512, 4 at 1024x1024); set it from ``benchmarks/gpu_engine.py``'s best
-    batch size. Unset, a call takes every row of its bucket in the actor's batch
+    images at 512x512, 4 at 1024x1024). Unset: that on CUDA (the measured best, see
+    Defaults), and on CPU a call takes every row of its bucket in the actor's batch
     (``runtime.batch_size``). Either way a call that runs out of memory is retried in
     halves, and that size's calls stay at most half as large from then on.
     """
@@ -71,7 +89,9 @@ class EngineOptions(Section):
     channels_last: bool = False
     fuse_qkv: bool = False
     vae_chunk_size: Optional[int] = Field(None, ge=1)
-    compile: bool = False
+    compile: Union[Literal["auto"], bool] = "auto"
+    compile_vae: bool = False
+    compile_cache_url: Optional[StorageURL] = None
     max_batch_pixels: Optional[int] = Field(None, ge=1)
 
     @model_validator(mode="before")
