@@ -21,7 +21,7 @@ from pipeline.output import card
 from pipeline.spec.catalog import Catalog, ModelEntry
 from pipeline.spec.config import JobSpec, OutputConfig
 from pipeline.spec.validate import REQUEST_ID_SCHEME, scheme_warning
-from pipeline.storage import commit_protocol, dataset_schema, filesystem, fold, lock, part_files, skip_filter, supersede
+from pipeline.storage import commit_protocol, dataset_schema, filesystem, fold, lock, part_files, skip_filter, supersede, trash
 
 
 class OutputWriter:
@@ -204,6 +204,7 @@ def prepare_output(spec: JobSpec, run_id: str = "", started: float = 0.0, catalo
                 "choose another output.url, or set output.mode to incremental or overwrite"
             )
         recovery = commit_protocol.repair(fs, root, found)
+        purged = trash.purge(fs, root, older_than_s=spec.output.retention_hours * 3600)
         older_ids = scheme_warning(manifests) if spec.output.mode == "incremental" else None
         interrupted = part_files.interrupted_runs(manifests, found)
         if interrupted:
@@ -220,8 +221,14 @@ def prepare_output(spec: JobSpec, run_id: str = "", started: float = 0.0, catalo
             part_files.write_manifest(fs, root, run_id, start)
     warnings = [f"{spec.output.url}: {older_ids}"] if older_ids else []
     if recovery.removed_parts:
-        warnings.append(f"removed {len(recovery.removed_parts)} part(s) without a commit record, left by an interrupted run")
+        warnings.append(
+            f"set aside {len(recovery.removed_parts)} part(s) without a commit record, left by an interrupted run "
+            f"({trash.TRASH_DIR}/, deleted after output.retention_hours)"
+        )
     warnings += [f"dropped commit record {name}: {why}; its rows are made again" for name, why in recovery.dropped_records]
+    warnings += [f"part {path} is damaged: {why}; its rows are made again" for path, why in recovery.damaged_parts]
+    if purged:
+        warnings.append(f"deleted {len(purged)} file(s) set aside more than output.retention_hours ago ({trash.TRASH_DIR}/)")
     if interrupted:
         warnings.append(f"adopting what interrupted run(s) {', '.join(interrupted)} committed")
     skip = skip_filter.SkipFilter(found.ids(), found.ids(runs=interrupted))

@@ -161,8 +161,7 @@ class OutputLock:
                 marker = filesystem.join(root, TAKEOVERS_DIR, hashlib.sha256(raw).hexdigest()[:32])
                 if not filesystem.create_exclusive(fs, marker, run_id.encode()):
                     raise conflict
-                with filesystem.storage_errors(lock.path, "remove the stale lock"):
-                    fs.rm(lock.path)
+                filesystem.remove(fs, lock.path)
             body = lock._body()
             if not filesystem.create_exclusive(fs, lock.path, body):
                 raise conflict
@@ -190,8 +189,8 @@ class OutputLock:
         try:
             holder, _ = _read_lock(self.fs, self.path)
             if holder is not None and holder.get("run_id") == self.run_id:
-                self.fs.rm(self.path)
-        except OSError:
+                filesystem.remove(self.fs, self.path)
+        except (OSError, StorageError):
             pass  # a lock we cannot remove expires with its lease
 
     def _body(self) -> bytes:

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.spec import schema as S
-from pipeline.storage import commit_protocol, filesystem, record_format, skip_filter
+from pipeline.storage import commit_protocol, filesystem, record_format, skip_filter, trash
 from pipeline.storage.commit_protocol import read_manifests
 from pipeline.storage.record_format import COMMITS_DIR, ERRORS_DIR, IMAGES_DIR, RUNS_DIR
 
@@ -236,7 +236,7 @@ def newest_part_schema(fs: fsspec.AbstractFileSystem, root: str, manifests: list
 
 def clear_output(fs: fsspec.AbstractFileSystem, root: str) -> None:
     """``output.mode: overwrite``: remove what this package writes, nothing else."""
-    for name in (IMAGES_DIR, ERRORS_DIR, COMMITS_DIR, RUNS_DIR, "README.md"):
+    for name in (IMAGES_DIR, ERRORS_DIR, COMMITS_DIR, RUNS_DIR, trash.TRASH_DIR, "README.md"):
         path = filesystem.join(root, name)
         if fs.exists(path):
-            fs.rm(path, recursive=True)
+            filesystem.remove(fs, path, recursive=True)
