@@ -52,6 +52,7 @@ import pyarrow.parquet as pq
 
 from pipeline.spec import schema as S
 from pipeline.storage import filesystem, trash
+from pipeline.storage.dataset_schema import SCHEMA_DIR
 from pipeline.storage.record_format import (
     COMMITS_DIR,
     ERRORS_DIR,
@@ -107,7 +108,7 @@ class Commits:
     superseded: list[str] = field(default_factory=list)
     redundant: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
-    stray: list[str] = field(default_factory=list)  # temporary files under _commits/ left by a crash mid-write
+    stray: list[str] = field(default_factory=list)  # temporary files left by writes a crash interrupted
     present: dict[str, int] = field(default_factory=dict)  # part files on disk -> size
     _sorted_finals: Optional[np.ndarray] = field(default=None, repr=False)  # every final id, sorted, once
 
@@ -166,6 +167,7 @@ def read_commits(fs: fsspec.AbstractFileSystem, root: str) -> Commits:
     committed (see the module docstring). Reads only; :func:`repair` applies the decision."""
     commits = Commits(present=_present_parts(fs, root))
     records, unreadable, commits.stray = _read_records(fs, root, filesystem.join(root, COMMITS_DIR))
+    commits.stray += _temporary_files(fs, root, commits.present)
     commits.dropped += unreadable
     covered = {p.path for r in records for p in r.parts}
     recorded_runs = {name.split("/")[1] for name in [*(r.name for r in records), *(n for n, _ in unreadable)] if name.count("/") >= 2}
@@ -213,6 +215,28 @@ def read_commits(fs: fsspec.AbstractFileSystem, root: str) -> Commits:
     accepted = {p.path for r in commits.records for p in r.parts}
     commits.orphans = sorted(path for path in commits.present if path not in accepted)
     return commits
+
+
+def is_temporary(path: str) -> bool:
+    """Whether ``path`` is the temporary file of an atomic write (:func:`~pipeline.storage.filesystem.atomic_write`)."""
+    base = path.rsplit("/", 1)[-1]
+    return base.startswith(".") and base.endswith(".tmp")
+
+
+def _temporary_files(fs: fsspec.AbstractFileSystem, root: str, present: dict[str, int]) -> list[str]:
+    """Temporary files of atomic writes a crash interrupted (local disks only: object
+    stores write at once): among the parts, beside the manifests, the schemas and the card."""
+    if not filesystem.is_local(fs):
+        return []
+    found = [path for path in present if is_temporary(path)]
+    for path in present.copy():
+        if is_temporary(path):
+            del present[path]
+    prefix = root.rstrip("/") + "/"
+    for folder in (root, filesystem.join(root, RUNS_DIR), filesystem.join(root, SCHEMA_DIR)):
+        if fs.isdir(folder):
+            found += [p[len(prefix) :] for p in fs.ls(folder, detail=False) if is_temporary(p) and p.startswith(prefix)]
+    return sorted(found)
 
 
 def _present_parts(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int]:
