@@ -395,6 +395,23 @@ def read_manifests(fs: fsspec.AbstractFileSystem, root: str) -> list[dict[str, A
     return manifests
 
 
+def write_manifest(fs: fsspec.AbstractFileSystem, root: str, run_id: str, manifest: dict[str, Any]) -> str:
+    """Write (or replace) the run's manifest: what the run was and did. What is committed
+    is decided by the commit records alone, never by a manifest."""
+    path = filesystem.join(root, RUNS_DIR, f"{run_id}.json")
+    filesystem.atomic_write(fs, path, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
+    return path
+
+
+def _unlist(fs: fsspec.AbstractFileSystem, root: str, paths: set[str]) -> None:
+    """Rewrite the manifests that list any of ``paths`` without them."""
+    for manifest in read_manifests(fs, root) if paths else []:
+        parts = manifest.get("parts", [])
+        kept = [p for p in parts if p.get("path") not in paths]
+        if len(kept) != len(parts):
+            write_manifest(fs, root, manifest["run_id"], {**manifest, "parts": kept})
+
+
 @dataclass
 class Recovery:
     """What :func:`repair` did to an output before a run: for the summary and the manifest."""
@@ -437,6 +454,8 @@ def repair(fs: fsspec.AbstractFileSystem, root: str, commits: Commits) -> Recove
         if record.legacy:
             record.legacy = False
             recovery.migrated_runs.append(record.run_id)
+    # The manifests stop listing what goes before it goes: none ever names a missing part.
+    _unlist(fs, root, set(commits.orphans))
     folder = trash.batch()
     for path in commits.orphans:
         trash.set_aside(fs, root, path, folder)

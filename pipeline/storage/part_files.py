@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from pipeline.spec import schema as S
 from pipeline.storage import commit_protocol, filesystem, record_format, skip_filter, trash
-from pipeline.storage.commit_protocol import read_manifests
+from pipeline.storage.commit_protocol import read_manifests, write_manifest
 from pipeline.storage.record_format import COMMITS_DIR, ERRORS_DIR, IMAGES_DIR, RUNS_DIR
 
 _RAW_FIELDS = (S.PROMPT, S.NEGATIVE_PROMPT, S.SEED, S.WIDTH, S.HEIGHT, S.STEPS, S.GUIDANCE_SCALE)
@@ -143,14 +143,6 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
-
-
-def write_manifest(fs: fsspec.AbstractFileSystem, root: str, run_id: str, manifest: dict[str, Any]) -> str:
-    """Write (or replace) the run's manifest: what the run was and did. What is committed
-    is decided by the commit records alone (:mod:`.commit_protocol`), never by a manifest."""
-    path = filesystem.join(root, RUNS_DIR, f"{run_id}.json")
-    filesystem.atomic_write(fs, path, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
-    return path
 
 
 def start_manifest(run_id: str, started_at: float, spec: dict[str, Any], spec_fingerprint: str) -> dict[str, Any]:
