@@ -17,7 +17,7 @@ from pipeline.storage import commit_protocol, filesystem, fold, part_files, supe
 RUN_A = "20260101T000000Z-aaaaaaaa"
 RUN_B = "20260102T000000Z-bbbbbbbb"
 # Steps tried in the suite (the benchmark tries all): on local disk a few per scenario and
-# mode; on S3 (a try is ~300 requests to moto) one per mode, on the scenario that changes most.
+# mode; on S3 (a try is a few hundred requests to moto) one, on the scenario that rewrites.
 SAMPLES = {"local": 2, "s3": 1}
 
 
@@ -32,7 +32,6 @@ def output(request, tmp_path) -> Output:
 SAMPLED = [
     *((backend, s, mode) for backend in ("local",) for s in C.SCENARIOS for mode in ("stop", "fail once")),
     ("s3", C.SCENARIOS[1], "stop"),
-    ("s3", C.SCENARIOS[2], "fail once"),
 ]
 
 
@@ -88,7 +87,7 @@ def test_item1_a_rewrite_of_error_parts_stopped_before_the_old_part_goes_loses_n
     listing the old part. The next run must keep every committed image, in every variant
     of names (which decide the order records are read in)."""
     fs, root = output.open()
-    for variant in range(4 if output.url.startswith("/") else 2):
+    for variant in range(4) if output.url.startswith("/") else [0]:
         base = filesystem.join(root, str(variant))
         run_a, run_b = f"20260101T000000Z-{variant:08x}", f"20260102T000000Z-{variant:08x}"
         # Two failed rows a block, one of which run B makes: the rewritten error parts keep a row.
@@ -150,7 +149,7 @@ def test_item5_a_fold_retried_after_a_partial_removal_loses_no_image(output):
     two accepted records share a part, in every variant of names (which decide the order
     records are read in)."""
     fs, root = output.open()
-    for variant in range(4 if output.url.startswith("/") else 3):  # variant 2 shared parts before
+    for variant in range(4) if output.url.startswith("/") else [2]:  # variant 2's records shared parts before
         base = filesystem.join(root, str(variant))
         run_a, run_b = f"20260101T000000Z-{variant:08x}", f"20260102T000000Z-{variant:08x}"
         reports = [part_files.write_block(fs, base, run_a, stream_block(range(at, at + 8), failed={at + 2})) for at in range(0, 32, 8)]
@@ -202,3 +201,17 @@ def test_what_a_repair_sets_aside_waits_in_the_trash_until_vacuumed(output):
     assert trash.purge(fs, root, older_than_s=3600) == []  # younger than the retention
     assert trash.purge(fs, root, dry_run=True) == waiting.files and trash.waiting(fs, root).files == waiting.files
     assert trash.purge(fs, root) == waiting.files and trash.waiting(fs, root).files == []
+
+
+def test_imagegen_vacuum_deletes_what_waits_in_the_trash(tmp_path, capsys):
+    from pipeline.cli import main
+
+    fs, root = filesystem.open_url(str(tmp_path / "out"))
+    _run(fs, root, RUN_A, [range(0, 4)])
+    images, _ = part_files.split(stream_block(range(4, 8)), RUN_A)
+    part_files.write_part(fs, root, "images", RUN_A, images)
+    commit_protocol.repair(fs, root, commit_protocol.read_commits(fs, root))
+    assert main(["vacuum", root, "--dry-run"]) == 0
+    assert "would delete 1 file(s)" in capsys.readouterr().out and len(trash.waiting(fs, root).files) == 1
+    assert main(["vacuum", root]) == 0
+    assert "deleted 1 file(s)" in capsys.readouterr().out and trash.waiting(fs, root).files == []
