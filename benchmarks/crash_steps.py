@@ -4,7 +4,7 @@ changes to storage in turn, then run again; and each change failing once. Prints
 tried and failures found; exits non-zero if any is left. The test suite samples these
 steps (tests/test_crash_steps.py); this tries them all.
 
-    PYTHONPATH=$PWD python benchmarks/crash_steps.py [--only local|s3] [--every N]
+    PYTHONPATH=$PWD python benchmarks/crash_steps.py [--only local|s3] [--scenario TEXT] [--every N]
 
 ``--every N`` tries every N-th step only (an S3 try is a few hundred requests to moto).
 """
@@ -47,12 +47,13 @@ def backends(only: str | None):
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", choices=["local", "s3"])
+    parser.add_argument("--scenario", metavar="TEXT", help="only the scenarios whose name holds TEXT")
     parser.add_argument("--every", type=int, default=1, metavar="N", help="try every N-th step only")
     args = parser.parse_args()
     total = failures = 0
     started = time.time()
     for backend, make in backends(args.only):
-        for scenario in C.SCENARIOS:
+        for scenario in (s for s in C.SCENARIOS if args.scenario is None or args.scenario in s.name):
             steps = C.count_steps(make(), scenario)
             for mode in ("stop", "fail once"):
                 found = 0

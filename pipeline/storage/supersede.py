@@ -216,7 +216,7 @@ def _rewrite_record(fs: fsspec.AbstractFileSystem, root: str, record: record_for
             counts["errors_by_stage"] = {s: n for s, n in by_stage.items() if n > 0}
         new = record_format.Record(record_format.record_name(record.run_id, parts, compacted=record.compacted), record.run_id, record.written_at, parts, counts)
         filesystem.atomic_write(fs, filesystem.join(root, new.name), record_format.encode_record(new))
-    return [record.name, *(path for path in done.parts if path in {p.path for p in record.parts})]
+    return [record.name, *record.replaces, *(path for path in done.parts if path in {p.path for p in record.parts})]
 
 
 def _rewrite_manifest(fs: fsspec.AbstractFileSystem, root: str, manifest: dict[str, Any]) -> None:
