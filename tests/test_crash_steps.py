@@ -127,17 +127,17 @@ def test_item2_a_repair_stopped_between_record_and_parts_leaves_a_usable_output(
 
 
 def test_item4_one_missing_part_costs_its_rows_never_its_folded_records_other_parts(output):
-    """Issue 26, item 4: 25 block records folded into one, one part file removed: the next
-    run keeps the 24 healthy parts (and makes 16 rows again), never all 400."""
+    """Issue 26, item 4: block records folded into one, one part file removed: the next
+    run keeps the 9 healthy parts (and makes 16 rows again), never all 160."""
     fs, root = output.open()
-    names = [part_files.write_block(fs, root, RUN_A, stream_block(range(at, at + 16))).records[0] for at in range(0, 400, 16)]
+    names = [part_files.write_block(fs, root, RUN_A, stream_block(range(at, at + 16))).records[0] for at in range(0, 160, 16)]
     folded = fold.compact(fs, root, RUN_A, names)
     fs.rm(filesystem.join(root, folded.parts[7].path))
     found = commit_protocol.read_commits(fs, root)
     assert found.dropped_rows == 16
     commit_protocol.repair(fs, root, found)
     after = commit_protocol.read_commits(fs, root)
-    assert len(after.ids()) == 384 and len(after.parts) == 24
+    assert len(after.ids()) == 144 and len(after.parts) == 9
     assert all(fs.exists(filesystem.join(root, p.path)) for p in folded.parts if p.path != folded.parts[7].path)
     assert verify.verify(output.url, output.options).ok
 
