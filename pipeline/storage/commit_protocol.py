@@ -211,7 +211,8 @@ def read_commits(fs: fsspec.AbstractFileSystem, root: str) -> Commits:
     commits._sorted_finals = sorted_finals[0] if not losers else None
     commits.records = [r for i, r in enumerate(candidates) if i not in losers]
     commits.superseded = [n for i in sorted(losers) for n in [*candidates[i].replaces, candidates[i].name] if n in names]
-    commits.reduced = [r for r in commits.reduced if r in commits.records]
+    kept = {id(r) for r in commits.records}  # by identity: records hold arrays, == is ambiguous
+    commits.reduced = [r for r in commits.reduced if id(r) in kept]
     accepted = {p.path for r in commits.records for p in r.parts}
     commits.orphans = sorted(path for path in commits.present if path not in accepted)
     return commits
