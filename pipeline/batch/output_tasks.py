@@ -134,7 +134,8 @@ def superseding(output: OutputConfig) -> None:
 
 @ray.remote
 def fold_records(output: OutputConfig, run_id: str, names: list[str]) -> None:
-    """A fold task: the block records ``names`` become one compacted record."""
+    """A fold task: the block records ``names`` become one compacted record. Ray may retry
+    it (a worker lost part-way): :func:`~pipeline.storage.fold.compact` is idempotent."""
     fs, root = filesystem.open_url(output.url, output.storage_options)
     with filesystem.storage_errors(output.url, "write"):
         lock.check_lease(fs, root, run_id, output.url)  # a run that lost its lease folds nothing
