@@ -74,7 +74,12 @@ def _output_commands(commands: argparse._SubParsersAction) -> None:
         "--near-distance", metavar="BITS", type=int, default=6, choices=range(0, 65),
         help="perceptual hashes (phash) at most this many bits apart count as near duplicates (default: 6)",
     )  # fmt: skip
-    for command in (report, inspect):
+    vacuum = commands.add_parser(
+        "vacuum", help="delete now what runs set aside in OUTPUT/_trash/ (else deleted after output.retention_hours)"
+    )
+    vacuum.add_argument("output", help="the output URL (a folder, s3://bucket/prefix, ...)")
+    vacuum.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    for command in (report, inspect, vacuum):
         command.add_argument(
             "--spec", metavar="SPEC", help="a job spec whose output.storage_options reach OUTPUT (for s3:// outputs); inspect also counts what it has left to make"
         )
@@ -206,11 +211,23 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vacuum(args: argparse.Namespace) -> int:
+    from pipeline.storage import filesystem, trash
+
+    url, options, _ = _output_location(args.output, args.spec, args.overrides)
+    fs, root = filesystem.open_url(url, options)
+    gone = trash.purge(fs, root, dry_run=args.dry_run)
+    for relative in gone:
+        print(relative)
+    print(f"{'would delete' if args.dry_run else 'deleted'} {len(gone)} file(s) set aside in {url}/{trash.TRASH_DIR}/")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         handlers = {"run": _run, "serve": _serve, "verify": _verify, "submit": _submit, "status": _status, "logs": _logs}
-        handlers.update({"validate": _validate, "report": _report, "inspect": _inspect, "prune": _prune})
+        handlers.update({"validate": _validate, "report": _report, "inspect": _inspect, "prune": _prune, "vacuum": _vacuum})
         return handlers[args.command](args)
     except ImagegenError as exc:
         print(f"imagegen: error: {exc}", file=sys.stderr)

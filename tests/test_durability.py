@@ -82,7 +82,7 @@ def test_a_part_written_without_its_record_is_removed_and_made_again(out):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
-def test_a_record_whose_part_is_damaged_is_dropped_whole(out, damage):
+def test_a_damaged_part_costs_its_own_rows_never_its_records_other_parts(out, damage):
     fs, root = out
     part_files.write_block(fs, root, RUN, stream_block(range(0, 16)))
     hurt = part_files.write_block(fs, root, RUN, stream_block(range(16, 32), failed={20}))
@@ -92,17 +92,20 @@ def test_a_record_whose_part_is_damaged_is_dropped_whole(out, damage):
     else:
         path.unlink()
     found = read_commits(fs, root)
-    ((name, reason),) = found.dropped
-    assert name == hurt.records[0]
+    ((part, reason),) = found.damaged
+    assert part == hurt.parts[0]["path"]
     assert ("has 100 bytes" if damage == "truncate" else "is missing") in reason
-    assert found.dropped_rows == 16
+    assert found.dropped_rows == 15 and not found.dropped
     recovery = repair(fs, root, found)
-    # The record goes, and with it the record's other part (its errors part): never half.
-    assert recovery.rows_made_again == 16
-    assert not (Path(root) / hurt.parts[1]["path"]).exists()
+    # The damaged part's 15 rows are made again; the record's errors part stays committed,
+    # under a record rewritten without the damaged part.
+    assert recovery.rows_made_again == 15
+    assert (Path(root) / hurt.parts[1]["path"]).exists()
     assert not (Path(root) / hurt.records[0]).exists()
+    assert not path.exists()
     again = read_commits(fs, root)
-    assert not (again.dropped or again.orphans) and len(again.ids()) == 16
+    assert not (again.dropped or again.orphans or again.damaged) and len(again.ids()) == 16
+    assert hurt.parts[1]["path"] in again.parts
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "empty"])
@@ -255,6 +258,7 @@ def test_the_job_prepares_its_output_in_a_task_and_keeps_the_skipped_ids_off_the
 
     from pipeline.engine.resolve_catalog import build_catalog
     from pipeline.batch.run import prepare
+    from pipeline.storage.lock import OutputLock
 
     fs, root = out
     for start in range(0, 32, 16):
@@ -266,13 +270,15 @@ def test_the_job_prepares_its_output_in_a_task_and_keeps_the_skipped_ids_off_the
     logged.emit = lambda record: said.append(record.getMessage())
     said: list[str] = []
     logging.getLogger("pipeline.batch.run").addHandler(logged)
+    held = OutputLock.acquire(fs, root, "20260102T000000Z-bbbbbbbb", spec.output.url)  # as the job holds it
     try:
-        prepared, skip = prepare(spec, "20260102T000000Z-bbbbbbbb", 0.0, build_catalog(spec))
+        prepared, skip = prepare(spec, held.run_id, 0.0, build_catalog(spec))
     finally:
+        held.release()
         logging.getLogger("pipeline.batch.run").removeHandler(logged)
     assert prepared.interrupted == [RUN] and len(prepared.recovery.removed_parts) == 1
     assert f"adopting what interrupted run(s) {RUN} committed" in said
-    assert "removed 1 part(s) without a commit record, left by an interrupted run" in said
+    assert "set aside 1 part(s) without a commit record, left by an interrupted run (_trash/, deleted after output.retention_hours)" in said
     assert len(skip) == 32 and skip.committed is None  # nothing of the ids was read here
 
     @ray.remote(num_cpus=0.1)

@@ -21,7 +21,7 @@ from pipeline.output import card
 from pipeline.spec.catalog import Catalog, ModelEntry
 from pipeline.spec.config import JobSpec, OutputConfig
 from pipeline.spec.validate import REQUEST_ID_SCHEME, identity_change, scheme_warning
-from pipeline.storage import commit_protocol, dataset_schema, filesystem, fold, lock, ownership_marker, part_files, skip_filter, supersede
+from pipeline.storage import commit_protocol, dataset_schema, filesystem, fold, lock, ownership_marker, part_files, skip_filter, supersede, trash
 
 
 class OutputWriter:
@@ -144,7 +144,8 @@ def superseding(output: OutputConfig, run_id: str, registry: Any = None) -> None
 
 @ray.remote
 def fold_records(output: OutputConfig, run_id: str, names: list[str]) -> None:
-    """A fold task: the block records ``names`` become one compacted record."""
+    """A fold task: the block records ``names`` become one compacted record. Ray may retry
+    it (a worker lost part-way): :func:`~pipeline.storage.fold.compact` is idempotent."""
     fs, root = filesystem.open_url(output.url, output.storage_options)
     with filesystem.storage_errors(output.url, "write"):
         lock.check_lease(fs, root, run_id, output.url)  # a run that lost its lease folds nothing
@@ -226,6 +227,7 @@ def prepare_output(spec: JobSpec, run_id: str = "", started: float = 0.0, catalo
         if run_id:  # the repair deletes: only under a live lease
             lock.check_lease(fs, root, run_id, spec.output.url)
         recovery = commit_protocol.repair(fs, root, found)
+        purged = trash.purge(fs, root, older_than_s=spec.output.retention_hours * 3600)
         older_ids = scheme_warning(manifests) if spec.output.mode == "incremental" else None
         interrupted = part_files.interrupted_runs(manifests, found)
         if interrupted:
@@ -237,14 +239,22 @@ def prepare_output(spec: JobSpec, run_id: str = "", started: float = 0.0, catalo
                 fold.compact(fs, root, run, groups.rest())
         if run_id:
             start = part_files.start_manifest(run_id, started, spec.redacted(), spec.fingerprint())
+            # The scheme from the start: a run that crashes must not read as one from before it.
+            start["request_id_scheme"] = REQUEST_ID_SCHEME
             if catalog is not None:
                 start.update(models=model_details(catalog), model_fingerprint=catalog.models[catalog.default_model].fingerprint)
             part_files.write_manifest(fs, root, run_id, start)
     warnings = [f"{spec.output.url}: {older_ids}"] if older_ids else []
     warnings += ownership_marker.card_warning(fs, root, spec.output.url)
     if recovery.removed_parts:
-        warnings.append(f"removed {len(recovery.removed_parts)} part(s) without a commit record, left by an interrupted run")
+        warnings.append(
+            f"set aside {len(recovery.removed_parts)} part(s) without a commit record, left by an interrupted run "
+            f"({trash.TRASH_DIR}/, deleted after output.retention_hours)"
+        )
     warnings += [f"dropped commit record {name}: {why}; its rows are made again" for name, why in recovery.dropped_records]
+    warnings += [f"part {path} is damaged: {why}; its rows are made again" for path, why in recovery.damaged_parts]
+    if purged:
+        warnings.append(f"deleted {len(purged)} file(s) set aside more than output.retention_hours ago ({trash.TRASH_DIR}/)")
     if interrupted:
         warnings.append(f"adopting what interrupted run(s) {', '.join(interrupted)} committed")
     skip = skip_filter.SkipFilter(found.ids(), found.ids(runs=interrupted))

@@ -105,5 +105,6 @@ def _recovery_lines(s: RunSummary) -> list[str]:
     if r:
         removed = f"{len(r.removed_parts)} part(s) without a commit record"
         dropped = f"{len(r.dropped_records)} damaged commit record(s) ({r.rows_made_again} rows made again)"
-        lines.append(f"  recovered    removed {removed}; dropped {dropped}; {len(r.superseded_records)} superseded record(s)")
+        damaged = f"; {len(r.damaged_parts)} damaged part(s)" if r.damaged_parts else ""
+        lines.append(f"  recovered    removed {removed}; dropped {dropped}{damaged}; {len(r.superseded_records)} superseded record(s)")
     return lines

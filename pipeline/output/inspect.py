@@ -29,7 +29,7 @@ from pipeline.spec import schema as S
 from pipeline.spec.config import JobSpec
 from pipeline.spec.occurrences import numbered
 from pipeline.spec.validate import Validator
-from pipeline.storage import commit_protocol, filesystem, part_files, record_format, skip_filter, tables
+from pipeline.storage import commit_protocol, filesystem, part_files, record_format, skip_filter, tables, trash
 from pipeline.storage.lock import live_holder
 
 _ROW_COLUMNS = [S.PROMPT, S.SEED, S.WIDTH, S.HEIGHT, S.SHA256]
@@ -73,6 +73,8 @@ class Inspection:
     uncommitted_parts: int = 0  # without a commit record: the next run removes them
     dropped_records: list[tuple[str, str]] = field(default_factory=list)
     superseded_records: int = 0
+    damaged_parts: list[tuple[str, str]] = field(default_factory=list)
+    waiting: Optional[trash.Waiting] = None  # files set aside, waiting out output.retention_hours
     size_bytes: int = 0
     schema: Optional[pa.Schema] = None
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -121,6 +123,8 @@ def inspect_output(
         found.uncommitted_parts = len(state.orphans)
         found.dropped_records = list(state.dropped)
         found.superseded_records = len(state.superseded)
+        found.damaged_parts = list(state.damaged)
+        found.waiting = trash.waiting(fs, root)
         newest = next((p["path"] for m in reversed(manifests) for p in m.get("parts", []) if p["path"].startswith(record_format.IMAGES_DIR + "/")), None)
         if newest is not None and rows > 0:
             with fs.open(filesystem.join(root, newest), "rb") as f:
@@ -184,8 +188,15 @@ def format_inspection(found: Inspection) -> str:
     ]
     for name, why in found.dropped_records:
         lines.append(f"damaged    commit record {name}: {why} (the next run drops it and makes its rows again)")
+    for path, why in found.damaged_parts:
+        lines.append(f"damaged    part {path}: {why} (the next run makes its rows again)")
     if found.superseded_records:
         lines.append(f"superseded {found.superseded_records} commit record(s) of retried writes (the next run removes them)")
+    if found.waiting is not None and found.waiting.files:
+        lines.append(
+            f"trash      {len(found.waiting.files)} file(s), {_size(found.waiting.bytes)} set aside since {_time(found.waiting.oldest)} "
+            "(deleted after output.retention_hours; `imagegen vacuum` deletes them now)"
+        )
     lines += [
         f"on disk    {_size(found.size_bytes)}",
         "",

@@ -44,7 +44,7 @@ from pipeline.spec.config import JobSpec
 from pipeline.spec.duplicate_ids import find_duplicate_ids
 from pipeline.spec.occurrences import numbered
 from pipeline.spec.validate import Validator
-from pipeline.storage import commit_protocol, filesystem, record_format, skip_filter, supersede, tables
+from pipeline.storage import commit_protocol, filesystem, record_format, skip_filter, supersede, tables, trash
 
 _MAX_LISTED = 10
 
@@ -57,6 +57,8 @@ class VerifyReport:
     errors: int = 0
     input_rows: Optional[int] = None
     violations: list[str] = field(default_factory=list)
+    trash_files: int = 0  # set aside, waiting out output.retention_hours (not a violation)
+    trash_bytes: int = 0
 
     @property
     def ok(self) -> bool:
@@ -74,6 +76,11 @@ class VerifyReport:
             "OK: the output keeps the contract" if self.ok else f"FAILED: {len(self.violations)} violation(s)",
         ]
         lines += [f"  - {v}" for v in self.violations]
+        if self.trash_files:
+            lines.append(
+                f"waiting    {self.trash_files} file(s), {self.trash_bytes} bytes set aside in {trash.TRASH_DIR}/ "
+                "(deleted after output.retention_hours; `imagegen vacuum` deletes them now)"
+            )
         return "\n".join(lines)
 
 
@@ -87,6 +94,8 @@ def verify(url: str, storage_options: dict | None = None, spec: JobSpec | None =
     broken_manifests = []
     runs_dir = filesystem.join(root, record_format.RUNS_DIR)
     for path in sorted(fs.find(runs_dir)) if fs.isdir(runs_dir) else []:
+        if commit_protocol.is_temporary(path):
+            continue  # a write a crash interrupted: never read as a manifest (the next run removes it)
         try:
             manifest = json.loads(filesystem.read_bytes(fs, path))
             listed.update(part["path"] for part in manifest["parts"])
@@ -94,8 +103,11 @@ def verify(url: str, storage_options: dict | None = None, spec: JobSpec | None =
         except (ValueError, KeyError, TypeError):
             broken_manifests.append(path.rsplit("/", 1)[-1])
     report.runs = len(run_ids)
+    waiting = trash.waiting(fs, root)
+    report.trash_files, report.trash_bytes = len(waiting.files), waiting.bytes
     report.add("manifests that cannot be read", broken_manifests)
-    report.add("commit records dropped (unreadable, or a part missing or truncated)", [f"{name} ({why})" for name, why in found.dropped])
+    report.add("commit records dropped (unreadable, or every part of theirs missing or truncated)", [f"{name} ({why})" for name, why in found.dropped])
+    report.add("committed parts missing or truncated (the next run makes their rows again)", [f"{path} ({why})" for path, why in found.damaged])
     report.add("commit records superseded by an earlier one holding the same request ids (the next run removes them)", found.superseded)
     report.add("parts without a commit record (left by an interrupted run; the next run into this output removes them)", found.orphans)
 

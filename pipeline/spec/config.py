@@ -163,6 +163,10 @@ class OutputConfig(Section):
     the output over once it has run out (a run killed on this machine is taken over at
     once). Longer survives longer storage outages; shorter frees the output of a lost
     machine sooner.
+
+    ``retention_hours``: files a run sets aside (parts no commit record accepts, records a
+    repair or rewrite replaced) wait this long in ``_trash/`` before a run deletes them;
+    ``imagegen vacuum`` deletes them now. 0 deletes them at the next run's start.
     """
 
     url: StorageURL = Field("./output", validate_default=True)
@@ -173,6 +177,7 @@ class OutputConfig(Section):
     storage_options: dict[str, Any] = Field(default_factory=dict)
     license: str = "other"
     lock_lease_s: float = Field(120.0, ge=1)
+    retention_hours: float = Field(168.0, ge=0)
 
 
 class RuntimeConfig(Section):

@@ -13,17 +13,23 @@ few and small at any size; at its end the leftovers of writes Ray retried go (:m
 Reading (:func:`read_commits`) decides, deterministically and without writing:
 
 - a record that cannot be read (truncated, digest mismatch) is *dropped*;
-- a record one of whose parts is missing, or whose size differs from the record's
-  (a truncated Parquet file), is *dropped* whole: a part is adopted whole or not at all;
+- a part that is missing, or whose size differs from its record's (a truncated Parquet
+  file), is *damaged*: it costs its own rows (made again), never its record's other parts;
 - records are taken in order (run id, which sorts by the run's sequence number; compacted records
-  first; then name). A record holding a request id an earlier accepted record already
-  holds is *superseded* whole (a write Ray retried with another block composition): the
-  first one wins, so no request id is counted twice;
+  first; then name), and **a part belongs to one accepted record**: the first that lists
+  it. A later record listing it keeps only its other parts (it is *reduced*, and
+  rewritten so by :func:`repair`); one left with none is *redundant* (a fold or rewrite
+  a crash or a retry interrupted) or, when its own parts were damaged, dropped;
+- a record holding a request id an earlier accepted record already holds is
+  *superseded* whole (a write Ray retried with another block composition): the first
+  one wins, so no request id is counted twice;
 - a part file no accepted record lists is an *orphan* (a part written just before a
   crash, or the parts of dropped and superseded records).
 
-:func:`repair` then makes the files match (removes orphans and the records that were not
-accepted); only a run holding the output's lock calls it. The sha256 of a part's bytes is
+:func:`repair` then makes the files match: it writes the reduced records, then moves
+orphans and the records not accepted into the trash (:mod:`.trash`), whence they are
+deleted after ``output.retention_hours``: a check never deletes. Only a run holding the
+output's lock calls it. The sha256 of a part's bytes is
 checked by ``imagegen verify`` (which reads every part anyway), not at adoption: reading
 every byte of a large output before a rerun would cost as much as the rerun saves;
 adoption checks presence and size, which is what a crash damages.
@@ -46,7 +52,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.spec import schema as S
-from pipeline.storage import filesystem
+from pipeline.storage import filesystem, trash
+from pipeline.storage.dataset_schema import SCHEMA_DIR
 from pipeline.storage.record_format import (
     COMMITS_DIR,
     ERRORS_DIR,
@@ -66,11 +73,10 @@ from pipeline.storage.skip_filter import CommittedIds, id_hashes
 
 
 def remove_file(fs: fsspec.AbstractFileSystem, root: str, relative: str) -> None:
-    """Remove ``relative`` under ``root``; already gone is fine (a step made again after a crash)."""
-    try:
-        fs.rm(filesystem.join(root, relative))
-    except FileNotFoundError:
-        pass
+    """Remove ``relative`` under ``root``; already gone is fine (a step made again after a
+    crash). Only for files another accepted file makes redundant; anything a check
+    rejects goes to the trash instead (:func:`repair`)."""
+    filesystem.remove(fs, filesystem.join(root, relative))
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -97,11 +103,14 @@ class Commits:
 
     records: list[Record] = field(default_factory=list)  # accepted, in order
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (record, reason)
-    dropped_rows: int = 0  # rows of the parts of dropped records: made again
+    dropped_rows: int = 0  # rows of damaged parts and of the parts of dropped records: made again
+    damaged: list[tuple[str, str]] = field(default_factory=list)  # (part, why): its rows are made again
+    reduced: list[Record] = field(default_factory=list)  # accepted, rewritten by repair without the parts they lose
+    replaced: dict[str, list[str]] = field(default_factory=dict)  # reduced record -> the records it stands for
     superseded: list[str] = field(default_factory=list)
     redundant: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
-    stray: list[str] = field(default_factory=list)  # temporary files under _commits/ left by a crash mid-write
+    stray: list[str] = field(default_factory=list)  # temporary files left by writes a crash interrupted
     present: dict[str, int] = field(default_factory=dict)  # part files on disk -> size
     _sorted_finals: Optional[np.ndarray] = field(default=None, repr=False)  # every final id, sorted, once
 
@@ -160,22 +169,42 @@ def read_commits(fs: fsspec.AbstractFileSystem, root: str) -> Commits:
     committed (see the module docstring). Reads only; :func:`repair` applies the decision."""
     commits = Commits(present=_present_parts(fs, root))
     records, unreadable, commits.stray = _read_records(fs, root, filesystem.join(root, COMMITS_DIR))
+    commits.stray += _temporary_files(fs, root, commits.present)
     commits.dropped += unreadable
     covered = {p.path for r in records for p in r.parts}
-    records += _legacy_records(fs, root, covered, commits.present)
+    recorded_runs = {name.split("/")[1] for name in [*(r.name for r in records), *(n for n, _ in unreadable)] if name.count("/") >= 2}
+    records += _legacy_records(fs, root, covered, commits.present, recorded_runs)
     records.sort(key=Record.order)
 
     candidates: list[Record] = []
     taken: set[str] = set()
+    names = {r.name for r in records if not r.legacy}  # record files present
     for record in records:
-        if all(p.path in taken for p in record.parts):
-            commits.redundant.append(record.name)
+        if record.name in commits.replaced:
+            continue  # written by a repair a crash interrupted: its reduced candidate stands for it
+        healthy, damage = [], []
+        for p in record.parts:
+            if p.path in taken:
+                continue  # the part belongs to an earlier record
+            problem = _part_problem(p, commits.present)
+            if problem:
+                damage.append(problem)
+                commits.damaged.append((p.path, f"{problem} (in {record.name})"))
+                commits.dropped_rows += p.rows
+                taken.add(p.path)  # one verdict per part
+            else:
+                healthy.append(p)
+        if not healthy:
+            if damage:
+                commits.dropped.append((record.name, "; ".join(damage)))
+            else:
+                commits.redundant.append(record.name)
             continue
-        problem = _part_problem(record, commits.present)
-        if problem:
-            commits.dropped.append((record.name, problem))
-            commits.dropped_rows += record.rows
-            continue
+        if len(healthy) < len(record.parts):
+            record = _reduced(record, healthy)
+            commits.replaced[record.name] = record.replaces
+            if record.name not in names:
+                commits.reduced.append(record)
         candidates.append(record)
         taken.update(p.path for p in record.parts)
 
@@ -183,10 +212,34 @@ def read_commits(fs: fsspec.AbstractFileSystem, root: str) -> Commits:
     losers = _superseded(candidates, sorted_finals, lambda part: _part_ids(fs, root, part))
     commits._sorted_finals = sorted_finals[0] if not losers else None
     commits.records = [r for i, r in enumerate(candidates) if i not in losers]
-    commits.superseded = [candidates[i].name for i in sorted(losers)]
+    commits.superseded = [n for i in sorted(losers) for n in [*candidates[i].replaces, candidates[i].name] if n in names]
+    kept = {id(r) for r in commits.records}  # by identity: records hold arrays, == is ambiguous
+    commits.reduced = [r for r in commits.reduced if id(r) in kept]
     accepted = {p.path for r in commits.records for p in r.parts}
     commits.orphans = sorted(path for path in commits.present if path not in accepted)
     return commits
+
+
+def is_temporary(path: str) -> bool:
+    """Whether ``path`` is the temporary file of an atomic write (:func:`~pipeline.storage.filesystem.atomic_write`)."""
+    base = path.rsplit("/", 1)[-1]
+    return base.startswith(".") and base.endswith(".tmp")
+
+
+def _temporary_files(fs: fsspec.AbstractFileSystem, root: str, present: dict[str, int]) -> list[str]:
+    """Temporary files of atomic writes a crash interrupted (local disks only: object
+    stores write at once): among the parts, beside the manifests, the schemas and the card."""
+    if not filesystem.is_local(fs):
+        return []
+    found = [path for path in present if is_temporary(path)]
+    for path in present.copy():
+        if is_temporary(path):
+            del present[path]
+    prefix = root.rstrip("/") + "/"
+    for folder in (root, filesystem.join(root, RUNS_DIR), filesystem.join(root, SCHEMA_DIR)):
+        if fs.isdir(folder):
+            found += [p[len(prefix) :] for p in fs.ls(folder, detail=False) if is_temporary(p) and p.startswith(prefix)]
+    return sorted(found)
 
 
 def _present_parts(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int]:
@@ -229,14 +282,25 @@ def read_records_at(fs: fsspec.AbstractFileSystem, root: str, paths: list[str]) 
     return records, bad
 
 
-def _part_problem(record: Record, present: dict[str, int]) -> Optional[str]:
-    for p in record.parts:
-        size = present.get(p.path)
-        if size is None:
-            return f"its part {p.path} is missing"
-        if size != p.bytes:
-            return f"its part {p.path} has {size} bytes, the record says {p.bytes} (truncated or replaced)"
+def _part_problem(p: PartEntry, present: dict[str, int]) -> Optional[str]:
+    size = present.get(p.path)
+    if size is None:
+        return f"its part {p.path} is missing"
+    if size != p.bytes:
+        return f"its part {p.path} has {size} bytes, the record says {p.bytes} (truncated or replaced)"
     return None
+
+
+def _reduced(record: Record, parts: list[PartEntry]) -> Record:
+    """``record`` keeping only ``parts``, under the name those parts give it: the repair
+    that writes it and a repair made again after a crash write the same record."""
+    counts = {
+        "images": sum(p.rows for p in parts if p.kind == IMAGES_DIR),
+        "errors": sum(p.rows for p in parts if p.kind == ERRORS_DIR),
+    }
+    reduced = Record(record_name(record.run_id, parts, compacted=record.compacted), record.run_id, record.written_at, parts, counts, legacy=record.legacy)
+    reduced.replaces = [record.name]
+    return reduced
 
 
 def _superseded(candidates: list[Record], sorted_finals: list[Optional[np.ndarray]], read_ids: Callable[[PartEntry], tuple[list[str], np.ndarray]]) -> set[int]:
@@ -318,20 +382,33 @@ def _part_ids(fs: fsspec.AbstractFileSystem, root: str, part: PartEntry) -> tupl
     return ids, pc.is_in(table.column(S.ERROR_STAGE), pa.array(FINAL_ERROR_STAGES)).to_numpy(zero_copy_only=False)
 
 
-def _legacy_records(fs: fsspec.AbstractFileSystem, root: str, covered: set[str], present: dict[str, int]) -> list[Record]:
+def _legacy_records(fs: fsspec.AbstractFileSystem, root: str, covered: set[str], present: dict[str, int], recorded_runs: set[str]) -> list[Record]:
     """Records for the parts that run manifests of an output older than commit records
-    list and no record covers: each such part's ids are read once (see :func:`repair`)."""
+    list and no record covers: each such part's ids are read once (see :func:`repair`).
+
+    Only runs with no commit record at all are read so: a run that has records committed
+    through them alone, and a part its manifest still lists but no record does (a rewrite
+    or repair a crash interrupted) is an orphan, never a second claim. A listed part that
+    is damaged (its size is not the manifest's, or it does not read) is left out: it costs
+    its own rows."""
     records = []
     for manifest in read_manifests(fs, root):
-        listed = [p for p in manifest.get("parts", []) if p["path"] not in covered and p["path"] in present]
+        if manifest.get("run_id") in recorded_runs:
+            continue
+        listed = [p for p in manifest.get("parts", []) if p["path"] not in covered and present.get(p["path"]) == p.get("bytes", present.get(p["path"]))]
         if not listed:
             continue
         parts = []
         for p in listed:
-            with fs.open(filesystem.join(root, p["path"]), "rb") as f:
-                data = f.read()
-            table = pq.read_table(pa.BufferReader(data), columns=[S.REQUEST_ID, *([S.ERROR_STAGE] if p["path"].startswith(ERRORS_DIR) else [])])
+            try:
+                with fs.open(filesystem.join(root, p["path"]), "rb") as f:
+                    data = f.read()
+                table = pq.read_table(pa.BufferReader(data), columns=[S.REQUEST_ID, *([S.ERROR_STAGE] if p["path"].startswith(ERRORS_DIR) else [])])
+            except (OSError, pa.ArrowException):
+                continue
             parts.append(part_entry(p["path"], data, table))
+        if not parts:
+            continue
         counts = {k: v for k, v in manifest.get("counts", {}).items() if k in ("images", "errors", "input_rows", "errors_by_stage")}
         run_id = manifest["run_id"]
         name = record_name(run_id, parts, compacted=True)
@@ -353,12 +430,30 @@ def read_manifests(fs: fsspec.AbstractFileSystem, root: str) -> list[dict[str, A
     return manifests
 
 
+def write_manifest(fs: fsspec.AbstractFileSystem, root: str, run_id: str, manifest: dict[str, Any]) -> str:
+    """Write (or replace) the run's manifest: what the run was and did. What is committed
+    is decided by the commit records alone, never by a manifest."""
+    path = filesystem.join(root, RUNS_DIR, f"{run_id}.json")
+    filesystem.atomic_write(fs, path, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
+    return path
+
+
+def _unlist(fs: fsspec.AbstractFileSystem, root: str, paths: set[str]) -> None:
+    """Rewrite the manifests that list any of ``paths`` without them."""
+    for manifest in read_manifests(fs, root) if paths else []:
+        parts = manifest.get("parts", [])
+        kept = [p for p in parts if p.get("path") not in paths]
+        if len(kept) != len(parts):
+            write_manifest(fs, root, manifest["run_id"], {**manifest, "parts": kept})
+
+
 @dataclass
 class Recovery:
     """What :func:`repair` did to an output before a run: for the summary and the manifest."""
 
     removed_parts: list[str] = field(default_factory=list)
     dropped_records: list[tuple[str, str]] = field(default_factory=list)
+    damaged_parts: list[tuple[str, str]] = field(default_factory=list)
     rows_made_again: int = 0
     superseded_records: list[str] = field(default_factory=list)
     migrated_runs: list[str] = field(default_factory=list)
@@ -367,27 +462,42 @@ class Recovery:
         return {
             "removed_parts": self.removed_parts,
             "dropped_records": [{"record": n, "reason": why} for n, why in self.dropped_records],
+            "damaged_parts": [{"part": n, "reason": why} for n, why in self.damaged_parts],
             "rows_made_again": self.rows_made_again,
             "superseded_records": self.superseded_records,
             "migrated_runs": self.migrated_runs,
         }
 
     def __bool__(self) -> bool:
-        return bool(self.removed_parts or self.dropped_records or self.superseded_records)
+        return bool(self.removed_parts or self.dropped_records or self.damaged_parts or self.superseded_records)
 
 
 def repair(fs: fsspec.AbstractFileSystem, root: str, commits: Commits) -> Recovery:
     """Make the output's files what ``commits`` decided: write the records of legacy
-    outputs, remove records not accepted, then orphan parts. Only a run holding the
-    output's lock may call it (it would remove the parts of a run in flight)."""
-    recovery = Recovery(dropped_records=list(commits.dropped), rows_made_again=commits.dropped_rows, superseded_records=list(commits.superseded))
-    for record in commits.legacy:
+    outputs and the reduced records, then move orphan parts, then the records not accepted,
+    into the trash (:mod:`.trash`; deleted after the retention period). Each step is safe
+    to stop after: what is written first is what the next read accepts. Only a run holding
+    the output's lock may call it (it would move the parts of a run in flight)."""
+    recovery = Recovery(
+        dropped_records=list(commits.dropped),
+        damaged_parts=list(commits.damaged),
+        rows_made_again=commits.dropped_rows,
+        superseded_records=list(commits.superseded),
+    )
+    for record in [*commits.legacy, *(r for r in commits.reduced if not r.legacy)]:
         filesystem.atomic_write(fs, filesystem.join(root, record.name), encode_record(record))
-        record.legacy = False
-        recovery.migrated_runs.append(record.run_id)
-    for name in [*(n for n, _ in commits.dropped), *commits.superseded, *commits.redundant]:
-        remove_file(fs, root, name)
-    for path in [*commits.orphans, *commits.stray]:
+        if record.legacy:
+            record.legacy = False
+            recovery.migrated_runs.append(record.run_id)
+    # The manifests stop listing what goes before it goes: none ever names a missing part.
+    _unlist(fs, root, set(commits.orphans))
+    folder = trash.batch()
+    for path in commits.orphans:
+        trash.set_aside(fs, root, path, folder)
+    replaced = [name for r in commits.records for name in r.replaces]
+    for name in [*(n for n, _ in commits.dropped), *commits.superseded, *commits.redundant, *replaced]:
+        trash.set_aside(fs, root, name, folder)
+    for path in commits.stray:  # temporary files of writes a crash interrupted: never a commit
         remove_file(fs, root, path)
     recovery.removed_parts = list(commits.orphans)
     return recovery

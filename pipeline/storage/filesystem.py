@@ -31,11 +31,38 @@ except ImportError:  # no s3fs, so no S3 to ask: nothing to catch
     NoCredentialsError = ()
 
 
+# A test seam, never set in production: called with (action, path) before every call that
+# changes storage, so a test can stop a scenario after its k-th change (a killed process)
+# or fail one change once (a flaky object store). See tests/crash_steps.py.
+_on_change: Optional[Callable[[str, str], None]] = None
+
+
+@contextmanager
+def watching_changes(hook: Callable[[str, str], None]) -> Iterator[None]:
+    """Call ``hook(action, path)`` before every change made through this door (tests only)."""
+    global _on_change
+    previous, _on_change = _on_change, hook
+    try:
+        yield
+    finally:
+        _on_change = previous
+
+
+def _change(action: str, path: str) -> None:
+    if _on_change is not None:
+        _on_change(action, path)
+
+
 def open_url(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """Resolve ``url`` to ``(filesystem, path)``. ``storage_options`` go to the filesystem
-    (for s3fs: ``key``, ``secret``, ``endpoint_url``, ``client_kwargs``...)."""
+    (for s3fs: ``key``, ``secret``, ``endpoint_url``, ``client_kwargs``...).
+
+    Listings are never cached (``use_listings_cache: False`` unless the options say
+    otherwise): fsspec caches one filesystem per process and s3fs answers ``isdir``,
+    ``exists`` and ``ls`` from a listing it saw earlier, so a cached listing would decide
+    what a fold, a repair or a rewrite writes or removes from a stale view of the output."""
     try:
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        fs, path = fsspec.core.url_to_fs(url, **{"use_listings_cache": False, **(storage_options or {})})
     except (ImportError, ValueError) as exc:
         raise StorageError(f"cannot open {url!r}: {exc}") from None
     return fs, path
@@ -96,15 +123,19 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
             os.makedirs(parent, exist_ok=True)
             tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
             try:
+                _change("write", tmp)
                 with open(tmp, "wb") as f:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
+                _change("rename", path)
                 os.replace(tmp, path)
-            finally:
+            except OSError:  # a killed process leaves its temporary file: the next run removes it
                 if os.path.exists(tmp):
                     os.remove(tmp)
+                raise
         else:
+            _change("put", path)
             fs.pipe_file(path, data)
 
 
@@ -140,6 +171,38 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> b
     disks (a whole temporary file hard-linked to ``path``, so no reader sees it half
     written) and on S3 (a conditional PUT, ``If-None-Match: *``)."""
     return create_versioned(fs, path, data) is not None
+
+
+def remove(fs: fsspec.AbstractFileSystem, path: str, recursive: bool = False) -> None:
+    """Remove ``path`` (a folder with ``recursive``); already gone is fine (a step made
+    again after a crash)."""
+    with storage_errors(path, "remove"):
+        _change("delete", path)
+        try:
+            fs.rm(path, recursive=recursive)
+        except FileNotFoundError:
+            pass
+
+
+def move(fs: fsspec.AbstractFileSystem, source: str, target: str) -> None:
+    """Move the file ``source`` to ``target``; ``source`` already gone is fine (a move made
+    again after a crash). Local: one rename. Object stores: a copy, then the delete, so a
+    crash between the two leaves the file in both places, never in neither."""
+    with storage_errors(source, "move"):
+        if is_local(fs):
+            _change("rename", target)
+            os.makedirs(posixpath.dirname(target), exist_ok=True)
+            try:
+                os.replace(source, target)
+            except FileNotFoundError:
+                pass
+            return
+        _change("copy", target)
+        try:
+            fs.copy(source, target)
+        except FileNotFoundError:
+            return
+    remove(fs, source)
 
 
 def arrow_filesystem(fs: fsspec.AbstractFileSystem):
@@ -189,6 +252,7 @@ def read_versioned(fs: fsspec.AbstractFileSystem, path: str) -> Optional[Version
 def create_versioned(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> Optional[str]:
     """:func:`create_exclusive`, returning the new file's version (None: it existed)."""
     with storage_errors(path, "create"):
+        _change("create", path)
         if is_local(fs):
             parent = posixpath.dirname(path)
             os.makedirs(parent, exist_ok=True)
@@ -214,6 +278,7 @@ def replace_versioned(fs: fsspec.AbstractFileSystem, path: str, data: bytes, ver
     replace and remove takes (released by the kernel if the process dies); the new bytes
     are a whole file renamed into place."""
     with storage_errors(path, "write"):
+        _change("write", path)
         if not is_local(fs):
             try:
                 return fs.pipe_file(path, data, IfMatch=version)["ETag"]
@@ -237,6 +302,7 @@ def replace_versioned(fs: fsspec.AbstractFileSystem, path: str, data: bytes, ver
 def remove_versioned(fs: fsspec.AbstractFileSystem, path: str, version: str) -> bool:
     """Remove ``path`` only if it is still at ``version``; False when it changed or is gone."""
     with storage_errors(path, "remove"):
+        _change("delete", path)
         if not is_local(fs):
             bucket, key, _ = fs.split_path(path)
             try:

@@ -11,13 +11,14 @@ Pure: no Ray.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Iterable, Optional
 
 import fsspec
 import numpy as np
 
-from pipeline.storage import commit_protocol, filesystem
-from pipeline.storage.record_format import COMMITS_DIR, SUFFIX, Record, encode_record, is_compacted, record_name
+from pipeline.storage import commit_protocol, filesystem, trash
+from pipeline.storage.record_format import COMMITS_DIR, COMPACTED_PREFIX, SUFFIX, Record, encode_record, is_compacted
 from pipeline.storage.skip_filter import CommittedIds
 
 # Request ids one compacted record holds at most (8 bytes each: 8 MB). The job folds its
@@ -54,22 +55,39 @@ def compact(fs: fsspec.AbstractFileSystem, root: str, run_id: str, names: list[s
     :data:`FOLD_IDS` ids at a time, so the cost is bounded whatever the run's size. The
     leftovers of writes Ray retried go at the run's end (:func:`remove_leftovers`).
 
-    Crash-safe in any order: the compacted record is written before anything is removed,
-    and a block record whose parts a compacted one lists is redundant on read.
+    Crash-safe in any order, and idempotent: the compacted record is named after its
+    inputs (:func:`folded_name`) and written before anything is removed; a fold made again
+    (Ray retried the task, a worker died part-way) finds it and only removes the inputs
+    left, each only if the compacted record lists all its parts. So a retry never writes a
+    second record over the same parts.
     """
     if not names:
         return None
-    kept, _ = commit_protocol.read_records_at(fs, root, [filesystem.join(root, name) for name in names])
+    target = folded_name(run_id, names)
+    existing, _ = commit_protocol.read_records_at(fs, root, [filesystem.join(root, target)]) if fs.exists(filesystem.join(root, target)) else ([], [])
+    inputs = [filesystem.join(root, name) for name in names if name != target]
+    kept, _ = commit_protocol.read_records_at(fs, root, [p for p in inputs if fs.exists(p)])
     kept = [r for r in kept if r.run_id == run_id and not r.compacted]
-    if not kept:
+    if existing:
+        merged = existing[0]
+    elif kept:
+        parts = {p.path: p for r in sorted(kept, key=Record.order) for p in r.parts}
+        merged = Record(target, run_id, max(r.written_at for r in kept), list(parts.values()), _sum_counts(r.counts for r in kept))
+        filesystem.atomic_write(fs, filesystem.join(root, merged.name), encode_record(merged))
+    else:
         return None
-    parts = {p.path: p for r in sorted(kept, key=Record.order) for p in r.parts}
-    counts = _sum_counts(r.counts for r in kept)
-    merged = Record(record_name(run_id, list(parts.values()), compacted=True), run_id, max(r.written_at for r in kept), list(parts.values()), counts)
-    filesystem.atomic_write(fs, filesystem.join(root, merged.name), encode_record(merged))
+    listed = {p.path for p in merged.parts}
     for record in kept:
-        commit_protocol.remove_file(fs, root, record.name)
+        if all(p.path in listed for p in record.parts):
+            commit_protocol.remove_file(fs, root, record.name)
     return merged
+
+
+def folded_name(run_id: str, names: list[str]) -> str:
+    """The compacted record of the block records ``names``: named after them, so a fold
+    made again writes (or finds) the same record."""
+    digest = hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:16]
+    return f"{COMMITS_DIR}/{run_id}/{COMPACTED_PREFIX}{digest}{SUFFIX}"
 
 
 def remove_leftovers(fs: fsspec.AbstractFileSystem, root: str, run_id: str, kept: set[str]) -> list[str]:
@@ -103,12 +121,13 @@ def remove_leftovers(fs: fsspec.AbstractFileSystem, root: str, run_id: str, kept
             held = CommittedIds(np.concatenate([p.final for p in record.parts] or [np.empty(0, np.uint64)]))
             overlapping.update(i for i, r in enumerate(leftovers) if any(held.contains(p.final).any() for p in r.parts))
     removed = []
-    for i in sorted(overlapping):
-        commit_protocol.remove_file(fs, root, leftovers[i].name)
+    folder = trash.batch()
+    for i in sorted(overlapping):  # the record first: a crash after it leaves orphans, never a record short of a part
+        trash.set_aside(fs, root, leftovers[i].name, folder)
         removed.append(leftovers[i].name)
         for p in leftovers[i].parts:
             if p.path not in listed_parts:
-                commit_protocol.remove_file(fs, root, p.path)
+                trash.set_aside(fs, root, p.path, folder)
     return removed
 
 

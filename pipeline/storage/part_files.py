@@ -34,8 +34,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.spec import schema as S
-from pipeline.storage import commit_protocol, filesystem, ownership_marker, record_format, skip_filter
-from pipeline.storage.commit_protocol import read_manifests
+from pipeline.storage import commit_protocol, filesystem, ownership_marker, record_format, skip_filter, trash
+from pipeline.storage.commit_protocol import read_manifests, write_manifest
 from pipeline.storage.record_format import COMMITS_DIR, ERRORS_DIR, IMAGES_DIR, RUNS_DIR
 
 _RAW_FIELDS = (S.PROMPT, S.NEGATIVE_PROMPT, S.SEED, S.WIDTH, S.HEIGHT, S.STEPS, S.GUIDANCE_SCALE)
@@ -146,14 +146,6 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def write_manifest(fs: fsspec.AbstractFileSystem, root: str, run_id: str, manifest: dict[str, Any]) -> str:
-    """Write (or replace) the run's manifest: what the run was and did. What is committed
-    is decided by the commit records alone (:mod:`.commit_protocol`), never by a manifest."""
-    path = filesystem.join(root, RUNS_DIR, f"{run_id}.json")
-    filesystem.atomic_write(fs, path, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
-    return path
-
-
 def start_manifest(run_id: str, started_at: float, spec: dict[str, Any], spec_fingerprint: str) -> dict[str, Any]:
     """The manifest a run writes before its first part: says which run and spec made the
     parts that follow, should the run never finish (see :func:`adopt_interrupted`)."""
@@ -240,11 +232,11 @@ def clear_output(fs: fsspec.AbstractFileSystem, root: str) -> None:
     has checked the folder is an imagegen output whose ``images/`` and ``errors/`` hold only
     its parts (:func:`~pipeline.storage.ownership_marker.check_output`); a README it did
     not write stays."""
-    for name in (IMAGES_DIR, ERRORS_DIR, COMMITS_DIR, RUNS_DIR):
+    for name in (IMAGES_DIR, ERRORS_DIR, COMMITS_DIR, RUNS_DIR, trash.TRASH_DIR):
         path = filesystem.join(root, name)
         if fs.exists(path):
-            fs.rm(path, recursive=True)
+            filesystem.remove(fs, path, recursive=True)
     for name in (ownership_marker.CARD_NAME, ownership_marker.FALLBACK_CARD_NAME):
         path = filesystem.join(root, name)
         if fs.exists(path) and ownership_marker.is_card(filesystem.read_bytes(fs, path).decode("utf-8", "replace")):
-            fs.rm(path)
+            filesystem.remove(fs, path)

@@ -31,7 +31,7 @@ ERRORS_DIR = "errors"
 RUNS_DIR = "_runs"
 SUFFIX = ".commit"
 _MAGIC = b"IGCOMMIT1 "
-_COMPACTED = "compacted-"
+COMPACTED_PREFIX = "compacted-"
 # Error stages whose verdict is final (the same input gets the same verdict): their ids are
 # skipped by a rerun. Rows that failed in generation or encoding are tried again.
 FINAL_ERROR_STAGES = (S.STAGE_READ, S.STAGE_VALIDATE)
@@ -69,6 +69,7 @@ class Record:
     parts: list[PartEntry]
     counts: dict[str, Any] = field(default_factory=dict)  # images, errors, input_rows, errors_by_stage
     legacy: bool = False  # read from a manifest of an output older than commit records
+    replaces: list[str] = field(default_factory=list)  # records this one stands for (a reduced record: not stored)
 
     @property
     def compacted(self) -> bool:
@@ -128,14 +129,14 @@ def decode_record(name: str, data: bytes) -> Record:
 
 def is_compacted(name: str) -> bool:
     """Whether the record called ``name`` holds folded block records (a run's, or some of them)."""
-    return name.rsplit("/", 1)[-1].startswith(_COMPACTED)
+    return name.rsplit("/", 1)[-1].startswith(COMPACTED_PREFIX)
 
 
 def record_name(run_id: str, parts: list[PartEntry], compacted: bool = False) -> str:
     """Named after its parts (their paths carry the ids' and the bytes' digests): a write
     repeated with the same block and bytes rewrites the same record."""
     digest = hashlib.sha256("\n".join(p.path for p in parts).encode()).hexdigest()[:16]
-    return f"{COMMITS_DIR}/{run_id}/{_COMPACTED if compacted else ''}{digest}{SUFFIX}"
+    return f"{COMMITS_DIR}/{run_id}/{COMPACTED_PREFIX if compacted else ''}{digest}{SUFFIX}"
 
 
 def write_record(fs: fsspec.AbstractFileSystem, root: str, run_id: str, parts: list[PartEntry], counts: dict[str, Any]) -> Record:

@@ -37,12 +37,14 @@ checked (this one, and any whose check a crash interrupted: their manifests lack
 
 **Crash safety.** A rewritten part is a new file (its name holds the digests of the
 request ids it keeps and of its bytes, under the run that made the rows), committed by a
-new commit record that lists it in place of the old part (:mod:`.commit_protocol`); then the old
-record and the old part are removed, and the manifests that listed the old part are
-rewritten to list the new one. A crash between two steps leaves either two records of
-which :func:`~pipeline.storage.commit_protocol.read_commits` keeps exactly one, or a part no
-record lists, which the next run removes; the check is then made again, since the flag is
-set last.
+new commit record that lists it in place of the old part (:mod:`.commit_protocol`); then
+the manifests that listed the old part are rewritten to list the new one; only then do
+the old record and the old part go (into the trash, :mod:`.trash`). A crash between two
+steps leaves either two records, between which
+:func:`~pipeline.storage.commit_protocol.read_commits` gives each part to one, or a part
+no record lists, which the next run sets aside; a run's manifest never lists a part its
+records do not (so it is never read as a legacy claim); the check is then made again,
+since the flag is set last.
 
 Pure: no Ray. Reads a few small columns of the parts it checks.
 """
@@ -59,7 +61,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.spec import schema as S
-from pipeline.storage import commit_protocol, filesystem, part_files, record_format
+from pipeline.storage import commit_protocol, filesystem, part_files, record_format, trash
 
 log = logging.getLogger(__name__)
 
@@ -235,13 +237,16 @@ def drop_rows(
     """Remove from the committed ``kind`` parts (``images`` or ``errors``) of ``records``
     the rows ``drop`` marks (given each part's ``columns``): each part holding one is
     rewritten without them under a new commit record, then the manifests listing it are
-    rewritten. Used for superseded error rows and by ``imagegen prune`` (images no row owns).
-    Call it holding the output's lock; ``check()`` runs before each rewrite (a lost lease
-    raises there)."""
+    rewritten, and only then do the old records and parts go, into the trash (records
+    first, so no record ever lists a part already gone). Used for superseded error rows and
+    by ``imagegen prune`` (images no row owns). Call it holding the output's lock;
+    ``check()`` runs before each rewrite and before the old files go (a lost lease raises
+    there)."""
     done = Superseded()
+    stale: list[str] = []
     for record in records:
         check()
-        _rewrite_record(fs, root, record, kind, columns, drop, done)
+        stale += _rewrite_record(fs, root, record, kind, columns, drop, done)
     check()
     if done.parts:
         for manifest in commit_protocol.read_manifests(fs, root):
@@ -249,14 +254,20 @@ def drop_rows(
             kept = [done.parts.get(part["path"], part) for part in parts if done.parts.get(part["path"], part) is not None]
             if kept != parts:
                 _rewrite_manifest(fs, root, {**manifest, "parts": sorted(kept, key=lambda part: part["path"])})
+    folder = trash.batch()
+    for relative in stale:
+        trash.set_aside(fs, root, relative, folder)
     return done
 
 
-def _rewrite_record(fs: fsspec.AbstractFileSystem, root: str, record: record_format.Record, kind: str, columns: list[str], drop: Callable[[pa.Table], list[bool]], done: Superseded) -> None:
+def _rewrite_record(
+    fs: fsspec.AbstractFileSystem, root: str, record: record_format.Record, kind: str, columns: list[str], drop: Callable[[pa.Table], list[bool]], done: Superseded
+) -> list[str]:
     """Rewrite ``record``'s ``kind`` parts without the rows ``drop`` marks, under a new commit
-    record. Crash-safe at every step: the new parts and record are written before the old
-    record and parts are removed; until then both records hold the same image ids, and
-    :func:`~pipeline.storage.commit_protocol.read_commits` keeps exactly one of them."""
+    record; returns what then goes (the old record, then its rewritten parts), for the
+    caller to remove once the manifests list the new parts. Until then both records list
+    the same other parts, and :func:`~pipeline.storage.commit_protocol.read_commits` gives
+    each part to one of them."""
     parts, removed_by_stage, removed, changed = [], {}, 0, False
     for part in record.parts:
         if part.kind != kind:
@@ -282,7 +293,7 @@ def _rewrite_record(fs: fsspec.AbstractFileSystem, root: str, record: record_for
         else:
             done.parts[part.path] = None
     if not changed:
-        return
+        return []
     if parts:
         counts = dict(record.counts)
         if counts and kind == record_format.IMAGES_DIR:
@@ -295,11 +306,7 @@ def _rewrite_record(fs: fsspec.AbstractFileSystem, root: str, record: record_for
             counts["errors_by_stage"] = {s: n for s, n in by_stage.items() if n > 0}
         new = record_format.Record(record_format.record_name(record.run_id, parts, compacted=record.compacted), record.run_id, record.written_at, parts, counts)
         filesystem.atomic_write(fs, filesystem.join(root, new.name), record_format.encode_record(new))
-    for stale in [record.name, *(path for path in done.parts if path in {p.path for p in record.parts})]:
-        try:
-            fs.rm(filesystem.join(root, stale))
-        except FileNotFoundError:
-            pass
+    return [record.name, *record.replaces, *(path for path in done.parts if path in {p.path for p in record.parts})]
 
 
 def _rewrite_manifest(fs: fsspec.AbstractFileSystem, root: str, manifest: dict[str, Any]) -> None:
