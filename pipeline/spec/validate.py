@@ -36,6 +36,7 @@ from pipeline.spec import cells
 from pipeline.spec import schema as S
 from pipeline.spec.catalog import AdapterEntry, Catalog, ModelEntry
 from pipeline.spec.config import JobSpec
+from pipeline.spec.occurrences import content_digest, numbered
 from pipeline.spec.schema import READ_ERROR, READ_TEXT
 
 # How request ids are made. 1: until dtype, device class and the hub commit entered them;
@@ -164,8 +165,10 @@ class Validator:
             identity = f"id:{display_id}"
         elif inp.identity == "content":
             # Digest and occurrence come from the reader's numbering (pipeline.spec.occurrences):
-            # every path that validates rows without an id column numbers them first.
-            display_id = f"{raw[S.INPUT_CONTENT]}#{raw[S.INPUT_OCCURRENCE]}"
+            # every path that validates a table without an id column numbers it first; a row
+            # given alone is the only row of its table.
+            content = raw.get(S.INPUT_CONTENT) or content_digest(raw, inp)
+            display_id = f"{content}#{raw.get(S.INPUT_OCCURRENCE, 0)}"
             identity = f"content:{display_id}"
         else:
             display_id = f"{source}#{row}"
@@ -316,7 +319,14 @@ class Validator:
         return self.validate_table_skipping(table)[0]
 
     def validate_table_skipping(self, table: pa.Table) -> tuple[pa.Table, pa.Array]:
-        """:meth:`validate_table`, and the request ids it dropped because ``skip`` holds them."""
+        """:meth:`validate_table`, and the request ids it dropped because ``skip`` holds them.
+
+        Without an id column, content identity needs the rows numbered in table order
+        (:mod:`pipeline.spec.occurrences`): the job, ``validate`` and ``verify`` number the
+        whole table first; a table given here unnumbered is taken as the whole table."""
+        inp = self.spec.input
+        if not inp.id_column and inp.identity == "content" and S.INPUT_CONTENT not in table.column_names:
+            table = pa.concat_tables(list(numbered([table], inp)))
         origin: list[int] = []
         requests: list[dict[str, Any]] = []
         for i, raw in enumerate(table.to_pylist()):
