@@ -122,7 +122,7 @@ def test_s3_without_credentials(job, tmp_path, s3):
     endpoint = options["endpoint_url"]
     for command in ("validate", "run"):
         result = imagegen(command, str(job), "--set", f"input.url=s3://{bucket}/prompts.csv", "--set", f"input.storage_options.endpoint_url={endpoint}", env=env)
-        assert_user_error(result, f"cannot read '{bucket}/prompts.csv': no S3 credentials were found", "storage_options")
+        assert_user_error(result, f"cannot read 's3://{bucket}/prompts.csv': no S3 credentials were found", "storage_options")
     assert not (tmp_path / "out").exists()
 
 
@@ -134,6 +134,6 @@ def test_a_file_that_is_not_what_its_name_says(job, tmp_path):
         ("run", "mac.csv", "its lines end in CR alone"),
         ("validate", "photo.csv", "not a text file: it holds NUL bytes (binary data?)"),
     ]:
-        result, _ = imagegen(command, str(job), "--set", f"input.url={tmp_path}/{name}")
+        result = imagegen(command, str(job), "--set", f"input.url={tmp_path}/{name}")
         assert_user_error(result, f"imagegen: error: {tmp_path}/{name}", fragment)
     assert not (tmp_path / "out").exists()
