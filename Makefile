@@ -1,6 +1,7 @@
 # Set-up and the two things a user runs. Each target installs what it needs first.
 #   make demo   - the demo job on a local Ray cluster, writing ./output
-#   make test   - the test suite
+#   make test   - the test suite (what a change is checked with; under ~18 minutes on 2 cores)
+#   make test-slow - the slow tier: tests of a minute or more each (CI runs both)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -8,7 +9,7 @@ BIN    := $(VENV)/bin
 # present, pip resolves an unpinned torch to the newest CUDA build (gigabytes).
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-slow clean
 
 install: $(VENV)/.installed
 
@@ -23,7 +24,10 @@ demo: install
 	$(BIN)/imagegen run jobs/demo.yaml
 
 test: install
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not slow"
+
+test-slow: install
+	$(BIN)/pytest -m slow
 
 clean:
 	rm -rf $(VENV) output .pytest_cache

@@ -62,6 +62,7 @@ def test_a_table_with_every_kind_of_bad_row(ray_cluster, make_spec, tmp_path):
     assert verify(spec.output.url, spec=spec).ok
 
 
+@pytest.mark.slow  # ten thousand real prompts through a job: half a minute on 2 cores
 def test_ten_thousand_raw_user_prompts(ray_cluster, make_spec, prompts):
     spec = make_spec(
         {"url": str(prompts / "imagereward-diffusiondb" / "refl_data.json"), "prompt_column": "text"},

@@ -177,6 +177,7 @@ def test_out_of_memory_halves_the_group_down_to_one(model_cache):
     assert all((a.pixels.astype(int) - b.pixels.astype(int)).__abs__().max() <= 1 for a, b in zip(results, plain))
 
 
+@pytest.mark.slow  # a three-node cluster and a node removed mid-job: most of a minute on 2 cores
 @pytest.mark.timeout(480)  # the scenario reports a hang (with its stack) well before this
 def test_worker_node_removed_mid_job(model_cache, prompts, tmp_path):
     n = 96

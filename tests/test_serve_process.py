@@ -109,7 +109,11 @@ def _parent(pid: int) -> int:
         return -1
 
 
-@pytest.mark.parametrize("target", ["process", "process group", "supervisor killed"])
+# The signal to the process runs in every suite; the group's and the supervisor's death take
+# a minute each (a server start and three long requests) and run in the slow tier.
+@pytest.mark.parametrize(
+    "target", ["process", pytest.param("process group", marks=pytest.mark.slow), pytest.param("supervisor killed", marks=pytest.mark.slow)]
+)
 def test_sigterm_finishes_requests_in_flight_refuses_new_ones_and_exits_0(tmp_path, target):
     server = Server(tmp_path, grace_s=300)
     try:
