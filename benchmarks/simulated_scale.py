@@ -42,6 +42,7 @@ from pipeline.engine.engine import GenerationResult  # noqa: E402
 from pipeline.engine.resident_models import CacheStats  # noqa: E402
 from pipeline.engine.table_generation import ImageEncoder  # noqa: E402
 from pipeline.batch.engine_actors import ActorEngines  # noqa: E402
+from pipeline.engine.kernels import CompileClock  # noqa: E402
 
 
 class SleepEngine:
@@ -89,6 +90,7 @@ class SleepStage(ActorEngines):
         self.models = SleepModels(SleepEngine(self.SECONDS_PER_CALL, self.CALL_IMAGES))
         self.encoder = ImageEncoder(spec.output.format, spec.output.quality, 1)
         self._counter, self._reported = counter, self.models.stats
+        self._compiled = CompileClock.totals()  # what ActorEngines reports compiles against
         self._ready()
 
 
