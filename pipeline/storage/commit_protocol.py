@@ -22,7 +22,7 @@ Reading (:func:`read_commits`) decides, deterministically and without writing:
   a crash or a retry interrupted) or, when its own parts were damaged, dropped;
 - a record holding a request id an earlier accepted record already holds is
   *superseded* whole (a write Ray retried with another block composition): the first
-  one wins, so no request id is counted twice;
+  one wins, so no request id is counted twice (decided on full ids: :mod:`.record_conflicts`);
 - a part file no accepted record lists is an *orphan* (a part written just before a
   crash, or the parts of dropped and superseded records).
 
@@ -40,24 +40,21 @@ manifests (each listed part's ids are read once); :func:`repair` writes their re
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.spec import schema as S
-from pipeline.storage import filesystem, trash
+from pipeline.storage import filesystem, record_conflicts, trash
 from pipeline.storage.dataset_schema import SCHEMA_DIR
 from pipeline.storage.record_format import (
     COMMITS_DIR,
     ERRORS_DIR,
-    FINAL_ERROR_STAGES,
     IMAGES_DIR,
     RUNS_DIR,
     SUFFIX,
@@ -69,7 +66,7 @@ from pipeline.storage.record_format import (
     part_entry,
     record_name,
 )
-from pipeline.storage.skip_filter import CommittedIds, id_hashes
+from pipeline.storage.skip_filter import CommittedIds
 
 
 def remove_file(fs: fsspec.AbstractFileSystem, root: str, relative: str) -> None:
@@ -209,7 +206,7 @@ def read_commits(fs: fsspec.AbstractFileSystem, root: str) -> Commits:
         taken.update(p.path for p in record.parts)
 
     sorted_finals: list[Optional[np.ndarray]] = [None]
-    losers = _superseded(candidates, sorted_finals, lambda part: _part_ids(fs, root, part))
+    losers = record_conflicts.superseded(candidates, sorted_finals, lambda part: record_conflicts.part_ids(fs, root, part))
     commits._sorted_finals = sorted_finals[0] if not losers else None
     commits.records = [r for i, r in enumerate(candidates) if i not in losers]
     commits.superseded = [n for i in sorted(losers) for n in [*candidates[i].replaces, candidates[i].name] if n in names]
@@ -301,85 +298,6 @@ def _reduced(record: Record, parts: list[PartEntry]) -> Record:
     reduced = Record(record_name(record.run_id, parts, compacted=record.compacted), record.run_id, record.written_at, parts, counts, legacy=record.legacy)
     reduced.replaces = [record.name]
     return reduced
-
-
-def _superseded(candidates: list[Record], sorted_finals: list[Optional[np.ndarray]], read_ids: Callable[[PartEntry], tuple[list[str], np.ndarray]]) -> set[int]:
-    """Indices of candidates that hold a request id an earlier kept candidate holds.
-
-    One sort of all final ids (and one of the retry ids, which repeat only within a run)
-    finds whether any 8-byte hash repeats at all; only then are the owners of the repeats
-    looked up, and those few records resolved one by one, in order, on their full request
-    ids read from their parts (``read_ids``): two ids that share a hash cost a read, never
-    a record. When no final id repeats, their sorted array is left in
-    ``sorted_finals[0]``: the skip filter, at no extra cost.
-    """
-    seen: set[str] = set()
-    finals: list[tuple[int, np.ndarray]] = []
-    retries: list[tuple[int, np.ndarray]] = []
-    for i, r in enumerate(candidates):
-        for p in r.parts:
-            if p.path not in seen:
-                seen.add(p.path)
-                finals.append((i, p.final))
-                if len(p.retry):
-                    # A retry id repeats harmlessly across runs (each run tried it once):
-                    # salt it with the run so only repeats within one run collide.
-                    retries.append((i, p.retry ^ _run_salt(r.run_id)))
-    involved: set[int] = set()
-    repeats = {}
-    for name, group in (("final", finals), ("retry", retries)):
-        if not group:
-            continue
-        ordered = np.sort(np.concatenate([a for _, a in group]))
-        repeated = ordered[1:][ordered[1:] == ordered[:-1]]
-        if group is finals and not len(repeated):
-            sorted_finals[0] = ordered  # no repeats: already the skip filter's array
-        if not len(repeated):
-            continue
-        repeats[name] = repeated
-        for i, a in group:
-            if np.isin(a, repeated).any():
-                involved.add(i)
-    losers: set[int] = set()
-    held: set[tuple] = set()
-    for i in sorted(involved):
-        mine = _exact_keys(candidates[i], repeats, read_ids)
-        if mine & held:
-            losers.add(i)
-        else:
-            held |= mine
-    return losers
-
-
-def _run_salt(run_id: str) -> np.uint64:
-    return np.uint64(int(hashlib.blake2b(run_id.encode(), digest_size=8).hexdigest(), 16))
-
-
-def _exact_keys(record: Record, repeats: dict[str, np.ndarray], read_ids: Callable[[PartEntry], tuple[list[str], np.ndarray]]) -> set[tuple]:
-    """The full request ids of ``record`` whose hash repeats in another record: finals as
-    ``(id,)``, retries as ``(run, id)``. Only parts holding such a hash are read."""
-    final, retry, salt = repeats.get("final", np.empty(0, np.uint64)), repeats.get("retry", np.empty(0, np.uint64)), _run_salt(record.run_id)
-    keys: set[tuple] = set()
-    for p in record.parts:
-        if not (np.isin(p.final, final).any() or np.isin(p.retry ^ salt, retry).any()):
-            continue
-        ids, is_final = read_ids(p)
-        hashes = id_hashes(pa.array(ids, pa.string()))
-        wanted = np.where(is_final, np.isin(hashes, final), np.isin(hashes ^ salt, retry))
-        keys |= {(rid,) if fin else (record.run_id, rid) for rid, fin, w in zip(ids, is_final, wanted) if w}
-    return keys
-
-
-def _part_ids(fs: fsspec.AbstractFileSystem, root: str, part: PartEntry) -> tuple[list[str], np.ndarray]:
-    """A part's full request ids, and which of them are final (images; rows rejected at
-    read or validation), as its record's ``final`` and ``retry`` hashes split them."""
-    columns = [S.REQUEST_ID, *([S.ERROR_STAGE] if part.kind == ERRORS_DIR else [])]
-    with filesystem.storage_errors(part.path, "read"), fs.open(filesystem.join(root, part.path), "rb") as f:
-        table = pq.read_table(f, columns=columns)
-    ids = table.column(S.REQUEST_ID).to_pylist()
-    if part.kind != ERRORS_DIR:
-        return ids, np.ones(len(ids), bool)
-    return ids, pc.is_in(table.column(S.ERROR_STAGE), pa.array(FINAL_ERROR_STAGES)).to_numpy(zero_copy_only=False)
 
 
 def _legacy_records(fs: fsspec.AbstractFileSystem, root: str, covered: set[str], present: dict[str, int], recorded_runs: set[str]) -> list[Record]:
