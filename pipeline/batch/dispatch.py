@@ -24,7 +24,7 @@ itself:
   for other actors, and the actor is used again once Ray has restarted it (a ``ready``
   call answers), however often it is lost; only an actor whose constructor raised leaves
   the pool;
-- a hung call: each call has a deadline (:class:`CallDeadline`: a multiple of the slowest
+- a hung call: each call has a deadline (:class:`~pipeline.batch.call_deadline.CallDeadline`: a multiple of the slowest
   recent call, never under a floor that covers a model load); past it, the actor's
   calls go to other actors and the actor is killed for Ray to restart;
 - a lost object: a part whose generated block was lost with a node has that block, and
@@ -50,6 +50,7 @@ from typing import Any, Callable, Iterable, Optional
 import ray
 from ray.exceptions import RayError, RayTaskError
 
+from pipeline.batch.call_deadline import CallDeadline
 from pipeline.batch.ray_faults import Fault, RayFault, read_fault, unwrap
 from pipeline.errors import ClusterError
 from pipeline.storage.units import ReadUnit
@@ -86,41 +87,6 @@ class Part:
     @property
     def blocks(self) -> list[Block]:
         return [b for b, _, _ in self.slices]
-
-
-@dataclass
-class CallDeadline:
-    """How long an engine call may run before its actor is taken for hung: ``factor``
-    times the slowest seconds per row of the last ``window`` calls, times ``block_rows``
-    (the most rows a block holds: the driver never learns a block's rows before its call
-    ends), and never under ``floor_s``, which alone applies until a call has finished.
-
-    A call's clock starts when it can run: when its actor has answered ``ready`` (its
-    constructor, with the default model's load, is not timed) and the call before it on
-    that actor has ended. The floor must cover what a call itself may load: another
-    model on first use, a first compile. Generous on purpose: a call taken for hung
-    costs a model load on a restarted actor, a hung one costs the job. The bookkeeping
-    is per call, never per row."""
-
-    floor_s: float
-    factor: float
-    block_rows: int
-    window: int = 32
-    _per_row: deque = field(default_factory=deque, repr=False)
-    _seconds: float = field(default=0.0, repr=False)
-
-    def __post_init__(self) -> None:
-        self._per_row = deque(maxlen=self.window)
-        self._seconds = self.floor_s
-
-    def record(self, seconds: float, rows: int) -> None:
-        """A call of ``rows`` rows finished in ``seconds``."""
-        self._per_row.append(seconds / max(rows, 1))
-        self._seconds = max(self.floor_s, self.factor * max(self._per_row) * self.block_rows)
-
-    @property
-    def seconds(self) -> float:
-        return self._seconds
 
 
 @dataclass

@@ -39,7 +39,8 @@ from pipeline.batch import progress
 from pipeline.batch.engine_actors import ActorEngines, ProgressActor, actor_gpus, final_counts, rows_per_call, start_engines, startup_failure
 from pipeline.batch.connect import connect, on_driver_node, require_gpus
 from pipeline.batch.output_tasks import OutputWriter, Prepared, RecordFolder, preparing
-from pipeline.batch.dispatch import CallDeadline, Dispatcher, result
+from pipeline.batch.call_deadline import CallDeadline
+from pipeline.batch.dispatch import Dispatcher, result
 from pipeline.batch.id_registry import start_registry
 from pipeline.batch.reading import start_read
 from pipeline.batch.shared_skip_filter import SharedSkipFilter
