@@ -211,7 +211,8 @@ def test_compile_auto_compiles_when_the_job_repays_it(tmp_path):
 def test_validate_estimates_from_the_h200_rates_with_compile_time(tmp_path):
     """A Stable Diffusion bucket without a throughput entry: the measured H200 rate, eager
     for a short job, compiled for a long one, whose compile time the estimate includes."""
-    from pipeline.batch.plan import Bucket, Plan, gpu_rate
+    from pipeline.batch.plan import Plan
+    from pipeline.batch.rates import Bucket, gpu_rate
     from pipeline.engine.resolve_catalog import build_catalog
 
     spec = parse_spec({"input": {"url": str(tmp_path / "p.csv")}, "model": {"ref": "tiny", "cache_dir": str(tmp_path)}})

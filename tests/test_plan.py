@@ -10,7 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.batch.plan import DEFAULT_THROUGHPUT, format_plan, make_plan, rate_for, reason_of
+from pipeline.batch.plan import format_plan, make_plan, reason_of
+from pipeline.batch.rates import DEFAULT_THROUGHPUT, rate_for
 from pipeline.spec.config import ThroughputEntry
 
 REPO = Path(__file__).resolve().parent.parent
