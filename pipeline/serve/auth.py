@@ -23,7 +23,7 @@ import re
 from typing import Mapping, Optional
 
 from pipeline.errors import SpecError
-from pipeline.spec.config import ServeConfig
+from pipeline.spec.serve_config import ServeConfig
 
 _SEPARATORS = re.compile(r"[\s,]+")
 
