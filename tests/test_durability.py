@@ -72,7 +72,7 @@ def test_a_part_written_without_its_record_is_removed_and_made_again(out):
     images, _ = part_files.split(stream_block(range(16, 32)), RUN)
     orphan = part_files.write_part(fs, root, record_format.IMAGES_DIR, RUN, images)  # the kill lands here
     half = Path(root) / "_commits" / RUN / ".record.commit.0123.tmp"  # or here, mid-record
-    half.write_bytes(b"IGCOMMIT1 ")
+    half.write_bytes(b"IGCOMMIT2 ")
     found = read_commits(fs, root)
     assert found.orphans == [orphan.path]
     assert not found.ids().contains([rid(20)])[0]
@@ -210,25 +210,27 @@ def test_an_output_from_before_commit_records_is_adopted_not_deleted(out):
     assert not again.legacy and len(again.ids()) == 16
 
 
-def test_the_skip_filter_holds_100k_committed_ids_in_8_bytes_each(out):
+def test_the_skip_filter_holds_100k_committed_ids_whole_in_16_bytes_each(out):
     fs, root = out
     for start in range(0, 100_000, 25_000):
         part_files.write_block(fs, root, RUN, stream_block(range(start, start + 25_000)))
     found = read_commits(fs, root)
     skip = found.ids()
-    assert len(skip) == 100_000 and skip.nbytes == 800_000 and skip.hashes.dtype == np.uint64
+    assert len(skip) == 100_000 and skip.nbytes == 1_600_000 and skip.keys.dtype == np.dtype("S16")
     probe = pa.array([rid(i) for i in range(50_000, 150_000)])
     held = skip.contains(probe)
     assert held[:50_000].all() and not held[50_000:].any()
     assert rid(99_999) in skip and rid(100_000) not in skip
 
 
-def test_id_hashes_are_the_request_ids_own_digest_and_other_strings_are_hashed():
-    ids = pa.array([rid(1), "not-a-request-id", None, rid(2)])
-    hashes = skip_filter.id_hashes(ids)
-    assert hashes[0] == int(rid(1)[:16], 16) and hashes[3] == int(rid(2)[:16], 16)
-    assert len(set(hashes.tolist())) == 4
-    assert (skip_filter.id_hashes(pa.chunked_array([ids.slice(0, 2), ids.slice(2)])) == hashes).all()
+def test_id_keys_are_the_request_ids_own_bytes_and_other_strings_are_hashed_whole():
+    ids = pa.array([rid(1), "not-a-request-id", None, rid(2), "0" * 31 + "1", "0" * 32])
+    keys = skip_filter.id_keys(ids)
+    assert keys.view(np.uint8).reshape(-1, 16)[0].tobytes() == bytes.fromhex(rid(1))
+    assert keys.view(np.uint8).reshape(-1, 16)[5].tobytes() == bytes(16)  # all zero bytes is a key too
+    assert len(set(keys.tolist())) == 6
+    assert (skip_filter.id_keys(pa.chunked_array([ids.slice(0, 2), ids.slice(2)])) == keys).all()
+    assert skip_filter.key_prefixes(keys)[0] == int(rid(1)[:16], 16)
 
 
 def test_the_shared_skip_filter_reaches_ray_tasks_as_a_reference(ray_cluster):
@@ -239,12 +241,12 @@ def test_the_shared_skip_filter_reaches_ray_tasks_as_a_reference(ray_cluster):
     from pipeline.batch.shared_skip_filter import SharedSkipFilter
 
     committed = CommittedIds.from_ids([rid(i) for i in range(100_000)])
-    shared = SharedSkipFilter.put(SkipFilter(committed, CommittedIds.from_ids([rid(7)])))
-    assert len(pickle.dumps(shared)) < 2_000  # two object refs, not 800 kB of ids
+    shared = SharedSkipFilter.put(SkipFilter(committed, skip_filter.key_prefixes(skip_filter.id_keys([rid(7)]))))
+    assert len(pickle.dumps(shared)) < 2_000  # two object refs, not 1.6 MB of ids
 
     @ray.remote(num_cpus=0.1)
     def probe(skip, ids):
-        return skip.contains(ids).tolist(), skip.adopted(ids), skip.committed.hashes.flags.writeable
+        return skip.contains(ids).tolist(), skip.adopted(ids), skip.committed.keys.flags.writeable
 
     held, adopted, writeable = ray.get(probe.remote(shared, [rid(7), rid(99_999), rid(100_000)]))
     assert held == [True, True, False] and adopted == 1

@@ -97,7 +97,7 @@ class OutputWriter:
             },
         )
         # Retried and fixed rows leave errors/. A task: with error parts present it reads the
-        # output's commit records (8 bytes an image), which the driver must not hold.
+        # output's commit records (16 bytes an image), which the driver must not hold.
         gone = registry if not self._spec.input.id_column and self._spec.input.identity == "content" else None
         result(superseding.options(num_cpus=self._spec.runtime.task_cpus).remote(self._output, self._run_id, gone))
         lock.check_lease(fs, root, self._run_id, self._output.url)  # the card replaces README.md
@@ -187,7 +187,7 @@ def _scoring(catalog: Catalog, counts) -> Optional[dict[str, Any]]:
 class Prepared:
     """What :func:`prepare_output` found and did: the interrupted runs whose committed parts
     this run adopts, what it removed, and the warnings for the user. The ids the run skips
-    travel apart (a :class:`~pipeline.storage.commit_protocol.SkipFilter`): 8 bytes an image."""
+    travel apart (a :class:`~pipeline.storage.skip_filter.SkipFilter`): 16 bytes an image."""
 
     interrupted: list[str] = field(default_factory=list)
     recovery: commit_protocol.Recovery = field(default_factory=commit_protocol.Recovery)
@@ -203,7 +203,7 @@ def prepare_output(spec: JobSpec, run_id: str = "", started: float = 0.0, catalo
     the run skips. The caller holds the lock.
 
     It reads every commit record of the output: ~24 bytes an image at its peak (a 10M-image
-    output took a driver from 280 to 640 MB), so the job runs it as a task
+    output took a driver from 280 to 640 MB; see BENCHMARKS.md), so the job runs it as a task
     (:func:`preparing`); warnings are returned, not logged, for the caller to log."""
     fs, root = filesystem.open_url(spec.output.url, spec.output.storage_options)
     ownership_marker.check_output(fs, root, spec.output.url)  # nothing removed or replaced that is not ours
@@ -257,14 +257,14 @@ def prepare_output(spec: JobSpec, run_id: str = "", started: float = 0.0, catalo
         warnings.append(f"deleted {len(purged)} file(s) set aside more than output.retention_hours ago ({trash.TRASH_DIR}/)")
     if interrupted:
         warnings.append(f"adopting what interrupted run(s) {', '.join(interrupted)} committed")
-    skip = skip_filter.SkipFilter(found.ids(), found.ids(runs=interrupted))
+    skip = found.skip_filter(interrupted, release=True)
     return Prepared(interrupted, recovery, warnings, committed=len(skip)), skip
 
 
 @ray.remote(num_returns=3)
 def preparing(spec: JobSpec, run_id: str, started: float, catalog: Catalog) -> tuple[Prepared, Any, Any]:
-    """:func:`prepare_output` as a task: what it did, then the skip filter's two sorted hash
-    arrays (committed, adoptable) as returns of their own. Those stay in the object store,
+    """:func:`prepare_output` as a task: what it did, then the skip filter's two sorted
+    arrays (committed keys, adoptable prefixes) as returns of their own. Those stay in the object store,
     owned by the caller, who hands their refs to the read tasks and never reads them."""
     prepared, skip = prepare_output(spec, run_id, started, catalog)
-    return prepared, skip.committed.hashes, skip.adoptable.hashes
+    return prepared, skip.committed.keys, skip.adoptable

@@ -110,7 +110,7 @@ def prepare(spec: JobSpec, run_id: str, started: float, catalog: Catalog) -> tup
     """The output prepared for this run (:func:`~pipeline.batch.output_tasks.prepare_output`), by a
     task: the driver logs its warnings and gets what read tasks skip (the request ids
     earlier runs committed, see :class:`~pipeline.spec.validate.Validator`'s ``skip``) as
-    refs to 8-byte hashes in the object store, read zero-copy by every read task. The
+    refs to their 16-byte keys in the object store, read zero-copy by every read task. The
     driver never holds them, so its memory does not grow with the output (a resume of 10M
     images held 640 MB on the driver when it read the records itself, against 280 MB for
     the first run).

@@ -151,8 +151,8 @@ def _owner(spec: JobSpec) -> Callable[[pa.Table], np.ndarray]:
     """``owned(images)``: for each image row (``id``, ``source``, ``row_index``), whether a
     current input row has its identity. Vectorised, and compact: the input's ids are held
     as 16-byte digests of their whole text (:func:`~pipeline.spec.duplicate_ids.id_hash`),
-    not as strings, and not as the skip filter's 8-byte request-id hashes (which read an
-    id of 32 hex digits by its first 16: ids sharing those would be taken for one)."""
+    not as strings, and not as the skip filter's request-id keys (which read an id of 32
+    hex digits as its own 16 bytes: an input id is any text)."""
     inp = spec.input
     if inp.id_column or inp.identity == "content":
         digests = [duplicate_ids.id_hash(text) for text in _input_ids(inp)]

@@ -116,7 +116,7 @@ def verify(url: str, storage_options: dict | None = None, spec: JobSpec | None =
     report.add("parts listed by a manifest but missing", sorted(listed - present))
 
     committed = found.parts
-    image_hashes, image_ids = [], []
+    image_keys, image_ids = [], []
     error_ids: set[str] = set()
     keys: dict[str, list[pa.Table]] = {record_format.IMAGES_DIR: [], record_format.ERRORS_DIR: []}
     unreadable, bad_digests, bad_parts = [], [], []
@@ -137,7 +137,7 @@ def verify(url: str, storage_options: dict | None = None, spec: JobSpec | None =
             report.images += table.num_rows
             ids = table.column(S.REQUEST_ID)
             image_ids.append(ids)
-            image_hashes.append(skip_filter.id_hashes(ids))
+            image_keys.append(skip_filter.id_keys(ids))
             for rid, image, digest in zip(*(table.column(c).to_pylist() for c in (S.REQUEST_ID, S.IMAGE, S.SHA256))):
                 if image is None or hashlib.sha256(image["bytes"]).hexdigest() != digest:
                     bad_digests.append(rid)
@@ -146,7 +146,7 @@ def verify(url: str, storage_options: dict | None = None, spec: JobSpec | None =
             error_ids.update(table.column(S.REQUEST_ID).to_pylist())
     report.add("unreadable parts", unreadable)
     report.add("parts whose bytes do not match their commit record's sha256", bad_parts)
-    report.add("request ids with more than one image", _repeated(image_hashes, image_ids))
+    report.add("request ids with more than one image", _repeated(image_keys, image_ids))
     report.add("images whose sha256 does not match their bytes", bad_digests)
     _in_two_places(keys, report)
 
@@ -159,11 +159,11 @@ def verify(url: str, storage_options: dict | None = None, spec: JobSpec | None =
     return report
 
 
-def _repeated(hashes: list[np.ndarray], ids: list[pa.ChunkedArray]) -> list[str]:
-    """Request ids held by more than one image row (found by hash, named by id)."""
-    if not hashes:
+def _repeated(keys: list[np.ndarray], ids: list[pa.ChunkedArray]) -> list[str]:
+    """Request ids held by more than one image row (found by key, named by id)."""
+    if not keys:
         return []
-    every = np.concatenate(hashes)
+    every = np.concatenate(keys)
     ordered = np.sort(every)  # one sort: numpy 2's np.unique hashes, far slower at millions of ids
     twice = ordered[1:][ordered[1:] == ordered[:-1]]
     if not len(twice):

@@ -18,10 +18,11 @@ other text is kept exactly. Pass-through columns are not content: editing one re
 nothing (the output keeps the values from when the row was made).
 
 **Occurrence.** Needs a table-wide count in table order. The job reads units in parallel,
-so each read task sends its rows' 8-byte content keys to the job's id registry actor
-(:mod:`pipeline.batch.id_registry`), which answers in unit order, as it does for
-duplicate ids; readers in one process use an :class:`Occurrences` of their own. Memory:
-16 bytes per distinct content, in the actor, never on the driver.
+so each read task sends its rows' content keys (the whole 16-byte digests: two contents
+never share a count) to the job's id registry actor (:mod:`pipeline.batch.id_registry`),
+which answers in unit order, as it does for duplicate ids; readers in one process use an
+:class:`Occurrences` of their own. Memory: 24 bytes per distinct content (key and
+count), in the actor, never on the driver.
 
 Pure: numpy and pyarrow only.
 """
@@ -89,10 +90,12 @@ def _digest(cells_by_name: dict[str, Any]) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
-def content_key(digest: str) -> int:
-    """The 8-byte key the occurrence count goes by (a collision only shares a count: the
-    identity keeps the whole digest, so two contents never share an identity)."""
-    return int(digest[:16], 16)
+KEY = np.dtype("S16")
+
+
+def content_keys(digests: list[str]) -> np.ndarray:
+    """The keys the occurrence count goes by: each digest's 16 bytes (an ``S16`` array)."""
+    return np.frombuffer(bytes.fromhex("".join(digests)), KEY) if digests else np.empty(0, KEY)
 
 
 class Occurrences:
@@ -106,7 +109,7 @@ class Occurrences:
     def number(self, keys: np.ndarray) -> np.ndarray:
         """Each key's occurrence (0 for the first row with it, in the order given), counting
         every key registered before. Not idempotent: the registry calls it once per batch."""
-        keys = np.asarray(keys, np.uint64)
+        keys = np.asarray(keys, KEY)
         if not len(keys):
             return np.zeros(0, np.int64)
         unique, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
@@ -132,7 +135,7 @@ class Occurrences:
         rows numbered so far include it (its content counted more than ``n`` times). Ids of
         another form (an id column's, a position) are taken as present."""
         parsed = [_parse(i) for i in ids]
-        keys = np.array([p[0] if p else 0 for p in parsed], np.uint64)
+        keys = content_keys([p[0] if p else "0" * 32 for p in parsed])
         counts = np.zeros(len(ids), np.int64)
         for level_keys, level_counts in self._levels:
             at = np.minimum(np.searchsorted(level_keys, keys), len(level_keys) - 1)
@@ -149,14 +152,15 @@ class Occurrences:
             self._levels.append((k[order], c[order]))
 
 
-def _parse(row_id: str) -> tuple[int, int] | None:
+def _parse(row_id: str) -> tuple[str, int] | None:
     digest, _, n = row_id.partition("#")
     if len(digest) != 32 or not n.isdigit():
         return None
     try:
-        return content_key(digest), int(n)
+        bytes.fromhex(digest)
     except ValueError:
         return None
+    return digest, int(n)
 
 
 def numbered_batches(
@@ -177,7 +181,7 @@ def numbered_batches(
 
     def finish(tables: list[pa.Table], last: bool) -> list[pa.Table]:
         digests = [table_digests(t, inp) for t in tables]
-        keys = np.array([content_key(d) for ds in digests for d in ds], np.uint64)
+        keys = content_keys([d for ds in digests for d in ds])
         occurrence = np.asarray(number(keys, last), np.int64)
         out, at = [], 0
         for t, ds in zip(tables, digests):

@@ -4,7 +4,7 @@ URL + options -> fsspec filesystem, atomic writes, listing (:mod:`.filesystem`);
 file's bytes -> raw rows per format (:mod:`.table_readers`); a prompt table's files -> Arrow
 rows numbered within their file (:mod:`.tables`); output parts and
 manifests (:mod:`.part_files`); what is committed and what a rerun adopts (:mod:`.commit_protocol`; folding records, :mod:`.fold`; the
-record format in :mod:`.record_format`, request ids as 8-byte hashes in
+record format in :mod:`.record_format`, request ids as whole 16-byte keys in
 :mod:`.skip_filter`); the output's lease against concurrent runs (:mod:`.lock`).
 
 May import :mod:`pipeline.spec` and :mod:`pipeline.errors`. Never imports Ray, torch or

@@ -6,7 +6,7 @@ an accepted record lists it with its size; so a driver killed at any moment lose
 the blocks in flight, and the next run into the output adopts everything else.
 
 A record is one small file (its format: :mod:`.record_format`) listing a block's parts
-and their request ids as 8-byte hashes (:mod:`.skip_filter`). As a run goes, the job
+and their request ids as whole 16-byte keys (:mod:`.skip_filter`). As a run goes, the job
 folds its block records about 1M ids at a time into compacted records, so records stay
 few and small at any size; at its end the leftovers of writes Ray retried go (:mod:`.fold`).
 
@@ -36,6 +36,8 @@ adoption checks presence and size, which is what a crash damages.
 
 Pure: no Ray. Outputs written before commit records existed are read through their run
 manifests (each listed part's ids are read once); :func:`repair` writes their records.
+Records of the first format (8-byte hashes of the ids) get their keys from their parts
+the same way, and :func:`repair` rewrites them in the current one.
 """
 
 from __future__ import annotations
@@ -65,8 +67,9 @@ from pipeline.storage.record_format import (
     encode_record,
     part_entry,
     record_name,
+    with_ids,
 )
-from pipeline.storage.skip_filter import CommittedIds
+from pipeline.storage.skip_filter import KEY, CommittedIds, SkipFilter, key_prefixes, sorted_unique_of
 
 
 def remove_file(fs: fsspec.AbstractFileSystem, root: str, relative: str) -> None:
@@ -109,29 +112,45 @@ class Commits:
     orphans: list[str] = field(default_factory=list)
     stray: list[str] = field(default_factory=list)  # temporary files left by writes a crash interrupted
     present: dict[str, int] = field(default_factory=dict)  # part files on disk -> size
-    _sorted_finals: Optional[np.ndarray] = field(default=None, repr=False)  # every final id, sorted, once
+    outdated: list[Record] = field(default_factory=list)  # accepted, of the first format: rewritten by repair
 
     @property
     def parts(self) -> dict[str, PartEntry]:
         """The committed parts by path (each once)."""
         return {p.path: p for r in self.records for p in r.parts}
 
-    def ids(self, runs: Optional[Iterable[str]] = None) -> CommittedIds:
-        """The ids a rerun skips: images and final error rows of the accepted records
-        (of ``runs`` only, when given)."""
-        if runs is None and self._sorted_finals is not None:
-            return CommittedIds(self._sorted_finals, sorted_unique=True)
-        wanted = None if runs is None else set(runs)
+    def ids(self) -> CommittedIds:
+        """The ids a rerun skips: images and final error rows of the accepted records."""
+        return self.skip_filter().committed
+
+    def skip_filter(self, interrupted: Iterable[str] = (), release: bool = False) -> SkipFilter:
+        """What a rerun skips (:meth:`ids`), and which skips adopt the ``interrupted`` runs' images.
+
+        The keys are copied record by record into one array, sorted in place. With
+        ``release``, each record's keys are let go once copied (the records are left
+        without ids: for the last use of a :class:`Commits`), so the resume's peak is the
+        records' 16 bytes an id turning into the filter's 16, plus 8 an adoptable id, not
+        the two side by side."""
+        wanted = set(interrupted)
+        parts = list(self.parts.values())
+        keys = np.empty(sum(len(p.final) for p in parts), KEY)
+        adoptable = np.empty(sum(len(p.final) for r in self.records if r.run_id in wanted for p in r.parts), np.uint64)
+        at = taken = 0
         seen: set[str] = set()
-        arrays = []
         for r in self.records:
-            if wanted is not None and r.run_id not in wanted:
-                continue
             for p in r.parts:
-                if p.path not in seen:
-                    seen.add(p.path)
-                    arrays.append(p.final)
-        return CommittedIds(np.concatenate(arrays) if arrays else None)
+                if p.path in seen:
+                    continue
+                seen.add(p.path)
+                keys[at : at + len(p.final)] = p.final
+                at += len(p.final)
+                if r.run_id in wanted:
+                    adoptable[taken : taken + len(p.final)] = key_prefixes(p.final)
+                    taken += len(p.final)
+            if release:
+                for p in r.parts:
+                    p.final = p.retry = keys[:0]
+        return SkipFilter(CommittedIds(sorted_unique_of(keys), sorted_unique=True), sorted_unique_of(adoptable[:taken]))
 
     def runs(self) -> dict[str, RunCommits]:
         """Per run, what its accepted records hold (runs in id order)."""
@@ -166,6 +185,8 @@ def read_commits(fs: fsspec.AbstractFileSystem, root: str) -> Commits:
     committed (see the module docstring). Reads only; :func:`repair` applies the decision."""
     commits = Commits(present=_present_parts(fs, root))
     records, unreadable, commits.stray = _read_records(fs, root, filesystem.join(root, COMMITS_DIR))
+    outdated = {r.name for r in records if r.outdated}
+    unkeyed = _key_outdated(fs, root, records, commits.present)
     commits.stray += _temporary_files(fs, root, commits.present)
     commits.dropped += unreadable
     covered = {p.path for r in records for p in r.parts}
@@ -183,7 +204,7 @@ def read_commits(fs: fsspec.AbstractFileSystem, root: str) -> Commits:
         for p in record.parts:
             if p.path in taken:
                 continue  # the part belongs to an earlier record
-            problem = _part_problem(p, commits.present)
+            problem = _part_problem(p, commits.present) or unkeyed.get(p.path)
             if problem:
                 damage.append(problem)
                 commits.damaged.append((p.path, f"{problem} (in {record.name})"))
@@ -205,13 +226,12 @@ def read_commits(fs: fsspec.AbstractFileSystem, root: str) -> Commits:
         candidates.append(record)
         taken.update(p.path for p in record.parts)
 
-    sorted_finals: list[Optional[np.ndarray]] = [None]
-    losers = record_conflicts.superseded(candidates, sorted_finals, lambda part: record_conflicts.part_ids(fs, root, part))
-    commits._sorted_finals = sorted_finals[0] if not losers else None
+    losers = record_conflicts.superseded(candidates)
     commits.records = [r for i, r in enumerate(candidates) if i not in losers]
     commits.superseded = [n for i in sorted(losers) for n in [*candidates[i].replaces, candidates[i].name] if n in names]
     kept = {id(r) for r in commits.records}  # by identity: records hold arrays, == is ambiguous
     commits.reduced = [r for r in commits.reduced if id(r) in kept]
+    commits.outdated = [r for r in commits.records if r.name in outdated and r.name not in commits.replaced]
     accepted = {p.path for r in commits.records for p in r.parts}
     commits.orphans = sorted(path for path in commits.present if path not in accepted)
     return commits
@@ -300,6 +320,33 @@ def _reduced(record: Record, parts: list[PartEntry]) -> Record:
     return reduced
 
 
+def _key_outdated(fs: fsspec.AbstractFileSystem, root: str, records: list[Record], present: dict[str, int]) -> dict[str, str]:
+    """Give the records of the first format their keys, read from their parts (as
+    :func:`_legacy_records` reads a manifest's); returns the parts that do not read
+    (path -> why), which cost their own rows. A part already missing or of another size
+    is left to the size check."""
+    unkeyed: dict[str, str] = {}
+    for record in records:
+        if not record.outdated:
+            continue
+        keyed = []
+        for p in record.parts:
+            if present.get(p.path) == p.bytes:
+                try:
+                    p = with_ids(p, _id_table(fs, root, p.path))
+                except (OSError, pa.ArrowException) as exc:
+                    unkeyed[p.path] = f"its part {p.path} does not read ({type(exc).__name__})"
+            keyed.append(p)
+        record.parts, record.outdated = keyed, False
+    return unkeyed
+
+
+def _id_table(fs: fsspec.AbstractFileSystem, root: str, path: str) -> pa.Table:
+    """A part's request ids, and for an error part its rows' stages (what its keys are made of)."""
+    data = filesystem.read_bytes(fs, filesystem.join(root, path))
+    return pq.read_table(pa.BufferReader(data), columns=[S.REQUEST_ID, *([S.ERROR_STAGE] if path.startswith(ERRORS_DIR) else [])])
+
+
 def _legacy_records(fs: fsspec.AbstractFileSystem, root: str, covered: set[str], present: dict[str, int], recorded_runs: set[str]) -> list[Record]:
     """Records for the parts that run manifests of an output older than commit records
     list and no record covers: each such part's ids are read once (see :func:`repair`).
@@ -319,8 +366,7 @@ def _legacy_records(fs: fsspec.AbstractFileSystem, root: str, covered: set[str],
         parts = []
         for p in listed:
             try:
-                with fs.open(filesystem.join(root, p["path"]), "rb") as f:
-                    data = f.read()
+                data = filesystem.read_bytes(fs, filesystem.join(root, p["path"]))
                 table = pq.read_table(pa.BufferReader(data), columns=[S.REQUEST_ID, *([S.ERROR_STAGE] if p["path"].startswith(ERRORS_DIR) else [])])
             except (OSError, pa.ArrowException):
                 continue
@@ -402,7 +448,7 @@ def repair(fs: fsspec.AbstractFileSystem, root: str, commits: Commits) -> Recove
         rows_made_again=commits.dropped_rows,
         superseded_records=list(commits.superseded),
     )
-    for record in [*commits.legacy, *(r for r in commits.reduced if not r.legacy)]:
+    for record in [*commits.legacy, *(r for r in commits.reduced if not r.legacy), *commits.outdated]:
         filesystem.atomic_write(fs, filesystem.join(root, record.name), encode_record(record))
         if record.legacy:
             record.legacy = False

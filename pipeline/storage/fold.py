@@ -19,9 +19,9 @@ import numpy as np
 
 from pipeline.storage import commit_protocol, filesystem, trash
 from pipeline.storage.record_format import COMMITS_DIR, COMPACTED_PREFIX, SUFFIX, Record, encode_record, is_compacted
-from pipeline.storage.skip_filter import CommittedIds
+from pipeline.storage.skip_filter import EMPTY_KEYS, CommittedIds
 
-# Request ids one compacted record holds at most (8 bytes each: 8 MB). The job folds its
+# Request ids one compacted record holds at most (16 bytes each: 16 MB). The job folds its
 # block records this many at a time as it goes, so folding costs the same at any table
 # size and a long run's records stay few (a 100M-image output: ~100 records) and small.
 FOLD_IDS = 1 << 20
@@ -118,7 +118,7 @@ def remove_leftovers(fs: fsspec.AbstractFileSystem, root: str, run_id: str, kept
         folded, _ = commit_protocol.read_records_at(fs, root, [path])
         for record in folded:
             listed_parts.update(p.path for p in record.parts)
-            held = CommittedIds(np.concatenate([p.final for p in record.parts] or [np.empty(0, np.uint64)]))
+            held = CommittedIds(np.concatenate([p.final for p in record.parts] or [EMPTY_KEYS]))
             overlapping.update(i for i, r in enumerate(leftovers) if any(held.contains(p.final).any() for p in r.parts))
     removed = []
     folder = trash.batch()

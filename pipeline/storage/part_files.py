@@ -214,7 +214,7 @@ def read_committed(fs: fsspec.AbstractFileSystem, root: str) -> Committed:
     """A read-only view of :func:`~pipeline.storage.commit_protocol.read_commits` for planners."""
     found = commit_protocol.read_commits(fs, root)
     runs = sorted({m["run_id"] for m in read_manifests(fs, root)} | set(found.runs()))
-    return Committed(runs, found.ids())
+    return Committed(runs, found.skip_filter(release=True).committed)
 
 
 def newest_part_schema(fs: fsspec.AbstractFileSystem, root: str, manifests: list[dict[str, Any]], kind: str) -> pa.Schema | None:

@@ -2,69 +2,50 @@
 
 Records are taken in order (:mod:`pipeline.storage.commit_protocol`); one holding a request
 id an earlier accepted record holds is superseded whole (a write Ray retried with another
-block composition). Records hold 8-byte hashes of their ids: a repeated hash only points at
-the records involved, whose parts are then read for the full request ids, so two ids that
-share a hash cost a read, never a record. Pure: no Ray.
+block composition). Records hold their ids' whole 16-byte keys; a repeated 8-byte prefix
+only points at the records involved, which are then compared on whole keys, so two ids
+that share a prefix cost a comparison, never a record. Pure: no Ray.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Optional
 
-import fsspec
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from pipeline.spec import schema as S
-from pipeline.storage import filesystem
-from pipeline.storage.record_format import ERRORS_DIR, FINAL_ERROR_STAGES, PartEntry, Record
-from pipeline.storage.skip_filter import id_hashes
+from pipeline.storage.record_format import PartEntry, Record
+from pipeline.storage.skip_filter import gathered, key_prefixes
 
 
-def superseded(candidates: list[Record], sorted_finals: list[Optional[np.ndarray]], read_ids: Callable[[PartEntry], tuple[list[str], np.ndarray]]) -> set[int]:
+def superseded(candidates: list[Record]) -> set[int]:
     """Indices of candidates that hold a request id an earlier kept candidate holds.
 
-    One sort of all final ids (and one of the retry ids, which repeat only within a run)
-    finds whether any 8-byte hash repeats at all; only then are the owners of the repeats
-    looked up, and those few records resolved one by one, in order, on their full request
-    ids read from their parts (``read_ids``): two ids that share a hash cost a read, never
-    a record. When no final id repeats, their sorted array is left in
-    ``sorted_finals[0]``: the skip filter, at no extra cost.
+    One in-place sort of the 8-byte prefixes of all final ids (and one of the retry ids',
+    salted by run: those repeat harmlessly across runs, each run tried them once) finds
+    whether any id may repeat at all, at 8 bytes an id beside the records (the resume's
+    peak); only the records holding a repeated prefix are then resolved one by one, in
+    order, on their whole keys.
     """
     seen: set[str] = set()
-    finals: list[tuple[int, np.ndarray]] = []
-    retries: list[tuple[int, np.ndarray]] = []
+    finals: list[tuple[int, PartEntry]] = []
+    retries: list[tuple[int, PartEntry]] = []
     for i, r in enumerate(candidates):
         for p in r.parts:
             if p.path not in seen:
                 seen.add(p.path)
-                finals.append((i, p.final))
+                finals.append((i, p))
                 if len(p.retry):
-                    # A retry id repeats harmlessly across runs (each run tried it once):
-                    # salt it with the run so only repeats within one run collide.
-                    retries.append((i, p.retry ^ run_salt(r.run_id)))
-    involved: set[int] = set()
-    repeats = {}
-    for name, group in (("final", finals), ("retry", retries)):
-        if not group:
-            continue
-        ordered = np.sort(np.concatenate([a for _, a in group]))
-        repeated = ordered[1:][ordered[1:] == ordered[:-1]]
-        if group is finals and not len(repeated):
-            sorted_finals[0] = ordered  # no repeats: already the skip filter's array
-        if not len(repeated):
-            continue
-        repeats[name] = repeated
-        for i, a in group:
-            if np.isin(a, repeated).any():
-                involved.add(i)
+                    retries.append((i, p))
+    repeats = {
+        "final": _repeated(gathered((key_prefixes(p.final) for _, p in finals), sum(len(p.final) for _, p in finals), np.dtype(np.uint64))),
+        "retry": _repeated(gathered((_salted(p.retry, candidates[i].run_id) for i, p in retries), sum(len(p.retry) for _, p in retries), np.dtype(np.uint64))),
+    }
+    involved = {i for i, p in finals if len(repeats["final"]) and np.isin(key_prefixes(p.final), repeats["final"]).any()}
+    involved |= {i for i, p in retries if len(repeats["retry"]) and np.isin(_salted(p.retry, candidates[i].run_id), repeats["retry"]).any()}
     losers: set[int] = set()
     held: set[tuple] = set()
     for i in sorted(involved):
-        mine = exact_keys(candidates[i], repeats, read_ids)
+        mine = exact_keys(candidates[i], repeats)
         if mine & held:
             losers.add(i)
         else:
@@ -72,32 +53,27 @@ def superseded(candidates: list[Record], sorted_finals: list[Optional[np.ndarray
     return losers
 
 
+def _repeated(prefixes: np.ndarray) -> np.ndarray:
+    prefixes.sort()  # in place: the array is this call's own
+    return prefixes[1:][prefixes[1:] == prefixes[:-1]]
+
+
 def run_salt(run_id: str) -> np.uint64:
     return np.uint64(int(hashlib.blake2b(run_id.encode(), digest_size=8).hexdigest(), 16))
 
 
-def exact_keys(record: Record, repeats: dict[str, np.ndarray], read_ids: Callable[[PartEntry], tuple[list[str], np.ndarray]]) -> set[tuple]:
-    """The full request ids of ``record`` whose hash repeats in another record: finals as
-    ``(id,)``, retries as ``(run, id)``. Only parts holding such a hash are read."""
-    final, retry, salt = repeats.get("final", np.empty(0, np.uint64)), repeats.get("retry", np.empty(0, np.uint64)), run_salt(record.run_id)
+def _salted(keys: np.ndarray, run_id: str) -> np.ndarray:
+    return key_prefixes(keys) ^ run_salt(run_id)
+
+
+def exact_keys(record: Record, repeats: dict[str, np.ndarray]) -> set[tuple]:
+    """The whole keys of ``record``'s ids whose prefix repeats in another record: finals
+    as ``(key,)``, retries as ``(run, key)`` (numpy's ``S16`` scalars: equal only when all
+    16 bytes are)."""
     keys: set[tuple] = set()
     for p in record.parts:
-        if not (np.isin(p.final, final).any() or np.isin(p.retry ^ salt, retry).any()):
-            continue
-        ids, is_final = read_ids(p)
-        hashes = id_hashes(pa.array(ids, pa.string()))
-        wanted = np.where(is_final, np.isin(hashes, final), np.isin(hashes ^ salt, retry))
-        keys |= {(rid,) if fin else (record.run_id, rid) for rid, fin, w in zip(ids, is_final, wanted) if w}
+        if len(repeats["final"]):
+            keys |= {(k,) for k in p.final[np.isin(key_prefixes(p.final), repeats["final"])]}
+        if len(repeats["retry"]) and len(p.retry):
+            keys |= {(record.run_id, k) for k in p.retry[np.isin(_salted(p.retry, record.run_id), repeats["retry"])]}
     return keys
-
-
-def part_ids(fs: fsspec.AbstractFileSystem, root: str, part: PartEntry) -> tuple[list[str], np.ndarray]:
-    """A part's full request ids, and which of them are final (images; rows rejected at
-    read or validation), as its record's ``final`` and ``retry`` hashes split them."""
-    columns = [S.REQUEST_ID, *([S.ERROR_STAGE] if part.kind == ERRORS_DIR else [])]
-    with filesystem.storage_errors(part.path, "read"), fs.open(filesystem.join(root, part.path), "rb") as f:
-        table = pq.read_table(f, columns=columns)
-    ids = table.column(S.REQUEST_ID).to_pylist()
-    if part.kind != ERRORS_DIR:
-        return ids, np.ones(len(ids), bool)
-    return ids, pc.is_in(table.column(S.ERROR_STAGE), pa.array(FINAL_ERROR_STAGES)).to_numpy(zero_copy_only=False)

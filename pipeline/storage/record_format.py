@@ -1,10 +1,13 @@
 """The commit record's format: one file per committed block (or per run, compacted).
 
 A record is a header line (JSON: run id, time, the parts with path, rows, bytes and
-sha256, the block's counts) and the 8-byte hashes of the parts' request ids (see
-:func:`~pipeline.storage.skip_filter.id_hashes`) as raw little-endian uint64, the whole
+sha256, the block's counts) and the parts' request ids as raw 16-byte keys (see
+:func:`~pipeline.storage.skip_filter.id_keys`: the whole id, not a hash of it), the whole
 guarded by a sha256. The ids stay out of the JSON: reading the records of a 10M-image
-output is reading ~80 MB of numbers, not parsing 10M strings. What records mean together
+output is reading ~160 MB of keys, not parsing 10M strings. Records of the first format
+(``IGCOMMIT1``) held 8-byte hashes instead: they decode with ``outdated`` set and their
+ids unknown; :mod:`pipeline.storage.commit_protocol` reads those from the parts and
+rewrites the record. What records mean together
 (adoption, conflicts, repair) is :mod:`pipeline.storage.commit_protocol`. Pure: no Ray.
 """
 
@@ -23,14 +26,15 @@ import pyarrow.compute as pc
 
 from pipeline.spec import schema as S
 from pipeline.storage import filesystem
-from pipeline.storage.skip_filter import id_hashes
+from pipeline.storage.skip_filter import EMPTY_KEYS, KEY, id_keys
 
 COMMITS_DIR = "_commits"
 IMAGES_DIR = "images"
 ERRORS_DIR = "errors"
 RUNS_DIR = "_runs"
 SUFFIX = ".commit"
-_MAGIC = b"IGCOMMIT1 "
+_MAGIC = b"IGCOMMIT2 "
+_MAGIC_V1 = b"IGCOMMIT1 "  # 8-byte hashes of the ids: read, never written
 COMPACTED_PREFIX = "compacted-"
 # Error stages whose verdict is final (the same input gets the same verdict): their ids are
 # skipped by a rerun. Rows that failed in generation or encoding are tried again.
@@ -40,9 +44,10 @@ FINAL_ERROR_STAGES = (S.STAGE_READ, S.STAGE_VALIDATE)
 
 @dataclass
 class PartEntry:
-    """One Parquet part as its commit record describes it. ``final``: hashes of the ids a
+    """One Parquet part as its commit record describes it. ``final``: the keys of the ids a
     rerun skips (images; rows rejected at read or validation); ``retry``: of error rows a
-    rerun tries again (failed in generation or encoding)."""
+    rerun tries again (failed in generation or encoding). Both ``S16`` arrays, possibly
+    read-only views of the record's bytes."""
 
     path: str  # relative to the output root: images/part-....parquet
     rows: int
@@ -70,6 +75,7 @@ class Record:
     counts: dict[str, Any] = field(default_factory=dict)  # images, errors, input_rows, errors_by_stage
     legacy: bool = False  # read from a manifest of an output older than commit records
     replaces: list[str] = field(default_factory=list)  # records this one stands for (a reduced record: not stored)
+    outdated: bool = False  # read in the first format (8-byte hashes): its keys are not known yet
 
     @property
     def compacted(self) -> bool:
@@ -87,16 +93,26 @@ def part_entry(path: str, data: bytes, table: pa.Table) -> PartEntry:
     """The entry of a part just serialised to ``data`` from ``table`` (images or errors)."""
     if S.ERROR_STAGE in table.column_names and table.num_rows:
         final_rows = pc.is_in(table.column(S.ERROR_STAGE), pa.array(FINAL_ERROR_STAGES))
-        final = id_hashes(table.filter(final_rows).column(S.REQUEST_ID))
-        retry = id_hashes(table.filter(pc.invert(final_rows)).column(S.REQUEST_ID))
+        final = id_keys(table.filter(final_rows).column(S.REQUEST_ID))
+        retry = id_keys(table.filter(pc.invert(final_rows)).column(S.REQUEST_ID))
     else:
-        final, retry = id_hashes(table.column(S.REQUEST_ID)), np.empty(0, np.uint64)
+        final, retry = id_keys(table.column(S.REQUEST_ID)), EMPTY_KEYS
     return PartEntry(path, table.num_rows, len(data), hashlib.sha256(data).hexdigest(), final, retry)
+
+
+def with_ids(part: PartEntry, table: pa.Table) -> PartEntry:
+    """``part`` with its keys taken from ``table`` (its own request ids, and error stages for
+    an error part), as :func:`part_entry` takes them: how a record of the first format
+    gets its keys."""
+    keyed = part_entry(part.path, b"", table)
+    return PartEntry(part.path, part.rows, part.bytes, part.sha256, keyed.final, keyed.retry)
 
 
 def encode_record(record: Record) -> bytes:
     header = {"run_id": record.run_id, "written_at": record.written_at, "parts": [p.header() for p in record.parts], "counts": record.counts}
-    ids = b"".join(np.ascontiguousarray(a, dtype="<u8").tobytes() for p in record.parts for a in (p.final, p.retry))
+    if record.outdated:
+        raise ValueError(f"{record.name} is of the first record format: its parts' keys must be read before it is written again")
+    ids = b"".join(np.ascontiguousarray(a, dtype=KEY).tobytes() for p in record.parts for a in (p.final, p.retry))
     body = json.dumps(header, sort_keys=True, separators=(",", ":")).encode() + b"\n" + ids
     return _MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body
 
@@ -106,23 +122,36 @@ class CorruptRecord(ValueError):
 
 
 def decode_record(name: str, data: bytes) -> Record:
-    if not data.startswith(_MAGIC):
+    """The record in ``data``; one of the first format has ``outdated`` set and empty keys."""
+    magic = next((m for m in (_MAGIC, _MAGIC_V1) if data.startswith(m)), None)
+    if magic is None:
         raise CorruptRecord("not a commit record (no header)")
-    digest, _, body = data[len(_MAGIC) :].partition(b"\n")
-    if hashlib.sha256(body).hexdigest().encode() != digest:
+    width = 16 if magic == _MAGIC else 8
+    # Offsets into ``data``, never slices of it: the keys stay a view of the bytes read
+    # (a 1M-id record is 16 MB, and a resume holds every record at once).
+    body_at = data.find(b"\n", len(magic)) + 1
+    ids_at = data.find(b"\n", body_at) + 1
+    if not body_at or hashlib.sha256(memoryview(data)[body_at:]).hexdigest().encode() != data[len(magic) : body_at - 1]:
         raise CorruptRecord("its digest does not match its content (truncated or damaged)")
-    line, _, ids = body.partition(b"\n")
+    if not ids_at:
+        raise CorruptRecord("its header has no end")
     try:
-        header = json.loads(line)
-        hashes = np.frombuffer(ids, dtype="<u8")
+        header = json.loads(data[body_at : ids_at - 1])
+        size = len(data) - ids_at
+        if size % width:
+            raise CorruptRecord(f"its ids are {size} bytes, not a whole number of {width}-byte ids")
+        keys = np.frombuffer(data, dtype=KEY, offset=ids_at) if width == 16 else None
         parts, at = [], 0
         for p in header["parts"]:
-            final, retry = hashes[at : at + p["final"]], hashes[at + p["final"] : at + p["final"] + p["retry"]]
+            if keys is None:
+                final = retry = EMPTY_KEYS
+            else:
+                final, retry = keys[at : at + p["final"]], keys[at + p["final"] : at + p["final"] + p["retry"]]
             at += p["final"] + p["retry"]
             parts.append(PartEntry(p["path"], int(p["rows"]), int(p["bytes"]), p["sha256"], final, retry))
-        if at != len(hashes):
-            raise CorruptRecord(f"it holds {len(hashes)} request ids, its header {at}")
-        return Record(name, header["run_id"], float(header["written_at"]), parts, header.get("counts", {}))
+        if at != size // width:
+            raise CorruptRecord(f"it holds {size // width} request ids, its header {at}")
+        return Record(name, header["run_id"], float(header["written_at"]), parts, header.get("counts", {}), outdated=keys is None)
     except (ValueError, KeyError, TypeError) as exc:
         raise CorruptRecord(f"its header cannot be read ({exc})") from None
 

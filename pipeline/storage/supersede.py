@@ -157,7 +157,7 @@ def supersede_errors(
     errors_dir = filesystem.join(root, record_format.ERRORS_DIR)
     if not (fs.isdir(errors_dir) and fs.find(errors_dir)):
         # No error part at all (the usual large run): nothing can be superseded, and the
-        # output's commit records (8 bytes an image, read and sorted) need not be read.
+        # output's commit records (16 bytes an image, read and checked) need not be read.
         _mark_checked(fs, root)
         return done
     found = commit_protocol.read_commits(fs, root)
