@@ -42,6 +42,8 @@ the same way, and :func:`repair` rewrites them in the current one.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
@@ -135,7 +137,7 @@ class Commits:
         parts = list(self.parts.values())
         keys = np.empty(sum(len(p.final) for p in parts), KEY)
         adoptable = np.empty(sum(len(p.final) for r in self.records if r.run_id in wanted for p in r.parts), np.uint64)
-        at = taken = 0
+        at = taken = freed = 0
         seen: set[str] = set()
         for r in self.records:
             for p in r.parts:
@@ -149,8 +151,13 @@ class Commits:
                     taken += len(p.final)
             if release:
                 for p in r.parts:
+                    freed += p.final.nbytes + p.retry.nbytes
                     p.final = p.retry = keys[:0]
-        return SkipFilter(CommittedIds(sorted_unique_of(keys), sorted_unique=True), sorted_unique_of(adoptable[:taken]))
+                if freed >= _TRIM_BYTES:
+                    _return_freed_memory()
+                    freed = 0
+        adoptable = adoptable if taken == len(adoptable) else adoptable[:taken].copy()  # sorted in place: its own array
+        return SkipFilter(CommittedIds(sorted_unique_of(keys), sorted_unique=True), sorted_unique_of(adoptable))
 
     def runs(self) -> dict[str, RunCommits]:
         """Per run, what its accepted records hold (runs in id order)."""
@@ -178,6 +185,23 @@ class Commits:
     @property
     def legacy(self) -> list[Record]:
         return [r for r in self.records if r.legacy]
+
+
+# Released record keys handed back to the OS this many bytes at a time (see _return_freed_memory).
+_TRIM_BYTES = 64 << 20
+
+
+def _return_freed_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's ``malloc_trim``; elsewhere nothing).
+    Block records are small files, read into small buffers on the heap: freeing them leaves
+    holes that glibc keeps, so without this the released keys of an output of block
+    records would sit beside the filter's (measured: 32.5 bytes an image at the peak
+    instead of 24.7 for 10M ids in 2000 records)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def read_commits(fs: fsspec.AbstractFileSystem, root: str) -> Commits:
