@@ -387,7 +387,7 @@ def test_a_spec_changed_after_a_crash_adopts_only_what_it_would_make(ray_cluster
     assert run(changed).adopted_from == []
 
 
-def test_the_run_summary_says_what_was_adopted_and_what_was_removed():
+def test_the_run_summary_says_what_was_adopted_and_what_was_set_aside():
     from pipeline.batch.summary import RunSummary, format_summary
 
     recovery = commit_protocol.Recovery(
@@ -396,7 +396,7 @@ def test_the_run_summary_says_what_was_adopted_and_what_was_removed():
     summary = RunSummary("run2", "out", 10, 10, 0, {}, 1.0, adopted=288, adopted_from=["run1"], recovery=recovery)
     text = format_summary(summary)
     assert "adopted      288 request(s) committed by interrupted run(s) run1: not made again" in text
-    assert "removed 1 part(s) without a commit record; dropped 1 damaged commit record(s) (16 rows made again)" in text
+    assert "set aside 1 part(s) without a commit record (_trash/); dropped 1 damaged commit record(s) (16 rows made again)" in text
     assert "adopted" not in format_summary(RunSummary("run3", "out", 0, 0, 0, {}, 1.0))
 
 

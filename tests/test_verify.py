@@ -40,7 +40,7 @@ def test_a_copied_part_is_a_duplicate_and_uncommitted(finished):
     part = sorted((out / "images").iterdir())[0]
     shutil.copy(part, out / "images" / "part-copy.parquet")
     report = verify(str(out))
-    assert any(v.startswith("parts without a commit record (left by an interrupted run; the next run into this output removes them): images/part-copy.parquet") for v in report.violations)
+    assert any(v.startswith("parts without a commit record (left by an interrupted run; the next run into this output sets them aside): images/part-copy.parquet") for v in report.violations)
     assert any(v.startswith("request ids with more than one image") for v in report.violations)
 
 

@@ -7,6 +7,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from pipeline.storage.trash import TRASH_DIR
+
 log = logging.getLogger(__name__)
 
 
@@ -97,7 +99,7 @@ def _compile_line(s: RunSummary) -> str:
 
 
 def _recovery_lines(s: RunSummary) -> list[str]:
-    """What this run took over from interrupted runs, and what it removed first."""
+    """What this run took over from interrupted runs, and what it set aside first (into the trash)."""
     lines = []
     if s.adopted_from:
         lines.append(f"  adopted      {s.adopted} request(s) committed by interrupted run(s) {', '.join(s.adopted_from)}: not made again")
@@ -106,5 +108,5 @@ def _recovery_lines(s: RunSummary) -> list[str]:
         removed = f"{len(r.removed_parts)} part(s) without a commit record"
         dropped = f"{len(r.dropped_records)} damaged commit record(s) ({r.rows_made_again} rows made again)"
         damaged = f"; {len(r.damaged_parts)} damaged part(s)" if r.damaged_parts else ""
-        lines.append(f"  recovered    removed {removed}; dropped {dropped}{damaged}; {len(r.superseded_records)} superseded record(s)")
+        lines.append(f"  recovered    set aside {removed} ({TRASH_DIR}/); dropped {dropped}{damaged}; {len(r.superseded_records)} superseded record(s)")
     return lines

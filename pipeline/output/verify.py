@@ -109,7 +109,7 @@ def verify(url: str, storage_options: dict | None = None, spec: JobSpec | None =
     report.add("commit records dropped (unreadable, or every part of theirs missing or truncated)", [f"{name} ({why})" for name, why in found.dropped])
     report.add("committed parts missing or truncated (the next run makes their rows again)", [f"{path} ({why})" for path, why in found.damaged])
     report.add("commit records superseded by an earlier one holding the same request ids (the next run removes them)", found.superseded)
-    report.add("parts without a commit record (left by an interrupted run; the next run into this output removes them)", found.orphans)
+    report.add("parts without a commit record (left by an interrupted run; the next run into this output sets them aside)", found.orphans)
 
     present = set(found.present)
     report.parts = len(present)
