@@ -199,7 +199,10 @@ def try_step(out: Output, scenario: "Scenario", stop_at: Optional[int] = None, f
         pass
     _mark_holder_dead(*out.open())  # the first run's process is gone by now
     before = committed_images(out)
-    made_again = command(out, "20260202T000000Z-dddddddd")
+    try:
+        made_again = command(out, "20260202T000000Z-dddddddd")
+    except Exception as exc:  # noqa: BLE001 - the rerun must succeed: its failure is the finding
+        return Outcome(steps.count, [f"the rerun failed: {type(exc).__name__}: {exc}"])
     return Outcome(steps.count, check(out, before, made_again))
 
 

@@ -48,6 +48,21 @@ def test_a_run_refuses_a_folder_imagegen_did_not_write(where, mode, ray_cluster,
     assert left == files, "nothing removed, replaced or added (not even a lock)"
 
 
+def test_a_first_run_killed_while_writing_the_marker_leaves_a_folder_the_next_run_takes(tmp_path):
+    """Found by the crash enumeration: a run killed between the marker's temporary write and
+    its rename left only that file, and every later run refused the folder as foreign."""
+    from pipeline.storage import ownership_marker
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "._imagegen.json.0f1e2d3c4b5a69788796a5b4c3d2e1f0.tmp").write_bytes(b'{"imagegen_out')
+    fs, root = filesystem.open_url(str(out))
+    ownership_marker.check_output(fs, root, str(out))  # ours: nothing to refuse
+    (out / ".notes.tmp").write_text("a user's file")
+    with pytest.raises(ForeignOutput, match=r"\.notes\.tmp"):
+        ownership_marker.check_output(fs, root, str(out))
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_the_card_never_replaces_a_readme_imagegen_did_not_write(ray_cluster, make_spec, tmp_path):

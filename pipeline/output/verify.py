@@ -94,7 +94,7 @@ def verify(url: str, storage_options: dict | None = None, spec: JobSpec | None =
     broken_manifests = []
     runs_dir = filesystem.join(root, record_format.RUNS_DIR)
     for path in sorted(fs.find(runs_dir)) if fs.isdir(runs_dir) else []:
-        if commit_protocol.is_temporary(path):
+        if filesystem.is_temporary(path):
             continue  # a write a crash interrupted: never read as a manifest (the next run removes it)
         try:
             manifest = json.loads(filesystem.read_bytes(fs, path))

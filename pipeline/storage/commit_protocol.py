@@ -261,25 +261,19 @@ def read_commits(fs: fsspec.AbstractFileSystem, root: str) -> Commits:
     return commits
 
 
-def is_temporary(path: str) -> bool:
-    """Whether ``path`` is the temporary file of an atomic write (:func:`~pipeline.storage.filesystem.atomic_write`)."""
-    base = path.rsplit("/", 1)[-1]
-    return base.startswith(".") and base.endswith(".tmp")
-
-
 def _temporary_files(fs: fsspec.AbstractFileSystem, root: str, present: dict[str, int]) -> list[str]:
     """Temporary files of atomic writes a crash interrupted (local disks only: object
     stores write at once): among the parts, beside the manifests, the schemas and the card."""
     if not filesystem.is_local(fs):
         return []
-    found = [path for path in present if is_temporary(path)]
+    found = [path for path in present if filesystem.is_temporary(path)]
     for path in present.copy():
-        if is_temporary(path):
+        if filesystem.is_temporary(path):
             del present[path]
     prefix = root.rstrip("/") + "/"
     for folder in (root, filesystem.join(root, RUNS_DIR), filesystem.join(root, SCHEMA_DIR)):
         if fs.isdir(folder):
-            found += [p[len(prefix) :] for p in fs.ls(folder, detail=False) if is_temporary(p) and p.startswith(prefix)]
+            found += [p[len(prefix) :] for p in fs.ls(folder, detail=False) if filesystem.is_temporary(p) and p.startswith(prefix)]
     return sorted(found)
 
 

@@ -121,7 +121,7 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         parent = posixpath.dirname(path)
         if is_local(fs):
             os.makedirs(parent, exist_ok=True)
-            tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+            tmp = _temporary_name(path)
             try:
                 _change("write", tmp)
                 with open(tmp, "wb") as f:
@@ -337,8 +337,20 @@ def _precondition_failed(exc: BaseException) -> bool:
     return response.get("Error", {}).get("Code") == "PreconditionFailed" or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412
 
 
+def _temporary_name(path: str) -> str:
+    """The hidden name a local atomic write first writes ``path`` under (see :func:`is_temporary`)."""
+    return posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+
+
+def is_temporary(path: str) -> bool:
+    """Whether ``path`` is the temporary file of an atomic write (:func:`atomic_write`): one a
+    crash left is never a file of the output, only a step to remove."""
+    base = path.rsplit("/", 1)[-1]
+    return base.startswith(".") and base.endswith(".tmp")
+
+
 def _local_temp(parent: str, path: str, data: bytes) -> str:
-    tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+    tmp = _temporary_name(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

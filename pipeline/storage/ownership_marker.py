@@ -51,8 +51,10 @@ def check_output(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
     with filesystem.storage_errors(url, "read"):
         if not fs.isdir(root):
             return
-        # The lock is the run's own, taken after this check once (validate takes none).
+        # The lock is the run's own, taken after this check once (validate takes none); a
+        # temporary file of the marker's or the lock's own write is a first run killed mid-write.
         entries = {_base(p) for p in fs.ls(root, detail=False)} - {LOCK_NAME, SEQ_DIR}
+        entries = {e for e in entries if not (filesystem.is_temporary(e) and e.startswith((f".{MARKER_NAME}.", f".{LOCK_NAME}.")))}
         if not entries:
             return
         if not _is_ours(fs, root, entries):
