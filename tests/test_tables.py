@@ -154,18 +154,18 @@ def _written(fmt: str, prompts: list[str]) -> bytes:
 
 @pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl"])
 def test_a_big_text_file_is_read_a_block_at_a_time(fmt, monkeypatch):
-    from pipeline.storage import table_readers
+    from pipeline.storage import text_blocks
 
-    monkeypatch.setattr(table_readers, "TEXT_BLOCK_BYTES", 8 << 10)
+    monkeypatch.setattr(text_blocks, "TEXT_BLOCK_BYTES", 8 << 10)
     prompts = _prompts(30_000)
     data = _written(fmt, prompts)
-    assert len(data) > 150 * table_readers.TEXT_BLOCK_BYTES
+    assert len(data) > 150 * text_blocks.TEXT_BLOCK_BYTES
     stream = io.BytesIO(data)
     chunks = read_file(stream, fmt, "big", chunk_rows=1000)
     first = next(chunks)
     # The first rows come after some blocks (pyarrow's CSV reader reads 32 ahead), not the
     # whole file: a read task's memory and its first block do not grow with the file.
-    assert 0 < first.num_rows <= 1000 and stream.tell() <= 40 * table_readers.TEXT_BLOCK_BYTES
+    assert 0 < first.num_rows <= 1000 and stream.tell() <= 40 * text_blocks.TEXT_BLOCK_BYTES
     table = pa.concat_tables([first, *chunks], promote_options="permissive")
     expected = prompts + (['"G I G G L E" painted'] if fmt == "tsv" else [])
     assert table.column("prompt").to_pylist() == expected
@@ -194,9 +194,9 @@ def csv_bytes(rows: list[list[str]], lineterminator: str = "\r\n") -> bytes:
 
 @pytest.mark.parametrize("block_bytes", [1 << 20, 8 << 10])
 def test_csv_with_quoted_newlines_reads_back_as_written_wherever_a_block_ends(block_bytes, monkeypatch):
-    from pipeline.storage import table_readers
+    from pipeline.storage import text_blocks
 
-    monkeypatch.setattr(table_readers, "TEXT_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(text_blocks, "TEXT_BLOCK_BYTES", block_bytes)
     prompts = multiline_prompts(1200)
     data = csv_bytes([["prompt", "n"], *([p, str(i)] for i, p in enumerate(prompts))])
     assert len(data) > 2 << 20  # more than one of the reader's 1 MB blocks

@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 from pipeline.errors import InputError
 from pipeline.spec.config import InputConfig, format_suffixes
 from pipeline.spec.schema import INPUT_ROW, INPUT_SOURCE, SOURCE, passthrough_columns
-from pipeline.storage import filesystem, table_readers
+from pipeline.storage import filesystem, table_readers, text_blocks
 
-CHUNK_ROWS = table_readers.CHUNK_ROWS
+CHUNK_ROWS = text_blocks.CHUNK_ROWS
 
 
 @dataclass(frozen=True)
