@@ -251,6 +251,24 @@ def test_only_json_bodies_are_read_and_no_cors_headers(app, content_type):
         assert not [h for h in answer.headers if h.lower().startswith("access-control-")], answer.headers
 
 
+def test_a_body_past_max_body_bytes_is_a_413_with_or_without_its_length(app):
+    url, spec = app
+    limit = spec.serve.max_body_bytes
+    body = json.dumps({"prompt": "a red fox", "size": "32x32", "steps": 1}).encode()
+    at_limit = body + b" " * (limit - len(body))  # JSON allows the trailing spaces
+    assert requests.post(f"{url}/v1/images/generations", data=at_limit, headers=JSON, timeout=120).status_code == 200
+    past = at_limit + b" "
+
+    def chunked():  # no Content-Length: the replica counts as it reads
+        for at in range(0, len(past), 64 << 10):
+            yield past[at : at + (64 << 10)]
+
+    for data in (past, chunked()):
+        response = requests.post(f"{url}/v1/images/generations", data=data, headers=JSON, timeout=120)
+        assert response.status_code == 413, response.text
+        assert _openai_error(response)["code"] == "request_too_large" and "serve.max_body_bytes" in response.text
+
+
 def test_json_with_a_charset_is_read(app):
     url, _ = app
     body = json.dumps({"prompt": "a red fox", "size": "32x32", "steps": 1}).encode()

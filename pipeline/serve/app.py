@@ -31,7 +31,7 @@ the README, field by field), plus the extensions ``seed``, ``negative_prompt``, 
 - errors: OpenAI's body ``{"error": {"message", "type", "param", "code", "errors": [...]}}``:
   400 naming each bad field as the client spelled it (``n``, ``size``...), or a body that
   is not JSON (or not Unicode text); 401 without a valid key; 404/405 for other routes;
-  415 for other body types; 429 with ``Retry-After`` past
+  413 for a body longer than ``serve.max_body_bytes``; 415 for other body types; 429 with ``Retry-After`` past
   ``serve.max_ongoing_requests_per_key``; 500 when generation fails (or on a bug: never a
   plain-text answer); 503 while ``imagegen serve`` shuts down (:mod:`.drain`), and 503 with
   ``Retry-After`` from Serve's proxy when more than ``serve.max_queued_requests``
@@ -83,7 +83,11 @@ def _replica_keys() -> KeyCheck:
     return serve.get_replica_context().servable_object.keys
 
 
-api.add_middleware(Gate, keys=_replica_keys)
+def _replica_max_body() -> int:
+    return serve.get_replica_context().servable_object.spec.serve.max_body_bytes
+
+
+api.add_middleware(Gate, keys=_replica_keys, max_body=_replica_max_body)
 
 
 @api.exception_handler(StarletteHTTPException)

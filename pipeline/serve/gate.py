@@ -1,4 +1,4 @@
-"""The front door of every route: API key and body type, checked before any route runs.
+"""The front door of every route: API key, body type and body size, checked before any route runs.
 
 An ASGI middleware, so that it covers every route the app has, FastAPI's own documentation
 routes (``/docs``, ``/redoc``, ``/openapi.json``) and routes added later included, rather
@@ -10,7 +10,9 @@ else is 415 before a route runs, because a web page can POST ``text/plain`` (or 
 to a server on the user's machine without the browser asking first (no CORS preflight);
 ``application/json`` needs that preflight, and the front answers no CORS headers, so the
 browser never sends it. (OpenAI's multipart routes, image edits and variations, do not
-exist here.)
+exist here.) A body longer than ``serve.max_body_bytes`` is 413: by its ``Content-Length``
+before any of it is read, or, sent in chunks without one, as soon as it passes the limit
+(a replica never holds more of it than the limit and one chunk).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 from typing import Callable
 
 from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.serve.auth import KeyCheck
 from pipeline.serve.http_api import error
@@ -28,17 +30,23 @@ OPEN_PATHS = frozenset({"/healthz"})
 _BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 
 
+class BodyTooLarge(Exception):
+    """Raised from a route's read of a body that passed the limit (caught by :class:`Gate`)."""
+
+
 class Gate:
     """ASGI middleware: 401 without a valid key (every path but :data:`OPEN_PATHS`, when
-    keys are set), 415 for a body that is not JSON. The key's identity (its digest) is left
-    in ``scope["state"]["api_key"]`` for per-key limits; None without keys.
+    keys are set), 415 for a body that is not JSON, 413 for one longer than
+    ``max_body()`` bytes. The key's identity (its digest) is left in
+    ``scope["state"]["api_key"]`` for per-key limits; None without keys.
 
-    ``keys`` is called per request: the replica that holds the digests is made after the
-    app (Serve builds the app first)."""
+    ``keys`` and ``max_body`` are called per request: the replica that holds them is made
+    after the app (Serve builds the app first)."""
 
-    def __init__(self, app: ASGIApp, keys: Callable[[], KeyCheck]):
+    def __init__(self, app: ASGIApp, keys: Callable[[], KeyCheck], max_body: Callable[[], int]):
         self.app = app
         self.keys = keys
+        self.max_body = max_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -61,7 +69,42 @@ class Gate:
             )(scope, receive, send)
             return
         scope.setdefault("state", {})["api_key"] = key
-        await self.app(scope, receive, send)
+        limit = self.max_body()
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            await too_large(limit)(scope, receive, send)
+            return
+        received, started = 0, False
+
+        async def bounded() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge()
+            return message
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, bounded, watched)
+        except BodyTooLarge:
+            if started:
+                raise
+            await too_large(limit)(scope, receive, send)
+
+
+def too_large(limit: int):
+    return error(
+        413,
+        "invalid_request_error",
+        [(None, f"the request body is longer than serve.max_body_bytes ({limit} bytes); send a shorter prompt")],
+        code="request_too_large",
+    )
 
 
 def unauthorized():

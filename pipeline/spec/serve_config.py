@@ -38,7 +38,9 @@ class ServeConfig(Section):
     Listening on a non-loopback ``host`` without keys is refused unless
     ``allow_unauthenticated: true``. ``shutdown_grace_s``: on SIGTERM/SIGINT new requests
     get 503 and those in flight get this long to finish (also each replica's graceful
-    shutdown when Serve stops it).
+    shutdown when Serve stops it). ``max_body_bytes``: a request body past it is 413
+    before it is read whole (an images body is a prompt and a few fields: OpenAI's longest
+    prompt, 32000 characters, is at most 128 KB of UTF-8).
     """
 
     host: str = "127.0.0.1"
@@ -58,6 +60,7 @@ class ServeConfig(Section):
     allow_unauthenticated: bool = False
     max_ongoing_requests_per_key: Optional[int] = Field(None, ge=1)
     shutdown_grace_s: float = Field(30.0, gt=0)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServeConfig":
