@@ -23,8 +23,9 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/imagegen run jobs/demo.yaml
 
+# --durations: the suite must stay under ~18 min on 2 cores; the slowest tests are where to look.
 test: install
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -m "not slow" --durations=20
 
 test-slow: install
 	$(BIN)/pytest -m slow

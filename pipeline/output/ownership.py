@@ -25,7 +25,6 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.errors import StorageError
 from pipeline.spec import duplicate_ids, schema as S
@@ -85,7 +84,7 @@ def unowned_images(spec: JobSpec, fs: fsspec.AbstractFileSystem, root: str) -> U
     for relative in parts:
         try:
             with filesystem.storage_errors(relative, "read"), fs.open(filesystem.join(root, relative), "rb") as f:
-                table = pq.read_table(f, columns=[S.ID, S.SOURCE, S.ROW_INDEX])
+                table = filesystem.read_parquet(f, columns=[S.ID, S.SOURCE, S.ROW_INDEX])
         except (StorageError, OSError, pa.ArrowException):
             continue  # a missing or unreadable part is verify's own finding, not an ownership one
         stray = table.filter(pa.array(~owned(table)))

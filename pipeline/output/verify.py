@@ -35,7 +35,6 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.engine.resolve_catalog import build_catalog, place, recorded_models
 from pipeline.output.ownership import unowned_images
@@ -127,7 +126,7 @@ def verify(url: str, storage_options: dict | None = None, spec: JobSpec | None =
             entry = committed.get(relative)
             if entry is not None and hashlib.sha256(data).hexdigest() != entry.sha256:
                 bad_parts.append(relative)
-            table = pq.read_table(pa.BufferReader(data))
+            table = filesystem.read_parquet(data)
         except Exception as exc:  # noqa: BLE001 - any unreadable part is a finding, not a crash
             unreadable.append(f"{relative} ({type(exc).__name__})")
             continue

@@ -51,7 +51,6 @@ from typing import Any, Iterable, Optional
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.spec import schema as S
 from pipeline.storage import filesystem, record_conflicts, trash
@@ -362,7 +361,7 @@ def _key_outdated(fs: fsspec.AbstractFileSystem, root: str, records: list[Record
 def _id_table(fs: fsspec.AbstractFileSystem, root: str, path: str) -> pa.Table:
     """A part's request ids, and for an error part its rows' stages (what its keys are made of)."""
     data = filesystem.read_bytes(fs, filesystem.join(root, path))
-    return pq.read_table(pa.BufferReader(data), columns=[S.REQUEST_ID, *([S.ERROR_STAGE] if path.startswith(ERRORS_DIR) else [])])
+    return filesystem.read_parquet(data, columns=[S.REQUEST_ID, *([S.ERROR_STAGE] if path.startswith(ERRORS_DIR) else [])])
 
 
 def _legacy_records(fs: fsspec.AbstractFileSystem, root: str, covered: set[str], present: dict[str, int], recorded_runs: set[str]) -> list[Record]:
@@ -385,7 +384,7 @@ def _legacy_records(fs: fsspec.AbstractFileSystem, root: str, covered: set[str],
         for p in listed:
             try:
                 data = filesystem.read_bytes(fs, filesystem.join(root, p["path"]))
-                table = pq.read_table(pa.BufferReader(data), columns=[S.REQUEST_ID, *([S.ERROR_STAGE] if p["path"].startswith(ERRORS_DIR) else [])])
+                table = filesystem.read_parquet(data, columns=[S.REQUEST_ID, *([S.ERROR_STAGE] if p["path"].startswith(ERRORS_DIR) else [])])
             except (OSError, pa.ArrowException):
                 continue
             parts.append(part_entry(p["path"], data, table))

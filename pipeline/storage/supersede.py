@@ -58,7 +58,6 @@ from typing import Any, Callable, Iterable, Optional
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.spec import schema as S
 from pipeline.storage import commit_protocol, filesystem, part_files, record_format, trash
@@ -133,7 +132,7 @@ def _positions(table: pa.Table) -> pa.ChunkedArray:
 
 def _read(fs: fsspec.AbstractFileSystem, root: str, relative: str, columns: list[str] | None = None) -> pa.Table:
     with filesystem.storage_errors(relative, "read"), fs.open(filesystem.join(root, relative), "rb") as f:
-        return pq.read_table(f, columns=columns)
+        return filesystem.read_parquet(f, columns=columns)
 
 
 def supersede_errors(
