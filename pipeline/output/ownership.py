@@ -155,7 +155,7 @@ def _owner(spec: JobSpec) -> Callable[[pa.Table], np.ndarray]:
     inp = spec.input
     if inp.id_column or inp.identity == "content":
         digests = [duplicate_ids.id_hash(text) for text in _input_ids(inp)]
-        ids = np.unique(np.array(digests, f"S{duplicate_ids.DIGEST_BYTES}"))
+        ids = np.unique(np.array(digests, duplicate_ids.DIGEST))
 
         def owned_ids(images: pa.Table) -> np.ndarray:
             wanted = np.array([duplicate_ids.id_hash(x or "") for x in images.column(S.ID).to_pylist()], ids.dtype)

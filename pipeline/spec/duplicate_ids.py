@@ -28,6 +28,9 @@ from pipeline.spec.cells import RowError, id_text
 
 
 DIGEST_BYTES = 16
+# A 128-bit digest as numpy holds it: fixed-width bytes, compared and sorted whole, no
+# Python object per value. Ids, content keys and request-id keys all use it.
+DIGEST = np.dtype(f"S{DIGEST_BYTES}")
 
 
 def id_hash(text: str) -> bytes:
@@ -61,7 +64,7 @@ def unit_ids(chunks: Iterable[pa.Table], id_column: str) -> "UnitIds":
             hashes.append(id_hash(text))
             where.append(index[source])
             rows.append(row)
-    return sources, np.array(hashes, f"S{DIGEST_BYTES}"), np.array(where, np.int32), np.array(rows, np.int64)
+    return sources, np.array(hashes, DIGEST), np.array(where, np.int32), np.array(rows, np.int64)
 
 
 # Rows of a read unit registered at once: a Parquet unit's worth (see

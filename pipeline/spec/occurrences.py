@@ -39,7 +39,7 @@ import pyarrow as pa
 
 from pipeline.spec import cells
 from pipeline.spec.config import ROW_PARAMETERS, InputConfig
-from pipeline.spec.duplicate_ids import REGISTER_ROWS, id_batches
+from pipeline.spec.duplicate_ids import DIGEST, REGISTER_ROWS, id_batches
 from pipeline.spec.schema import INPUT_CONTENT, INPUT_OCCURRENCE
 
 
@@ -90,12 +90,9 @@ def _digest(cells_by_name: dict[str, Any]) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
-KEY = np.dtype("S16")
-
-
 def content_keys(digests: list[str]) -> np.ndarray:
-    """The keys the occurrence count goes by: each digest's 16 bytes (an ``S16`` array)."""
-    return np.frombuffer(bytes.fromhex("".join(digests)), KEY) if digests else np.empty(0, KEY)
+    """The keys the occurrence count goes by: each digest's 16 bytes (a :data:`DIGEST` array)."""
+    return np.frombuffer(bytes.fromhex("".join(digests)), DIGEST) if digests else np.empty(0, DIGEST)
 
 
 class Occurrences:
@@ -109,7 +106,7 @@ class Occurrences:
     def number(self, keys: np.ndarray) -> np.ndarray:
         """Each key's occurrence (0 for the first row with it, in the order given), counting
         every key registered before. Not idempotent: the registry calls it once per batch."""
-        keys = np.asarray(keys, KEY)
+        keys = np.asarray(keys, DIGEST)
         if not len(keys):
             return np.zeros(0, np.int64)
         unique, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)

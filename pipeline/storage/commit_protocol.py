@@ -46,12 +46,13 @@ import ctypes
 import ctypes.util
 import json
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 
+from pipeline.errors import StorageError
 from pipeline.spec import schema as S
 from pipeline.storage import filesystem, record_conflicts, trash
 from pipeline.storage.dataset_schema import SCHEMA_DIR
@@ -70,14 +71,7 @@ from pipeline.storage.record_format import (
     record_name,
     with_ids,
 )
-from pipeline.storage.skip_filter import KEY, CommittedIds, SkipFilter, key_prefixes, sorted_unique_of
-
-
-def remove_file(fs: fsspec.AbstractFileSystem, root: str, relative: str) -> None:
-    """Remove ``relative`` under ``root``; already gone is fine (a step made again after a
-    crash). Only for files another accepted file makes redundant; anything a check
-    rejects goes to the trash instead (:func:`repair`)."""
-    filesystem.remove(fs, filesystem.join(root, relative))
+from pipeline.storage.skip_filter import EMPTY_KEYS, KEY, CommittedIds, SkipFilter, gathered, key_prefixes, sorted_unique_of
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -127,36 +121,31 @@ class Commits:
     def skip_filter(self, interrupted: Iterable[str] = (), release: bool = False) -> SkipFilter:
         """What a rerun skips (:meth:`ids`), and which skips adopt the ``interrupted`` runs' images.
 
-        The keys are copied record by record into one array, sorted in place. With
-        ``release``, each record's keys are let go once copied (the records are left
-        without ids: for the last use of a :class:`Commits`), so the resume's peak is the
-        records' 16 bytes an id turning into the filter's 16, plus 8 an adoptable id, not
-        the two side by side."""
+        The keys are copied record by record into one array, sorted in place (accepted
+        records never share a part, so each key is taken once). With ``release``, each
+        record's keys are let go once copied (the records are left without ids: for the
+        last use of a :class:`Commits`), so the resume's peak is the records' 16 bytes an
+        id turning into the filter's 16, plus 8 an adoptable id, not the two side by side."""
         wanted = set(interrupted)
-        parts = list(self.parts.values())
-        keys = np.empty(sum(len(p.final) for p in parts), KEY)
-        adoptable = np.empty(sum(len(p.final) for r in self.records if r.run_id in wanted for p in r.parts), np.uint64)
-        at = taken = freed = 0
-        seen: set[str] = set()
+        adopted = [p for r in self.records if r.run_id in wanted for p in r.parts]
+        adoptable = gathered((key_prefixes(p.final) for p in adopted), sum(len(p.final) for p in adopted), np.dtype(np.uint64))
+        keys = gathered(self._finals(release), sum(len(p.final) for r in self.records for p in r.parts), KEY)
+        return SkipFilter(CommittedIds(sorted_unique_of(keys, in_place=True), sorted_unique=True), sorted_unique_of(adoptable, in_place=True))
+
+    def _finals(self, release: bool) -> Iterator[np.ndarray]:
+        """Each accepted part's final keys; with ``release``, each record's keys are dropped
+        once yielded, and the memory they held handed back every :data:`_TRIM_BYTES`."""
+        freed = 0
         for r in self.records:
             for p in r.parts:
-                if p.path in seen:
-                    continue
-                seen.add(p.path)
-                keys[at : at + len(p.final)] = p.final
-                at += len(p.final)
-                if r.run_id in wanted:
-                    adoptable[taken : taken + len(p.final)] = key_prefixes(p.final)
-                    taken += len(p.final)
+                yield p.final
             if release:
                 for p in r.parts:
                     freed += p.final.nbytes + p.retry.nbytes
-                    p.final = p.retry = keys[:0]
+                    p.final = p.retry = EMPTY_KEYS
                 if freed >= _TRIM_BYTES:
                     _return_freed_memory()
                     freed = 0
-        adoptable = adoptable if taken == len(adoptable) else adoptable[:taken].copy()  # sorted in place: its own array
-        return SkipFilter(CommittedIds(sorted_unique_of(keys), sorted_unique=True), sorted_unique_of(adoptable))
 
     def runs(self) -> dict[str, RunCommits]:
         """Per run, what its accepted records hold (runs in id order)."""
@@ -350,18 +339,19 @@ def _key_outdated(fs: fsspec.AbstractFileSystem, root: str, records: list[Record
         for p in record.parts:
             if present.get(p.path) == p.bytes:
                 try:
-                    p = with_ids(p, _id_table(fs, root, p.path))
-                except (OSError, pa.ArrowException) as exc:
+                    p = with_ids(p, _id_table(fs, root, p.path)[1])
+                except (StorageError, OSError, pa.ArrowException) as exc:
                     unkeyed[p.path] = f"its part {p.path} does not read ({type(exc).__name__})"
             keyed.append(p)
         record.parts, record.outdated = keyed, False
     return unkeyed
 
 
-def _id_table(fs: fsspec.AbstractFileSystem, root: str, path: str) -> pa.Table:
-    """A part's request ids, and for an error part its rows' stages (what its keys are made of)."""
+def _id_table(fs: fsspec.AbstractFileSystem, root: str, path: str) -> tuple[bytes, pa.Table]:
+    """A part's bytes, and its request ids with, for an error part, its rows' stages (what
+    its keys are made of)."""
     data = filesystem.read_bytes(fs, filesystem.join(root, path))
-    return filesystem.read_parquet(data, columns=[S.REQUEST_ID, *([S.ERROR_STAGE] if path.startswith(ERRORS_DIR) else [])])
+    return data, filesystem.read_parquet(data, columns=[S.REQUEST_ID, *([S.ERROR_STAGE] if path.startswith(ERRORS_DIR) else [])])
 
 
 def _legacy_records(fs: fsspec.AbstractFileSystem, root: str, covered: set[str], present: dict[str, int], recorded_runs: set[str]) -> list[Record]:
@@ -383,9 +373,8 @@ def _legacy_records(fs: fsspec.AbstractFileSystem, root: str, covered: set[str],
         parts = []
         for p in listed:
             try:
-                data = filesystem.read_bytes(fs, filesystem.join(root, p["path"]))
-                table = filesystem.read_parquet(data, columns=[S.REQUEST_ID, *([S.ERROR_STAGE] if p["path"].startswith(ERRORS_DIR) else [])])
-            except (OSError, pa.ArrowException):
+                data, table = _id_table(fs, root, p["path"])
+            except (StorageError, OSError, pa.ArrowException):
                 continue
             parts.append(part_entry(p["path"], data, table))
         if not parts:
@@ -479,6 +468,6 @@ def repair(fs: fsspec.AbstractFileSystem, root: str, commits: Commits) -> Recove
     for name in [*(n for n, _ in commits.dropped), *commits.superseded, *commits.redundant, *replaced]:
         trash.set_aside(fs, root, name, folder)
     for path in commits.stray:  # temporary files of writes a crash interrupted: never a commit
-        remove_file(fs, root, path)
+        filesystem.remove(fs, filesystem.join(root, path))
     recovery.removed_parts = list(commits.orphans)
     return recovery

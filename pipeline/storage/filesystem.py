@@ -126,10 +126,7 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
             tmp = _temporary_name(path)
             try:
                 _change("write", tmp)
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
+                _write_synced(tmp, data)
                 _change("rename", path)
                 os.replace(tmp, path)
             except OSError:  # a killed process leaves its temporary file: the next run removes it
@@ -258,7 +255,7 @@ def create_versioned(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> O
         if is_local(fs):
             parent = posixpath.dirname(path)
             os.makedirs(parent, exist_ok=True)
-            tmp = _local_temp(parent, path, data)
+            tmp = _local_temp(path, data)
             try:
                 os.link(tmp, path)  # exclusive, and the file is whole when it appears
             except FileExistsError:
@@ -289,7 +286,7 @@ def replace_versioned(fs: fsspec.AbstractFileSystem, path: str, data: bytes, ver
                     return None
                 raise
         parent = posixpath.dirname(path)
-        tmp = _local_temp(parent, path, data)
+        tmp = _local_temp(path, data)
         try:
             with _folder_locked(parent):
                 if _local_version(path) != version:
@@ -361,13 +358,18 @@ def is_temporary(path: str) -> bool:
     return base.startswith(".") and base.endswith(".tmp")
 
 
-def _local_temp(parent: str, path: str, data: bytes) -> str:
+def _local_temp(path: str, data: bytes) -> str:
+    """``data`` written whole under ``path``'s temporary name (returned)."""
     tmp = _temporary_name(path)
-    with open(tmp, "wb") as f:
+    _write_synced(tmp, data)
+    return tmp
+
+
+def _write_synced(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    return tmp
 
 
 def _local_version(path: str) -> Optional[str]:

@@ -79,7 +79,7 @@ def compact(fs: fsspec.AbstractFileSystem, root: str, run_id: str, names: list[s
     listed = {p.path for p in merged.parts}
     for record in kept:
         if all(p.path in listed for p in record.parts):
-            commit_protocol.remove_file(fs, root, record.name)
+            filesystem.remove(fs, filesystem.join(root, record.name))  # redundant: the compacted record lists its parts
     return merged
 
 

@@ -91,21 +91,22 @@ class Record:
 
 def part_entry(path: str, data: bytes, table: pa.Table) -> PartEntry:
     """The entry of a part just serialised to ``data`` from ``table`` (images or errors)."""
-    if S.ERROR_STAGE in table.column_names and table.num_rows:
-        final_rows = pc.is_in(table.column(S.ERROR_STAGE), pa.array(FINAL_ERROR_STAGES))
-        final = id_keys(table.filter(final_rows).column(S.REQUEST_ID))
-        retry = id_keys(table.filter(pc.invert(final_rows)).column(S.REQUEST_ID))
-    else:
-        final, retry = id_keys(table.column(S.REQUEST_ID)), EMPTY_KEYS
-    return PartEntry(path, table.num_rows, len(data), hashlib.sha256(data).hexdigest(), final, retry)
+    return PartEntry(path, table.num_rows, len(data), hashlib.sha256(data).hexdigest(), *_keys(table))
 
 
 def with_ids(part: PartEntry, table: pa.Table) -> PartEntry:
     """``part`` with its keys taken from ``table`` (its own request ids, and error stages for
     an error part), as :func:`part_entry` takes them: how a record of the first format
     gets its keys."""
-    keyed = part_entry(part.path, b"", table)
-    return PartEntry(part.path, part.rows, part.bytes, part.sha256, keyed.final, keyed.retry)
+    return PartEntry(part.path, part.rows, part.bytes, part.sha256, *_keys(table))
+
+
+def _keys(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """A part's ``(final, retry)`` keys from its rows' request ids (and error stages)."""
+    if S.ERROR_STAGE in table.column_names and table.num_rows:
+        final_rows = pc.is_in(table.column(S.ERROR_STAGE), pa.array(FINAL_ERROR_STAGES))
+        return id_keys(table.filter(final_rows).column(S.REQUEST_ID)), id_keys(table.filter(pc.invert(final_rows)).column(S.REQUEST_ID))
+    return id_keys(table.column(S.REQUEST_ID)), EMPTY_KEYS
 
 
 def encode_record(record: Record) -> bytes:

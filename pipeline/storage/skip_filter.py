@@ -5,7 +5,7 @@ A request id is 32 hex digits (the first 128 bits of a sha256:
 vectorised, as a numpy ``S16`` array (no Python object per id), so the key *is* the id:
 every decision made on keys is made on the full id. :class:`CommittedIds` is a set of keys
 with a vectorised :meth:`~CommittedIds.contains`; :class:`SkipFilter` is what a run skips,
-and which of those skips are adoptions. Pure: numpy and pyarrow only;
+and which of those skips are adoptions. Pure: numpy, pyarrow and the spec layer;
 :mod:`pipeline.batch.shared_skip_filter` shares a filter with Ray tasks through the object store.
 """
 
@@ -18,12 +18,14 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import pyarrow as pa
 
+from pipeline.spec.duplicate_ids import DIGEST
+
 _HEX = np.full(256, 255, dtype=np.uint8)
 for _i, _c in enumerate(b"0123456789abcdef"):
     _HEX[_c] = _i
 
 
-KEY = np.dtype("S16")  # a request id's 128 bits, big-endian: sorts as the hex text does
+KEY = DIGEST  # a request id's 128 bits, big-endian: sorts as the hex text does
 EMPTY_KEYS = np.empty(0, KEY)
 
 
@@ -75,12 +77,12 @@ def key_prefixes(keys: np.ndarray) -> np.ndarray:
     return keys.view(np.uint8).reshape(len(keys), 16)[:, :8].copy().view(">u8").ravel().astype(np.uint64)
 
 
-def sorted_unique_of(values: np.ndarray) -> np.ndarray:
+def sorted_unique_of(values: np.ndarray, in_place: bool = False) -> np.ndarray:
     """``np.unique`` by one sort (numpy 2's ``np.unique`` hashes instead, ~40x slower on
-    10M uint64): keys or prefixes. Sorts ``values`` itself when it is writable, so its
-    owner must not need the order it had (one copy less: the skip filter's peak)."""
-    ordered = values if values.flags.writeable and values.flags.owndata else np.sort(values)
-    if ordered is values:
+    10M uint64): keys or prefixes. ``in_place`` sorts ``values`` itself (one copy less:
+    the skip filter's peak), for a caller that owns it and no longer needs its order."""
+    ordered = values if in_place else np.sort(values)
+    if in_place:
         ordered.sort()
     if len(ordered) < 2:
         return ordered
