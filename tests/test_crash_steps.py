@@ -12,7 +12,7 @@ import s3fs
 import crash_steps as C
 from crash_steps import Output, stream_block
 from pipeline.output import verify
-from pipeline.storage import commit_protocol, filesystem, fold, part_files, supersede, trash
+from pipeline.storage import commit_protocol, filesystem, fold, part_files, repair, supersede, trash
 
 RUN_A = "20260101T000000Z-aaaaaaaa"
 RUN_B = "20260102T000000Z-bbbbbbbb"
@@ -68,9 +68,9 @@ def _images_committed(fs, root: str) -> int:
 
 def _next_run(fs, root: str) -> None:
     """What the next run does to the output before and after its own rows: repair, rewrite."""
-    commit_protocol.repair(fs, root, commit_protocol.read_commits(fs, root))
+    repair.repair(fs, root, commit_protocol.read_commits(fs, root))
     supersede.supersede_errors(fs, root)
-    commit_protocol.repair(fs, root, commit_protocol.read_commits(fs, root))
+    repair.repair(fs, root, commit_protocol.read_commits(fs, root))
 
 
 def _run(fs, root: str, run_id: str, blocks: list[range], failed: set[int] = frozenset()) -> None:
@@ -121,7 +121,7 @@ def test_item2_a_repair_stopped_between_record_and_parts_leaves_a_usable_output(
     fs.rm(filesystem.join(root, victim.name))  # the repair's first step, then the kill
     again = commit_protocol.read_commits(fs, root)  # raised ArrowInvalid
     assert not verify.verify(output.url, output.options).ok  # a finding, not a crash
-    commit_protocol.repair(fs, root, again)
+    repair.repair(fs, root, again)
     assert len(commit_protocol.read_commits(fs, root).ids()) == 8
     assert verify.verify(output.url, output.options).ok
 
@@ -135,7 +135,7 @@ def test_item4_one_missing_part_costs_its_rows_never_its_folded_records_other_pa
     fs.rm(filesystem.join(root, folded.parts[7].path))
     found = commit_protocol.read_commits(fs, root)
     assert found.dropped_rows == 16
-    commit_protocol.repair(fs, root, found)
+    repair.repair(fs, root, found)
     after = commit_protocol.read_commits(fs, root)
     assert len(after.ids()) == 144 and len(after.parts) == 9
     assert all(fs.exists(filesystem.join(root, p.path)) for p in folded.parts if p.path != folded.parts[7].path)
@@ -193,7 +193,7 @@ def test_what_a_repair_sets_aside_waits_in_the_trash_until_vacuumed(output):
     _run(fs, root, RUN_A, [range(0, 4)])
     images, _ = part_files.split(stream_block(range(4, 8)), RUN_A)
     orphan = part_files.write_part(fs, root, "images", RUN_A, images)
-    commit_protocol.repair(fs, root, commit_protocol.read_commits(fs, root))
+    repair.repair(fs, root, commit_protocol.read_commits(fs, root))
     waiting = trash.waiting(fs, root)
     assert [f.split("/", 2)[2] for f in waiting.files] == [orphan.path]
     report = verify.verify(output.url, output.options)
@@ -210,7 +210,7 @@ def test_imagegen_vacuum_deletes_what_waits_in_the_trash(tmp_path, capsys):
     _run(fs, root, RUN_A, [range(0, 4)])
     images, _ = part_files.split(stream_block(range(4, 8)), RUN_A)
     part_files.write_part(fs, root, "images", RUN_A, images)
-    commit_protocol.repair(fs, root, commit_protocol.read_commits(fs, root))
+    repair.repair(fs, root, commit_protocol.read_commits(fs, root))
     assert main(["vacuum", root, "--dry-run"]) == 0
     assert "would delete 1 file(s)" in capsys.readouterr().out and len(trash.waiting(fs, root).files) == 1
     assert main(["vacuum", root]) == 0

@@ -15,8 +15,9 @@ import pyarrow as pa
 import pytest
 
 from pipeline.spec import schema as S
-from pipeline.storage import commit_protocol, filesystem, fold, part_files, record_format, skip_filter
-from pipeline.storage.commit_protocol import read_commits, repair
+from pipeline.storage import filesystem, fold, part_files, record_format, skip_filter
+from pipeline.storage.commit_protocol import read_commits
+from pipeline.storage.repair import Recovery, repair
 from pipeline.storage.skip_filter import CommittedIds, SkipFilter
 
 RUN = "20260101T000000Z-aaaaaaaa"
@@ -390,7 +391,7 @@ def test_a_spec_changed_after_a_crash_adopts_only_what_it_would_make(ray_cluster
 def test_the_run_summary_says_what_was_adopted_and_what_was_set_aside():
     from pipeline.batch.summary import RunSummary, format_summary
 
-    recovery = commit_protocol.Recovery(
+    recovery = Recovery(
         removed_parts=["images/part-x.parquet"], dropped_records=[("_commits/r/a.commit", "its part images/y is missing")], rows_made_again=16
     )
     summary = RunSummary("run2", "out", 10, 10, 0, {}, 1.0, adopted=288, adopted_from=["run1"], recovery=recovery)

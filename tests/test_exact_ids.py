@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.spec import schema as S
-from pipeline.storage import commit_protocol, filesystem, part_files
+from pipeline.storage import commit_protocol, filesystem, part_files, repair
 from pipeline.storage.skip_filter import id_keys, key_prefixes
 
 from test_durability import stream_block
@@ -40,7 +40,7 @@ def test_two_records_whose_ids_share_a_hash_but_not_an_id_are_both_kept(output):
     found = commit_protocol.read_commits(fs, root)
     assert not found.superseded and not found.orphans, (found.superseded, found.orphans)
     assert sorted(r.name for r in found.records) == sorted(first.records + later.records)
-    recovery = commit_protocol.repair(fs, root, found)
+    recovery = repair.repair(fs, root, found)
     assert not recovery.removed_parts and not recovery.superseded_records
     # A true repeat (a write retried with another composition) still counts once.
     part_files.write_block(fs, root, "r000000000002-y", with_ids(stream_block(range(5, 7)), [twin("a", 2), twin("e", 9)]))
@@ -137,7 +137,7 @@ def test_records_of_the_first_format_get_their_keys_from_their_parts_and_are_rew
     assert [p for p, _ in found.damaged] == [damaged.parts[0]["path"]]
     ids = found.ids()
     assert len(ids) == 6 and all(rid in ids for rid in [stream_block(range(0, 6)).column(S.REQUEST_ID)[i].as_py() for i in range(6)])
-    commit_protocol.repair(fs, root, found)
+    repair.repair(fs, root, found)
     for name in report.records:
         assert filesystem.read_bytes(fs, filesystem.join(root, name)).startswith(b"IGCOMMIT2 ")
     again = commit_protocol.read_commits(fs, root)

@@ -21,7 +21,7 @@ from pipeline.output import card
 from pipeline.spec.catalog import Catalog, ModelEntry
 from pipeline.spec.config import JobSpec, OutputConfig
 from pipeline.spec.validate import REQUEST_ID_SCHEME, identity_change, scheme_warning
-from pipeline.storage import commit_protocol, dataset_schema, filesystem, fold, lock, ownership_marker, part_files, skip_filter, supersede, trash
+from pipeline.storage import commit_protocol, dataset_schema, filesystem, fold, lock, ownership_marker, part_files, repair, skip_filter, supersede, trash
 
 
 class OutputWriter:
@@ -190,7 +190,7 @@ class Prepared:
     travel apart (a :class:`~pipeline.storage.skip_filter.SkipFilter`): 16 bytes an image."""
 
     interrupted: list[str] = field(default_factory=list)
-    recovery: commit_protocol.Recovery = field(default_factory=commit_protocol.Recovery)
+    recovery: repair.Recovery = field(default_factory=repair.Recovery)
     warnings: list[str] = field(default_factory=list)
     committed: int = 0  # the ids the skip filter holds
 
@@ -226,7 +226,7 @@ def prepare_output(spec: JobSpec, run_id: str = "", started: float = 0.0, catalo
             )
         if run_id:  # the repair deletes: only under a live lease
             lock.check_lease(fs, root, run_id, spec.output.url)
-        recovery = commit_protocol.repair(fs, root, found)
+        recovery = repair.repair(fs, root, found)
         purged = trash.purge(fs, root, older_than_s=spec.output.retention_hours * 3600)
         older_ids = scheme_warning(manifests) if spec.output.mode == "incremental" else None
         interrupted = part_files.interrupted_runs(manifests, found)

@@ -18,7 +18,7 @@ Reading (:func:`read_commits`) decides, deterministically and without writing:
 - records are taken in order (run id, which sorts by the run's sequence number; compacted records
   first; then name), and **a part belongs to one accepted record**: the first that lists
   it. A later record listing it keeps only its other parts (it is *reduced*, and
-  rewritten so by :func:`repair`); one left with none is *redundant* (a fold or rewrite
+  rewritten so by :func:`~pipeline.storage.repair.repair`); one left with none is *redundant* (a fold or rewrite
   a crash or a retry interrupted) or, when its own parts were damaged, dropped;
 - a record holding a request id an earlier accepted record already holds is
   *superseded* whole (a write Ray retried with another block composition): the first
@@ -26,18 +26,18 @@ Reading (:func:`read_commits`) decides, deterministically and without writing:
 - a part file no accepted record lists is an *orphan* (a part written just before a
   crash, or the parts of dropped and superseded records).
 
-:func:`repair` then makes the files match: it writes the reduced records, then moves
-orphans and the records not accepted into the trash (:mod:`.trash`), whence they are
-deleted after ``output.retention_hours``: a check never deletes. Only a run holding the
-output's lock calls it. The sha256 of a part's bytes is
+:func:`~pipeline.storage.repair.repair` then makes the files match: it writes the
+reduced records, then moves orphans and the records not accepted into the trash
+(:mod:`.trash`), whence they are deleted after ``output.retention_hours``: a check never
+deletes. Only a run holding the output's lock calls it. The sha256 of a part's bytes is
 checked by ``imagegen verify`` (which reads every part anyway), not at adoption: reading
 every byte of a large output before a rerun would cost as much as the rerun saves;
 adoption checks presence and size, which is what a crash damages.
 
 Pure: no Ray. Outputs written before commit records existed are read through their run
-manifests (each listed part's ids are read once); :func:`repair` writes their records.
+manifests (each listed part's ids are read once); :func:`~pipeline.storage.repair.repair` writes their records.
 Records of the first format (8-byte hashes of the ids) get their keys from their parts
-the same way, and :func:`repair` rewrites them in the current one.
+the same way, and :func:`~pipeline.storage.repair.repair` rewrites them in the current one.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ import pyarrow as pa
 
 from pipeline.errors import StorageError
 from pipeline.spec import schema as S
-from pipeline.storage import filesystem, record_conflicts, trash
+from pipeline.storage import filesystem, record_conflicts
 from pipeline.storage.dataset_schema import SCHEMA_DIR
 from pipeline.storage.record_format import (
     COMMITS_DIR,
@@ -66,7 +66,6 @@ from pipeline.storage.record_format import (
     PartEntry,
     Record,
     decode_record,
-    encode_record,
     part_entry,
     record_name,
     with_ids,
@@ -194,7 +193,7 @@ def _return_freed_memory() -> None:
 
 def read_commits(fs: fsspec.AbstractFileSystem, root: str) -> Commits:
     """Read the commit records and part files of the output at ``root`` and decide what is
-    committed (see the module docstring). Reads only; :func:`repair` applies the decision."""
+    committed (see the module docstring). Reads only; :func:`~pipeline.storage.repair.repair` applies the decision."""
     commits = Commits(present=_present_parts(fs, root))
     records, unreadable, commits.stray = _read_records(fs, root, filesystem.join(root, COMMITS_DIR))
     outdated = {r.name for r in records if r.outdated}
@@ -356,7 +355,7 @@ def _id_table(fs: fsspec.AbstractFileSystem, root: str, path: str) -> tuple[byte
 
 def _legacy_records(fs: fsspec.AbstractFileSystem, root: str, covered: set[str], present: dict[str, int], recorded_runs: set[str]) -> list[Record]:
     """Records for the parts that run manifests of an output older than commit records
-    list and no record covers: each such part's ids are read once (see :func:`repair`).
+    list and no record covers: each such part's ids are read once (see :func:`~pipeline.storage.repair.repair`).
 
     Only runs with no commit record at all are read so: a run that has records committed
     through them alone, and a part its manifest still lists but no record does (a rewrite
@@ -406,68 +405,3 @@ def write_manifest(fs: fsspec.AbstractFileSystem, root: str, run_id: str, manife
     path = filesystem.join(root, RUNS_DIR, f"{run_id}.json")
     filesystem.atomic_write(fs, path, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
     return path
-
-
-def _unlist(fs: fsspec.AbstractFileSystem, root: str, paths: set[str]) -> None:
-    """Rewrite the manifests that list any of ``paths`` without them."""
-    for manifest in read_manifests(fs, root) if paths else []:
-        parts = manifest.get("parts", [])
-        kept = [p for p in parts if p.get("path") not in paths]
-        if len(kept) != len(parts):
-            write_manifest(fs, root, manifest["run_id"], {**manifest, "parts": kept})
-
-
-@dataclass
-class Recovery:
-    """What :func:`repair` did to an output before a run: for the summary and the manifest."""
-
-    removed_parts: list[str] = field(default_factory=list)
-    dropped_records: list[tuple[str, str]] = field(default_factory=list)
-    damaged_parts: list[tuple[str, str]] = field(default_factory=list)
-    rows_made_again: int = 0
-    superseded_records: list[str] = field(default_factory=list)
-    migrated_runs: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "removed_parts": self.removed_parts,
-            "dropped_records": [{"record": n, "reason": why} for n, why in self.dropped_records],
-            "damaged_parts": [{"part": n, "reason": why} for n, why in self.damaged_parts],
-            "rows_made_again": self.rows_made_again,
-            "superseded_records": self.superseded_records,
-            "migrated_runs": self.migrated_runs,
-        }
-
-    def __bool__(self) -> bool:
-        return bool(self.removed_parts or self.dropped_records or self.damaged_parts or self.superseded_records)
-
-
-def repair(fs: fsspec.AbstractFileSystem, root: str, commits: Commits) -> Recovery:
-    """Make the output's files what ``commits`` decided: write the records of legacy
-    outputs and the reduced records, then move orphan parts, then the records not accepted,
-    into the trash (:mod:`.trash`; deleted after the retention period). Each step is safe
-    to stop after: what is written first is what the next read accepts. Only a run holding
-    the output's lock may call it (it would move the parts of a run in flight)."""
-    recovery = Recovery(
-        dropped_records=list(commits.dropped),
-        damaged_parts=list(commits.damaged),
-        rows_made_again=commits.dropped_rows,
-        superseded_records=list(commits.superseded),
-    )
-    for record in [*commits.legacy, *(r for r in commits.reduced if not r.legacy), *commits.outdated]:
-        filesystem.atomic_write(fs, filesystem.join(root, record.name), encode_record(record))
-        if record.legacy:
-            record.legacy = False
-            recovery.migrated_runs.append(record.run_id)
-    # The manifests stop listing what goes before it goes: none ever names a missing part.
-    _unlist(fs, root, set(commits.orphans))
-    folder = trash.batch()
-    for path in commits.orphans:
-        trash.set_aside(fs, root, path, folder)
-    replaced = [name for r in commits.records for name in r.replaces]
-    for name in [*(n for n, _ in commits.dropped), *commits.superseded, *commits.redundant, *replaced]:
-        trash.set_aside(fs, root, name, folder)
-    for path in commits.stray:  # temporary files of writes a crash interrupted: never a commit
-        filesystem.remove(fs, filesystem.join(root, path))
-    recovery.removed_parts = list(commits.orphans)
-    return recovery
